@@ -1,0 +1,11 @@
+"""psrv: a parameter-server runtime for data-parallel training on CPU cores.
+
+    summary, theta, out_dir = psrv.train("configs/default.toml", overrides=["train.workers=2"])
+"""
+from .config import Config, load as load_config
+from .errors import ConfigError, DataError, ProtocolError, PsrvError, RunError
+from .launch import Result, train
+
+__version__ = "0.1.0"
+__all__ = ["train", "Result", "Config", "load_config", "PsrvError", "ConfigError", "DataError", "RunError",
+           "ProtocolError", "__version__"]

@@ -1,0 +1,255 @@
+"""The configuration: one dataclass per TOML section, the only place defaults live.
+
+load() merges defaults < file < overrides and checks every key and type; it never touches data or sockets.
+`python launch.py --defaults` prints them as commented TOML; that is how configs/default.toml is made.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None):
+    """A config field: its default, a one-line doc (unit, range) and the checks load() applies."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi})
+
+
+@dataclass
+class Data:
+    source: str = opt("synthetic", 'where rows come from: "synthetic", or a path to a .npz (arrays X, y) or .csv file')
+    n: int = opt(100_000, "synthetic rows (checked against the file when set for a file source)", lo=1)
+    d: int = opt(20, "feature columns (synthetic; checked against the file when set for a file source)", lo=1)
+    noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
+    seed: int = opt(0, "seed of the synthetic generator", lo=0)
+    target: str = opt("", 'CSV column holding y; "" means the last column')
+    standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
+    partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
+                         choices=("range", "hash"))
+    dtype: str = opt("float64", "dtype of X, y and theta in shared memory and on the wire",
+                     choices=("float64", "float32"))
+
+
+@dataclass
+class Model:
+    kind: str = opt("linear", "the model: linear regression with squared loss", choices=("linear",))
+    fit_intercept: bool = opt(True, "learn an intercept (stored last in theta.npy)")
+
+
+@dataclass
+class Train:
+    workers: int = opt(0, "worker processes; 0 means one per usable CPU core", lo=0, hi=1024)
+    batch_size: int = opt(256, "rows per mini-batch per worker (a batch never spans two epochs of a shard)", lo=1)
+    lr: float = opt(0.05, "learning rate (peak rate when a schedule is set)", lo=0)
+    lr_schedule: str = opt("cosine", "how lr changes with the step: constant, step decay, 1/sqrt(1+step), cosine",
+                           choices=("constant", "step", "inv_sqrt", "cosine"))
+    lr_decay: float = opt(0.5, '"step" schedule: lr is multiplied by this every lr_decay_every steps', lo=0, hi=1)
+    lr_decay_every: int = opt(1000, '"step" schedule: steps between decays', lo=1)
+    lr_min: float = opt(0.0, '"cosine" schedule: the rate reached at the last step', lo=0)
+    steps: int = opt(600, "optimizer steps; each worker pushes one gradient per step", lo=1)
+    seed: int = opt(0, "seed of the mini-batch order (and theta's initial value where it is random)", lo=0)
+    consistency: str = opt("bsp", "bsp: every step waits for one gradient from each live worker",
+                           choices=("bsp",))
+    log_every: int = opt(10, "steps between entries in metrics.jsonl", lo=1)
+    pin: bool = opt(True, "pin each process to one CPU core, round-robin over the usable cores")
+    blas_threads: int = opt(1, "BLAS threads per process", lo=1, hi=256)
+
+
+@dataclass
+class Server:
+    bind: str = opt("tcp://127.0.0.1:0", 'address the server binds; port 0 picks a free port; "ipc:///path" also works')
+    heartbeat_timeout_s: float = opt(5.0, "silence after which a worker is declared dead", lo=0.1, hi=3600)
+    join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join",
+                                lo=0.1, hi=86400)
+
+
+@dataclass
+class Worker:
+    heartbeat_interval_s: float = opt(0.5, "seconds between heartbeats, sent from a thread of their own",
+                                      lo=0.01, hi=60)
+    server_timeout_s: float = opt(10.0, "silence from the server after which a worker gives up", lo=0.1, hi=3600)
+
+
+@dataclass
+class Output:
+    dir: str = opt("", 'folder for theta.npy, summary.json, metrics.jsonl, config.toml; "" means a fresh runs/<time>')
+
+
+@dataclass
+class Debug:
+    fail_worker: int = opt(-1, "fault injection: this worker id raises an error ... (-1: none)", lo=-1)
+    fail_at_step: int = opt(0, "... at this step", lo=0)
+    slow_worker: int = opt(-1, "fault injection: this worker id sleeps slow_ms per step (-1: none)", lo=-1)
+    slow_ms: float = opt(0.0, "delay per step of debug.slow_worker, in milliseconds", lo=0)
+
+
+@dataclass
+class Config:
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    train: Train = field(default_factory=Train)
+    server: Server = field(default_factory=Server)
+    worker: Worker = field(default_factory=Worker)
+    output: Output = field(default_factory=Output)
+    debug: Debug = field(default_factory=Debug)
+
+    explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
+    """Keys ("section.key") that the file or an override set, so checks can tell a choice from a default."""
+
+    def to_dict(self) -> dict:
+        return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
+
+    @classmethod
+    def from_dict(cls, tree: Mapping, explicit: frozenset = frozenset()) -> "Config":
+        """Build from a plain nested dict (as sent to a child process); checks like load()."""
+        return _build(tree, explicit)
+
+
+def _sections():
+    return [f for f in dataclasses.fields(Config) if f.name != "explicit"]
+
+
+def _section_fields(section: str) -> dict[str, dataclasses.Field]:
+    cls = {f.name: f.default_factory for f in _sections()}[section]
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def keys() -> list[str]:
+    return [f"{s.name}.{k}" for s in _sections() for k in _section_fields(s.name)]
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+
+
+def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
+    t = {"int": int, "float": float, "bool": bool, "str": str}[f.type] if isinstance(f.type, str) else f.type
+    ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+    if t is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    m = f.metadata
+    if m["choices"] and value not in m["choices"]:
+        allowed = ", ".join(repr(c) for c in m["choices"])
+        raise ConfigError(f"{key}: must be one of {allowed}; got {value!r}")
+    if m["lo"] is not None and value < m["lo"]:
+        raise ConfigError(f"{key}: must be >= {m['lo']}; got {value!r}")
+    if m["hi"] is not None and value > m["hi"]:
+        raise ConfigError(f"{key}: must be <= {m['hi']}; got {value!r}")
+    return value
+
+
+def _build(tree: Mapping, explicit: frozenset) -> Config:
+    sections = {s.name: s for s in _sections()}
+    built = {}
+    for sname, body in tree.items():
+        if sname not in sections:
+            raise ConfigError(f"unknown section [{sname}]{_suggest(sname, sections)}; sections are "
+                              + ", ".join(sections))
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{sname}: expected a [{sname}] table, got {body!r}")
+        fields = _section_fields(sname)
+        values = {}
+        for k, v in body.items():
+            if k not in fields:
+                valid = [f"{sname}.{x}" for x in fields]
+                raise ConfigError(f"unknown key '{sname}.{k}'{_suggest(f'{sname}.{k}', keys())}; "
+                                  f"[{sname}] has: {', '.join(valid)}")
+            values[k] = _check_value(f"{sname}.{k}", fields[k], v)
+        built[sname] = sections[sname].default_factory(**values)
+    return Config(**built, explicit=explicit)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'section.key=value' -> (section, key, value). The value is read as TOML, else taken as a bare string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=0.1")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def load(source: str | os.PathLike | Mapping | None = None, overrides=()) -> Config:
+    """Defaults < `source` (a TOML path or a nested dict) < overrides ('section.key=value' strings or
+    (section, key, value) tuples). Raises ConfigError naming the key for anything unknown or mistyped."""
+    tree: dict = {}
+    if isinstance(source, Mapping):
+        tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in source.items()}
+    elif source is not None:
+        path = os.fspath(source)
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for o in overrides:
+        section, key, value = parse_override(o) if isinstance(o, str) else o
+        body = tree.setdefault(section, {})
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table, got {body!r}")
+        body[key] = value
+    explicit = frozenset(f"{s}.{k}" for s, body in tree.items() if isinstance(body, Mapping) for k in body)
+    return _build(tree, explicit)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(cfg: Config, comments: bool = False) -> str:
+    """The config as TOML; with comments=True each key carries its one-line doc and allowed values."""
+    out = []
+    for s in _sections():
+        out.append(f"[{s.name}]")
+        section = getattr(cfg, s.name)
+        for name, f in _section_fields(s.name).items():
+            line = f"{name} = {_toml_value(getattr(section, name))}"
+            if comments:
+                note = f.metadata["doc"]
+                if f.metadata["choices"]:
+                    note += " (" + " | ".join(json.dumps(c) for c in f.metadata["choices"]) + ")"
+                line = f"{line:<36} # {note}"
+            out.append(line)
+        out.append("")
+    return "\n".join(out)
+
+
+DEFAULTS_HEADER = """\
+# psrv defaults: `python launch.py` with no argument runs this file.
+# Generated by `python launch.py --defaults > configs/default.toml` from psrv/config.py, the one place defaults live;
+# a test checks the two agree. Other configs need only the keys they change.
+"""
+
+
+def defaults_toml() -> str:
+    return DEFAULTS_HEADER + "\n" + to_toml(Config(), comments=True)

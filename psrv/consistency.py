@@ -1,0 +1,100 @@
+"""The consistency gate for BSP, SSP and ASP: which pulls may be answered now and what to do with a push.
+
+A pure state machine over worker clocks (events in, decisions out; no sockets, no clocks of the wall kind), so it
+tests in milliseconds. A worker's clock counts the gradients it has had accounted for (applied or dropped);
+"live" means joined and not yet left; only live workers hold the others back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+APPLY = "apply"            # ASP/SSP: apply this gradient now
+ACCUMULATE = "accumulate"  # BSP: add to the current step, which still waits for others
+COMPLETE = "complete"      # BSP: add to the current step, which is now complete: apply the aggregate
+LATE = "late"              # BSP with backup workers: that step was already applied; drop and count
+
+
+@dataclass
+class Member:
+    pushed: int          # gradients accounted for so far = the clock of the next pull
+    serving: int | None  # the clock it was served and has not pushed yet
+    min_at_serve: int = 0  # the slowest live clock when that theta was served (for the staleness record)
+
+
+class Gate:
+    def __init__(self, mode: str, staleness: int = 0, backup: int = 0):
+        if mode not in ("bsp", "ssp", "asp"):
+            raise ValueError(f"unknown consistency {mode!r}")
+        self.mode, self.staleness, self.backup = mode, staleness, backup
+        self.members: dict[int, Member] = {}
+        self.step = 0            # BSP: steps applied so far; the step being collected
+        self.pending: set[int] = set()  # BSP: who has pushed for `step`
+        self.open = False        # nothing is served until the launcher's workers have joined
+
+    # ------------------------------------------------------------------ membership
+    def join(self, wid: int) -> int:
+        """Add a live worker; returns the clock it starts at (it never starts behind the others)."""
+        start = self.step if self.mode == "bsp" else (self.min_clock() if self.members else 0)
+        self.members[wid] = Member(pushed=start, serving=None)
+        return start
+
+    def leave(self, wid: int) -> bool:
+        """Remove a worker (done, gone or dead). Returns True when that completes the BSP step being collected."""
+        if self.members.pop(wid, None) is None:
+            return False
+        self.pending.discard(wid)
+        return self._bsp_complete()
+
+    def min_clock(self) -> int:
+        return min((m.pushed for m in self.members.values()), default=self.step)
+
+    # ------------------------------------------------------------------ pulls
+    def may_serve(self, wid: int, clock: int) -> bool:
+        if not self.open or wid not in self.members:
+            return False
+        if self.mode == "asp":
+            return True
+        if self.mode == "bsp":
+            return clock <= self.step
+        return clock - self.min_clock() <= self.staleness
+
+    def serve(self, wid: int, clock: int) -> int:
+        """Record that `wid` gets theta now; returns the clock it must compute (BSP catches a late worker up)."""
+        m = self.members[wid]
+        if self.mode == "bsp":
+            clock = max(clock, self.step)
+        m.pushed = max(m.pushed, clock)
+        m.serving = clock
+        m.min_at_serve = self.min_clock()
+        return clock
+
+    # ------------------------------------------------------------------ pushes
+    def push(self, wid: int, clock: int) -> str:
+        """Decide what a gradient computed at `clock` becomes. Raises ValueError for a clock it was not served."""
+        m = self.members.get(wid)
+        if m is None:
+            raise ValueError(f"worker {wid} is not a live member")
+        if m.serving != clock:
+            raise ValueError(f"worker {wid} pushed clock {clock} but was served clock {m.serving}")
+        m.serving = None
+        m.pushed = clock + 1
+        if self.mode != "bsp":
+            return APPLY
+        if clock < self.step:
+            return LATE
+        self.pending.add(wid)
+        return COMPLETE if self._bsp_complete() else ACCUMULATE
+
+    def staleness_of(self, wid: int, clock: int) -> int:
+        """The pushing worker's clock minus the slowest live clock when its theta was served."""
+        return clock - self.members[wid].min_at_serve
+
+    def quorum(self) -> int:
+        return max(1, len(self.members) - self.backup)
+
+    def _bsp_complete(self) -> bool:
+        if self.mode != "bsp" or not self.pending or len(self.pending) < self.quorum():
+            return False
+        self.step += 1
+        self.pending.clear()
+        return True

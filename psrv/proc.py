@@ -1,0 +1,100 @@
+"""Process plumbing shared by the server and workers: spawn, core pinning, BLAS threads, parent-death exit.
+
+The launcher starts children with the 'spawn' method only: a forked child would inherit a ZeroMQ context, which
+libzmq does not survive. Each child calls child_setup() first thing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+            "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+PR_SET_PDEATHSIG = 1
+
+SPAWN = mp.get_context("spawn")
+
+
+def usable_cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def blas_threads(n: int):
+    """Set the BLAS thread count in the environment a child inherits at spawn (it reads it when numpy loads)."""
+    saved = {k: os.environ.get(k) for k in BLAS_ENV}
+    os.environ.update({k: str(n) for k in BLAS_ENV})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """Exit when the parent dies: prctl(PDEATHSIG) on Linux, and a watchdog thread everywhere (also covers the
+    race where the parent died before prctl took effect)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+    def watch():
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(3)
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def child_setup(role: str, parent_pid: int, core: int | None, log_level: int) -> None:
+    """First call in every child: die with the parent, leave Ctrl-C to the launcher, pin, set up logging."""
+    _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group; the launcher alone decides how to shut down, then sends SIGTERM.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if core is not None:
+        try:
+            os.sched_setaffinity(0, {core})
+        except (AttributeError, OSError):
+            pass
+    mp.current_process().name = role
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(processName)s %(levelname)s %(message)s", force=True)
+
+
+class Reporter:
+    """A child's one-way line to the launcher: small JSON events over a multiprocessing pipe (never the data)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def send(self, event: str, **fields) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send_bytes(json.dumps({"event": event, **fields}).encode())
+        except (OSError, ValueError):  # the launcher is gone; the parent watch ends us soon
+            pass
+
+
+def read_event(conn) -> dict | None:
+    try:
+        return json.loads(conn.recv_bytes().decode())
+    except (EOFError, OSError):
+        return None
