@@ -100,7 +100,7 @@ class Cluster:
         recv_conn, send_conn = proc.SPAWN.Pipe(duplex=False)
         p = proc.SPAWN.Process(target=target, name=name, daemon=True,
                                args=(*args, send_conn, os.getpid(), core, self.log_level))
-        with proc.blas_threads(self.cfg.train.blas_threads):
+        with proc.blas_threads(self.cfg.train.blas_threads), proc.main_hidden():
             p.start()
         send_conn.close()  # the child holds the only write end: EOF tells us it is gone
         return Child(name, p, recv_conn)

@@ -25,9 +25,11 @@ def assign(rows: np.ndarray, shards: int, how: str) -> np.ndarray:
         raise ValueError("need at least one shard")
     rows = np.asarray(rows, dtype=np.int64)
     if how == "range":
-        # position-based blocks: shard i takes positions [i*n//k, (i+1)*n//k), sizes differ by at most one
+        # consecutive blocks by position, like np.array_split: the first n % k shards get one row more
         n = len(rows)
-        return (np.arange(n, dtype=np.int64) * shards) // max(n, 1)
+        sizes = np.full(shards, n // shards, dtype=np.int64)
+        sizes[: n % shards] += 1
+        return np.searchsorted(np.cumsum(sizes), np.arange(n, dtype=np.int64), side="right")
     if how == "hash":
         with np.errstate(over="ignore"):
             return (splitmix64(rows.astype(np.uint64)) % np.uint64(shards)).astype(np.int64)

@@ -45,6 +45,23 @@ def blas_threads(n: int):
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def main_hidden():
+    """Start children without re-running the caller's __main__ module in them. Spawn normally re-imports the
+    parent's main script in each child (to find functions defined there); our children's code lives in importable
+    modules, and a script that calls psrv.train() without an `if __name__ == "__main__"` guard would otherwise
+    start a second run inside every child."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    try:
+        for k in saved:
+            setattr(main, k, None) if k == "__spec__" else delattr(main, k)
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(main, k, v)
+
+
 def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     """Exit when the parent dies: prctl(PDEATHSIG) on Linux, and a watchdog thread everywhere (also covers the
     race where the parent died before prctl took effect)."""

@@ -1,0 +1,94 @@
+"""Shared test helpers: run the CLI as a real process, wait on conditions (never sleep blindly), find leftovers."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = str(ROOT / "launch.py")
+
+
+def wait_for(cond, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition"):
+    """Poll cond() until it returns something truthy; fail the test (never hang) after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Processes whose environment carries PSRV_TEST_TAG=tag: a launcher and every child it started."""
+    needle = f"PSRV_TEST_TAG={tag}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as fh:
+                if needle in fh.read().split(b"\0"):
+                    with open(f"/proc/{d}/stat") as st:
+                        if st.read().split(")")[-1].split()[0] != "Z":
+                            out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def shm_of(pid: int) -> list[str]:
+    """Shared-memory segments created by the launcher with this pid (names start psrv_<pid>_)."""
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"psrv_{pid}_")]
+
+
+class Launch:
+    """launch.py as a subprocess, tagged so that its children can be found afterwards."""
+
+    def __init__(self, args, tmp_path: Path, env=None):
+        self.tag = uuid.uuid4().hex
+        e = {**os.environ, "PSRV_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.out = tmp_path / "out"
+        self.proc = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=tmp_path, env=e,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self, timeout_s: float = 120.0):
+        try:
+            out, err = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            raise AssertionError(f"launch.py did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}")
+        return self.proc.returncode, out, err
+
+    def assert_no_leftovers(self, timeout_s: float = 15.0):
+        wait_for(lambda: not tagged_pids(self.tag), timeout_s, what="every process of the run to exit")
+        wait_for(lambda: not shm_of(self.proc.pid), timeout_s, what="the run's shared memory to be unlinked")
+
+
+@pytest.fixture
+def launch(tmp_path):
+    started = []
+
+    def start(*args, env=None):
+        la = Launch([str(a) for a in args], tmp_path, env)
+        started.append(la)
+        return la
+
+    yield start
+    for la in started:  # whatever the test did, leave nothing running
+        if la.proc.poll() is None:
+            la.proc.kill()
+            la.proc.wait()
+        for pid in tagged_pids(la.tag):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass

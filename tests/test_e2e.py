@@ -1,0 +1,124 @@
+"""End to end with real processes: the distributed result against independent numpy oracles."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+import psrv
+from psrv import config, data
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+M64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    """splitmix64's output function, written out with Python ints (independent of psrv.partition)."""
+    z = (x + 0x9E3779B97F4A7C15) & M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def shard_rows(n, k, how):
+    if how == "range":
+        return np.array_split(np.arange(n), k)
+    owner = np.array([splitmix64(i) % k for i in range(n)])
+    return [np.flatnonzero(owner == s) for s in range(k)]
+
+
+def cosine(lr, steps):
+    return lambda t: 0.5 * lr * (1 + math.cos(math.pi * t / steps))
+
+
+def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
+    """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
+    of the mean squared loss. Batch order: each shard's rows permuted per epoch by default_rng([seed, shard,
+    epoch]), consumed `batch` rows at a time, the last batch of an epoch possibly short."""
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+    A = np.c_[(X - mean) / scale, np.ones(len(X))]
+    theta = np.zeros(A.shape[1])
+    cursor = [(0, 0)] * len(shards)
+    for t in range(steps):
+        g = np.zeros_like(theta)
+        for s, rows in enumerate(shards):
+            epoch, pos = cursor[s]
+            order = np.random.default_rng([seed, s, epoch]).permutation(len(rows))
+            idx = rows[order[pos:pos + batch]]
+            r = A[idx] @ theta - y[idx]
+            g += 2.0 / len(idx) * A[idx].T @ r
+            pos += len(idx)
+            cursor[s] = (epoch + 1, 0) if pos == len(rows) else (epoch, pos)
+        theta -= lr_at(t) * g / len(shards)
+    w = theta[:-1] / scale
+    return np.r_[w, theta[-1] - mean @ w]
+
+
+@pytest.mark.parametrize("how,workers", [("range", 2), ("hash", 3)])
+def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers):
+    n, d, batch, steps, lr = 2000, 5, 32, 80, 0.05   # 80 steps of 32 rows cross an epoch of every shard
+    result = psrv.train({"data": {"n": n, "d": d, "partition": how, "seed": 4},
+                         "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr,
+                                   "seed": 11, "lr_schedule": "cosine"},
+                         "output": {"dir": str(tmp_path)}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
+    expected = serial_bsp(X, y, shard_rows(n, workers, how), batch, steps, cosine(lr, steps), seed=11)
+    got = np.load(tmp_path / "theta.npy")
+    assert np.abs(got - expected).max() <= 1e-10 * np.abs(expected).max()
+    np.testing.assert_array_equal(result.theta, got)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s == result.summary
+    assert s["steps"] == steps and s["workers"] == workers and s["partition"] == how
+    assert s["rows"] == n and s["cols"] == d and s["staleness_max"] == 0
+    assert s["samples"] == sum(int(v) for v in s["rows_visited"].values())
+
+
+def lstsq_loss(X, y):
+    A = np.c_[X, np.ones(len(X))]
+    theta = np.linalg.lstsq(A, y, rcond=None)[0]
+    return float(np.mean((A @ theta - y) ** 2))
+
+
+@pytest.mark.parametrize("name", ["default.toml", "seed_example.toml"])
+def test_shipped_configs_reach_the_least_squares_optimum(tmp_path, name):
+    path = ROOT / "configs" / name
+    r = psrv.train(path, [f"output.dir={tmp_path}"])
+    X, y, _, _ = data.load_arrays(config.load(path).data)
+    optimum = lstsq_loss(X, y)
+    assert abs(r.summary["final_loss"] - optimum) <= 1e-3 * optimum
+    # final_loss is the MSE of theta.npy on the data as given (an independent recomputation)
+    mse = float(np.mean((X @ r.theta[:-1] + r.theta[-1] - y) ** 2))
+    assert r.summary["final_loss"] == pytest.approx(mse, rel=1e-9)
+
+
+def test_outputs(tmp_path):
+    r = psrv.train(None, [f"output.dir={tmp_path}", "data.n=3000", "train.steps=25", "train.log_every=10",
+                          "train.workers=2"])
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if not x.get("full")] == [10, 20, 25]
+    assert all(x["loss"] > 0 and x["elapsed_s"] >= 0 for x in lines)
+    assert lines[-1]["full"] and lines[-1]["loss"] == r.summary["final_loss"]
+    eff = config.load(tmp_path / "config.toml")
+    assert eff.train.workers == 2 and eff.output.dir == str(tmp_path) and eff.data.n == 3000
+    assert (tmp_path / "address").read_text().startswith("tcp://127.0.0.1:")
+    for key in ("steps", "wall_s", "samples_per_s", "final_loss", "workers", "consistency", "partition", "rows",
+                "cols"):
+        assert key in r.summary
+    assert r.theta.shape == (21,)
+
+
+def test_data_files_train_like_synthetic(tmp_path):
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": 4000, "d": 3}}).data)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    with open(tmp_path / "d.csv", "w") as fh:
+        fh.write("a,b,c,target\n")
+        np.savetxt(fh, np.c_[X, y], delimiter=",", fmt="%.17g")
+    thetas = []
+    for src in ("d.npz", "d.csv"):
+        r = psrv.train({"data": {"source": str(tmp_path / src)}, "train": {"workers": 2, "steps": 40},
+                        "output": {"dir": str(tmp_path / src.replace(".", "_"))}})
+        thetas.append(r.theta)
+    np.testing.assert_allclose(thetas[0], thetas[1], rtol=1e-12)

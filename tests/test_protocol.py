@@ -1,0 +1,99 @@
+import msgpack
+import numpy as np
+import pytest
+
+from psrv import protocol
+from psrv.errors import ProtocolError
+
+
+def frames_bytes(frames):
+    return [f.tobytes() if isinstance(f, np.ndarray) else bytes(f) for f in frames]
+
+
+def push(**over):
+    h = {"op": "push", "wid": 0, "inc": 1, "seq": 1, "clock": 0, "loss": 0.5, "count": 4, "pull": True, **over}
+    return h
+
+
+def test_round_trip_with_array():
+    g = np.arange(6, dtype=np.float64).reshape(2, 3)
+    frames = frames_bytes(protocol.encode(push(), [g]))
+    assert len(frames) == 2 and len(frames[1]) == g.nbytes
+    h, arrays = protocol.decode(frames)
+    assert h["op"] == "push" and h["arrays"] == [["<f8", [2, 3]]]
+    np.testing.assert_array_equal(arrays[0], g)
+
+
+def test_header_only_messages():
+    h, arrays = protocol.decode(frames_bytes(protocol.encode({"op": "status"})))
+    assert h == {"op": "status"} and arrays == []
+
+
+def test_reply_table():
+    th = np.ones(3, dtype=np.float32)
+    f = frames_bytes(protocol.encode({"op": "theta", "clock": 1, "version": 2, "batch": [0, 0, 0, 4], "rid": 9},
+                                     [th]))
+    h, arrays = protocol.decode(f, protocol.REPLIES)
+    assert h["rid"] == 9 and arrays[0].dtype == np.float32
+    with pytest.raises(ProtocolError, match="unknown op 'theta'"):
+        protocol.decode(f, protocol.REQUESTS)  # a reply is not a valid request
+
+
+def raw(header, *arrays):
+    return [msgpack.packb(header)] + list(arrays)
+
+
+G = np.zeros(3).tobytes()
+
+
+@pytest.mark.parametrize("frames,code,needle", [
+    ([], "bad_frames", "1 to 4 frames"),
+    ([b"\xc1"], "bad_header", "not valid msgpack"),
+    ([b"\x92\x01"], "bad_header", "not valid msgpack"),                  # truncated array
+    ([msgpack.packb([1, 2])], "bad_header", "must be a map"),
+    ([msgpack.packb({"x": 1})], "bad_header", "no string 'op'"),
+    (raw({"op": "launch"}), "unknown_op", "known ops: bye, heartbeat, hello, pull, push, status"),
+    (raw({**push(), "arrays": [["<f8", [3]]]}), "bad_frames", "carries 1 array"),   # descriptor, no frame
+    (raw({**push(), "arrays": [["|O", [3]]]}, G), "bad_dtype", "not allowed"),
+    (raw({**push(), "arrays": [[">f8", [3]]]}, G), "bad_dtype", "not allowed"),
+    (raw({**push(), "arrays": [["<f8", [4]]]}, G), "bad_size", "needs 32"),
+    (raw({**push(), "arrays": [["<f8", [-3]]]}, G), "bad_shape", "shape"),
+    (raw({**push(), "arrays": [["<f8", [2**39, 2**39]]]}, G), "too_large", "over the cap"),
+    (raw({**push(), "arrays": [["<f8", "3"]]}, G), "bad_array", "[dtype, shape]"),
+    (raw({**push(), "arrays": [["<f8", [3]]]}, G, G, G), "bad_frames", "carries 1 array"),
+    ([msgpack.packb({"op": "pull"}), b"", b"", b"", b""], "bad_frames", "1 to 4 frames"),
+    (raw({"op": "pull", "wid": "0", "inc": 1, "clock": 0}), "bad_field", "'wid' must be int"),
+    (raw({"op": "pull", "wid": True, "inc": 1, "clock": 0}), "bad_field", "'wid' must be int"),
+    (raw({"op": "pull", "inc": 1, "clock": 0}), "bad_field", "missing field 'wid'"),
+    (raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0, "evil": 1}), "bad_field", "unknown field"),
+    (raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0, "rid": "x"}), "bad_field", "'rid' must be int"),
+    ([b"\x81\xa2op" + b"\xd9\xff" + b"a" * 10], "bad_header", "not valid msgpack"),  # string longer than data
+    ([b"\x80" + b"\x00" * protocol.HEADER_MAX_BYTES], "too_large", "exceeds"),
+    ([msgpack.packb({"op": "status"}) + b"\x00"], "bad_header", "not valid msgpack"),  # trailing bytes
+    ([msgpack.packb({"op": msgpack.ExtType(5, b"x")})], "bad_header", "extension"),
+    ([msgpack.packb({1: "status"})], "bad_header", "not valid msgpack"),  # non-string map keys
+])
+def test_invalid_messages_raise_protocol_errors(frames, code, needle):
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode(frames)
+    assert e.value.code == code
+    assert needle in str(e.value)
+
+
+def test_encode_refuses_unlisted_dtypes():
+    with pytest.raises(ValueError):
+        protocol.encode({"op": "push"}, [np.zeros(2, dtype=object)])
+    with pytest.raises(ValueError):
+        protocol.encode({"op": "push"}, [np.zeros(2, dtype=np.int64)])
+
+
+def test_non_contiguous_arrays_are_sent_contiguous():
+    a = np.arange(12.0).reshape(3, 4)[:, ::2]
+    h, arrays = protocol.decode(frames_bytes(protocol.encode(push(), [a])))
+    np.testing.assert_array_equal(arrays[0], a)
+
+
+def test_decoded_arrays_are_read_only_views():
+    buf = bytearray(np.ones(3).tobytes())
+    _, arrays = protocol.decode([msgpack.packb({**push(), "arrays": [["<f8", [3]]]}), bytes(buf)])
+    assert not arrays[0].flags.writeable

@@ -1,0 +1,125 @@
+"""The server loop in one process (server and an honest worker on threads, real ZeroMQ sockets): malformed
+messages get error replies, and the honest worker trains to the end regardless."""
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from psrv import config, data, protocol, shards
+from psrv.server import Server
+from workers.client import Client, RemoteError
+from workers.worker import Worker
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    """A live server for 2 workers. Worker 0 is a real Worker thread; worker 1 is another one, or the test itself
+    when the test is marked `as_worker_1`."""
+    cfg = config.load({"data": {"n": 2000, "d": 4}, "train": {"workers": 2, "steps": 30, "batch_size": 16}})
+    block, layout = data.build(cfg, 2, shards.run_prefix() + "srv")
+    server = Server(cfg, layout.to_dict(), str(tmp_path))
+    result = {}
+    st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)
+    st.start()
+    honest = 1 if request.node.get_closest_marker("as_worker_1") else 2
+    workers = [Worker(server.address, w) for w in range(honest)]
+    threads = [threading.Thread(target=lambda w=w: result.setdefault(f"worker{w.wid}", w.run()), daemon=True)
+               for w in workers]
+    for t in threads:
+        t.start()
+    ctx = zmq.Context()
+    yield server, ctx, result, (st, threads[0])
+    ctx.destroy(linger=0)
+    for t in (st, *threads):
+        t.join(20)
+    for w in workers:
+        w.close()
+    server.close()
+    block.close()
+    block.unlink()
+
+
+def ask(ctx, address, frames, timeout_ms=5000):
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    s.send_multipart(frames)
+    assert s.poll(timeout_ms), "no reply: the server must answer every malformed message"
+    h, _ = protocol.decode(s.recv_multipart(), protocol.REPLIES)
+    s.close()
+    return h
+
+
+ANONYMOUS = [
+    ([b"\x00\xff garbage"], "bad_header"),
+    ([b"\x92\x01"], "bad_header"),                                   # truncated msgpack
+    ([msgpack.packb({"op": "steal"})], "unknown_op"),
+    ([msgpack.packb({"op": "pull", "wid": 0, "inc": 1, "clock": 0})] + [b""] * 4, "bad_frames"),
+    ([msgpack.packb({"op": "pull", "wid": 0, "inc": 99, "clock": 0})], "stale_incarnation"),
+    ([msgpack.packb({"op": "pull", "wid": 7, "inc": 1, "clock": 0})], "unknown_worker"),
+    ([msgpack.packb({"op": "hello", "version": 99, "role": "worker", "wid": 1, "pid": 1, "host": "h"})],
+     "version_mismatch"),
+    ([msgpack.packb({"op": "hello", "version": protocol.VERSION, "role": "worker", "wid": 5, "pid": 1,
+                     "host": "h"})], "bad_wid"),
+]
+
+
+@pytest.mark.as_worker_1
+def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
+    server, ctx, result, (st, wt) = cluster
+    for frames, code in ANONYMOUS:
+        h = ask(ctx, server.address, frames)
+        assert h["op"] == "error" and h["code"] == code, (frames, h)
+    assert "v99" in ask(ctx, server.address, ANONYMOUS[6][0])["reason"]   # both versions named
+
+    # now behave as worker 1, interleaving bad pushes with honest ones
+    me = Client(server.address, timeout_s=10)
+    welcome = me.hello(1)
+    shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
+    h, arrays = me.pull(0)
+    bad_pushes = [
+        (np.zeros(shape, np.float32), "bad_shape"),                    # wrong dtype
+        (np.zeros((shape[0] + 1,), dtype), "bad_shape"),                # wrong shape
+        (np.full(shape, np.nan, dtype), "nonfinite"),
+    ]
+    while h["op"] == "theta":
+        clock = h["clock"]
+        if bad_pushes:
+            g, code = bad_pushes.pop()
+            with pytest.raises(RemoteError) as e:
+                me.push(clock, g, 0.0, 1)
+            assert e.value.code == code
+            with pytest.raises(RemoteError) as e:
+                me.push(clock + 3, np.zeros(shape, dtype), 0.0, 1)     # a clock it was not served
+            assert e.value.code == "bad_clock"
+        h, arrays = me.push(clock, np.zeros(shape, dtype), 1.0, 16)
+    assert h["op"] == "stop"
+    me.close()
+    st.join(20)
+    wt.join(20)
+    assert not st.is_alive() and not wt.is_alive()
+    s = result["summary"]
+    assert result["worker0"] == 0 and s["steps"] == 30 and np.isfinite(s["final_loss"])
+    assert s["bad_messages"] == len(ANONYMOUS) + 1 + 3 + 3
+    assert s["rejected"] == {"nonfinite": 1}
+
+
+def test_oversized_frame_is_cut_off_without_hurting_others(cluster):
+    server, ctx, result, (st, wt) = cluster
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(server.address)
+    s.send_multipart([msgpack.packb({"op": "status"}), b"\0" * (4 << 20)])  # over MAXMSGSIZE
+    assert not s.poll(500)       # ZeroMQ drops the connection before the message reaches the loop
+    s.close()
+    st.join(30)
+    assert result["summary"]["steps"] == 30
+
+
+def test_status_reply(cluster):
+    server, ctx, result, _ = cluster
+    h = ask(ctx, server.address, [msgpack.packb({"op": "status", "rid": 4})])
+    assert h["op"] == "status" and h["rid"] == 4
+    assert h["state"]["steps"] == 30 and h["state"]["workers"][0]["wid"] == 0
