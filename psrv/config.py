@@ -25,8 +25,8 @@ def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None
 @dataclass
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a path to a .npz (arrays X, y) or .csv file')
-    n: int = opt(100_000, "synthetic rows (checked against the file when set for a file source)", lo=1)
-    d: int = opt(20, "feature columns (synthetic; checked against the file when set for a file source)", lo=1)
+    n: int = opt(200_000, "synthetic rows (checked against the file when set for a file source)", lo=1)
+    d: int = opt(50, "feature columns (synthetic; checked against the file when set for a file source)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
     seed: int = opt(0, "seed of the synthetic generator", lo=0)
     target: str = opt("", 'CSV column holding y; "" means the last column')
@@ -46,14 +46,14 @@ class Model:
 @dataclass
 class Train:
     workers: int = opt(0, "worker processes; 0 means one per usable CPU core", lo=0, hi=1024)
-    batch_size: int = opt(256, "rows per mini-batch per worker (a batch never spans two epochs of a shard)", lo=1)
+    batch_size: int = opt(512, "rows per mini-batch per worker (a batch never spans two epochs of a shard)", lo=1)
     lr: float = opt(0.05, "learning rate (peak rate when a schedule is set)", lo=0)
     lr_schedule: str = opt("cosine", "how lr changes with the step: constant, step decay, 1/sqrt(1+step), cosine",
                            choices=("constant", "step", "inv_sqrt", "cosine"))
     lr_decay: float = opt(0.5, '"step" schedule: lr is multiplied by this every lr_decay_every steps', lo=0, hi=1)
     lr_decay_every: int = opt(1000, '"step" schedule: steps between decays', lo=1)
     lr_min: float = opt(0.0, '"cosine" schedule: the rate reached at the last step', lo=0)
-    steps: int = opt(600, "optimizer steps; each worker pushes one gradient per step", lo=1)
+    steps: int = opt(4000, "optimizer steps; each worker pushes one gradient per step", lo=1)
     seed: int = opt(0, "seed of the mini-batch order (and theta's initial value where it is random)", lo=0)
     consistency: str = opt("bsp", "bsp: every step waits for one gradient from each live worker",
                            choices=("bsp",))

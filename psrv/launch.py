@@ -44,26 +44,27 @@ class Interrupted(BaseException):
 
 # ---------------------------------------------------------------------------------------------- progress
 class Progress:
-    """One line per update: rewritten in place on a terminal, appended (at most every few seconds) otherwise."""
+    """The progress line: rewritten in place on a terminal (4 times a second), one line a second otherwise."""
 
     def __init__(self, stream=sys.stdout):
         self.stream = stream
         self.tty = stream.isatty()
-        self.last_s = 0.0
+        self.every_s = 0.25 if self.tty else 1.0
+        self.last_s = time.monotonic()
+        self.shown = False
 
     def update(self, ev: dict) -> None:
         now = time.monotonic()
-        if not self.tty and now - self.last_s < 2.0:
+        if ev.get("loss") is None or now - self.last_s < self.every_s:
             return
-        self.last_s = now
-        loss = f"{ev['loss']:.6g}" if ev.get("loss") is not None else "-"
-        line = (f"step {ev['step']:>6}/{ev['steps']}  loss {loss:<10}  {ev['samples_per_s']:>10,.0f} samples/s"
-                f"  {ev['elapsed_s']:6.1f} s")
+        self.last_s, self.shown = now, True
+        line = (f"step {ev['step']:>7}/{ev['steps']}  loss {ev['loss']:<11.6g} {ev['samples_per_s']:>12,.0f} "
+                f"samples/s  {ev['elapsed_s']:7.1f} s")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self.last_s:
+        if self.tty and self.shown:
             self.stream.write("\n")
             self.stream.flush()
 

@@ -10,10 +10,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .partition import splitmix64
+
+
+def epoch_key(seed: int, shard: int, epoch: int) -> int:
+    """key = sm(sm(sm(seed) + shard) + epoch), all arithmetic modulo 2**64 (sm = splitmix64)."""
+    with np.errstate(over="ignore"):
+        k = splitmix64(np.uint64(seed))
+        k = splitmix64(k + np.uint64(shard))
+        return int(splitmix64(k + np.uint64(epoch)))
+
 
 def epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
-    """The order in which a shard's rows are visited in one epoch: a permutation seeded by (seed, shard, epoch)."""
-    return np.random.default_rng([seed, shard, epoch]).permutation(size)
+    """The order in which a shard's rows are visited in one epoch: positions 0..size-1 sorted by
+    splitmix64(key + position), ties by position. Defined with nothing but 64-bit integer arithmetic, so a client
+    in any language can reproduce it (docs/protocol.md)."""
+    with np.errstate(over="ignore"):
+        h = splitmix64(np.uint64(epoch_key(seed, shard, epoch)) + np.arange(size, dtype=np.uint64))
+    return np.argsort(h, kind="stable")
 
 
 @dataclass

@@ -23,6 +23,12 @@ def splitmix64(x: int) -> int:
     return z ^ (z >> 31)
 
 
+def epoch_order(seed, shard, epoch, size):
+    """docs/protocol.md's batch order, in plain Python: positions sorted by sm(key + position)."""
+    key = splitmix64((splitmix64((splitmix64(seed) + shard) & M64) + epoch) & M64)
+    return sorted(range(size), key=lambda p: (splitmix64((key + p) & M64), p))
+
+
 def shard_rows(n, k, how):
     if how == "range":
         return np.array_split(np.arange(n), k)
@@ -36,8 +42,9 @@ def cosine(lr, steps):
 
 def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
     """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
-    of the mean squared loss. Batch order: each shard's rows permuted per epoch by default_rng([seed, shard,
-    epoch]), consumed `batch` rows at a time, the last batch of an epoch possibly short."""
+    of the mean squared loss. Batch order: each shard's rows in its epoch order (docs/protocol.md), consumed `batch`
+    rows at a time, the last batch of an epoch possibly short."""
+    orders = {}
     mean, scale = X.mean(axis=0), X.std(axis=0)
     A = np.c_[(X - mean) / scale, np.ones(len(X))]
     theta = np.zeros(A.shape[1])
@@ -46,8 +53,9 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
         g = np.zeros_like(theta)
         for s, rows in enumerate(shards):
             epoch, pos = cursor[s]
-            order = np.random.default_rng([seed, s, epoch]).permutation(len(rows))
-            idx = rows[order[pos:pos + batch]]
+            if (s, epoch) not in orders:
+                orders[s, epoch] = np.array(epoch_order(seed, s, epoch, len(rows)))
+            idx = rows[orders[s, epoch][pos:pos + batch]]
             r = A[idx] @ theta - y[idx]
             g += 2.0 / len(idx) * A[idx].T @ r
             pos += len(idx)
@@ -107,7 +115,7 @@ def test_outputs(tmp_path):
     for key in ("steps", "wall_s", "samples_per_s", "final_loss", "workers", "consistency", "partition", "rows",
                 "cols"):
         assert key in r.summary
-    assert r.theta.shape == (21,)
+    assert r.theta.shape == (r.summary["cols"] + 1,)
 
 
 def test_data_files_train_like_synthetic(tmp_path):

@@ -119,3 +119,26 @@ def test_shm_helpers_see_a_live_run(launch, tmp_path):
     la.proc.send_signal(signal.SIGINT)
     la.wait()
     la.assert_no_leftovers()
+
+
+def test_children_are_pinned_with_one_blas_thread(launch, tmp_path):
+    la = launch(*SMALL, "--set", "train.steps=1000000", "--set", f"output.dir={tmp_path / 'out'}")
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, 60, what="training to start")
+    cores = sorted(os.sched_getaffinity(0))
+    children = []
+    for pid in tagged_pids(la.tag):
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read()
+        if b"spawn_main" in cmd:                        # server and workers, not the resource tracker
+            children.append(pid)
+            allowed = os.sched_getaffinity(pid)
+            assert len(allowed) == 1 and allowed <= set(cores)
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                assert b"OPENBLAS_NUM_THREADS=1" in fh.read().split(b"\0")
+    assert len(children) == 3
+    # round-robin: the two workers and the server cover every usable core
+    assert set().union(*(os.sched_getaffinity(p) for p in children)) == set(cores[:3])
+    la.proc.send_signal(signal.SIGINT)
+    la.wait()
+    la.assert_no_leftovers()
