@@ -17,19 +17,36 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 
-def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None):
-    """A config field: its default, a one-line doc (unit, range) and the checks load() applies."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi})
+def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
+        check=None):
+    """A config field: its default, a one-line doc (unit, range) and the checks load() applies. `check(value)`
+    returns an error message, or None when the value is fine."""
+    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi, "check": check})
+
+
+BUILTIN_MODELS = ("linear", "logistic", "softmax")
+
+
+def _model_kind(v: str) -> str | None:
+    if v in BUILTIN_MODELS or (":" in v and all(p.strip() for p in v.split(":", 1))):
+        return None
+    return (f"must be one of {', '.join(repr(k) for k in BUILTIN_MODELS)}, or 'package.module:Name' for a model "
+            f"of your own; got {v!r}")
 
 
 @dataclass
 class Data:
-    source: str = opt("synthetic", 'where rows come from: "synthetic", or a path to a .npz (arrays X, y) or .csv file')
+    source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
+                                   '.csv or svmlight (.svm, .libsvm, .txt) file')
     n: int = opt(200_000, "synthetic rows (checked against the file when set for a file source)", lo=1)
     d: int = opt(50, "feature columns (synthetic; checked against the file when set for a file source)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
     seed: int = opt(0, "seed of the synthetic generator", lo=0)
     target: str = opt("", 'CSV column holding y; "" means the last column')
+    labels: str = opt("", "for a .npy source: the .npy file holding y")
+    test_fraction: float = opt(0.0, "share of rows held out (at random, by data.seed) for evaluation", lo=0, hi=0.9)
+    nan_policy: str = opt("error", "rows with NaN or Inf: stop with an error naming the first, or drop them",
+                          choices=("error", "drop"))
     standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
     partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
                          choices=("range", "hash"))
@@ -39,8 +56,11 @@ class Data:
 
 @dataclass
 class Model:
-    kind: str = opt("linear", "the model: linear regression with squared loss", choices=("linear",))
+    kind: str = opt("linear", 'linear (squared loss), logistic (labels 0/1), softmax (labels 0..K-1), or '
+                    '"package.module:Name" (docs/models.md)', check=_model_kind)
     fit_intercept: bool = opt(True, "learn an intercept (stored last in theta.npy)")
+    l2: float = opt(0.0, "L2 penalty: adds l2/2 * |w|^2 to the mean loss (the intercept is not penalized)", lo=0)
+    classes: int = opt(0, "softmax: number of classes; 0 means 1 + the largest training label", lo=0, hi=100_000)
 
 
 @dataclass
@@ -53,10 +73,29 @@ class Train:
     lr_decay: float = opt(0.5, '"step" schedule: lr is multiplied by this every lr_decay_every steps', lo=0, hi=1)
     lr_decay_every: int = opt(1000, '"step" schedule: steps between decays', lo=1)
     lr_min: float = opt(0.0, '"cosine" schedule: the rate reached at the last step', lo=0)
-    steps: int = opt(4000, "optimizer steps; each worker pushes one gradient per step", lo=1)
+    steps: int = opt(4000, "optimizer steps; each worker pushes one gradient per step (unlimited when only "
+                     "train.epochs is set)", lo=1)
+    epochs: int = opt(0, "passes over every shard; 0 means no limit (the run stops by train.steps)", lo=0)
+    tol: float = opt(0.0, "stop when the logged training loss improves by less than this fraction over "
+                     "tol_window log lines; 0 turns it off", lo=0, hi=1)
+    tol_window: int = opt(5, "log lines (of train.log_every steps) that train.tol looks back over", lo=1)
+    max_wall_s: float = opt(0.0, "stop after this many seconds of training; 0 turns it off", lo=0)
     seed: int = opt(0, "seed of the mini-batch order (and theta's initial value where it is random)", lo=0)
-    consistency: str = opt("bsp", "bsp: every step waits for one gradient from each live worker",
-                           choices=("bsp",))
+    consistency: str = opt("bsp", "bsp: each step waits for every live worker; ssp: a worker may run at most "
+                           "train.staleness steps ahead of the slowest; asp: never wait", choices=("bsp", "ssp", "asp"))
+    staleness: int = opt(2, "ssp: how many steps the fastest worker may be ahead of the slowest; 0 is BSP",
+                         lo=0, hi=1_000_000)
+    backup_workers: int = opt(0, "bsp: apply each step with the first workers - k gradients; later ones are "
+                              "dropped and counted", lo=0)
+    optimizer: str = opt("sgd", "server-side optimizer", choices=("sgd", "momentum", "adagrad", "adam"))
+    momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
+    nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
+    beta1: float = opt(0.9, "adam: decay of the first-moment average", lo=0, hi=1)
+    beta2: float = opt(0.999, "adam: decay of the second-moment average", lo=0, hi=1)
+    eps: float = opt(1e-8, "adagrad and adam: added to the denominator", lo=0)
+    clip_norm: float = opt(0.0, "scale each pushed gradient down to at most this L2 norm; 0 turns it off", lo=0)
+    eval_every: int = opt(0, "steps between held-out evaluations (data.test_fraction > 0); 0: only at the end",
+                          lo=0)
     log_every: int = opt(10, "steps between entries in metrics.jsonl", lo=1)
     pin: bool = opt(True, "pin each process to one CPU core, round-robin over the usable cores")
     blas_threads: int = opt(1, "BLAS threads per process", lo=1, hi=256)
@@ -80,6 +119,7 @@ class Worker:
 @dataclass
 class Output:
     dir: str = opt("", 'folder for theta.npy, summary.json, metrics.jsonl, config.toml; "" means a fresh runs/<time>')
+    plot: bool = opt(True, "also write loss.png (training and held-out loss) when matplotlib is installed")
 
 
 @dataclass
@@ -151,6 +191,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
         raise ConfigError(f"{key}: must be >= {m['lo']}; got {value!r}")
     if m["hi"] is not None and value > m["hi"]:
         raise ConfigError(f"{key}: must be <= {m['hi']}; got {value!r}")
+    if m["check"] is not None and (problem := m["check"](value)):
+        raise ConfigError(f"{key}: {problem}")
     return value
 
 
@@ -172,7 +214,21 @@ def _build(tree: Mapping, explicit: frozenset) -> Config:
                                   f"[{sname}] has: {', '.join(valid)}")
             values[k] = _check_value(f"{sname}.{k}", fields[k], v)
         built[sname] = sections[sname].default_factory(**values)
-    return Config(**built, explicit=explicit)
+    cfg = Config(**built, explicit=explicit)
+    check_combinations(cfg)
+    return cfg
+
+
+def check_combinations(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    t = cfg.train
+    if t.backup_workers and t.consistency != "bsp":
+        raise ConfigError(f"train.backup_workers: only applies to train.consistency = 'bsp' (got {t.consistency!r})")
+    if t.workers and t.backup_workers >= t.workers:
+        raise ConfigError(f"train.backup_workers: must be less than train.workers ({t.workers}); "
+                          f"got {t.backup_workers}")
+    if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
+        raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

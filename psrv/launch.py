@@ -199,6 +199,7 @@ def resolve(cfg: config_mod.Config) -> config_mod.Config:
     t = cfg.train
     if t.workers == 0:
         t.workers = len(proc.usable_cores())
+        config_mod.check_combinations(cfg)
     if cfg.output.dir == "":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = os.path.join("runs", stamp)
