@@ -1,7 +1,6 @@
-"""Server-side optimizer and learning-rate schedule (pure numpy, updates theta in place, no per-step allocation).
-
-The optimizer's state is a dict of named arrays plus a step count, so a checkpoint can save and restore it.
-"""
+"""Server-side optimizers (SGD, momentum, Adagrad, Adam) and the learning-rate schedule, in pure numpy: each updates
+theta in place with buffers allocated once, and saves/restores its state for checkpoints. No I/O here; the config
+is only read, by make(), for hyper-parameters."""
 from __future__ import annotations
 
 import math
@@ -24,29 +23,169 @@ def lr_at(step: int, lr: float, schedule: str, total_steps: int, decay: float = 
     raise ValueError(f"unknown lr schedule {schedule!r}")
 
 
-class SGD:
+class _Optimizer:
+    """The shared part: buffers shaped like theta, the step count, and state_dict / load_state_dict.
+
+    Subclasses list their state arrays in `state_names` (zero at the start, saved in checkpoints) and the Train
+    config fields they read in `hyper`; `self.scratch` is one more buffer for intermediate results, never saved.
+    """
+
+    name = ""
+    state_names: tuple[str, ...] = ()
+    hyper: tuple[str, ...] = ()
+
+    def __init__(self, theta: np.ndarray):
+        self.shape, self.dtype = theta.shape, theta.dtype
+        self.steps = 0
+        self.state = {k: np.zeros_like(theta) for k in self.state_names}
+        # Allocated once here: lr * grad and the like would otherwise make a theta-sized temporary every step.
+        self.scratch = np.empty_like(theta)
+
+    def _check(self, theta: np.ndarray, grad: np.ndarray) -> None:
+        # Cheap guard: numpy would otherwise broadcast or silently cast into the preallocated buffers.
+        for what, a in (("theta", theta), ("grad", grad)):
+            if a.shape != self.shape or a.dtype != self.dtype:
+                raise ValueError(f"{self.name}: {what} is {a.dtype.str} {list(a.shape)}, but this optimizer was "
+                                 f"built for {self.dtype.str} {list(self.shape)}")
+
+    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        """Apply one update to theta in place; `self.steps` counts them (t = self.steps is 1-based inside)."""
+        self._check(theta, grad)
+        self.steps += 1
+        self._update(theta, grad, lr)
+
+    def _update(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """{"name", "steps", "arrays": copies of the state arrays} - copies, so later steps do not change it."""
+        return {"name": self.name, "steps": self.steps, "arrays": {k: a.copy() for k, a in self.state.items()}}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a state_dict() exactly; ValueError (and nothing changed) if it does not fit this optimizer."""
+        if d.get("name") != self.name:
+            raise ValueError(f"optimizer state is for {d.get('name')!r}, not {self.name!r}")
+        steps = d.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"{self.name}: optimizer state has steps = {steps!r}; expected an integer >= 0")
+        arrays = d.get("arrays", {})
+        if set(arrays) != set(self.state):
+            raise ValueError(f"{self.name}: optimizer state has arrays {sorted(arrays)}; expected "
+                             f"{sorted(self.state)}")
+        for k, a in arrays.items():
+            a = np.asarray(a)
+            if a.shape != self.shape or a.dtype != self.dtype:
+                raise ValueError(f"{self.name}: optimizer state array {k!r} is {a.dtype.str} {list(a.shape)}; "
+                                 f"expected {self.dtype.str} {list(self.shape)}")
+        # Checked everything first so a bad state leaves this optimizer as it was; copy so the caller's arrays
+        # are not aliased by the buffers we keep updating.
+        for k, a in arrays.items():
+            np.copyto(self.state[k], a)
+        self.steps = int(steps)
+
+
+class SGD(_Optimizer):
     """theta <- theta - lr * grad."""
 
     name = "sgd"
 
-    def __init__(self, theta: np.ndarray):
-        self.state: dict[str, np.ndarray] = {}
-        self.steps = 0
-
-    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
-        theta -= lr * grad if grad.size < 4096 else _scaled(grad, lr)
-        self.steps += 1
+    def _update(self, theta, grad, lr):
+        theta -= np.multiply(grad, lr, out=self.scratch)
 
 
-_scratch: dict[tuple, np.ndarray] = {}
+class Momentum(_Optimizer):
+    """Heavy-ball momentum, PyTorch form: v <- mu v + g; theta <- theta - lr v (or lr (g + mu v) for Nesterov)."""
+
+    name = "momentum"
+    state_names = ("velocity",)
+    hyper = ("momentum", "nesterov")
+
+    def __init__(self, theta: np.ndarray, *, momentum: float, nesterov: bool):
+        super().__init__(theta)
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+
+    def _update(self, theta, grad, lr):
+        v, s, mu = self.state["velocity"], self.scratch, self.momentum
+        v *= mu
+        v += grad
+        if self.nesterov:
+            np.multiply(v, mu, out=s)
+            s += grad
+            s *= lr
+        else:
+            np.multiply(v, lr, out=s)
+        theta -= s
 
 
-def _scaled(grad: np.ndarray, lr: float) -> np.ndarray:
-    """lr * grad into a reused buffer, so a large update makes no new allocation."""
-    buf = _scratch.get((grad.shape, grad.dtype.str))
-    if buf is None:
-        buf = _scratch[(grad.shape, grad.dtype.str)] = np.empty_like(grad)
-    return np.multiply(grad, lr, out=buf)
+def _check_eps(name: str, eps: float) -> float:
+    # eps = 0 turns a coordinate whose gradient has been exactly 0 so far (an all-zero feature) into 0/0 = NaN.
+    if not eps > 0:
+        raise ValueError(f"{name}: eps must be > 0 (it keeps never-updated coordinates from 0/0); got {eps!r}")
+    return float(eps)
 
 
-OPTIMIZERS = {"sgd": SGD}
+class Adagrad(_Optimizer):
+    """G <- G + g^2; theta <- theta - lr g / (sqrt(G) + eps)."""
+
+    name = "adagrad"
+    state_names = ("sum_sq",)
+    hyper = ("eps",)
+
+    def __init__(self, theta: np.ndarray, *, eps: float):
+        super().__init__(theta)
+        self.eps = _check_eps(self.name, eps)
+
+    def _update(self, theta, grad, lr):
+        G, s = self.state["sum_sq"], self.scratch
+        np.multiply(grad, grad, out=s)
+        G += s
+        np.sqrt(G, out=s)
+        s += self.eps
+        np.divide(grad, s, out=s)
+        s *= lr
+        theta -= s
+
+
+class Adam(_Optimizer):
+    """Adam with bias correction (PyTorch form, eps added after the square root of the corrected v)."""
+
+    name = "adam"
+    state_names = ("m", "v")
+    hyper = ("beta1", "beta2", "eps")
+
+    def __init__(self, theta: np.ndarray, *, beta1: float, beta2: float, eps: float):
+        super().__init__(theta)
+        for k, b in (("beta1", beta1), ("beta2", beta2)):
+            # beta = 1 makes the bias correction 1 - beta**t zero, so every step would be 0/0.
+            if not 0 <= b < 1:
+                raise ValueError(f"adam: {k} must be in [0, 1); got {b!r}")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.eps = _check_eps(self.name, eps)
+
+    def _update(self, theta, grad, lr):
+        m, v, s = self.state["m"], self.state["v"], self.scratch
+        b1, b2, t = self.beta1, self.beta2, self.steps
+        m *= b1
+        m += np.multiply(grad, 1.0 - b1, out=s)
+        v *= b2
+        np.multiply(grad, grad, out=s)
+        s *= 1.0 - b2
+        v += s
+        # s <- sqrt(v / (1 - b2^t)) + eps, then theta -= lr / (1 - b1^t) * m / s; the corrections are scalars.
+        np.divide(v, 1.0 - b2 ** t, out=s)
+        np.sqrt(s, out=s)
+        s += self.eps
+        np.divide(m, s, out=s)
+        s *= lr / (1.0 - b1 ** t)
+        theta -= s
+
+
+OPTIMIZERS = {cls.name: cls for cls in (SGD, Momentum, Adagrad, Adam)}
+
+
+def make(name: str, theta: np.ndarray, train_cfg) -> _Optimizer:
+    """The optimizer `name` for theta, with its hyper-parameters read from a psrv.config.Train."""
+    cls = OPTIMIZERS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    return cls(theta, **{k: getattr(train_cfg, k) for k in cls.hyper})
