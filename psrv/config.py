@@ -27,6 +27,14 @@ def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None
 BUILTIN_MODELS = ("linear", "logistic", "softmax")
 
 
+def _below_one(v: float) -> str | None:
+    return None if 0 <= v < 1 else f"must be in [0, 1) (1 would divide by zero); got {v!r}"
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0; got {v!r}"
+
+
 def _model_kind(v: str) -> str | None:
     if v in BUILTIN_MODELS or (":" in v and all(p.strip() for p in v.split(":", 1))):
         return None
@@ -90,9 +98,9 @@ class Train:
     optimizer: str = opt("sgd", "server-side optimizer", choices=("sgd", "momentum", "adagrad", "adam"))
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
-    beta1: float = opt(0.9, "adam: decay of the first-moment average", lo=0, hi=1)
-    beta2: float = opt(0.999, "adam: decay of the second-moment average", lo=0, hi=1)
-    eps: float = opt(1e-8, "adagrad and adam: added to the denominator", lo=0)
+    beta1: float = opt(0.9, "adam: decay of the first-moment average, in [0, 1)", check=_below_one)
+    beta2: float = opt(0.999, "adam: decay of the second-moment average, in [0, 1)", check=_below_one)
+    eps: float = opt(1e-8, "adagrad and adam: added to the denominator, > 0", check=_positive)
     clip_norm: float = opt(0.0, "scale each pushed gradient down to at most this L2 norm; 0 turns it off", lo=0)
     eval_every: int = opt(0, "steps between held-out evaluations (data.test_fraction > 0); 0: only at the end",
                           lo=0)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, proc, shards
+from . import data, models, proc, shards
 from .errors import ConfigError, PsrvError, RunError
 
 log = logging.getLogger("psrv")
@@ -58,7 +58,8 @@ class Progress:
         if ev.get("loss") is None or now - self.last_s < self.every_s:
             return
         self.last_s, self.shown = now, True
-        line = (f"step {ev['step']:>7}/{ev['steps']}  loss {ev['loss']:<11.6g} {ev['samples_per_s']:>12,.0f} "
+        of = f"/{ev['steps']}" if ev["steps"] else ""
+        line = (f"step {ev['step']:>7}{of}  loss {ev['loss']:<11.6g} {ev['samples_per_s']:>12,.0f} "
                 f"samples/s  {ev['elapsed_s']:7.1f} s")
         self.stream.write(("\r" + line) if self.tty else (line + "\n"))
         self.stream.flush()
@@ -154,6 +155,7 @@ class Cluster:
             waitables = [c.conn for c in children if not c.conn.closed]
             waitables += [c.process.sentinel for c in children if c.process.exitcode is None]
             mpc.wait(waitables, timeout=0.5)
+            check_signals()
             for c in children:
                 self._drain(c, progress)
             if self.summary is not None and done_at is None:
@@ -210,12 +212,44 @@ def resolve(cfg: config_mod.Config) -> config_mod.Config:
     return cfg
 
 
+def check_model(cfg: config_mod.Config, block: shards.DataBlock) -> int:
+    """Load the model once here, so a bad model.kind or labels that do not fit it fail before any process starts.
+    Returns the number of classes (softmax) or 0."""
+    kind, source = cfg.model.kind, cfg.data.source
+    classes = 0
+    if kind == "softmax":
+        classes = cfg.model.classes or models.infer_classes(block.y, source)
+    model = models.make(kind, block.spec.d, cfg.model.fit_intercept, block.spec.dtype, classes)
+    model.check_labels(block.y, source)
+    model.check_labels(block.y_test, source)
+    return classes
+
+
 def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int = logging.WARNING) -> Result:
     cfg = resolve(cfg)
+    if cfg.model.kind not in config_mod.BUILTIN_MODELS:
+        # a model of the user's own sees the data as given: we cannot map its theta back from scaled features
+        if cfg.data.standardize and "data.standardize" in cfg.explicit:
+            raise ConfigError(f"data.standardize: must be false for a custom model.kind ({cfg.model.kind!r}), "
+                              f"which sees the data as given")
+        cfg.data.standardize = False
+        models.load_custom(cfg.model.kind)
     out = cfg.output.dir
     os.makedirs(out, exist_ok=True)
-    block, layout = data.build(cfg, cfg.train.workers, shards.run_prefix() + "data")
+    name = shards.run_prefix() + "data"
+    try:
+        return _run_on_data(cfg, progress, log_level, name)
+    finally:
+        # by name, not by handle: a signal may land after the segment exists but before anyone holds it
+        shards.unlink_name(name)
+
+
+def _run_on_data(cfg, progress, log_level, name) -> Result:
+    out = cfg.output.dir
+    block, layout = data.build(cfg, cfg.train.workers, name)
     with block:
+        check_signals()
+        layout.extra["classes"] = check_model(cfg, block)
         # the effective config: what was asked, with the data's real size (so it reruns as-is)
         cfg.data.n, cfg.data.d = block.spec.n_train + block.spec.n_test, block.spec.d
         with open(os.path.join(out, "config.toml"), "w") as fh:
@@ -230,8 +264,21 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
     return Result(summary, theta, out)
 
 
+_PENDING_SIGNALS: list[int] = []
+
+
 def _on_signal(signum, frame):
-    raise Interrupted(signum)
+    # remembered as well as raised: Python drops an exception raised inside a __del__ or a callback, and the
+    # wait loop must still notice
+    _PENDING_SIGNALS.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
+
+
+def check_signals() -> None:
+    """Raise for a signal whose exception was lost on the way."""
+    if _PENDING_SIGNALS:
+        signum = _PENDING_SIGNALS[0]
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
 
 def train(config=None, overrides=(), *, progress: bool = False, log_level: int = logging.WARNING) -> Result:
@@ -239,15 +286,18 @@ def train(config=None, overrides=(), *, progress: bool = False, log_level: int =
     None (the defaults); `overrides` are 'section.key=value' strings. Raises ConfigError or RunError."""
     cfg = config_mod.load(config, overrides)
     in_main = _is_main_thread()
-    old = signal.signal(signal.SIGTERM, _on_signal) if in_main else None
+    old = {}
+    if in_main:
+        _PENDING_SIGNALS.clear()
+        old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = Progress() if progress else None
     try:
         return run(cfg, bar, log_level)
     finally:
         if bar is not None:
             bar.close()
-        if in_main:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _is_main_thread() -> bool:

@@ -1,60 +1,220 @@
-"""Models: loss and gradient of a mini-batch, in numpy, with no state but preallocated scratch buffers.
+"""Models: mean loss and its gradient on a mini-batch, in numpy, stateless apart from reused scratch buffers.
 
-theta's layout is shared by every model: one row per feature, then the intercept row when fit_intercept is true;
-a vector for single-output models. Workers call loss_grad(); the server calls loss() for evaluation.
+theta's layout is shared by the built-in models: one row per feature, then the intercept row when fit_intercept is
+true; a vector for linear and logistic, a (rows x K) matrix for softmax. Workers call loss_grad(); the server calls
+loss() and metric() for evaluation; the launcher calls check_labels() once on the data.
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
+from .errors import ConfigError, DataError
 
-class Linear:
-    """Linear regression, mean squared loss: L = mean((X.w + b - y)^2), grad = 2/m X^T r (and 2/m sum r)."""
+BLOCK_ROWS = 65536  # loss() and metric() walk the rows in blocks, so evaluation never makes a full-size temporary
 
-    kind = "linear"
-    metric_name = "r2"
 
-    def __init__(self, d: int, fit_intercept: bool = True, dtype=np.float64):
+class _Glm:
+    """What the built-in models share: z = X.W + b, a loss on z, and dL/dz -> dL/dtheta."""
+
+    kind = ""
+    metric_name = ""
+
+    def __init__(self, d: int, fit_intercept: bool = True, dtype=np.float64, classes: int = 0):
         self.d, self.fit_intercept, self.dtype = d, fit_intercept, np.dtype(dtype)
-        self.theta_shape = (d + int(fit_intercept),)
-        self._r = np.empty(0, dtype=self.dtype)
+        self.k = classes  # output columns; 0 for a vector theta
+        rows = d + int(fit_intercept)
+        self.theta_shape = (rows,) if classes == 0 else (rows, classes)
+        self._z = np.empty(0, dtype=self.dtype)
 
     def init_theta(self) -> np.ndarray:
         return np.zeros(self.theta_shape, dtype=self.dtype)
 
-    def _residual(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _scores(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """z = X.W (+ b) into a reused buffer."""
         m = len(X)
-        if len(self._r) < m:
-            self._r = np.empty(m, dtype=self.dtype)
-        r = self._r[:m]
-        np.matmul(X, theta[:self.d], out=r)
+        size = m * max(self.k, 1)
+        if self._z.size < size:
+            self._z = np.empty(size, dtype=self.dtype)
+        z = self._z[:size].reshape((m, self.k) if self.k else (m,))
+        np.matmul(X, theta[:self.d], out=z)
         if self.fit_intercept:
-            r += theta[self.d]
-        r -= y
-        return r
+            z += theta[self.d]
+        return z
 
     def loss_grad(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray, out: np.ndarray) -> float:
-        """Writes the gradient of the batch's mean loss into `out` and returns that loss."""
+        """Write the gradient of the batch's mean loss into `out`; return that mean loss."""
         m = len(X)
-        r = self._residual(theta, X, y)
-        loss = float(r @ r) / m
-        np.matmul(r, X, out=out[:self.d])
-        out[:self.d] *= 2.0 / m
+        z = self._scores(theta, X)
+        loss = self._loss_dz(z, y)  # turns z into dL/dz (per row, not yet divided by m)
+        np.matmul(X.T, z, out=out[:self.d])
+        out[:self.d] *= 1.0 / m
         if self.fit_intercept:
-            out[self.d] = 2.0 * r.sum() / m
-        return loss
+            out[self.d] = z.sum(axis=0) / m
+        return loss / m
 
     def loss(self, theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
-        """Mean loss, accumulated in float64 over row blocks (no full-size temporary)."""
         total = 0.0
-        for lo in range(0, len(X), 65536):
-            r = self._residual(theta, X[lo:lo + 65536], y[lo:lo + 65536])
-            total += float(r.astype(np.float64) @ r)
+        for lo in range(0, len(X), BLOCK_ROWS):
+            total += self._loss_dz(self._scores(theta, X[lo:lo + BLOCK_ROWS]), y[lo:lo + BLOCK_ROWS])
         return total / max(len(X), 1)
 
+    def check_labels(self, y: np.ndarray, source: str) -> None:
+        """Raise DataError when labels do not fit the model."""
 
-KINDS = {"linear": Linear}
+    def _loss_dz(self, z: np.ndarray, y: np.ndarray) -> float:
+        raise NotImplementedError
 
 
-def make(kind: str, d: int, fit_intercept: bool, dtype) -> Linear:
-    return KINDS[kind](d, fit_intercept, dtype)
+class Linear(_Glm):
+    """Linear regression: L = mean((z - y)^2), dL/dz = 2 (z - y)."""
+
+    kind, metric_name = "linear", "r2"
+
+    def _loss_dz(self, z, y):
+        z -= y
+        loss = float(z.astype(np.float64, copy=False) @ z)
+        z *= 2.0
+        return loss
+
+    def metric(self, theta, X, y) -> float:
+        """R^2 = 1 - SSE / SST (0 when y is constant and the fit is not exact)."""
+        sse = self.loss(theta, X, y) * len(X)
+        sst = float(np.sum((y - y.mean(dtype=np.float64)) ** 2))
+        return 1.0 - sse / sst if sst > 0 else float(sse == 0)
+
+
+class Logistic(_Glm):
+    """Binary logistic regression, labels 0/1: L = mean(log(1 + e^z) - y z), dL/dz = sigmoid(z) - y."""
+
+    kind, metric_name = "logistic", "accuracy"
+
+    def _loss_dz(self, z, y):
+        loss = float(np.sum(np.logaddexp(0.0, z, dtype=np.float64)) - np.dot(y, z.astype(np.float64, copy=False)))
+        # sigmoid as 0.5 (1 + tanh(z/2)): no overflow for any z, computed in place
+        z *= 0.5
+        np.tanh(z, out=z)
+        z += 1.0
+        z *= 0.5
+        z -= y
+        return loss
+
+    def metric(self, theta, X, y) -> float:
+        right = 0
+        for lo in range(0, len(X), BLOCK_ROWS):
+            right += int(np.sum((self._scores(theta, X[lo:lo + BLOCK_ROWS]) > 0) == (y[lo:lo + BLOCK_ROWS] > 0.5)))
+        return right / max(len(X), 1)
+
+    def check_labels(self, y, source):
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            i = int(np.argmax(bad))
+            hint = " (map -1 to 0)" if set(np.unique(y).tolist()) <= {-1.0, 1.0} else ""
+            raise DataError(f"{source}: model.kind = 'logistic' needs labels 0 or 1; {int(bad.sum())} rows have "
+                            f"others, the first is row {i} with {float(y[i]):g}{hint}")
+
+
+class Softmax(_Glm):
+    """Multiclass logistic regression, labels 0..K-1: L = mean(logsumexp(z) - z_y), dL/dz = softmax(z) - onehot(y)."""
+
+    kind, metric_name = "softmax", "accuracy"
+
+    def __init__(self, d, fit_intercept=True, dtype=np.float64, classes: int = 2):
+        if classes < 2:
+            raise ConfigError(f"model.classes: softmax needs at least 2 classes, got {classes}")
+        super().__init__(d, fit_intercept, dtype, classes)
+
+    def _loss_dz(self, z, y):
+        rows = np.arange(len(z))
+        label = y.astype(np.intp)
+        z -= z.max(axis=1, keepdims=True)       # shift for a stable exp; the loss is unchanged
+        picked = z[rows, label].astype(np.float64)
+        np.exp(z, out=z)
+        total = z.sum(axis=1, keepdims=True)
+        loss = float(np.sum(np.log(total, dtype=np.float64)) - picked.sum())
+        z /= total
+        z[rows, label] -= 1.0
+        return loss
+
+    def metric(self, theta, X, y) -> float:
+        right = 0
+        for lo in range(0, len(X), BLOCK_ROWS):
+            pred = np.argmax(self._scores(theta, X[lo:lo + BLOCK_ROWS]), axis=1)
+            right += int(np.sum(pred == y[lo:lo + BLOCK_ROWS].astype(np.intp)))
+        return right / max(len(X), 1)
+
+    def check_labels(self, y, source):
+        bad = (y != np.round(y)) | (y < 0) | (y >= self.k)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"{source}: model.kind = 'softmax' with {self.k} classes needs integer labels 0..{self.k - 1};"
+                            f" {int(bad.sum())} rows have others, the first is row {i} with {float(y[i]):g}")
+
+
+def infer_classes(y: np.ndarray, source: str) -> int:
+    """K = 1 + the largest label, for softmax when model.classes is 0."""
+    if len(y) == 0 or not np.all(y == np.round(y)) or y.min() < 0:
+        raise DataError(f"{source}: model.kind = 'softmax' needs integer labels 0..K-1")
+    return int(y.max()) + 1
+
+
+class Custom:
+    """Adapts a user's model object (init_theta(d), loss(theta, X, y), grad(theta, X, y), optionally metric and
+    metric_name) to the interface the server and workers use. See docs/models.md."""
+
+    def __init__(self, obj, spec: str, d: int, dtype):
+        self.obj, self.kind, self.d, self.dtype = obj, spec, d, np.dtype(dtype)
+        self.metric_name = getattr(obj, "metric_name", "loss")
+        theta = np.asarray(obj.init_theta(d), dtype=self.dtype)
+        self.theta_shape = theta.shape
+        self._theta0 = theta
+
+    def init_theta(self) -> np.ndarray:
+        return self._theta0.copy()
+
+    def loss_grad(self, theta, X, y, out) -> float:
+        g = np.asarray(self.obj.grad(theta, X, y))
+        if g.shape != self.theta_shape:
+            raise ValueError(f"{self.kind}.grad returned shape {g.shape}; theta has shape {self.theta_shape}")
+        out[...] = g
+        return float(self.obj.loss(theta, X, y))
+
+    def loss(self, theta, X, y) -> float:
+        return float(self.obj.loss(theta, X, y))
+
+    def metric(self, theta, X, y) -> float:
+        f = getattr(self.obj, "metric", None)
+        return float(f(theta, X, y)) if f is not None else self.loss(theta, X, y)
+
+    def check_labels(self, y, source):
+        f = getattr(self.obj, "check_labels", None)
+        if f is not None:
+            f(y, source)
+
+
+def load_custom(spec: str):
+    """Import 'package.module:Name'; a class is instantiated with no arguments. ConfigError if it is unusable."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.kind: cannot load {spec!r}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, type):
+        obj = obj()
+    missing = [m for m in ("init_theta", "loss", "grad") if not callable(getattr(obj, m, None))]
+    if missing:
+        raise ConfigError(f"model.kind: {spec!r} lacks {', '.join(missing)} (see docs/models.md)")
+    return obj
+
+
+KINDS = {"linear": Linear, "logistic": Logistic, "softmax": Softmax}
+
+
+def make(kind: str, d: int, fit_intercept: bool = True, dtype=np.float64, classes: int = 0):
+    """The model named by model.kind, for d feature columns."""
+    if kind in KINDS:
+        if kind == "softmax":
+            return Softmax(d, fit_intercept, dtype, classes)
+        return KINDS[kind](d, fit_intercept, dtype)
+    return Custom(load_custom(kind), kind, d, dtype)

@@ -21,6 +21,17 @@ def run_prefix() -> str:
     return f"{PREFIX}{os.getpid()}_{secrets.token_hex(3)}_"
 
 
+def unlink_name(name: str) -> bool:
+    """Remove a segment by name if it exists (idempotent); True if there was one."""
+    try:
+        shm = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return False
+    shm.close()
+    shm.unlink()
+    return True
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     name: str

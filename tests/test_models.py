@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from psrv import models, optim
+from psrv.errors import ConfigError, DataError
 
 
 def finite_diff(f, theta, eps=1e-6):
@@ -27,6 +28,118 @@ def test_linear_gradient_matches_finite_differences(fit_intercept):
     # the formula from the brief, written independently: 2/b X^T (X theta - y)
     A = np.c_[X, np.ones(30)] if fit_intercept else X
     np.testing.assert_allclose(g, 2 / 30 * A.T @ (A @ theta - y), rtol=1e-12)
+
+
+def data_for(kind, rng, m=40, d=4):
+    X = rng.standard_normal((m, d))
+    if kind == "linear":
+        return X, rng.standard_normal(m)
+    if kind == "logistic":
+        return X, (rng.random(m) < 0.5).astype(float)
+    return X, rng.integers(0, 3, m).astype(float)
+
+
+@pytest.mark.parametrize("kind", ["linear", "logistic", "softmax"])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_gradients_match_finite_differences(kind, fit_intercept):
+    rng = np.random.default_rng(2)
+    X, y = data_for(kind, rng)
+    m = models.make(kind, 4, fit_intercept, np.float64, classes=3 if kind == "softmax" else 0)
+    theta = rng.standard_normal(m.theta_shape)
+    g = np.empty_like(theta)
+    loss = m.loss_grad(theta, X, y, g)
+    np.testing.assert_allclose(g, finite_diff(lambda t: m.loss(t, X, y), theta), rtol=1e-6, atol=1e-8)
+    assert loss == pytest.approx(m.loss(theta, X, y), rel=1e-12)
+
+
+def test_logistic_and_softmax_losses_against_direct_formulas():
+    rng = np.random.default_rng(3)
+    X, y = data_for("logistic", rng)
+    t = rng.standard_normal(5)
+    p = 1 / (1 + np.exp(-(X @ t[:4] + t[4])))
+    expected = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+    assert models.make("logistic", 4).loss(t, X, y) == pytest.approx(expected, rel=1e-12)
+    X, y = data_for("softmax", rng)
+    W = rng.standard_normal((5, 3))
+    Z = X @ W[:4] + W[4]
+    P = np.exp(Z) / np.exp(Z).sum(axis=1, keepdims=True)
+    expected = -np.mean(np.log(P[np.arange(len(y)), y.astype(int)]))
+    assert models.make("softmax", 4, classes=3).loss(W, X, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_extreme_scores_stay_finite():
+    X = np.array([[1000.0], [-1000.0]])
+    # every row confidently wrong: the loss is the margin, with no overflow on the way
+    cases = (("logistic", np.array([0.0, 1.0]), np.array([1.0, 0.0]), 1000.0),
+             ("softmax", np.array([1.0, 0.0]), np.array([[1.0, -1.0], [0.0, 0.0]]), 2000.0))
+    for kind, y, theta, expected in cases:
+        m = models.make(kind, 1, classes=2 if kind == "softmax" else 0)
+        g = np.empty(theta.shape)
+        loss = m.loss_grad(theta, X, y, g)
+        assert np.isfinite(g).all() and loss == pytest.approx(expected, rel=1e-9)
+
+
+def test_metrics():
+    X = np.array([[1.0], [2.0], [3.0], [4.0]])
+    lin = models.make("linear", 1)
+    assert lin.metric(np.array([2.0, 0.0]), X, 2 * X[:, 0]) == 1.0               # perfect fit
+    assert lin.metric(np.array([0.0, 5.0]), X, 2 * X[:, 0]) == pytest.approx(0.0)  # the mean: R^2 = 0
+    log = models.make("logistic", 1)
+    assert log.metric(np.array([1.0, -2.5]), X, np.array([0, 0, 1, 0.0])) == 0.75
+    sm = models.make("softmax", 1, classes=3)
+    W = np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]])   # class 2 wins for every x > 0
+    assert sm.metric(W, X, np.array([2, 2, 1, 0.0])) == 0.5
+
+
+def test_label_checks():
+    with pytest.raises(DataError, match="needs labels 0 or 1; 1 rows have others, the first is row 2"):
+        models.make("logistic", 1).check_labels(np.array([0, 1, 2.0]), "f.csv")
+    with pytest.raises(DataError, match="map -1 to 0"):
+        models.make("logistic", 1).check_labels(np.array([-1, 1.0]), "f.csv")
+    with pytest.raises(DataError, match="integer labels 0..2; 1 rows have others, the first is row 1 with 0.5"):
+        models.make("softmax", 1, classes=3).check_labels(np.array([0, 0.5, 2]), "f.csv")
+    with pytest.raises(DataError, match="integer labels 0..2"):
+        models.make("softmax", 1, classes=3).check_labels(np.array([0, 3.0]), "f.csv")
+    assert models.infer_classes(np.array([0, 4.0, 1]), "f") == 5
+    with pytest.raises(DataError):
+        models.infer_classes(np.array([0, -1.0]), "f")
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        models.make("softmax", 1, classes=1)
+
+
+class Quadratic:
+    """A custom model: L = mean((X.theta - y)^2) / 2, to check the adapter."""
+    metric_name = "half_mse"
+
+    def init_theta(self, d):
+        return np.full(d, 0.5)
+
+    def loss(self, theta, X, y):
+        return float(np.mean((X @ theta - y) ** 2) / 2)
+
+    def grad(self, theta, X, y):
+        return X.T @ (X @ theta - y) / len(X)
+
+
+def test_custom_model_adapter():
+    m = models.make("tests.test_models:Quadratic", 3)
+    assert m.theta_shape == (3,) and m.metric_name == "half_mse"
+    X, y = np.eye(3), np.ones(3)
+    g = np.empty(3)
+    assert m.loss_grad(m.init_theta(), X, y, g) == pytest.approx(0.125)
+    np.testing.assert_allclose(g, [-0.5 / 3] * 3)
+    assert m.metric(m.init_theta(), X, y) == pytest.approx(0.125)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("nowhere.at_all:Model", "cannot load 'nowhere.at_all:Model': ModuleNotFoundError"),
+    ("tests.test_models:Nothing", "AttributeError"),
+    ("tests.test_models:finite_diff", "lacks init_theta, loss, grad"),
+])
+def test_custom_model_errors(spec, needle):
+    with pytest.raises(ConfigError) as e:
+        models.make(spec, 3)
+    assert needle in str(e.value)
 
 
 def test_loss_over_blocks_equals_direct():

@@ -12,6 +12,8 @@ from psrv.server import Server
 from workers.client import Client, RemoteError
 from workers.worker import Worker
 
+from .conftest import wait_for
+
 
 @pytest.fixture
 def cluster(tmp_path, request):
@@ -121,5 +123,9 @@ def test_oversized_frame_is_cut_off_without_hurting_others(cluster):
 def test_status_reply(cluster):
     server, ctx, result, _ = cluster
     h = ask(ctx, server.address, [msgpack.packb({"op": "status", "rid": 4})])
-    assert h["op"] == "status" and h["rid"] == 4
-    assert h["state"]["steps"] == 30 and h["state"]["workers"][0]["wid"] == 0
+    assert h["op"] == "status" and h["rid"] == 4 and h["state"]["steps"] == 30
+    state = wait_for(lambda: (lambda st: st if len(st["workers"]) == 2 else None)(
+        ask(ctx, server.address, [msgpack.packb({"op": "status"})])["state"]), 10, what="both workers to join")
+    assert sorted(w["wid"] for w in state["workers"]) == [0, 1]
+    for w in state["workers"]:
+        assert w["pid"] > 0 and w["host"] and w["clock"] >= 0 and w["last_seen_s"] >= 0 and w["alive"] in (True, False)

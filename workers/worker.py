@@ -51,7 +51,7 @@ class Worker:
         self.block = DataBlock.attach(layout["block"])
         self.shards = [tuple(s) for s in layout["shards"]]
         d, dtype = self.block.spec.d, self.block.spec.dtype
-        model = models.make(m["kind"], d, m["fit_intercept"], dtype)
+        model = models.make(m["kind"], d, m["fit_intercept"], dtype, m.get("classes", 0))
         b = train["batch_size"]
         Xb = np.empty((b, d), dtype=dtype)
         yb = np.empty(b, dtype=dtype)
