@@ -321,10 +321,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_summary(r: Result, stream=sys.stdout) -> None:
     s = r.summary
-    stream.write(f"done: {s['steps']} steps, {s['workers']} workers ({s['consistency']}), {s['rows']} rows x "
-                 f"{s['cols']} cols, {s['wall_s']:.2f} s, {s['samples_per_s']:,.0f} samples/s\n"
-                 f"final loss (MSE on the training rows) {s['final_loss']:.6g}\n"
-                 f"outputs: {r.out_dir}/ (theta.npy, summary.json, metrics.jsonl, config.toml)\n")
+    lines = [f"done ({s['stopped_by']}): {s['steps']} steps, {s['workers']} workers ({s['consistency']}), "
+             f"{s['rows']} rows x {s['cols']} cols, {s['wall_s']:.2f} s, {s['samples_per_s']:,.0f} samples/s",
+             f"final loss (mean {s['model']} loss on the training rows) {s['final_loss']:.6g}, "
+             f"{s['metric']} {s['train_metric']:.4g}"]
+    if s.get("test_loss") is not None:
+        lines.append(f"held-out ({s['test_rows']} rows): loss {s['test_loss']:.6g}, {s['metric']} "
+                     f"{s['test_metric']:.4g}")
+    lines.append(f"outputs: {r.out_dir}/")
+    stream.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:

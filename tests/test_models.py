@@ -176,3 +176,17 @@ def test_sgd_step_in_place_without_new_arrays():
     before = id(theta)
     opt.step(theta, g, 0.25)
     assert id(theta) == before and np.allclose(theta, 0.5) and opt.steps == 1
+
+
+def test_loss_plot_is_optional(tmp_path, monkeypatch):
+    import sys
+
+    from psrv import plot
+    train, test = [(10, 0.1, 1.0), (20, 0.2, 0.5)], [(20, 0.2, 0.6, 0.9)]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert plot.loss_curves(str(tmp_path / "a.png"), train, test, "t") is False
+    assert not (tmp_path / "a.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    assert plot.loss_curves(str(tmp_path / "b.png"), train, test, "t") is True
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -97,28 +97,14 @@ def test_held_out_evaluation(tmp_path):
         assert not (tmp_path / "loss.png").exists()
 
 
-def sklearn_accuracy(csv, test_fraction, seed):
-    sk = pytest.importorskip("sklearn.linear_model")
-    from sklearn.preprocessing import StandardScaler
-    X, y, _ = data.read_file(str(csv), "target")
-    test = data.holdout(len(X), test_fraction, seed)
-    train_rows = np.setdiff1d(np.arange(len(X)), test)
-    scaler = StandardScaler().fit(X[train_rows])
-    clf = sk.LogisticRegression(C=1.0, max_iter=10_000).fit(scaler.transform(X[train_rows]), y[train_rows])
-    return clf.score(scaler.transform(X[test]), y[test]), len(train_rows)
-
-
 @pytest.mark.parametrize("csv,kind", [("breast_cancer.csv", "logistic"), ("digits.csv", "softmax")])
-def test_real_data_matches_scikit_learn_accuracy(tmp_path, csv, kind):
-    sk_acc, n_train = sklearn_accuracy(DATA / csv, 0.2, 0)
-    # the same objective as LogisticRegression(C=1): mean log loss + 1/(2 C n) |w|^2, intercept unpenalized
-    r = train(tmp_path, data={"source": str(DATA / csv), "target": "target", "test_fraction": 0.2},
-              model={"kind": kind, "l2": 1.0 / n_train},
-              train={"workers": 2, "batch_size": 1024, "steps": 3000, "optimizer": "adam", "lr": 0.05})
-    s = r.summary
-    assert s["metric"] == "accuracy" and s["test_rows"] == len(data.holdout(s["rows"] + s["test_rows"], 0.2, 0))
-    assert abs(s["test_metric"] - sk_acc) <= 0.01, (s["test_metric"], sk_acc)
-    assert s["test_metric"] > 0.9
+def test_real_data_matches_scikit_learn_accuracy(csv, kind):
+    pytest.importorskip("sklearn")
+    from benchmarks.accuracy import compare
+    r = compare(csv, kind)   # same split, same standardization, same objective as LogisticRegression(C=1)
+    assert r["test_rows"] == round(r["rows"] * 0.2)
+    assert abs(r["psrv_accuracy"] - r["sklearn_accuracy"]) <= 0.01, r
+    assert r["psrv_accuracy"] > 0.9
 
 
 def test_a_custom_model_from_the_docs(tmp_path, monkeypatch):
