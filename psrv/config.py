@@ -58,6 +58,8 @@ class Data:
     standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
     partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
                          choices=("range", "hash"))
+    shards: int = opt(0, "shards the training rows are cut into; 0 means one per worker (train.workers)",
+                      lo=0, hi=65536)
     dtype: str = opt("float64", "dtype of X, y and theta in shared memory and on the wire",
                      choices=("float64", "float32"))
 
@@ -104,6 +106,9 @@ class Train:
     clip_norm: float = opt(0.0, "scale each pushed gradient down to at most this L2 norm; 0 turns it off", lo=0)
     eval_every: int = opt(0, "steps between held-out evaluations (data.test_fraction > 0); 0: only at the end",
                           lo=0)
+    schedule: str = opt("static", "static: each worker reads the shards it holds a lease on; dynamic: every "
+                        "batch goes to whoever asks, from the least-read shard", choices=("static", "dynamic"))
+    max_restarts: int = opt(2, "times the launcher restarts each worker that dies (killed, not raising)", lo=0)
     log_every: int = opt(10, "steps between entries in metrics.jsonl", lo=1)
     pin: bool = opt(True, "pin each process to one CPU core, round-robin over the usable cores")
     blas_threads: int = opt(1, "BLAS threads per process", lo=1, hi=256)
@@ -113,8 +118,11 @@ class Train:
 class Server:
     bind: str = opt("tcp://127.0.0.1:0", 'address the server binds; port 0 picks a free port; "ipc:///path" also works')
     heartbeat_timeout_s: float = opt(5.0, "silence after which a worker is declared dead", lo=0.1, hi=3600)
-    join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join",
+    join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join "
+                                "(a server started alone with --role server waits as long as it takes)",
                                 lo=0.1, hi=86400)
+    max_restarts: int = opt(2, "times the launcher restarts a server process that dies, from its newest checkpoint",
+                            lo=0)
 
 
 @dataclass
@@ -122,6 +130,16 @@ class Worker:
     heartbeat_interval_s: float = opt(0.5, "seconds between heartbeats, sent from a thread of their own",
                                       lo=0.01, hi=60)
     server_timeout_s: float = opt(10.0, "silence from the server after which a worker gives up", lo=0.1, hi=3600)
+    rejoin: bool = opt(True, "a worker declared dead (e.g. it was paused) registers again as a new incarnation; "
+                       "false: it exits")
+
+
+@dataclass
+class Checkpoint:
+    every_steps: int = opt(1000, "steps between checkpoints (one is always written at the end); 0: only at the end",
+                           lo=0)
+    keep: int = opt(3, "newest checkpoints kept; older ones are deleted", lo=1)
+    dir: str = opt("", 'where checkpoints go; "" means output.dir/checkpoints')
 
 
 @dataclass
@@ -145,6 +163,7 @@ class Config:
     train: Train = field(default_factory=Train)
     server: Server = field(default_factory=Server)
     worker: Worker = field(default_factory=Worker)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     output: Output = field(default_factory=Output)
     debug: Debug = field(default_factory=Debug)
 

@@ -32,11 +32,15 @@ class Gate:
         self.open = False        # nothing is served until the launcher's workers have joined
 
     # ------------------------------------------------------------------ membership
-    def join(self, wid: int) -> int:
-        """Add a live worker; returns the clock it starts at (it never starts behind the others)."""
-        start = self.step if self.mode == "bsp" else (self.min_clock() if self.members else 0)
-        self.members[wid] = Member(pushed=start, serving=None)
-        return start
+    def join(self, wid: int, clock: int | None = None) -> int:
+        """Add a live worker; returns the clock it starts at: `clock` when given (a worker resumed from a
+        checkpoint), else never behind the others (BSP: the current step; SSP/ASP: the slowest live clock)."""
+        if clock is None:
+            clock = self.step if self.mode == "bsp" else (self.min_clock() if self.members else self.step)
+        elif self.mode == "bsp":
+            clock = max(clock, self.step)
+        self.members[wid] = Member(pushed=clock, serving=None)
+        return clock
 
     def leave(self, wid: int) -> bool:
         """Remove a worker (done, gone or dead). Returns True when that completes the BSP step being collected."""
@@ -65,7 +69,8 @@ class Gate:
             clock = max(clock, self.step)
         m.pushed = max(m.pushed, clock)
         m.serving = clock
-        m.min_at_serve = self.min_clock()
+        # under BSP theta holds every step before `step`, whoever lags (a backup-worker straggler catches up)
+        m.min_at_serve = self.step if self.mode == "bsp" else self.min_clock()
         return clock
 
     # ------------------------------------------------------------------ pushes

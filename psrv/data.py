@@ -12,6 +12,7 @@ import array
 import csv
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -394,27 +395,39 @@ def load_arrays(dcfg, explicit: frozenset = frozenset()) -> tuple[np.ndarray, np
     return X.astype(np.float64, copy=False), y.astype(np.float64, copy=False), cols, dropped
 
 
-def _check_explicit(cfg, n: int, d: int) -> None:
-    if "data.d" in cfg.explicit and cfg.data.d != d:
-        raise DataError(f"data.d = {cfg.data.d} but {cfg.data.source} has {d} feature columns")
-    if "data.n" in cfg.explicit and cfg.data.n != n:
-        raise DataError(f"data.n = {cfg.data.n} but {cfg.data.source} has {n} rows")
+def _check_explicit(dc, explicit, n: int, d: int) -> None:
+    if "data.d" in explicit and dc.d != d:
+        raise DataError(f"data.d = {dc.d} but {dc.source} has {d} feature columns")
+    if "data.n" in explicit and dc.n != n:
+        raise DataError(f"data.n = {dc.n} but {dc.source} has {n} rows")
 
 
-def build(cfg, n_shards: int, name: str) -> tuple[DataBlock, Layout]:
-    """Read or generate the data once into a new shared-memory block named `name`: training rows with shards
-    contiguous, then the held-out rows (data.test_fraction) in file order. The caller owns the block
-    (close + unlink). Raises DataError for unusable data."""
-    dc = cfg.data
+@dataclass
+class Plan:
+    """Where every row goes: the training rows (file row indices) in storage order with each shard's block, and the
+    held-out rows. X_all/y_all hold a file's data (None for synthetic data, which is generated where it is needed)."""
+    d: int
+    cols: list
+    dropped: int
+    order: np.ndarray
+    blocks: list
+    test_rows: np.ndarray
+    X_all: np.ndarray | None = None
+    y_all: np.ndarray | None = None
+
+
+def plan(dc, explicit, n_shards: int) -> Plan:
+    """Read (files) and split the data set: nan_policy, held-out rows, partition into n_shards shards. The same
+    function runs in the launcher and in every attached worker, so both agree on which rows form each shard."""
     if dc.source == "synthetic":
         n, d, X_all, y_all, cols, dropped = dc.n, dc.d, None, None, [f"x{j}" for j in range(dc.d)], 0
         kept = np.arange(n, dtype=np.int64)
     else:
-        X_all, y_all, cols = read_file(dc.source, dc.target, dc.labels, _explicit_d(dc, cfg.explicit))
+        X_all, y_all, cols = read_file(dc.source, dc.target, dc.labels, _explicit_d(dc, explicit))
         # dropped rows are left out by index rather than copied away, so a memory-mapped X stays on disk
         kept, dropped = nan_rows(X_all, y_all, dc.nan_policy, dc.source)
         n, d = len(kept), X_all.shape[1]
-        _check_explicit(cfg, n, d)
+        _check_explicit(dc, explicit, n, d)
 
     # held-out rows are drawn among the rows kept; both sets are then named by their row index in the file
     test_pos = holdout(n, dc.test_fraction, dc.seed)
@@ -428,9 +441,9 @@ def build(cfg, n_shards: int, name: str) -> tuple[DataBlock, Layout]:
     if len(train_rows) < n_shards:
         if dc.test_fraction > 0:
             raise DataError(f"data.test_fraction = {dc.test_fraction} leaves {len(train_rows)} training rows of "
-                            f"{n} for {n_shards} shards (one per worker); lower it or use fewer train.workers")
-        raise DataError(f"{dc.source}: {n} rows cannot fill {n_shards} shards (one per worker); "
-                        f"use fewer train.workers")
+                            f"{n} for {n_shards} shards; lower it or use fewer shards (data.shards, train.workers)")
+        raise DataError(f"{dc.source}: {n} rows cannot fill {n_shards} shards; use fewer shards "
+                        f"(data.shards, train.workers)")
 
     # partition by the row's index in the file, so a hash shard holds the same rows whatever is held out
     order, blocks = partition.layout(train_rows, n_shards, dc.partition)
@@ -438,20 +451,59 @@ def build(cfg, n_shards: int, name: str) -> tuple[DataBlock, Layout]:
     empty = [s for s, (_, size) in enumerate(blocks) if size == 0]
     if empty:
         raise DataError(f"{dc.source}: shard {empty[0]} of {n_shards} is empty ({dc.partition} partition of "
-                        f"{len(order)} rows); use fewer train.workers")
+                        f"{len(order)} rows); use fewer shards (data.shards, train.workers)")
+    return Plan(d, cols, dropped, order, blocks, test_rows, X_all, y_all)
 
-    spec = BlockSpec(name=name, dtype=dc.dtype, d=d, n_train=len(order), n_test=len(test_rows))
+
+def build(cfg, n_shards: int, name: str) -> tuple[DataBlock, Layout]:
+    """Read or generate the data once into a new shared-memory block named `name`: training rows with shards
+    contiguous, then the held-out rows (data.test_fraction) in file order. The caller owns the block
+    (close + unlink). Raises DataError for unusable data."""
+    dc = cfg.data
+    p = plan(dc, cfg.explicit, n_shards)
+    spec = BlockSpec(name=name, dtype=dc.dtype, d=p.d, n_train=len(p.order), n_test=len(p.test_rows))
     block = DataBlock.create(spec)
     try:
-        _fill(block, order, test_rows, dc, X_all, y_all)
+        _fill(block, p.order, p.test_rows, dc, p.X_all, p.y_all)
         _standardize(block, dc.standardize, cfg.model.fit_intercept)
     except BaseException:
         block.close()
         block.unlink()
         raise
-    layout = Layout(block=spec.to_dict(), shards=[list(b) for b in blocks], columns=cols, source=dc.source,
-                    rows_dropped=dropped)
+    layout = Layout(block=spec.to_dict(), shards=[list(b) for b in p.blocks], columns=p.cols, source=dc.source,
+                    rows_dropped=p.dropped)
     return block, layout
+
+
+def shard_rows(dc, explicit, n_shards: int, shard: int, mean: np.ndarray, scale: np.ndarray,
+               dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) of one shard, standardized with the server's mean and scale, in storage order: what an attached worker
+    on another machine loads for itself, reading only what it needs from the same file or synthetic seed."""
+    p = plan(dc, explicit, n_shards)
+    off, size = p.blocks[shard]
+    rows = p.order[off:off + size]
+    X = np.empty((size, p.d), dtype=dtype)
+    y = np.empty(size, dtype=dtype)
+    if p.X_all is not None:
+        X[:] = p.X_all[rows]
+        y[:] = p.y_all[rows]
+    else:
+        for lo in range(0, dc.n, SYNTH_CHUNK_ROWS):
+            hi = min(lo + SYNTH_CHUNK_ROWS, dc.n)
+            want = (rows >= lo) & (rows < hi)
+            if want.any():
+                Xc, yc = synthetic_rows(dc.seed, dc.d, dc.noise, lo, hi, dc.n)
+                X[want] = Xc[rows[want] - lo]
+                y[want] = yc[rows[want] - lo]
+    # the same operations, in the same dtype, as _standardize on the server's block: the bits agree
+    X -= mean.astype(dtype)
+    X /= scale.astype(dtype)
+    return X, y
+
+
+def checksum(X: np.ndarray, y: np.ndarray) -> int:
+    """CRC-32 of a shard's bytes (X then y): proves an attached worker's rows are the server's."""
+    return zlib.crc32(np.ascontiguousarray(y).data, zlib.crc32(np.ascontiguousarray(X).data))
 
 
 def _fill(block: DataBlock, order: np.ndarray, test_rows: np.ndarray, dc, X_all, y_all) -> None:

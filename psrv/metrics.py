@@ -9,8 +9,9 @@ import json
 
 
 class Metrics:
-    def __init__(self, path: str, log_every: int, tol: float = 0.0, tol_window: int = 5):
-        self.fh = open(path, "w", buffering=1)  # line-buffered: `tail -f` and a crash both see whole lines
+    def __init__(self, path: str, log_every: int, tol: float = 0.0, tol_window: int = 5, append: bool = False):
+        # line-buffered: `tail -f` and a crash both see whole lines; a resumed run appends to its own record
+        self.fh = open(path, "a" if append else "w", buffering=1)
         self.log_every, self.tol, self.tol_window = log_every, tol, tol_window
         self.win_loss = 0.0
         self.win_rows = 0

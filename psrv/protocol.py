@@ -42,20 +42,20 @@ class Op(str, Enum):
 # `rid`, an optional request id that the server echoes in its reply. Fields not listed are an error.
 _I, _F, _S, _B, _M, _L = int, float, str, bool, dict, list
 REQUESTS: dict[str, tuple[dict[str, type], int]] = {
-    Op.HELLO: ({"version": _I, "role": _S, "wid": _I, "pid": _I, "host": _S}, 0),
+    Op.HELLO: ({"version": _I, "role": _S, "wid": _I, "pid": _I, "host": _S, "local": _B}, 0),
     Op.PULL: ({"wid": _I, "inc": _I, "clock": _I}, 0),
-    Op.PUSH: ({"wid": _I, "inc": _I, "seq": _I, "clock": _I, "loss": _F, "count": _I, "pull": _B}, 1),
+    Op.PUSH: ({"wid": _I, "inc": _I, "sid": _S, "seq": _I, "clock": _I, "loss": _F, "count": _I, "pull": _B}, 1),
     Op.HEARTBEAT: ({"wid": _I, "inc": _I}, 0),
     Op.BYE: ({"wid": _I, "inc": _I}, 0),
     Op.STATUS: ({}, 0),
 }
 REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.WELCOME: ({"version": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
-                  "data": _M, "train": _M, "model": _M}, 0),
+                  "data": _M, "train": _M, "model": _M}, 2),
     Op.THETA: ({"clock": _I, "version": _I, "batch": _L}, 1),
     Op.ACK: ({"applied": _B, "reason": _S}, 0),
     Op.STOP: ({"reason": _S}, 0),
-    Op.HEARTBEAT: ({"server_id": _S, "step": _I}, 0),
+    Op.HEARTBEAT: ({"server_id": _S, "step": _I, "alive": _B}, 0),
     Op.BYE: ({}, 0),
     Op.STATUS: ({"state": _M}, 0),
     Op.ERROR: ({"code": _S, "reason": _S}, 0),

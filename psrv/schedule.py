@@ -1,8 +1,10 @@
 """Which rows each step reads: shard cursors, the per-epoch row order, and which worker holds which shard (pure).
 
 A mini-batch is named by (shard, epoch, start, count): rows epoch_order(seed, shard, epoch, size)[start:start+count]
-of that shard. The server owns the cursors, so a checkpoint records exactly where every shard stands, and any
-process can turn a batch name into rows without asking anyone.
+of that shard. The server owns the cursors, so a checkpoint records exactly where every shard stands, a batch lost
+with a dead worker goes back to its shard, and any process can turn a batch name into rows without asking.
+Under the static schedule each shard is leased to one live worker (assign() spreads them evenly); under the dynamic
+one any worker takes the next batch of the least-read shard.
 """
 from __future__ import annotations
 
@@ -35,51 +37,120 @@ class Cursor:
     size: int
     epoch: int = 0
     pos: int = 0
-    visited: dict[int, int] = field(default_factory=dict)  # epoch -> rows handed out in that epoch
+    returned: list = field(default_factory=list)  # batches [epoch, start, count] handed back, served first
+    visited: dict = field(default_factory=dict)   # epoch -> rows whose gradient was applied
 
     def take(self, batch_size: int) -> tuple[int, int, int]:
         """(epoch, start, count) of the next batch; a batch never crosses an epoch boundary, so the last batch of
         an epoch may be short."""
+        if self.returned:
+            return tuple(self.returned.pop(0))
         epoch, start = self.epoch, self.pos
         count = min(batch_size, self.size - start)
         self.pos += count
-        self.visited[epoch] = self.visited.get(epoch, 0) + count
         if self.pos >= self.size:
             self.epoch, self.pos = self.epoch + 1, 0
         return epoch, start, count
 
+    def read(self) -> float:
+        """Epochs read so far, counting batches handed back as unread."""
+        back = sum(b[2] for b in self.returned)
+        return self.epoch + (self.pos - back) / self.size
+
+    def done(self, epochs: int) -> bool:
+        return epochs > 0 and self.epoch >= epochs and not self.returned
+
+
+def assign(n_shards: int, live: list[int], current: dict[int, int]) -> dict[int, int]:
+    """The lease of every shard (shard -> wid) over the live workers: counts differ by at most one (the lowest wids
+    get the extra ones), a worker keeps what it holds where it can, and shard s goes preferably to worker s. The
+    result depends only on the live set and preferences once every worker has joined, not on the join order."""
+    live = sorted(live)
+    if not live:
+        return {}
+    base, extra = divmod(n_shards, len(live))
+    target = {w: base + (i < extra) for i, w in enumerate(live)}
+    live_set = set(live)
+    new: dict[int, int] = {}
+    free: list[int] = []
+    for w in live:
+        # keep its own shard first, then shards nobody live prefers, and give away those another live worker prefers
+        mine = sorted((s for s, o in current.items() if o == w), key=lambda s: (s != w, s in live_set, s))
+        new.update((s, w) for s in mine[:target[w]])
+        free += mine[target[w]:]
+    free = sorted(set(free) | {s for s in range(n_shards) if current.get(s) not in live_set})
+    count = {w: sum(1 for o in new.values() if o == w) for w in live}
+    rest = []
+    for s in free:
+        if s in live_set and count[s] < target[s]:
+            new[s] = s
+            count[s] += 1
+        else:
+            rest.append(s)
+    for s in rest:
+        w = next(w for w in live if count[w] < target[w])
+        new[s] = w
+        count[w] += 1
+    return new
+
 
 class Shards:
-    """Cursors of every shard and the lease of each shard (which worker reads it)."""
+    """The cursor of every shard, and under the static schedule the lease of each shard."""
 
-    def __init__(self, sizes: list[int]):
+    def __init__(self, sizes: list[int], dynamic: bool = False):
         self.cursors = [Cursor(size=int(s)) for s in sizes]
-        self.lease: dict[int, int] = {}  # shard -> wid
+        self.dynamic = dynamic
+        self.lease: dict[int, int] = {}  # shard -> wid (static schedule)
 
-    def acquire(self, wid: int, preferred: int | None = None) -> int | None:
-        """Lease a shard to `wid`: its preferred one if free, else the lowest free one; None if all are taken."""
-        free = [s for s in range(len(self.cursors)) if s not in self.lease]
-        if not free:
-            return None
-        s = preferred if preferred in free else free[0]
-        self.lease[s] = wid
-        return s
-
-    def release(self, wid: int) -> None:
-        for s in [s for s, w in self.lease.items() if w == wid]:
-            del self.lease[s]
+    def rebalance(self, live: list[int]) -> None:
+        if not self.dynamic:
+            self.lease = assign(len(self.cursors), live, self.lease)
 
     def held_by(self, wid: int) -> list[int]:
+        if self.dynamic:
+            return list(range(len(self.cursors)))
         return sorted(s for s, w in self.lease.items() if w == wid)
 
-    def next_batch(self, shard: int, batch_size: int) -> list[int]:
-        epoch, start, count = self.cursors[shard].take(batch_size)
-        return [shard, epoch, start, count]
+    def next_batch(self, wid: int, batch_size: int, epochs: int = 0) -> list[int] | None:
+        """[shard, epoch, start, count] from the least-read shard this worker may read, or None when none has rows
+        left (train.epochs reached)."""
+        open_shards = [s for s in self.held_by(wid) if not self.cursors[s].done(epochs)]
+        if not open_shards:
+            return None
+        s = min(open_shards, key=lambda s: (self.cursors[s].read(), s))
+        return [s, *self.cursors[s].take(batch_size)]
+
+    def give_back(self, batch: list[int]) -> None:
+        """A served batch whose gradient will never arrive (its worker died): serve it again."""
+        s, epoch, start, count = batch
+        self.cursors[s].returned.append([epoch, start, count])
+
+    def commit(self, batch: list[int]) -> None:
+        """The batch's gradient was applied: its rows count as visited."""
+        s, epoch, _, count = batch
+        v = self.cursors[s].visited
+        v[epoch] = v.get(epoch, 0) + count
+
+    def all_done(self, epochs: int) -> bool:
+        return all(c.done(epochs) for c in self.cursors)
 
     def rows_visited(self) -> dict[int, int]:
-        """epoch -> rows handed out in that epoch, summed over shards."""
+        """epoch -> rows whose gradient was applied in that epoch, summed over shards."""
         out: dict[int, int] = {}
         for c in self.cursors:
             for e, k in c.visited.items():
                 out[e] = out.get(e, 0) + k
         return dict(sorted(out.items()))
+
+    # checkpoints: plain lists and ints (msgpack-able)
+    def state(self) -> dict:
+        return {"cursors": [[c.size, c.epoch, c.pos, c.returned, [[e, k] for e, k in c.visited.items()]]
+                            for c in self.cursors]}
+
+    def load_state(self, st: dict) -> None:
+        sizes = [c.size for c in self.cursors]
+        saved = [c[0] for c in st["cursors"]]
+        if saved != sizes:
+            raise ValueError(f"checkpoint shards have sizes {saved}; this data has {sizes}")
+        self.cursors = [Cursor(size=c[0], epoch=c[1], pos=c[2], returned=[list(b) for b in c[3]],
+                               visited={int(e): int(k) for e, k in c[4]}) for c in st["cursors"]]

@@ -1,11 +1,12 @@
 """The parameter server: one ROUTER socket, a poll loop with a timeout, handlers by op (on_<op>).
 
-It owns theta and the optimizer, asks the consistency gate when a pull may be answered, hands out mini-batches,
-tracks liveness, decides when to stop, and writes theta.npy, summary.json, metrics.jsonl. A bad message gets an
-error reply; the loop keeps serving.
+It owns theta and the optimizer, asks the consistency gate when a pull may be answered, hands out mini-batches and
+shard leases, tracks liveness, writes checkpoints, decides when to stop, and writes theta.npy, summary.json and
+metrics.jsonl. A bad message gets an error reply; the loop keeps serving.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -17,8 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import checkpoint, data, models, optim, plot, protocol, proc, transport
 from . import config as config_mod
-from . import data, models, optim, plot, protocol, proc, transport
 from .consistency import APPLY, COMPLETE, LATE, Gate
 from .errors import ProtocolError, RunError
 from .metrics import Metrics
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 POLL_MS = 50
 DRAIN_MAX = 256          # messages handled per wake-up before the timers get a turn
 PROGRESS_INTERVAL_S = 0.5
+MAX_WID = 1 << 20        # worker ids a client may ask for
+RATE_WINDOW_S = 5.0      # push rate in status: pushes over this many seconds
 
 
 @dataclass
@@ -41,16 +44,19 @@ class Peer:
     ident: bytes
     pid: int
     host: str
+    local: bool
     joined_s: float
     last_seen_s: float
     alive: bool = True
     finished: bool = False
     seq: int = -1                 # last push sequence number seen
     clock: int = 0
-    shard: int | None = None
+    inflight: list | None = None  # the batch it was served and has not pushed yet
     pushes: int = 0
     samples: int = 0
     served_version: int = 0       # theta version of its last pull (for the version lag)
+    last_staleness: int = 0
+    push_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
 
 
 @dataclass
@@ -61,16 +67,33 @@ class Stats:
     dropped: dict = field(default_factory=dict)       # wid -> late gradients dropped (backup workers)
     clipped: int = 0
     duplicates: int = 0
+    stale_pushes: int = 0         # pushes from a dead or replaced incarnation, or for an older server
     bad_messages: int = 0
     staleness_hist: dict = field(default_factory=dict)
     version_lag_max: int = 0
     deaths: int = 0
+    worker_restarts: int = 0
+
+    def to_state(self) -> dict:
+        d = dict(self.__dict__)
+        for k in ("rejected", "dropped", "staleness_hist"):
+            d[k] = [[key, v] for key, v in d[k].items()]
+        return d
+
+    @classmethod
+    def from_state(cls, d: dict) -> "Stats":
+        d = dict(d)
+        for k in ("rejected", "dropped", "staleness_hist"):
+            d[k] = {key: v for key, v in d[k]}
+        return cls(**d)
 
 
 class Server:
     def __init__(self, cfg: config_mod.Config, layout: dict, out_dir: str, reporter: proc.Reporter | None = None,
-                 bind: str | None = None):
+                 bind: str | None = None, resume: str | None = None, server_restarts: int = 0,
+                 alone: bool = False):
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
+        self.alone = alone                        # started with --role server: waits for workers as long as needed
         self.layout = data.Layout.from_dict(layout)
         self.block = DataBlock.attach(self.layout.block)
         t = cfg.train
@@ -84,33 +107,49 @@ class Server:
         self.version = 0                         # updates applied to theta
         self._published: np.ndarray | None = None
         self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
-        self.shards = Shards([s for _, s in self.layout.shards])
+        self.shards = Shards([s for _, s in self.layout.shards], dynamic=t.schedule == "dynamic")
+        self.checksums: dict[int, int] = {}      # shard -> CRC-32 of its rows, for workers that load their own
         self.acc = np.zeros_like(self.theta)     # BSP: the sum of this step's gradients
         self.acc_n = 0
         # train.steps bounds the run unless only train.epochs was asked for
         self.max_steps = t.steps if (t.epochs == 0 or "train.steps" in cfg.explicit) else None
         self.peers: dict[int, Peer] = {}         # wid -> current incarnation
         self.incarnations: dict[int, int] = {}   # wid -> last incarnation number handed out
+        self.saved_clocks: dict[int, int] = {}   # wid -> clock at the checkpoint this server resumed from
         self.parked: dict[int, tuple[bytes, int, int | None]] = {}  # wid -> (ident, clock, rid) of a waiting pull
         self.stats = Stats()
         self.server_id = uuid.uuid4().hex[:12]
+        self.server_restarts = server_restarts
         self.started_s: float | None = None
         self.t0 = time.monotonic()
+        self.elapsed_before_s = 0.0              # training time before the checkpoint this server resumed from
         self.last_progress_s = 0.0
         self.stopping = ""                       # why the run is ending ("" while it is not)
-        self.last_limit = ""                     # the limit ("steps" or "epochs") that last sent a worker home
-        self.evaluated_step = -1
         self.done = False
+        self.evaluated_step = -1
+        self.checkpointed_step = -1
+        self.resumed_from: str | None = None
+        self.ckpt_dir = cfg.checkpoint.dir or os.path.join(out_dir, "checkpoints")
+        os.makedirs(out_dir, exist_ok=True)
+        checkpoint.clean_temporaries(self.ckpt_dir)
+        if resume:
+            self._restore(resume)
+        elif checkpoint.checkpoints(self.ckpt_dir):
+            # a fresh run in a used folder: an old run's checkpoints must never be taken for this run's
+            for path in checkpoint.checkpoints(self.ckpt_dir):
+                os.remove(path)
+            log.warning("removed the checkpoints of an earlier run in %s", self.ckpt_dir)
+        self.metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), t.log_every, t.tol, t.tol_window,
+                               append=self.resumed_from is not None)
+        self.metrics.logged_step = self.step
         self.ctx = transport.context()
         self.sock, self.address = transport.router(
             self.ctx, bind or cfg.server.bind,
             max_frame_bytes=max(self.theta.nbytes, protocol.HEADER_MAX_BYTES) + 1024)
-        os.makedirs(out_dir, exist_ok=True)
-        self.metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), t.log_every, t.tol, t.tol_window)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
-        self.reporter.send("ready", address=self.address, pid=os.getpid())
+        self.reporter.send("ready", address=self.address, pid=os.getpid(), resumed_from=self.resumed_from)
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.n_expected)
         join_deadline = time.monotonic() + self.cfg.server.join_timeout_s
         poller = transport.poller(self.sock)
@@ -123,13 +162,13 @@ class Server:
                     self.handle(frames)
             now = time.monotonic()
             self.check_liveness(now)
-            if not self.gate.open and now > join_deadline:
+            if not self.gate.open and not self.alone and now > join_deadline:
                 joined = sorted(w for w, p in self.peers.items() if p.alive)
                 missing = [w for w in range(self.n_expected) if w not in joined]
                 raise RunError("server", f"only {len(joined)} of {self.n_expected} workers joined within "
                                          f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing})")
             if self.started_s is not None:
-                if self.cfg.train.max_wall_s and now - self.started_s > self.cfg.train.max_wall_s:
+                if self.cfg.train.max_wall_s and self.elapsed_s() > self.cfg.train.max_wall_s:
                     self.stop_all("max_wall_s")
                 if now - self.last_progress_s >= PROGRESS_INTERVAL_S:
                     self.report_progress(now)
@@ -162,50 +201,74 @@ class Server:
         if h["role"] != "worker":
             raise ProtocolError(f"hello: role must be 'worker', got {h['role']!r}", "bad_field")
         wid = h["wid"]
-        if wid < 0 or wid >= self.n_expected:
-            raise ProtocolError(f"hello: worker id {wid} is outside 0..{self.n_expected - 1}", "bad_wid")
+        if wid == -1:  # an attached worker: the lowest id no launcher worker uses and nobody has had
+            wid = max([self.n_expected - 1, *self.incarnations]) + 1
+        if not 0 <= wid < MAX_WID:
+            raise ProtocolError(f"hello: worker id {wid} is outside -1..{MAX_WID - 1}", "bad_wid")
+        if self.stopping:
+            raise ProtocolError(f"the run is ending ({self.stopping}); no new workers", "finished")
         old = self.peers.get(wid)
         if old is not None and old.finished:
             raise ProtocolError(f"worker {wid} has already finished", "finished")
-        if old is not None and old.alive:
-            log.warning("worker %d re-registered from pid %d; incarnation %d replaces %d", wid, h["pid"],
-                        self.incarnations[wid] + 1, old.inc)
-            self._remove(old)
+        if old is not None:
+            self.stats.worker_restarts += 1
+            if old.alive:
+                log.warning("worker %d re-registered from pid %d; incarnation %d replaces %d", wid, h["pid"],
+                            self.incarnations[wid] + 1, old.inc)
+                self._remove(old)
         inc = self.incarnations.get(wid, 0) + 1
         now = time.monotonic()
-        peer = Peer(wid=wid, inc=inc, ident=ident, pid=h["pid"], host=h["host"], joined_s=now, last_seen_s=now)
-        peer.shard = self.shards.acquire(wid, preferred=wid)
-        if peer.shard is None:
-            raise ProtocolError(f"no free shard for worker {wid}", "no_shard")
         self.incarnations[wid] = inc
-        self.peers[wid] = peer
-        peer.clock = self.gate.join(wid)
-        log.info("worker %d joined (pid %d on %s, incarnation %d, shard %d)", wid, peer.pid, peer.host, inc,
-                 peer.shard)
-        if not self.gate.open and sum(p.alive for p in self.peers.values()) >= self.n_expected:
+        self.peers[wid] = p = Peer(wid=wid, inc=inc, ident=ident, pid=h["pid"], host=h["host"], local=h["local"],
+                                   joined_s=now, last_seen_s=now)
+        self._membership_changed()
+        log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", wid, p.pid, p.host, inc,
+                 self.shards.held_by(wid))
+        if not self.gate.open and sum(q.alive for q in self.peers.values()) >= self.n_expected:
             self.gate.open = True
             self.started_s = time.monotonic()
-            log.info("all %d workers joined; training starts", self.n_expected)
-        t, m = self.cfg.train, self.cfg.model
-        self.reply(ident, {
-            "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": wid, "inc": inc,
-            "server_id": self.server_id, "theta_shape": list(self.theta.shape), "theta_dtype": self.theta.dtype.str,
-            "data": self.layout.to_dict(),
-            "train": {"batch_size": t.batch_size, "seed": t.seed, "steps": t.steps,
-                      "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s},
-            "model": {"kind": m.kind, "fit_intercept": m.fit_intercept, "classes": self.layout.extra.get("classes", 0)},
-        }, rid=h.get("rid"))
+            log.info("%d workers joined; training %s", self.n_expected,
+                     f"resumes at step {self.step}" if self.resumed_from else "starts")
+        self.reply(ident, self._welcome(p), [self.block.mean, self.block.scale], rid=h.get("rid"))
         self.release_parked()
 
+    def _welcome(self, p: Peer) -> dict:
+        t, m = self.cfg.train, self.cfg.model
+        spec = self.layout.to_dict()
+        # what a worker that loads its own rows needs: the data config and a checksum of each shard it may read
+        spec["config"] = dc = self.cfg.to_dict()["data"]
+        if dc["source"] != "synthetic":
+            dc["source"] = os.path.abspath(dc["source"])  # a worker started elsewhere reads the same path
+        spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
+        if not p.local:
+            spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
+        return {
+            "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": p.wid, "inc": p.inc,
+            "server_id": self.server_id, "theta_shape": list(self.theta.shape), "theta_dtype": self.theta.dtype.str,
+            "data": spec,
+            "train": {"batch_size": t.batch_size, "seed": t.seed, "steps": t.steps,
+                      "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
+                      "server_timeout_s": self.cfg.worker.server_timeout_s, "rejoin": self.cfg.worker.rejoin},
+            "model": {"kind": m.kind, "fit_intercept": m.fit_intercept, "classes": self.layout.extra.get("classes", 0)},
+        }
+
+    def _checksum(self, shard: int) -> int:
+        if shard not in self.checksums:
+            off, size = self.layout.shards[shard]
+            self.checksums[shard] = data.checksum(self.block.X[off:off + size], self.block.y[off:off + size])
+        return self.checksums[shard]
+
     def _peer(self, h) -> Peer:
-        """The live incarnation named by a request's (wid, inc); anything else is refused."""
+        """The live incarnation named by a request's (wid, inc); anything else is refused (and counted)."""
         p = self.peers.get(h["wid"])
         if p is None:
-            raise ProtocolError(f"worker {h['wid']} has not said hello", "unknown_worker")
+            raise ProtocolError(f"worker {h['wid']} has not said hello to this server", "unknown_worker")
         if p.inc != h["inc"]:
+            self.stats.stale_pushes += h["op"] == Op.PUSH.value
             raise ProtocolError(f"worker {h['wid']} incarnation {h['inc']} is stale (current: {p.inc})",
                                 "stale_incarnation")
         if not p.alive:
+            self.stats.stale_pushes += h["op"] == Op.PUSH.value
             raise ProtocolError(f"worker {h['wid']} incarnation {h['inc']} was declared dead", "dead")
         p.last_seen_s = time.monotonic()
         return p
@@ -216,6 +279,11 @@ class Server:
         self.pull(p, h["clock"], h.get("rid"))
 
     def on_push(self, ident, h, arrays):
+        if h["sid"] != self.server_id:
+            # computed against theta from another server process (one that died): never applied
+            self.stats.stale_pushes += 1
+            raise ProtocolError(f"push for server {h['sid']}, but this is server {self.server_id}; say hello again",
+                                "stale_server")
         p = self._peer(h)
         p.ident = ident
         rid = h.get("rid")
@@ -233,21 +301,25 @@ class Server:
             self._count_rejected("nonfinite")
             p.seq = h["seq"]
             raise ProtocolError(f"push: gradient from worker {p.wid} has NaN or Inf; not applied", "nonfinite")
+        clock = h["clock"]
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
             p.seq = h["seq"]
             self._finish_peer(p, rid, self.stopping)
             return
-        clock = h["clock"]
         try:
             decision = self.gate.push(p.wid, clock)
         except ValueError as e:
             raise ProtocolError(f"push: {e}", "bad_clock") from None
         p.seq = h["seq"]
         p.pushes += 1
+        p.push_times.append(time.monotonic())
         p.clock = clock + 1
+        batch, p.inflight = p.inflight, None
         if decision == LATE:
             self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
         else:
+            if batch is not None:
+                self.shards.commit(batch)
             self._record(p, h, self.gate.staleness_of(p.wid, clock))
             grad = self._clip(grad)
             if decision == APPLY:
@@ -267,13 +339,17 @@ class Server:
 
     def on_heartbeat(self, ident, h, arrays):
         p = self.peers.get(h["wid"])
-        if p is not None and p.inc == h["inc"] and p.alive:
+        live = p is not None and p.inc == h["inc"] and p.alive
+        if live:
             p.last_seen_s = time.monotonic()
-        self.reply(ident, {"op": Op.HEARTBEAT.value, "server_id": self.server_id, "step": self.step},
+        # `alive: false` tells a worker that was paused past the timeout that it was declared dead, even while it
+        # waits for a reply that will never come
+        self.reply(ident, {"op": Op.HEARTBEAT.value, "server_id": self.server_id, "step": self.step, "alive": live},
                    rid=h.get("rid"))
 
     def on_bye(self, ident, h, arrays):
         p = self._peer(h)
+        log.info("worker %d (pid %d on %s) left at clock %d", p.wid, p.pid, p.host, p.clock)
         self._remove(p)
         self.reply(ident, {"op": Op.BYE.value}, rid=h.get("rid"))
 
@@ -291,7 +367,7 @@ class Server:
     def pull(self, p: Peer, clock: int, rid) -> None:
         if self.stopping:
             self._finish_peer(p, rid, self.stopping)
-        elif self.max_steps is not None and clock >= self.max_steps:
+        elif self.max_steps is not None and clock >= self.max_steps and self.gate.mode == "bsp":
             self._finish_peer(p, rid, "steps")
         elif self.gate.may_serve(p.wid, clock):
             self.serve(p, clock, rid)
@@ -299,16 +375,20 @@ class Server:
             self.parked[p.wid] = (p.ident, clock, rid)
 
     def serve(self, p: Peer, clock: int, rid) -> None:
+        batch = self.shards.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
+        if batch is None:
+            if self.shards.held_by(p.wid):
+                # every shard it reads has had its epochs; the others finish their steps without it
+                self._finish_peer(p, rid, "epochs")
+                if self.shards.all_done(self.cfg.train.epochs) and not any(q.inflight for q in self.live()):
+                    self.stop_all("epochs")
+            else:  # no lease (more workers than shards): it waits, out of the gate, until a shard frees up
+                self.parked[p.wid] = (p.ident, clock, rid)
+                if self.gate.leave(p.wid) and not self.stopping:
+                    self._apply_step()
+            return
         clock = self.gate.serve(p.wid, clock)
-        if self.max_steps is not None and clock >= self.max_steps:
-            self._finish_peer(p, rid, "steps")
-            return
-        if self.cfg.train.epochs and self.shards.cursors[p.shard].epoch >= self.cfg.train.epochs:
-            self._finish_peer(p, rid, "epochs")  # its shard is done; the others finish their steps without it
-            return
-        batch = self.shards.next_batch(p.shard, self.cfg.train.batch_size)
-        p.clock = clock
-        p.served_version = self.version
+        p.clock, p.inflight, p.served_version = clock, batch, self.version
         self.reply(p.ident, {"op": Op.THETA.value, "clock": clock, "version": self.version, "batch": batch},
                    [self.published()], rid=rid)
 
@@ -340,6 +420,7 @@ class Server:
         s.version_lag_max = max(s.version_lag_max, self.version - p.served_version)
         s.samples += h["count"]
         p.samples += h["count"]
+        p.last_staleness = staleness
         self.metrics.add_batch(h["loss"], h["count"])
 
     def _count_rejected(self, reason: str) -> None:
@@ -388,6 +469,11 @@ class Server:
         if every and self.block.spec.n_test and step % every == 0 and step != self.evaluated_step:
             self.evaluated_step = step
             self.evaluate(step)
+        every = self.cfg.checkpoint.every_steps
+        if every and step % every == 0 and step != self.checkpointed_step:
+            self.save_checkpoint()
+        if self.max_steps is not None and step >= self.max_steps:
+            self.stop_all("steps")
 
     def evaluate(self, step: int) -> tuple[float, float] | None:
         if self.block.spec.n_test == 0:
@@ -398,9 +484,20 @@ class Server:
         return loss, metric
 
     def elapsed_s(self) -> float:
-        return time.monotonic() - (self.started_s or self.t0)
+        return self.elapsed_before_s + time.monotonic() - (self.started_s or self.t0)
 
     # ------------------------------------------------------------------ membership and stopping
+    def live(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.alive and not p.finished]
+
+    def _membership_changed(self) -> None:
+        """Re-lease the shards over the live workers, and let into the gate exactly those with work to do."""
+        live = self.live()
+        self.shards.rebalance([p.wid for p in live])
+        for p in live:
+            if p.wid not in self.gate.members and self.shards.held_by(p.wid):
+                p.clock = self.gate.join(p.wid, self.saved_clocks.pop(p.wid, None))
+
     def stop_all(self, reason: str) -> None:
         """End the run: every worker is told to stop at its next request; waiting ones are told now."""
         if self.stopping:
@@ -412,7 +509,6 @@ class Server:
 
     def _finish_peer(self, p: Peer, rid, reason: str) -> None:
         p.finished = True
-        self.last_limit = reason
         self.reply(p.ident, {"op": Op.STOP.value, "reason": reason}, rid=rid)
         self._leave(p)
 
@@ -422,16 +518,18 @@ class Server:
 
     def _leave(self, p: Peer) -> None:
         self.parked.pop(p.wid, None)
-        self.shards.release(p.wid)
+        if p.inflight is not None:  # its batch was never pushed: hand it out again
+            self.shards.give_back(p.inflight)
+            p.inflight = None
         if self.gate.leave(p.wid) and not self.stopping:
             self._apply_step()
+        self._membership_changed()
         self.release_parked()
         self._check_done()
 
     def _check_done(self) -> None:
-        if self.gate.open and not self.gate.members and not self.done:
+        if self.stopping and not self.live() and not self.done:
             self.done = True
-            self.stopping = self.stopping or self.last_limit
 
     def check_liveness(self, now: float) -> None:
         timeout = self.cfg.server.heartbeat_timeout_s
@@ -442,22 +540,87 @@ class Server:
                           p.wid, p.pid, p.host, p.clock, now - p.last_seen_s, timeout)
                 self._remove(p)
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> str:
+        """θ, optimizer state, clocks, shard cursors (with the batches in flight handed back), incarnations, counters,
+        config and protocol version, written atomically with a checksum (psrv/checkpoint.py)."""
+        self.checkpointed_step = self.step
+        shards = Shards([c.size for c in self.shards.cursors])
+        shards.load_state(self.shards.state())
+        for p in self.live():
+            if p.inflight is not None:  # a restart re-serves what was in flight
+                shards.give_back(p.inflight)
+        opt = self.opt.state_dict()
+        state = {
+            "protocol": protocol.VERSION, "config": self.cfg.to_dict(), "explicit": sorted(self.cfg.explicit),
+            "step": self.step, "version": self.version, "gate_step": self.gate.step,
+            "clocks": [[w, m.pushed] for w, m in self.gate.members.items()],
+            "incarnations": [[w, i] for w, i in self.incarnations.items()],
+            "shards": shards.state(), "stats": self.stats.to_state(), "elapsed_s": self.elapsed_s(),
+            "optimizer": {"name": opt["name"], "steps": opt["steps"]},
+            "data": {"rows": self.block.spec.n_train, "cols": self.block.spec.d,
+                     "shards": [s for _, s in self.layout.shards]},
+            "server_restarts": self.server_restarts,
+        }
+        arrays = {"theta": self.theta, **{f"opt.{k}": v for k, v in opt["arrays"].items()}}
+        path = checkpoint.save(self.ckpt_dir, self.step, state, arrays, keep=self.cfg.checkpoint.keep)
+        log.info("checkpoint at step %d: %s", self.step, path)
+        return path
+
+    def _restore(self, source: str) -> None:
+        found = checkpoint.load_latest(source)
+        if found is None:
+            raise RunError("server", f"no valid checkpoint in {source}")
+        state, arrays, path = found
+        if state["protocol"] != protocol.VERSION:
+            raise RunError("server", f"{path} was written by protocol v{state['protocol']}; this is "
+                                     f"v{protocol.VERSION}")
+        here = {"rows": self.block.spec.n_train, "cols": self.block.spec.d,
+                "shards": [s for _, s in self.layout.shards]}
+        if state["data"] != here:
+            raise RunError("server", f"{path} is for data {state['data']}; this run's data is {here}")
+        theta = arrays["theta"]
+        if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:
+            raise RunError("server", f"{path} holds theta {theta.dtype} {theta.shape}; this model needs "
+                                     f"{self.theta.dtype} {self.theta.shape}")
+        self.theta[...] = theta
+        self.opt.load_state_dict({**state["optimizer"],
+                                  "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
+        self.version, self.gate.step = state["version"], state["gate_step"]
+        self.saved_clocks = {w: c for w, c in state["clocks"]}
+        self.incarnations = {w: i for w, i in state["incarnations"]}
+        self.shards.load_state(state["shards"])
+        self.stats = Stats.from_state(state["stats"])
+        self.elapsed_before_s = state["elapsed_s"]
+        self.checkpointed_step = self.evaluated_step = state["step"]
+        self.resumed_from = path
+        log.warning("resumed from %s at step %d", path, state["step"])
+
     # ------------------------------------------------------------------ outputs
     def report_progress(self, now: float) -> None:
         self.last_progress_s = now
-        elapsed = now - self.started_s
+        elapsed = self.elapsed_s()
         self.reporter.send("progress", step=self.step, steps=self.max_steps or 0, loss=self.metrics.last_loss,
                            elapsed_s=elapsed, samples_per_s=self.stats.samples / elapsed if elapsed > 0 else 0.0)
 
     def status(self) -> dict:
         now = time.monotonic()
+        workers = []
+        for p in self.peers.values():
+            recent = [t for t in p.push_times if now - t <= RATE_WINDOW_S]
+            span = min(RATE_WINDOW_S, now - p.joined_s) or 1.0
+            workers.append({"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": p.clock,
+                            "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
+                            "pushes": p.pushes, "push_rate": round(len(recent) / span, 2),
+                            "staleness": p.last_staleness, "shards": self.shards.held_by(p.wid) if p.alive else []})
         return {
-            "server_id": self.server_id, "address": self.address, "step": self.step, "steps": self.max_steps or 0,
-            "theta_version": self.version, "consistency": self.gate.mode, "loss": self.metrics.last_loss,
-            "workers": [{"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": p.clock,
-                         "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
-                         "pushes": p.pushes, "shard": p.shard} for p in self.peers.values()],
-            "deaths": self.stats.deaths,
+            "server_id": self.server_id, "address": self.address, "pid": os.getpid(), "step": self.step,
+            "steps": self.max_steps or 0,
+            "theta_version": self.version, "consistency": self.gate.mode, "schedule": self.cfg.train.schedule,
+            "loss": self.metrics.last_loss, "started": self.gate.open, "stopping": self.stopping,
+            "elapsed_s": round(self.elapsed_s(), 3), "workers": workers, "deaths": self.stats.deaths,
+            "worker_restarts": self.stats.worker_restarts, "server_restarts": self.server_restarts,
+            "rows_visited": [[e, k] for e, k in self.shards.rows_visited().items()],
         }
 
     def finish(self) -> dict:
@@ -470,6 +633,8 @@ class Server:
         self.metrics.log_final(step, wall, final_loss, train_metric, self.model.metric_name)
         test = self.evaluate(step)
         self.metrics.close()
+        if self.checkpointed_step != step:
+            self.save_checkpoint()
         if isinstance(self.model, models._Glm):
             theta_out = data.unscale(self.theta, self.block.mean, self.block.scale, self.cfg.model.fit_intercept)
         else:
@@ -481,12 +646,15 @@ class Server:
             "test_loss": test[0] if test else None, "test_metric": test[1] if test else None,
             "stopped_by": self.stopping, "workers": self.n_expected, "consistency": self.gate.mode,
             "staleness": self.cfg.train.staleness if self.gate.mode == "ssp" else None,
-            "backup_workers": self.cfg.train.backup_workers, "partition": self.cfg.data.partition,
+            "backup_workers": self.cfg.train.backup_workers, "schedule": self.cfg.train.schedule,
+            "partition": self.cfg.data.partition, "shards": len(self.layout.shards),
             "rows": self.block.spec.n_train, "test_rows": self.block.spec.n_test, "cols": self.block.spec.d,
             "model": self.cfg.model.kind, "optimizer": self.cfg.train.optimizer,
             "batch_size": self.cfg.train.batch_size, "lr": self.cfg.train.lr, "theta_version": self.version,
             "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected, "clipped": s.clipped,
-            "duplicates": s.duplicates, "bad_messages": s.bad_messages, "worker_deaths": s.deaths,
+            "duplicates": s.duplicates, "stale_pushes": s.stale_pushes, "bad_messages": s.bad_messages,
+            "worker_deaths": s.deaths, "worker_restarts": s.worker_restarts, "server_restarts": self.server_restarts,
+            "resumed_from": self.resumed_from,
             "staleness_max": max(s.staleness_hist, default=0),
             "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
             "version_lag_max": s.version_lag_max,
@@ -517,14 +685,16 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, conn, parent_pid: int, core, log_level: int):
+def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str | None, resume: str | None,
+         server_restarts: int, alone: bool, conn, parent_pid: int, core, log_level: int):
     """Entry point of the server process (started with spawn by the launcher)."""
     proc.child_setup("server", parent_pid, core, log_level)
     reporter = proc.Reporter(conn)
     server = None
     try:
         cfg = config_mod.Config.from_dict(cfg_dict, frozenset(explicit))
-        server = Server(cfg, layout, out_dir, reporter)
+        server = Server(cfg, layout, out_dir, reporter, bind=bind, resume=resume, server_restarts=server_restarts,
+                        alone=alone)
         summary = server.run()
         reporter.send("done", summary=summary)
     except RunError as e:

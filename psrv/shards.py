@@ -32,6 +32,15 @@ def unlink_name(name: str) -> bool:
     return True
 
 
+def unlink_prefix(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove every segment whose name starts with `prefix` (a launcher's own, after its children are gone)."""
+    try:
+        names = [n for n in os.listdir(shm_dir) if n.startswith(prefix)]
+    except FileNotFoundError:  # not Linux: nothing to sweep
+        return []
+    return [n for n in names if unlink_name(n)]
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     name: str

@@ -19,7 +19,7 @@ def test_normal_run_exits_0_and_leaves_nothing(launch, tmp_path):
     la = launch(*SMALL, "--set", "train.steps=50", "--set", f"output.dir={tmp_path / 'out'}")
     code, out, err = la.wait()
     assert code == 0, err
-    assert "done: 50 steps" in out and "final loss" in out
+    assert "done (steps): 50 steps" in out and "final loss" in out
     la.assert_no_leftovers()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 50
 

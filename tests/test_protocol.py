@@ -11,7 +11,8 @@ def frames_bytes(frames):
 
 
 def push(**over):
-    h = {"op": "push", "wid": 0, "inc": 1, "seq": 1, "clock": 0, "loss": 0.5, "count": 4, "pull": True, **over}
+    h = {"op": "push", "wid": 0, "inc": 1, "sid": "s", "seq": 1, "clock": 0, "loss": 0.5, "count": 4, "pull": True,
+         **over}
     return h
 
 

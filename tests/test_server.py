@@ -61,10 +61,13 @@ ANONYMOUS = [
     ([msgpack.packb({"op": "pull", "wid": 0, "inc": 1, "clock": 0})] + [b""] * 4, "bad_frames"),
     ([msgpack.packb({"op": "pull", "wid": 0, "inc": 99, "clock": 0})], "stale_incarnation"),
     ([msgpack.packb({"op": "pull", "wid": 7, "inc": 1, "clock": 0})], "unknown_worker"),
-    ([msgpack.packb({"op": "hello", "version": 99, "role": "worker", "wid": 1, "pid": 1, "host": "h"})],
-     "version_mismatch"),
-    ([msgpack.packb({"op": "hello", "version": protocol.VERSION, "role": "worker", "wid": 5, "pid": 1,
-                     "host": "h"})], "bad_wid"),
+    ([msgpack.packb({"op": "hello", "version": 99, "role": "worker", "wid": 1, "pid": 1, "host": "h",
+                     "local": True})], "version_mismatch"),
+    ([msgpack.packb({"op": "hello", "version": protocol.VERSION, "role": "worker", "wid": -5, "pid": 1,
+                     "host": "h", "local": True})], "bad_wid"),
+    ([msgpack.packb({"op": "push", "wid": 0, "inc": 1, "sid": "not-this-server", "seq": 1, "clock": 0,
+                     "loss": 0.0, "count": 1, "pull": False, "arrays": [["<f8", [5]]]}), np.zeros(5).tobytes()],
+     "stale_server"),
 ]
 
 
@@ -105,6 +108,7 @@ def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
     s = result["summary"]
     assert result["worker0"] == 0 and s["steps"] == 30 and np.isfinite(s["final_loss"])
     assert s["bad_messages"] == len(ANONYMOUS) + 1 + 3 + 3
+    assert s["stale_pushes"] == 1   # the push for another server (the stale incarnation 99 only pulled)
     assert s["rejected"] == {"nonfinite": 1}
 
 

@@ -31,6 +31,13 @@ class RemoteError(RunError):
         self.code = code
 
 
+class ServerRestarted(RunError):
+    """The server answering heartbeats is not the one this worker registered with: its process was restarted."""
+
+    def __init__(self, old: str, new: str):
+        super().__init__("server", f"server {old} was replaced by server {new} (restarted)")
+
+
 class Heartbeat(threading.Thread):
     """Sends a heartbeat every interval_s from its own socket and records when the server last answered."""
 
@@ -39,6 +46,7 @@ class Heartbeat(threading.Thread):
         self.ctx, self.address, self.wid, self.inc, self.interval_s = ctx, address, wid, inc, interval_s
         self.last_heard_s = time.monotonic()
         self.server_id: str | None = None
+        self.declared_dead = False
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -59,6 +67,7 @@ class Heartbeat(threading.Thread):
                     if h["op"] == Op.HEARTBEAT.value:
                         self.last_heard_s = time.monotonic()
                         self.server_id = h["server_id"]
+                        self.declared_dead = not h["alive"]
         finally:
             sock.close(linger=0)
 
@@ -80,14 +89,18 @@ class Client:
         self.rid = 0
         self.heartbeat: Heartbeat | None = None
         self.wid, self.inc, self.seq = -1, 0, 0
+        self.server_id = ""
 
-    def request(self, header: dict, arrays=()) -> tuple[dict, list[np.ndarray]]:
+    def request(self, header: dict, arrays=(), timeout_s: float | None = None) -> tuple[dict, list[np.ndarray]]:
         """Send a request and wait for its reply. While a heartbeat thread runs, the wait lasts as long as the
-        server keeps answering heartbeats (a BSP barrier may legitimately take long); without one, timeout_s."""
+        server keeps answering heartbeats (a BSP barrier may legitimately take long) and is the same server;
+        without one, timeout_s."""
         self.rid += 1
         header = {**header, "rid": self.rid}
         transport.send(self.sock, protocol.encode(header, arrays))
         start = time.monotonic()
+        hb = self.heartbeat if timeout_s is None else None  # an explicit timeout is a hard one
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         while True:
             frames = transport.recv(self.sock, SLICE_MS)
             if frames is not None:
@@ -97,21 +110,30 @@ class Client:
                 if h["op"] == Op.ERROR.value:
                     raise RemoteError(h["code"], h["reason"])
                 return h, out
-            if self.heartbeat is not None and self.heartbeat.is_alive():
-                silent = self.heartbeat.silent_for_s()
-                if silent > self.timeout_s:
+            if hb is not None and hb.is_alive():
+                if hb.server_id not in (None, self.server_id):
+                    raise ServerRestarted(self.server_id, hb.server_id)
+                if hb.declared_dead and hb.server_id == self.server_id:
+                    raise RemoteError("dead", f"the server declared worker {self.wid} (incarnation {self.inc}) "
+                                              f"dead while it waited for {header['op']}")
+                silent = hb.silent_for_s()
+                if silent > timeout_s:
                     raise ServerLost(f"worker {self.wid}", f"no word from the server at {self.address} for "
                                                            f"{silent:.1f} s during {header['op']}")
-            elif time.monotonic() - start > self.timeout_s:
+            elif time.monotonic() - start > timeout_s:
                 raise ServerLost(f"worker {self.wid}" if self.wid >= 0 else "client",
-                                 f"no reply from {self.address} to {header['op']} within {self.timeout_s:g} s")
+                                 f"no reply from {self.address} to {header['op']} within {timeout_s:g} s")
 
-    def hello(self, wid: int, heartbeat_interval_s: float | None = None) -> dict:
-        h, _ = self.request({"op": Op.HELLO.value, "version": protocol.VERSION, "role": "worker", "wid": wid,
-                             "pid": os.getpid(), "host": socket.gethostname()})
-        self.wid, self.inc = h["wid"], h["inc"]
-        interval = heartbeat_interval_s or h["train"].get("heartbeat_interval_s", 0.5)
-        self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, interval)
+    def hello(self, wid: int, local: bool = True) -> dict:
+        """Register (again) as worker `wid` (-1: let the server choose). Returns the welcome header, with the
+        standardization arrays added as h["mean"] and h["scale"]; starts this incarnation's heartbeat thread."""
+        self._stop_heartbeat()
+        h, arrays = self.request({"op": Op.HELLO.value, "version": protocol.VERSION, "role": "worker", "wid": wid,
+                                  "pid": os.getpid(), "host": socket.gethostname(), "local": local})
+        self.wid, self.inc, self.server_id, self.seq = h["wid"], h["inc"], h["server_id"], 0
+        h["mean"], h["scale"] = (a.copy() for a in arrays)
+        self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
+        self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"])
         self.heartbeat.start()
         return h
 
@@ -120,23 +142,31 @@ class Client:
 
     def push(self, clock: int, grad: np.ndarray, loss: float, count: int, pull: bool = True):
         self.seq += 1
-        return self.request({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "seq": self.seq,
+        return self.request({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
+                             "seq": self.seq,
                              "clock": clock, "loss": float(loss), "count": int(count), "pull": pull}, [grad])
 
-    def bye(self) -> None:
+    def bye(self, timeout_s: float = 1.0) -> None:
+        """Tell the server this incarnation leaves (best effort: the server may already be gone)."""
+        if self.inc == 0:
+            return
         try:
-            self.request({"op": Op.BYE.value, "wid": self.wid, "inc": self.inc})
-        except (RunError, ProtocolError) as e:  # leaving is best effort: the server may already be gone
+            self.request({"op": Op.BYE.value, "wid": self.wid, "inc": self.inc}, timeout_s=timeout_s)
+        except (RunError, ProtocolError) as e:
             log.debug("bye: %s", e)
 
     def status(self) -> dict:
         h, _ = self.request({"op": Op.STATUS.value})
         return h["state"]
 
-    def close(self) -> None:
+    def _stop_heartbeat(self) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
             self.heartbeat.join(timeout=2.0)
+            self.heartbeat = None
+
+    def close(self) -> None:
+        self._stop_heartbeat()
         self.sock.close(linger=0)
         if self._own_ctx:
             self.ctx.term()

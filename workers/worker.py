@@ -1,56 +1,136 @@
-"""The worker loop: pull theta and a batch name, compute the gradient on those rows of its shard, push, repeat.
+"""The worker loop: pull theta and a batch name, compute the gradient on those rows, push, repeat.
 
-The worker reads its rows from shared memory (attached by name, never copied whole) into preallocated buffers.
-It leaves when the server says stop, and exits by itself if the launcher or the server goes away.
+A worker started by the launcher reads the launcher's shared-memory block (attached by name, never copied whole).
+A worker attached to a running server (launch.py --attach) loads the rows of each shard it is given itself, from the
+same file or synthetic seed, into a shared-memory segment of its own, and checks them against the server's
+checksum. A worker declared dead, or whose server restarted, registers again as a new incarnation; it exits when
+the server says stop, when the server is gone, or when its launcher is.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 import traceback
 
 import numpy as np
 
-from psrv import models, proc
-from psrv.errors import RunError
+from psrv import config as config_mod
+from psrv import data, models, proc, shards
+from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
 from psrv.schedule import epoch_order
-from psrv.shards import DataBlock
+from psrv.shards import BlockSpec, DataBlock
 
-from .client import Client
+from .client import Client, RemoteError, ServerRestarted
 
 log = logging.getLogger(__name__)
+
+REJOIN_CODES = {"dead", "stale_incarnation", "unknown_worker", "stale_server"}
+MAX_SESSIONS = 1000  # re-registrations before a worker gives up (a loop, not a recovery, by then)
+
+
+class DeclaredDead(RunError):
+    """This worker was declared dead (or its server restarted) and worker.rejoin is false: it leaves."""
 
 
 class Injected(RuntimeError):
     """An error raised on purpose by debug.fail_worker, to test how failures are reported."""
 
 
+class Rows:
+    """Where a worker reads shard rows from: the launcher's block, or segments it loads for itself."""
+
+    def __init__(self, welcome: dict, local: bool, prefix: str, wid: int):
+        self.spec, self.local, self.prefix, self.wid = welcome["data"], local, prefix, wid
+        self.mean, self.scale = welcome["mean"], welcome["scale"]
+        self.shards = [tuple(s) for s in self.spec["shards"]]
+        self.blocks: dict[int, DataBlock] = {}
+        self.block = DataBlock.attach(self.spec["block"]) if local else None
+        self.d = self.spec["block"]["d"]
+        self.dtype = self.spec["block"]["dtype"]
+
+    def get(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) of a shard, in storage order."""
+        if self.local:
+            off, size = self.shards[shard]
+            return self.block.X[off:off + size], self.block.y[off:off + size]
+        if shard not in self.blocks:
+            self.blocks[shard] = self._load(shard)
+        b = self.blocks[shard]
+        return b.X, b.y
+
+    def _load(self, shard: int) -> DataBlock:
+        expected = dict((s, c) for s, c in self.spec["checksums"])[shard]
+        spec = BlockSpec(name=f"{self.prefix}w{self.wid}_s{shard}", dtype=self.dtype, d=self.d,
+                         n_train=self.shards[shard][1])
+        try:  # a predecessor of this worker (same wid) may have loaded it already
+            b = DataBlock.attach(spec)
+            if data.checksum(b.X, b.y) == expected:
+                return b
+            b.close()
+        except FileNotFoundError:
+            pass
+        shards.unlink_name(spec.name)
+        cfg = config_mod.load({"data": self.spec["config"]})
+        explicit = frozenset(self.spec["explicit"])
+        n_shards = len(self.shards)
+        t0 = time.monotonic()
+        X, y = data.shard_rows(cfg.data, explicit, n_shards, shard, self.mean, self.scale, self.dtype)
+        if data.checksum(X, y) != expected:
+            raise RunError(f"worker {self.wid}", f"shard {shard} as loaded here from {cfg.data.source} differs from "
+                                                 f"the server's (checksum); is it the same data on this machine?")
+        b = DataBlock.create(spec)
+        b.X[:], b.y[:] = X, y
+        log.info("worker %d: loaded shard %d (%d rows) in %.2f s", self.wid, shard, len(X), time.monotonic() - t0)
+        return b
+
+    def close(self) -> None:
+        for b in self.blocks.values():
+            b.close()  # never unlinked here: the attach launcher removes its segments when it ends
+        if self.block is not None:
+            self.block.close()
+
+
 class Worker:
-    def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float = 10.0):
-        self.wid, self.debug = wid, debug or {}
+    def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float = 10.0,
+                 local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None):
+        self.wid, self.debug, self.local, self.prefix = wid, debug or {}, local, prefix
+        self.reporter = reporter or proc.Reporter(None)
         self.client = Client(address, timeout_s=server_timeout_s)
-        self.block: DataBlock | None = None
+        self.rows: Rows | None = None
         self._order_key: tuple | None = None
         self._order: np.ndarray | None = None
         self.steps_done = 0
-
-    def _rows(self, shard: int, epoch: int, start: int, count: int, seed: int) -> np.ndarray:
-        """Storage positions of a batch: the shard's epoch order, sliced, offset to where the shard starts."""
-        offset, size = self.shards[shard]
-        if self._order_key != (shard, epoch):
-            self._order = epoch_order(seed, shard, epoch, size) + offset
-            self._order_key = (shard, epoch)
-        return self._order[start:start + count]
+        self.sessions = 0
+        self.rejoin = True
 
     def run(self) -> int:
-        welcome = self.client.hello(self.wid)
+        """Sessions until the server says stop: a session ends early when this incarnation is declared dead or
+        the server restarts, and the worker then registers again (if allowed)."""
+        while True:
+            try:
+                return self.session()
+            except (RemoteError, ServerRestarted) as e:
+                if isinstance(e, RemoteError) and e.code not in REJOIN_CODES:
+                    raise
+                if not self.rejoin or self.sessions >= MAX_SESSIONS:
+                    why = "worker.rejoin = false" if not self.rejoin else f"{MAX_SESSIONS} registrations"
+                    raise DeclaredDead(f"worker {self.wid}", f"{e.cause}; not registering again ({why})") from None
+                log.warning("worker %d: %s; registering again", self.wid, e.cause)
+
+    def session(self) -> int:
+        self.sessions += 1
+        welcome = self.client.hello(self.wid, local=self.local)
+        if self.wid < 0:
+            self.reporter.send("joined", wid=welcome["wid"])
         self.wid = welcome["wid"]
-        layout, train, m = welcome["data"], welcome["train"], welcome["model"]
-        self.block = DataBlock.attach(layout["block"])
-        self.shards = [tuple(s) for s in layout["shards"]]
-        d, dtype = self.block.spec.d, self.block.spec.dtype
+        train, m = welcome["train"], welcome["model"]
+        self.rejoin = train.get("rejoin", True)
+        if self.rows is None:
+            self.rows = Rows(welcome, self.local, self.prefix, self.wid)
+        d, dtype = self.rows.d, self.rows.dtype
         model = models.make(m["kind"], d, m["fit_intercept"], dtype, m.get("classes", 0))
         b = train["batch_size"]
         Xb = np.empty((b, d), dtype=dtype)
@@ -58,15 +138,15 @@ class Worker:
         grad = np.empty(welcome["theta_shape"], dtype=welcome["theta_dtype"])
         slow_s = self.debug.get("slow_ms", 0.0) / 1000.0 if self.debug.get("slow_worker") == self.wid else 0.0
         fail_at = self.debug.get("fail_at_step") if self.debug.get("fail_worker") == self.wid else None
-        log.info("worker %d: attached %s, %d rows of shards", self.wid, self.block.name, self.block.spec.n_train)
 
         h, arrays = self.client.pull(0)
         while h["op"] == Op.THETA.value:
             clock = h["clock"]
             shard, epoch, start, count = h["batch"]
-            rows = self._rows(shard, epoch, start, count, train["seed"])
-            np.take(self.block.X, rows, axis=0, out=Xb[:count])
-            np.take(self.block.y, rows, out=yb[:count])
+            X, y = self.rows.get(shard)
+            idx = self._positions(shard, epoch, train["seed"], len(X))[start:start + count]
+            np.take(X, idx, axis=0, out=Xb[:count])
+            np.take(y, idx, out=yb[:count])
             loss = model.loss_grad(arrays[0], Xb[:count], yb[:count], grad)
             if fail_at is not None and clock >= fail_at:
                 raise Injected(f"injected failure at step {clock} (debug.fail_worker = {self.wid})")
@@ -78,29 +158,54 @@ class Worker:
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
 
-    def close(self) -> None:
+    def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
+        """A shard's epoch order, cached: one permutation per shard and epoch."""
+        if self._order_key != (shard, epoch):
+            self._order = epoch_order(seed, shard, epoch, size)
+            self._order_key = (shard, epoch)
+        return self._order
+
+    def close(self, bye: bool = False) -> None:
+        if bye:
+            self.client.bye()
         self.client.close()
-        if self.block is not None:
-            self.block.close()
+        if self.rows is not None:
+            self.rows.close()
 
 
-def main(address: str, wid: int, debug: dict, server_timeout_s: float, conn, parent_pid: int, core,
-         log_level: int) -> None:
-    """Entry point of a worker process started by the launcher (spawn)."""
+def _leave_on_sigterm(signum, frame):
+    # unwinds through `finally`, so the worker says goodbye and closes its sockets
+    raise SystemExit(0)
+
+
+def main(address: str, wid: int, debug: dict, server_timeout_s: float, local: bool, prefix: str, conn,
+         parent_pid: int, core, log_level: int) -> None:
+    """Entry point of a worker process started by a launcher (spawn)."""
     proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
+    signal.signal(signal.SIGTERM, _leave_on_sigterm)
     reporter = proc.Reporter(conn)
-    worker = Worker(address, wid, debug, server_timeout_s)
-    code = 0
+    worker = Worker(address, wid, debug, server_timeout_s, local, prefix, reporter)
+    code, leaving = 0, False
     try:
         worker.run()
+    except SystemExit:
+        leaving = True
+    except ServerLost as e:
+        log.error("%s", e)
+        reporter.send("error", process=e.process, message=e.cause, kind="server_lost")
+        code = 1
+    except DeclaredDead as e:
+        log.warning("%s", e)
+        reporter.send("error", process=e.process, message=e.cause, kind="declared_dead")
+        code = 3
     except RunError as e:
-        log.error("worker %d: %s", wid, e)
-        reporter.send("error", process=f"worker {wid}", message=str(e))
+        log.error("%s", e)
+        reporter.send("error", process=f"worker {worker.wid}", message=str(e.cause))
         code = 1
     except Exception as e:
-        log.error("worker %d failed:\n%s", wid, traceback.format_exc())
-        reporter.send("error", process=f"worker {wid}", message=f"{type(e).__name__}: {e}")
+        log.error("worker %d failed:\n%s", worker.wid, traceback.format_exc())
+        reporter.send("error", process=f"worker {worker.wid}", message=f"{type(e).__name__}: {e}")
         code = 1
     finally:
-        worker.close()
+        worker.close(bye=leaving)
     sys.exit(code)

@@ -1,0 +1,220 @@
+"""The processes of one launcher: a server (unless attaching), workers, and what happens when one of them ends.
+
+A worker that raises is a bug: the run stops with its message. A worker that dies (killed, or gone without a word)
+is restarted up to train.max_restarts times; after that its shards go to the survivors. A server that dies is
+restarted from its newest checkpoint up to server.max_restarts times, on the same address, and the workers
+register with it again by themselves. Leaving the `with` block always stops and reaps every child.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing.connection as mpc
+import os
+import signal
+import time
+
+from . import config as config_mod
+from . import proc, signals
+from .errors import RunError
+
+log = logging.getLogger("psrv")
+
+SERVER_START_TIMEOUT_S = 60.0   # spawn + imports + bind (+ loading a checkpoint); generous for a loaded machine
+EXIT_GRACE_S = 5.0              # how long children get to leave on their own before SIGTERM, then SIGKILL
+
+
+class Child:
+    def __init__(self, name: str, process, conn, wid: int | None = None):
+        self.name, self.process, self.conn, self.wid = name, process, conn, wid
+        self.error: str | None = None
+        self.error_kind = ""
+
+    def describe_exit(self) -> str:
+        code = self.process.exitcode
+        if self.error:
+            return self.error
+        if code is not None and code < 0:
+            return f"killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+
+class Cluster:
+    def __init__(self, cfg: config_mod.Config, out_dir: str, log_level: int, layout=None, address: str = "",
+                 resume: str | None = None, alone: bool = False, prefix: str = ""):
+        self.cfg, self.out_dir, self.log_level, self.layout = cfg, out_dir, log_level, layout
+        self.address, self.resume, self.alone, self.prefix = address, resume, alone, prefix
+        self.server: Child | None = None
+        self.workers: list[Child] = []
+        self.restarts: dict[int, int] = {}   # wid (or launch slot) -> restarts so far
+        self.server_restarts = 0
+        self.summary: dict | None = None
+        self.progress = None
+        self.lost = 0        # workers that died with no restart left
+        self.finished = 0    # workers that ended normally
+        cores = proc.usable_cores()
+        self.cores = cores
+        self.server_core = cores[cfg.train.workers % len(cores)] if cfg.train.pin else None
+
+    # ------------------------------------------------------------------ starting children
+    def _spawn(self, name: str, target, args: tuple, core: int | None, wid: int | None = None) -> Child:
+        recv_conn, send_conn = proc.SPAWN.Pipe(duplex=False)
+        p = proc.SPAWN.Process(target=target, name=name, daemon=True,
+                               args=(*args, send_conn, os.getpid(), core, self.log_level))
+        with proc.blas_threads(self.cfg.train.blas_threads), proc.main_hidden():
+            p.start()
+        send_conn.close()  # the child holds the only write end: EOF tells us it is gone
+        return Child(name, p, recv_conn, wid)
+
+    def start_server(self) -> str:
+        """Start (or restart) the server and wait until it listens; returns its address."""
+        from . import server
+        resume = self.resume
+        if self.server_restarts:
+            ckpt = self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
+            from . import checkpoint
+            resume = ckpt if checkpoint.checkpoints(ckpt) else None
+        self.server = self._spawn("server", server.main, (
+            self.cfg.to_dict(), sorted(self.cfg.explicit), self.layout.to_dict(), self.out_dir,
+            self.address or None, resume, self.server_restarts, self.alone), self.server_core)
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            signals.check()
+            if self.server.conn.poll(0.2):
+                ev = proc.read_event(self.server.conn)
+                if ev is None or ev["event"] == "error":
+                    raise RunError(ev.get("process", "server") if ev else "server",
+                                   ev["message"] if ev else "exited during start-up")
+                if ev["event"] == "ready":
+                    self.address = ev["address"]
+                    return self.address
+            elif not self.server.process.is_alive():
+                raise RunError("server", f"exited during start-up ({self.server.describe_exit()})")
+        raise RunError("server", f"did not start within {SERVER_START_TIMEOUT_S:g} s")
+
+    def start_worker(self, wid: int, slot: int, local: bool = True) -> Child:
+        """Worker `wid` (-1: the server picks an id) on the core of launch slot `slot`."""
+        from workers import worker
+        d = self.cfg.debug
+        debug = {"fail_worker": d.fail_worker, "fail_at_step": d.fail_at_step, "slow_worker": d.slow_worker,
+                 "slow_ms": d.slow_ms}
+        core = self.cores[slot % len(self.cores)] if self.cfg.train.pin else None
+        child = self._spawn(f"worker-{wid if wid >= 0 else slot}", worker.main, (
+            self.address, wid, debug, self.cfg.worker.server_timeout_s, local, self.prefix), core,
+            wid if wid >= 0 else None)
+        child.slot = slot
+        self.workers.append(child)
+        return child
+
+    # ------------------------------------------------------------------ following them
+    def _drain(self, child: Child) -> None:
+        """Handle every event the child has sent; remember an error for when it exits."""
+        while not child.conn.closed and child.conn.poll(0):
+            ev = proc.read_event(child.conn)
+            if ev is None:
+                child.conn.close()
+            elif ev["event"] == "progress" and self.progress is not None:
+                self.progress.update(ev)
+            elif ev["event"] == "done":
+                self.summary = ev["summary"]
+            elif ev["event"] == "joined":
+                child.wid = ev["wid"]
+            elif ev["event"] == "error":
+                child.error, child.error_kind = f"{ev.get('process', child.name)}: {ev['message']}", ev.get("kind", "")
+
+    def _children(self) -> list[Child]:
+        return [c for c in [self.server, *self.workers] if c is not None]
+
+    def _worker_ended(self, c: Child) -> None:
+        self.workers.remove(c)
+        code = c.process.exitcode
+        if code == 0:
+            self.finished += 1
+            return
+        if c.error and c.error_kind not in ("server_lost", "declared_dead"):
+            raise RunError(c.error.split(": ", 1)[0], c.error.split(": ", 1)[-1])  # a bug: stop the run
+        if c.error_kind == "server_lost" and (self.server is None or self.server.process.exitcode is not None):
+            raise RunError("server", f"{c.error} (the server did not come back)")
+        key = c.wid if c.wid is not None else -1 - c.slot
+        used = self.restarts.get(key, 0)
+        who = f"worker {c.wid}" if c.wid is not None else c.name
+        if used < self.cfg.train.max_restarts and self.summary is None:
+            self.restarts[key] = used + 1
+            log.warning("%s (pid %d) %s; restarting it (%d of %d)", who, c.process.pid, c.describe_exit(),
+                        used + 1, self.cfg.train.max_restarts)
+            self.start_worker(c.wid if c.wid is not None else -1, c.slot, local=self.server is not None)
+        else:
+            self.lost += 1
+            log.warning("%s (pid %d) %s; no restarts left, the others take over its shards", who,
+                        c.process.pid, c.describe_exit())
+
+    def _server_ended(self) -> None:
+        c = self.server
+        if c.process.exitcode == 0 and self.summary is not None:
+            return
+        if c.error or c.process.exitcode == 0:  # the server itself gave up (join timeout, bad checkpoint, ...)
+            raise RunError("server", c.error.split(": ", 1)[-1] if c.error else "exited without a result")
+        if self.server_restarts >= self.cfg.server.max_restarts:
+            raise RunError("server", f"{c.describe_exit()}; no restarts left (server.max_restarts = "
+                                     f"{self.cfg.server.max_restarts})")
+        self.server_restarts += 1
+        log.warning("server (pid %d) %s; restarting it from its newest checkpoint (%d of %d)", c.process.pid,
+                    c.describe_exit(), self.server_restarts, self.cfg.server.max_restarts)
+        if not c.conn.closed:
+            c.conn.close()
+        self.start_server()
+
+    def wait(self, progress=None) -> dict | None:
+        """Follow the run until the server reports done and every worker has left (or, when attaching, until
+        every worker has left); RunError on a failure nothing can repair."""
+        self.progress = progress
+        done_at = idle_since = None
+        while True:
+            children = self._children()
+            waitables = [c.conn for c in children if not c.conn.closed]
+            waitables += [c.process.sentinel for c in children if c.process.exitcode is None]
+            mpc.wait(waitables, timeout=0.5)
+            signals.check()
+            for c in children:
+                self._drain(c)
+            if self.server is not None and self.server.process.exitcode is not None:
+                self._server_ended()
+            for c in [w for w in self.workers if w.process.exitcode is not None]:
+                self._worker_ended(c)
+            if self.summary is not None and done_at is None:
+                done_at = time.monotonic()
+            if not self.workers and (self.server is None or self.server.process.exitcode is not None):
+                return self.summary
+            if self.server is not None and not self.workers and not self.alone and self.summary is None:
+                if not self.finished:
+                    raise RunError("workers", "every worker died and none can be restarted (train.max_restarts = "
+                                              f"{self.cfg.train.max_restarts})")
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > 2 * EXIT_GRACE_S:
+                    raise RunError("server", f"no worker left ({self.lost} died) and the run is not finished")
+            if done_at is not None and time.monotonic() - done_at > EXIT_GRACE_S:
+                late = [c.name for c in self.workers if c.process.exitcode is None]
+                if late:
+                    log.warning("%s still running %g s after the run ended; stopping them", late, EXIT_GRACE_S)
+                return self.summary
+
+    def stop(self) -> None:
+        """SIGTERM every live child, then SIGKILL what is left after a grace period; reap all."""
+        children = self._children()
+        for c in children:
+            if c.process.is_alive():
+                c.process.terminate()
+        deadline = time.monotonic() + EXIT_GRACE_S
+        for c in children:
+            c.process.join(max(0.0, deadline - time.monotonic()))
+        for c in children:
+            if c.process.is_alive():
+                c.process.kill()
+                c.process.join(2.0)
+            if not c.conn.closed:
+                c.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
