@@ -33,7 +33,8 @@ POLL_MS = 50
 DRAIN_MAX = 256          # messages handled per wake-up before the timers get a turn
 PROGRESS_INTERVAL_S = 0.5
 MAX_WID = 1 << 20        # worker ids a client may ask for
-RATE_WINDOW_S = 5.0      # push rate in status: pushes over this many seconds
+RATE_WINDOW_S = 5.0      # push rate in status: pushes over about this many seconds
+RATE_MARK_S = 0.25
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Peer:
     samples: int = 0
     served_version: int = 0       # theta version of its last pull (for the version lag)
     last_staleness: int = 0
-    push_times: collections.deque = field(default_factory=lambda: collections.deque(maxlen=256))
+    # (time, pushes) marks at most every RATE_MARK_S: the push rate over the last RATE_WINDOW_S, in O(1) memory
+    rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
 
 
 @dataclass
@@ -73,17 +75,20 @@ class Stats:
     version_lag_max: int = 0
     deaths: int = 0
     worker_restarts: int = 0
+    pushes: dict = field(default_factory=dict)        # wid -> gradients applied (every incarnation)
+
+    MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
 
     def to_state(self) -> dict:
         d = dict(self.__dict__)
-        for k in ("rejected", "dropped", "staleness_hist"):
+        for k in self.MAPS:
             d[k] = [[key, v] for key, v in d[k].items()]
         return d
 
     @classmethod
     def from_state(cls, d: dict) -> "Stats":
         d = dict(d)
-        for k in ("rejected", "dropped", "staleness_hist"):
+        for k in cls.MAPS:
             d[k] = {key: v for key, v in d[k]}
         return cls(**d)
 
@@ -312,7 +317,9 @@ class Server:
             raise ProtocolError(f"push: {e}", "bad_clock") from None
         p.seq = h["seq"]
         p.pushes += 1
-        p.push_times.append(time.monotonic())
+        now = time.monotonic()
+        if not p.rate_marks or now - p.rate_marks[-1][0] >= RATE_MARK_S:
+            p.rate_marks.append((now, p.pushes))
         p.clock = clock + 1
         batch, p.inflight = p.inflight, None
         if decision == LATE:
@@ -417,6 +424,7 @@ class Server:
     def _record(self, p: Peer, h, staleness: int) -> None:
         s = self.stats
         s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
+        s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
         s.version_lag_max = max(s.version_lag_max, self.version - p.served_version)
         s.samples += h["count"]
         p.samples += h["count"]
@@ -607,11 +615,11 @@ class Server:
         now = time.monotonic()
         workers = []
         for p in self.peers.values():
-            recent = [t for t in p.push_times if now - t <= RATE_WINDOW_S]
-            span = min(RATE_WINDOW_S, now - p.joined_s) or 1.0
+            marks = [m for m in p.rate_marks if now - m[0] <= RATE_WINDOW_S] or [(p.joined_s, 0)]
+            rate = (p.pushes - marks[0][1]) / max(now - marks[0][0], 1e-3) if p.alive else 0.0
             workers.append({"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": p.clock,
                             "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
-                            "pushes": p.pushes, "push_rate": round(len(recent) / span, 2),
+                            "pushes": p.pushes, "push_rate": round(rate, 2),
                             "staleness": p.last_staleness, "shards": self.shards.held_by(p.wid) if p.alive else []})
         return {
             "server_id": self.server_id, "address": self.address, "pid": os.getpid(), "step": self.step,
@@ -659,6 +667,7 @@ class Server:
             "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
             "version_lag_max": s.version_lag_max,
             "dropped_grads": {str(k): v for k, v in sorted(s.dropped.items())},
+            "pushes_applied": {str(k): v for k, v in sorted(s.pushes.items())},
             "rows_visited": {str(k): v for k, v in self.shards.rows_visited().items()},
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
         }

@@ -100,8 +100,7 @@ class Worker:
         self.reporter = reporter or proc.Reporter(None)
         self.client = Client(address, timeout_s=server_timeout_s)
         self.rows: Rows | None = None
-        self._order_key: tuple | None = None
-        self._order: np.ndarray | None = None
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (epoch, its order)
         self.steps_done = 0
         self.sessions = 0
         self.rejoin = True
@@ -159,11 +158,12 @@ class Worker:
         return 0
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
-        """A shard's epoch order, cached: one permutation per shard and epoch."""
-        if self._order_key != (shard, epoch):
-            self._order = epoch_order(seed, shard, epoch, size)
-            self._order_key = (shard, epoch)
-        return self._order
+        """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
+        sort per step would cost more than the gradient)."""
+        cached = self._orders.get(shard)
+        if cached is None or cached[0] != epoch:
+            cached = self._orders[shard] = (epoch, epoch_order(seed, shard, epoch, size))
+        return cached[1]
 
     def close(self, bye: bool = False) -> None:
         if bye:

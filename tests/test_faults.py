@@ -1,0 +1,238 @@
+"""Faults with real processes: killed and paused workers, a killed server, corrupt checkpoints, workers that attach
+and leave, uneven shards. Every wait is on a condition with a deadline; nothing sleeps blindly."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import psrv
+from psrv import checkpoint
+from psrv.launch import status
+
+from .conftest import LAUNCH, shm_of, tagged_pids, wait_for
+
+pytestmark = pytest.mark.slow
+
+# fast fault detection so that each test takes seconds
+FAST = ["--set", "server.heartbeat_timeout_s=1.5", "--set", "worker.heartbeat_interval_s=0.2"]
+DATA = ["--set", "data.n=20000", "--set", "data.d=10"]
+
+
+def args(**kv):
+    out = []
+    for k, v in kv.items():
+        out += ["--set", f"{k.replace('__', '.')}={v}"]
+    return out
+
+
+def address_of(out):
+    path = out / "address"
+    return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
+
+
+def state(address):
+    return status(address, timeout_s=10)
+
+
+def worker_pid(address, wid):
+    return next(w["pid"] for w in state(address)["workers"] if w["wid"] == wid and w["alive"])
+
+
+def reach_step(address, step):
+    wait_for(lambda: state(address)["step"] >= step, 60, what=f"step {step}")
+
+
+def summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def reference_loss(tmp_path, extra):
+    """The same run without the fault (in process)."""
+    r = psrv.train(None, [a for a in extra if a != "--set"] + [f"output.dir={tmp_path / 'ref'}"])
+    return r.summary["final_loss"]
+
+
+@pytest.mark.parametrize("consistency", ["bsp", "ssp", "asp"])
+def test_killed_worker_is_survived(launch, tmp_path, consistency):
+    run = DATA + args(train__workers=3, train__steps=4000, train__consistency=consistency, train__max_restarts=0)
+    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
+    address = address_of(tmp_path / "out")
+    reach_step(address, 300)
+    os.kill(worker_pid(address, 1), signal.SIGKILL)
+    code, out, err = la.wait()
+    assert code == 0, err
+    s = summary(tmp_path / "out")
+    assert s["worker_deaths"] == 1 and s["steps"] == 4000
+    deaths = re.findall(r"worker (\d+) declared dead: pid \d+ on \S+, clock \d+, silent for", err)
+    assert deaths == ["1"]                                           # logged once, naming it
+    assert s["final_loss"] == pytest.approx(reference_loss(tmp_path, run), rel=0.01)
+    la.assert_no_leftovers()
+
+
+def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
+    # epochs: every row must be visited once per epoch, even though a worker dies mid-epoch with a batch in flight
+    run = DATA + args(train__workers=2, train__epochs=3, train__batch_size=64, train__max_restarts=1,
+                      debug__slow_worker=1, debug__slow_ms=2)
+    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
+    address = address_of(tmp_path / "out")
+    reach_step(address, 50)
+    os.kill(worker_pid(address, 1), signal.SIGKILL)
+    code, out, err = la.wait()
+    assert code == 0, err
+    assert "worker 1 (pid" in err and "restarting it (1 of 1)" in err
+    s = summary(tmp_path / "out")
+    assert s["worker_restarts"] == 1 and s["stopped_by"] == "epochs"
+    assert s["rows_visited"] == {"0": 20000, "1": 20000, "2": 20000}
+    la.assert_no_leftovers()
+
+
+@pytest.mark.parametrize("rejoin", [True, False])
+def test_paused_worker_is_declared_dead_and_its_late_push_refused(launch, tmp_path, rejoin):
+    # worker 1 is slow (it sleeps 300 ms a step), so the pause almost surely catches it between pull and push
+    run = DATA + args(train__workers=3, train__steps=10**9, train__max_wall_s=8, train__consistency="asp",
+                      train__max_restarts=0, debug__slow_worker=1, debug__slow_ms=300,
+                      worker__rejoin=str(rejoin).lower())
+    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
+    address = address_of(tmp_path / "out")
+    wait_for(lambda: any(w["wid"] == 1 and w["pushes"] >= 1 for w in state(address)["workers"]), 60,
+             what="worker 1 to push")
+    pid = worker_pid(address, 1)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: state(address)["deaths"] == 1, 30, what="the paused worker to be declared dead")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    if rejoin:  # it comes back as incarnation 2
+        wait_for(lambda: any(w["wid"] == 1 and w["inc"] == 2 and w["alive"] for w in state(address)["workers"]),
+                 30, what="worker 1 to rejoin")
+    code, out, err = la.wait()
+    assert code == 0, err
+    s = summary(tmp_path / "out")
+    assert s["worker_deaths"] == 1
+    assert s["stale_pushes"] >= 1                        # its push from the dead incarnation was refused
+    assert s["worker_restarts"] == (1 if rejoin else 0)
+    if not rejoin:
+        assert "not registering again (worker.rejoin = false)" in err
+    la.assert_no_leftovers()
+
+
+def test_killed_server_is_restarted_and_matches_a_resumed_run(launch, tmp_path):
+    run = DATA + args(train__workers=2, train__steps=3000, checkpoint__every_steps=500, checkpoint__keep=100)
+    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'a'}", "-v")
+    address = address_of(tmp_path / "a")
+    ckpts = tmp_path / "a" / "checkpoints"
+    wait_for(lambda: checkpoint.checkpoints(str(ckpts)), 60, what="a first checkpoint")
+    os.kill(state(address)["pid"], signal.SIGKILL)
+    code, out, err = la.wait()
+    assert code == 0, err
+    assert "server (pid" in err and "restarting it from its newest checkpoint (1 of 2)" in err
+    s = summary(tmp_path / "a")
+    assert s["server_restarts"] == 1 and s["steps"] == 3000 and s["resumed_from"]
+    # the same checkpoint, resumed by hand in a fresh folder: the same theta
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copy(s["resumed_from"], tmp_path / "b" / "checkpoints")
+    lb = launch(*run, "--resume", str(tmp_path / "b"), "--set", f"output.dir={tmp_path / 'b'}")
+    code, out, err = lb.wait()
+    assert code == 0, err
+    a, b = np.load(tmp_path / "a" / "theta.npy"), np.load(tmp_path / "b" / "theta.npy")
+    assert np.abs(a - b).max() <= 1e-9 * np.abs(a).max()
+    la.assert_no_leftovers()
+    lb.assert_no_leftovers()
+
+
+def test_corrupt_newest_checkpoint_is_skipped(launch, tmp_path):
+    run = DATA + args(train__workers=2, train__steps=600, checkpoint__every_steps=200, checkpoint__keep=5)
+    la = launch(*run, "--set", f"output.dir={tmp_path / 'a'}")
+    assert la.wait()[0] == 0
+    paths = checkpoint.checkpoints(str(tmp_path / "a" / "checkpoints"))
+    assert [os.path.basename(p) for p in paths][-2:] == ["ckpt-0000000400.psrv", "ckpt-0000000600.psrv"]
+    with open(paths[-1], "r+b") as fh:  # flip one byte in the middle of the newest
+        fh.seek(os.path.getsize(paths[-1]) // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    lb = launch(*run, "--set", "train.steps=800", "--resume", str(tmp_path / "a"), "-v")
+    code, out, err = lb.wait()
+    assert code == 0, err
+    assert "ckpt-0000000600.psrv" in err and "checksum" in err  # the warning names the bad file
+    s = summary(tmp_path / "a")
+    assert s["resumed_from"].endswith("ckpt-0000000400.psrv") and s["steps"] == 800
+    lb.assert_no_leftovers()
+
+
+def test_workers_attach_mid_run_show_in_status_and_leave(launch, tmp_path):
+    la = launch(*DATA, *args(train__workers=2, data__shards=6, train__steps=200000, train__consistency="asp"),
+                *FAST, "--set", f"output.dir={tmp_path / 'out'}")
+    address = address_of(tmp_path / "out")
+    reach_step(address, 100)
+    attach = launch("--attach", address, "--workers", "1")
+    st = wait_for(lambda: (lambda s: s if len(s["workers"]) == 3 and all(w["alive"] for w in s["workers"])
+                           else None)(state(address)), 60, what="the attached worker in the status")
+    joined = next(w for w in st["workers"] if w["wid"] >= 2)
+    assert len(joined["shards"]) == 2                           # 6 shards over 3 workers: it took 2
+    wait_for(lambda: next(w for w in state(address)["workers"] if w["wid"] == joined["wid"])["pushes"] > 10, 60,
+             what="the attached worker to train")
+    step_before = state(address)["step"]
+    attach.proc.send_signal(signal.SIGINT)                      # it leaves (saying bye)
+    assert attach.wait()[0] == 130
+    attach.assert_no_leftovers()
+    left = next(w for w in state(address)["workers"] if w["wid"] == joined["wid"])
+    assert not left["alive"] and state(address)["deaths"] == 0   # it left, it did not die
+    reach_step(address, step_before + 200)                       # and the run goes on
+    text = subprocess.run([sys.executable, LAUNCH, "--status", address], capture_output=True, text=True,
+                          timeout=30).stdout
+    assert f"server {state(address)['server_id']}" in text and "wid" in text
+    la.proc.send_signal(signal.SIGINT)
+    la.wait()
+    la.assert_no_leftovers()
+
+
+def test_role_server_with_attached_workers(launch, tmp_path):
+    srv = launch(*DATA, *args(train__workers=2, train__steps=300, data__test_fraction=0.1), *FAST,
+                 "--role", "server", "--set", f"output.dir={tmp_path / 'out'}")
+    line = srv.proc.stdout.readline()
+    assert line.startswith("attach: tcp://127.0.0.1:")
+    address = line.split()[1]
+    assert (tmp_path / "out" / "address").read_text().strip() == address
+    workers = launch("--attach", address, "--workers", "2")
+    assert workers.wait()[0] == 0
+    code, out, err = srv.wait()
+    assert code == 0, err
+    s = summary(tmp_path / "out")
+    assert s["steps"] == 300 and s["test_rows"] == 2000 and s["test_metric"] > 0.9
+    workers.assert_no_leftovers()
+    srv.assert_no_leftovers()
+    assert not shm_of(workers.proc.pid)
+
+
+def test_uneven_shards_finish_under_bsp(tmp_path):
+    # 3 shards for 2 workers: one worker reads two thirds of the rows; 10001 rows do not divide evenly
+    r = psrv.train(None, ["data.n=10001", "data.shards=3", "train.workers=2", "train.epochs=2",
+                          "train.batch_size=100", f"output.dir={tmp_path}"])
+    s = r.summary
+    assert s["stopped_by"] == "epochs" and s["rows_visited"] == {"0": 10001, "1": 10001}
+
+
+def test_dynamic_schedule_gives_a_slow_worker_fewer_batches(tmp_path):
+    r = psrv.train(None, ["data.n=20000", "train.workers=2", "train.schedule=dynamic", "train.consistency=asp",
+                          "train.epochs=1", "train.batch_size=100", "debug.slow_worker=1", "debug.slow_ms=20",
+                          f"output.dir={tmp_path}"])
+    s = r.summary
+    assert s["rows_visited"] == {"0": 20000} and s["stopped_by"] == "epochs"   # every row once, whoever read it
+    fast, slow = s["pushes_applied"]["0"], s["pushes_applied"]["1"]
+    assert fast + slow == 200 and slow < fast / 2                              # the fast worker took the most
+
+
+def test_no_server_means_a_clear_worker_error(launch, tmp_path):
+    # attaching to nothing: the workers give up after worker.server_timeout_s, naming the address
+    la = launch("--attach", "tcp://127.0.0.1:9", "--workers", "1", "--set", "worker.server_timeout_s=1")
+    code, out, err = la.wait(timeout_s=60)
+    assert code == 1 and "tcp://127.0.0.1:9" in err
+    la.assert_no_leftovers()
+    assert not tagged_pids(la.tag)
