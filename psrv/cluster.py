@@ -99,11 +99,18 @@ class Cluster:
                  "slow_ms": d.slow_ms}
         core = self.cores[slot % len(self.cores)] if self.cfg.train.pin else None
         child = self._spawn(f"worker-{wid if wid >= 0 else slot}", worker.main, (
-            self.address, wid, debug, self.cfg.worker.server_timeout_s, local, self.prefix), core,
+            self.address, wid, debug, self._server_timeout_s(), local, self.prefix), core,
             wid if wid >= 0 else None)
         child.slot = slot
         self.workers.append(child)
         return child
+
+    def _server_timeout_s(self) -> float | None:
+        """A worker started for a server of our own uses our setting; an attached one takes the server's, unless
+        the user set one here."""
+        w = self.cfg.worker
+        return w.server_timeout_s if self.server is not None or "worker.server_timeout_s" in self.cfg.explicit \
+            else None
 
     # ------------------------------------------------------------------ following them
     def _drain(self, child: Child) -> None:

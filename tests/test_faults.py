@@ -236,3 +236,17 @@ def test_no_server_means_a_clear_worker_error(launch, tmp_path):
     assert code == 1 and "tcp://127.0.0.1:9" in err
     la.assert_no_leftovers()
     assert not tagged_pids(la.tag)
+
+
+def test_attached_workers_exit_with_a_clear_error_when_the_server_is_gone(launch, tmp_path):
+    srv = launch(*DATA, *args(train__workers=1, train__steps=10**9), *FAST, "--role", "server",
+                 "--set", f"output.dir={tmp_path / 'out'}")
+    address = srv.proc.stdout.readline().split()[1]
+    workers = launch("--attach", address, "--workers", "1", "--set", "worker.server_timeout_s=2")
+    reach_step(address, 50)
+    srv.proc.kill()                  # the launcher and, with it, its server: nobody restarts it
+    code, out, err = workers.wait(timeout_s=60)
+    assert code == 1
+    assert re.search(rf"no word from the server at {re.escape(address)} for [\d.]+ s", err)
+    workers.assert_no_leftovers()
+    srv.assert_no_leftovers(timeout_s=20)

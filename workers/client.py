@@ -81,8 +81,11 @@ class Heartbeat(threading.Thread):
 class Client:
     """One DEALER to the server, one request in flight at a time; replies are matched by request id."""
 
-    def __init__(self, address: str, timeout_s: float = 10.0, ctx=None):
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str, timeout_s: float | None = None, ctx=None):
+        """timeout_s: how long the server may stay silent; None means 10 s until the server's welcome says."""
+        self.address = address
+        self.timeout_fixed = timeout_s is not None
+        self.timeout_s = timeout_s if timeout_s is not None else 10.0
         self._own_ctx = ctx is None
         self.ctx = ctx or transport.context()
         self.sock = transport.dealer(self.ctx, address)
@@ -132,7 +135,8 @@ class Client:
                                   "pid": os.getpid(), "host": socket.gethostname(), "local": local})
         self.wid, self.inc, self.server_id, self.seq = h["wid"], h["inc"], h["server_id"], 0
         h["mean"], h["scale"] = (a.copy() for a in arrays)
-        self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
+        if not self.timeout_fixed:
+            self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
         self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"])
         self.heartbeat.start()
         return h

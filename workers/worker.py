@@ -94,7 +94,7 @@ class Rows:
 
 
 class Worker:
-    def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float = 10.0,
+    def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float | None = None,
                  local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None):
         self.wid, self.debug, self.local, self.prefix = wid, debug or {}, local, prefix
         self.reporter = reporter or proc.Reporter(None)
@@ -178,7 +178,7 @@ def _leave_on_sigterm(signum, frame):
     raise SystemExit(0)
 
 
-def main(address: str, wid: int, debug: dict, server_timeout_s: float, local: bool, prefix: str, conn,
+def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, conn,
          parent_pid: int, core, log_level: int) -> None:
     """Entry point of a worker process started by a launcher (spawn)."""
     proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
