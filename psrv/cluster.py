@@ -75,7 +75,7 @@ class Cluster:
             resume = ckpt if checkpoint.checkpoints(ckpt) else None
         self.server = self._spawn("server", server.main, (
             self.cfg.to_dict(), sorted(self.cfg.explicit), self.layout.to_dict(), self.out_dir,
-            self.address or None, resume, self.server_restarts, self.alone), self.server_core)
+            self.address or None, resume, self.server_restarts, self.alone, self.prefix), self.server_core)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             signals.check()

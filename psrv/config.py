@@ -130,6 +130,8 @@ class Worker:
     heartbeat_interval_s: float = opt(0.5, "seconds between heartbeats, sent from a thread of their own",
                                       lo=0.01, hi=60)
     server_timeout_s: float = opt(10.0, "silence from the server after which a worker gives up", lo=0.1, hi=3600)
+    shm: bool = opt(True, "workers on the server's machine read theta from shared memory and push gradients "
+                    "through it (false: everything over ZeroMQ)")
     rejoin: bool = opt(True, "a worker declared dead (e.g. it was paused) registers again as a new incarnation; "
                        "false: it exits")
 

@@ -117,18 +117,20 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
     os.makedirs(cfg.output.dir, exist_ok=True)
-    name = shards.run_prefix() + "data"
+    prefix = shards.run_prefix()
     try:
-        return _run_on_data(cfg, progress, log_level, name, role, ckpt)
+        return _run_on_data(cfg, progress, log_level, prefix, role, ckpt)
     finally:
-        # by name, not by handle: a signal may land after the segment exists but before anyone holds it
-        shards.unlink_name(name)
+        # by name, not by handle: a signal may land after a segment exists but before anyone holds it, and a
+        # server killed -9 leaves its theta and gradient slots behind
+        shards.unlink_name(prefix + "data")
+        shards.unlink_prefix(prefix)
 
 
-def _run_on_data(cfg, progress, log_level, name, role, ckpt) -> Result:
+def _run_on_data(cfg, progress, log_level, prefix, role, ckpt) -> Result:
     out = cfg.output.dir
     n_shards = cfg.data.shards or cfg.train.workers
-    block, layout = data.build(cfg, n_shards, name)
+    block, layout = data.build(cfg, n_shards, prefix + "data")
     with block:
         signals.check()
         layout.extra["classes"] = check_model(cfg, block)
@@ -136,7 +138,8 @@ def _run_on_data(cfg, progress, log_level, name, role, ckpt) -> Result:
         cfg.data.n, cfg.data.d = block.spec.n_train + block.spec.n_test, block.spec.d
         with open(os.path.join(out, "config.toml"), "w") as fh:
             fh.write(config_mod.to_toml(cfg))
-        with Cluster(cfg, out, log_level, layout=layout, resume=ckpt, alone=role == "server") as cluster:
+        with Cluster(cfg, out, log_level, layout=layout, resume=ckpt, alone=role == "server",
+                     prefix=prefix) as cluster:
             address = cluster.start_server()
             with open(os.path.join(out, "address"), "w") as fh:
                 fh.write(address + "\n")

@@ -80,11 +80,16 @@ def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through `finally`: sockets closed, shared memory released
+
+
 def child_setup(role: str, parent_pid: int, core: int | None, log_level: int) -> None:
     """First call in every child: die with the parent, leave Ctrl-C to the launcher, pin, set up logging."""
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group; the launcher alone decides how to shut down, then sends SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if core is not None:
         try:
             os.sched_setaffinity(0, {core})
@@ -93,6 +98,25 @@ def child_setup(role: str, parent_pid: int, core: int | None, log_level: int) ->
     mp.current_process().name = role
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(processName)s %(levelname)s %(message)s", force=True)
+
+
+@contextlib.contextmanager
+def profiled(role: str):
+    """With PSRV_PROFILE_DIR set, profile this process with cProfile and write <dir>/<role>-<pid>.prof at exit:
+    how the benchmarks explain a missed target from a profile rather than a guess."""
+    out = os.environ.get("PSRV_PROFILE_DIR")
+    if not out:
+        yield
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        os.makedirs(out, exist_ok=True)
+        prof.dump_stats(os.path.join(out, f"{role}-{os.getpid()}.prof"))
 
 
 class Reporter:

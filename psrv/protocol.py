@@ -38,27 +38,29 @@ class Op(str, Enum):
     ERROR = "error"
 
 
-# Per op: the header fields (name -> type) and how many array frames follow. Every field is required, except
-# `rid`, an optional request id that the server echoes in its reply. Fields not listed are an error.
+# Per op: the header fields (name -> type) and how many array frames may follow. Every field is required, except
+# `rid`, an optional request id that the server echoes in its reply. Fields not listed are an error. A push or a
+# theta reply has no array frame when the array travels through shared memory instead (docs/protocol.md).
 _I, _F, _S, _B, _M, _L = int, float, str, bool, dict, list
 REQUESTS: dict[str, tuple[dict[str, type], int]] = {
-    Op.HELLO: ({"version": _I, "role": _S, "wid": _I, "pid": _I, "host": _S, "local": _B}, 0),
-    Op.PULL: ({"wid": _I, "inc": _I, "clock": _I}, 0),
-    Op.PUSH: ({"wid": _I, "inc": _I, "sid": _S, "seq": _I, "clock": _I, "loss": _F, "count": _I, "pull": _B}, 1),
-    Op.HEARTBEAT: ({"wid": _I, "inc": _I}, 0),
-    Op.BYE: ({"wid": _I, "inc": _I}, 0),
-    Op.STATUS: ({}, 0),
+    Op.HELLO: ({"version": _I, "role": _S, "wid": _I, "pid": _I, "host": _S, "local": _B}, (0,)),
+    Op.PULL: ({"wid": _I, "inc": _I, "clock": _I}, (0,)),
+    Op.PUSH: ({"wid": _I, "inc": _I, "sid": _S, "seq": _I, "clock": _I, "version": _I, "loss": _F, "count": _I,
+               "pull": _B, "compute_s": _F, "request_s": _F}, (0, 1)),
+    Op.HEARTBEAT: ({"wid": _I, "inc": _I}, (0,)),
+    Op.BYE: ({"wid": _I, "inc": _I}, (0,)),
+    Op.STATUS: ({}, (0,)),
 }
 REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.WELCOME: ({"version": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
-                  "data": _M, "train": _M, "model": _M}, 2),
-    Op.THETA: ({"clock": _I, "version": _I, "batch": _L}, 1),
-    Op.ACK: ({"applied": _B, "reason": _S}, 0),
-    Op.STOP: ({"reason": _S}, 0),
-    Op.HEARTBEAT: ({"server_id": _S, "step": _I, "alive": _B}, 0),
-    Op.BYE: ({}, 0),
-    Op.STATUS: ({"state": _M}, 0),
-    Op.ERROR: ({"code": _S, "reason": _S}, 0),
+                  "data": _M, "train": _M, "model": _M}, (2,)),
+    Op.THETA: ({"clock": _I, "version": _I, "batch": _L}, (0, 1)),
+    Op.ACK: ({"applied": _B, "reason": _S}, (0,)),
+    Op.STOP: ({"reason": _S}, (0,)),
+    Op.HEARTBEAT: ({"server_id": _S, "step": _I, "alive": _B}, (0,)),
+    Op.BYE: ({}, (0,)),
+    Op.STATUS: ({"state": _M}, (0,)),
+    Op.ERROR: ({"code": _S, "reason": _S}, (0,)),
 }
 
 
@@ -88,35 +90,59 @@ def _buffer(frame) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
 
 
+_MISSING = object()
+_FAST: dict = {}  # table id, op -> (the exact key set, field names, their exact types), for the common case
+
+
+def _fast_spec(table: dict, op: str):
+    key = (id(table), op)
+    if key not in _FAST:
+        spec = table[op][0]
+        _FAST[key] = (frozenset(spec) | {"op"}, tuple(spec), tuple(spec.values()))
+    return _FAST[key]
+
+
 def _check_fields(op: str, header: dict, spec: dict[str, type]) -> None:
+    """Every listed field present with its type (an int is accepted for a float), no other field but `op`,
+    `arrays` and an integer `rid`. Python ints cannot overflow, so no range is checked here."""
     for name, t in spec.items():
-        if name not in header:
+        v = header.get(name, _MISSING)
+        tv = type(v)
+        if tv is t or (t is float and tv is int):
+            continue
+        if v is _MISSING:
             raise ProtocolError(f"{op}: missing field '{name}'", "bad_field")
-        v = header[name]
-        ok = isinstance(v, t) and not (t is int and isinstance(v, bool))
-        if t is float and isinstance(v, int) and not isinstance(v, bool):
-            ok = True
-        if not ok:
-            raise ProtocolError(f"{op}: field '{name}' must be {t.__name__}, got {type(v).__name__}", "bad_field")
-        if t is int and not -(2**63) <= v < 2**63:
-            raise ProtocolError(f"{op}: field '{name}' out of range", "bad_field")
-    extra = set(header) - set(spec) - {"op", "arrays", "rid"}
-    if extra:
+        raise ProtocolError(f"{op}: field '{name}' must be {t.__name__}, got {tv.__name__}", "bad_field")
+    if len(header) != len(spec) + 1 + ("arrays" in header) + ("rid" in header):
+        extra = set(header) - set(spec) - {"op", "arrays", "rid"}
         raise ProtocolError(f"{op}: unknown field(s) {sorted(extra)}", "bad_field")
-    if "rid" in header and not (isinstance(header["rid"], int) and not isinstance(header["rid"], bool)):
+    if "rid" in header and type(header["rid"]) is not int:
         raise ProtocolError(f"{op}: field 'rid' must be int", "bad_field")
 
 
+def _fields_ok(table: dict, op: str, header: dict) -> bool:
+    """The common case in a few C-level operations: exactly the listed keys (plus arrays and rid), exact types."""
+    keys, names, types = _fast_spec(table, op)
+    rid = header.pop("rid", None)
+    arrays = header.pop("arrays", None)
+    ok = header.keys() == keys and tuple(map(type, map(header.__getitem__, names))) == types \
+        and (rid is None or type(rid) is int)
+    if rid is not None:
+        header["rid"] = rid
+    if arrays is not None:
+        header["arrays"] = arrays
+    return ok
+
+
 def _array(op: str, i: int, descr, frame) -> np.ndarray:
-    if not (isinstance(descr, list) and len(descr) == 2 and isinstance(descr[0], str) and isinstance(descr[1], list)):
+    if not (type(descr) is list and len(descr) == 2 and type(descr[0]) is str and type(descr[1]) is list):
         raise ProtocolError(f"{op}: arrays[{i}] must be [dtype, shape]", "bad_array")
     dtype_str, shape = descr
     dtype = DTYPES.get(dtype_str)
     if dtype is None:
         raise ProtocolError(f"{op}: arrays[{i}] dtype {dtype_str!r} not allowed; allowed: {sorted(DTYPES)}",
                             "bad_dtype")
-    if len(shape) > MAX_NDIM or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**40
-                                        for x in shape):
+    if len(shape) > MAX_NDIM or not all(type(x) is int and 0 <= x < 2**40 for x in shape):
         raise ProtocolError(f"{op}: arrays[{i}] shape {shape!r} is not a list of at most {MAX_NDIM} sizes",
                             "bad_shape")
     nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
@@ -145,21 +171,25 @@ def decode(frames: Sequence, table: dict = REQUESTS) -> tuple[dict, list[np.ndar
         raise
     except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}", "bad_header") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}", "bad_header")
     op = header.get("op")
-    if not isinstance(op, str):
+    if type(op) is not str:
         raise ProtocolError("header has no string 'op'", "bad_header")
-    if op not in table:
+    entry = table.get(op)
+    if entry is None:
         known = ", ".join(sorted(str(o.value) for o in table))
         raise ProtocolError(f"unknown op {op!r}; known ops: {known}", "unknown_op")
-    spec, n_arrays = table[op]
-    _check_fields(op, header, spec)
+    spec, n_arrays = entry
+    if not _fields_ok(table, op, header):
+        _check_fields(op, header, spec)  # the slow path: accepts ints for floats, or says exactly what is wrong
     descr = header.get("arrays", [])
-    if not isinstance(descr, list) or len(descr) != n_arrays or len(frames) != 1 + n_arrays:
-        raise ProtocolError(f"{op} carries {n_arrays} array frame(s); got {len(frames) - 1} frame(s) and "
-                            f"{len(descr) if isinstance(descr, list) else '?'} descriptor(s)", "bad_frames")
-    arrays = [_array(op, i, d, f) for i, (d, f) in enumerate(zip(descr, frames[1:]))]
+    n = len(frames) - 1
+    if type(descr) is not list or len(descr) != n or n not in n_arrays:
+        allowed = " or ".join(str(k) for k in n_arrays)
+        raise ProtocolError(f"{op} carries {allowed} array frame(s); got {n} frame(s) and "
+                            f"{len(descr) if type(descr) is list else '?'} descriptor(s)", "bad_frames")
+    arrays = [_array(op, i, d, f) for i, (d, f) in enumerate(zip(descr, frames[1:]))] if n else []
     return header, arrays
 
 

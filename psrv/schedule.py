@@ -101,20 +101,30 @@ class Shards:
         self.cursors = [Cursor(size=int(s)) for s in sizes]
         self.dynamic = dynamic
         self.lease: dict[int, int] = {}  # shard -> wid (static schedule)
+        self._held: dict[int, list[int]] = {}  # wid -> its shards, derived from lease (asked for at every batch)
 
     def rebalance(self, live: list[int]) -> None:
         if not self.dynamic:
             self.lease = assign(len(self.cursors), live, self.lease)
+            self._held = {}
 
     def held_by(self, wid: int) -> list[int]:
         if self.dynamic:
             return list(range(len(self.cursors)))
-        return sorted(s for s, w in self.lease.items() if w == wid)
+        held = self._held.get(wid)
+        if held is None:
+            held = self._held[wid] = sorted(s for s, w in self.lease.items() if w == wid)
+        return held
 
     def next_batch(self, wid: int, batch_size: int, epochs: int = 0) -> list[int] | None:
         """[shard, epoch, start, count] from the least-read shard this worker may read, or None when none has rows
         left (train.epochs reached)."""
-        open_shards = [s for s in self.held_by(wid) if not self.cursors[s].done(epochs)]
+        held = self.held_by(wid)
+        if len(held) == 1:  # the common case, without the search
+            s = held[0]
+            c = self.cursors[s]
+            return None if c.done(epochs) else [s, *c.take(batch_size)]
+        open_shards = [s for s in held if not self.cursors[s].done(epochs)]
         if not open_shards:
             return None
         s = min(open_shards, key=lambda s: (self.cursors[s].read(), s))
@@ -154,3 +164,4 @@ class Shards:
             raise ValueError(f"checkpoint shards have sizes {saved}; this data has {sizes}")
         self.cursors = [Cursor(size=c[0], epoch=c[1], pos=c[2], returned=[list(b) for b in c[3]],
                                visited={int(e): int(k) for e, k in c[4]}) for c in st["cursors"]]
+        self._held = {}

@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .protocol import Op
 from .schedule import Shards
 from .shards import DataBlock
+from .shmarray import SeqlockArray, SharedArray
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Peer:
     samples: int = 0
     served_version: int = 0       # theta version of its last pull (for the version lag)
     last_staleness: int = 0
+    shm: bool = False             # reads theta from shared memory and pushes through its slot
+    parked_s: float = 0.0         # when its pull was parked (for the time spent waiting)
     # (time, pushes) marks at most every RATE_MARK_S: the push rate over the last RATE_WINDOW_S, in O(1) memory
     rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
 
@@ -76,6 +79,9 @@ class Stats:
     deaths: int = 0
     worker_restarts: int = 0
     pushes: dict = field(default_factory=dict)        # wid -> gradients applied (every incarnation)
+    compute_s: float = 0.0        # summed over applied pushes: time workers spent computing gradients
+    request_s: float = 0.0        # ... and waiting for the reply to their previous push (network + server + barrier)
+    wait_s: float = 0.0           # time pulls spent parked at the server (barrier or staleness bound)
 
     MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
 
@@ -96,7 +102,7 @@ class Stats:
 class Server:
     def __init__(self, cfg: config_mod.Config, layout: dict, out_dir: str, reporter: proc.Reporter | None = None,
                  bind: str | None = None, resume: str | None = None, server_restarts: int = 0,
-                 alone: bool = False):
+                 alone: bool = False, shm_prefix: str = ""):
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
         self.alone = alone                        # started with --role server: waits for workers as long as needed
         self.layout = data.Layout.from_dict(layout)
@@ -105,8 +111,24 @@ class Server:
         self.n_expected = t.workers
         self.model = models.make(cfg.model.kind, self.block.spec.d, cfg.model.fit_intercept, self.block.spec.dtype,
                                  self.layout.extra.get("classes", 0))
-        self.theta = self.model.init_theta()
+        self.server_id = uuid.uuid4().hex[:12]
+        theta0 = self.model.init_theta()
+        # local workers read theta from shared memory (a seqlock) and write gradients into slots there; theta then
+        # lives in that segment and is updated in place. Workers elsewhere get it over ZeroMQ.
+        self.shm_prefix = shm_prefix if cfg.worker.shm else ""
+        self.theta_shm = None
+        self.slots: dict[int, SharedArray] = {}
+        if self.shm_prefix:
+            self.theta_shm = SeqlockArray.create(f"{self.shm_prefix}theta_{self.server_id}", theta0.shape,
+                                                 theta0.dtype)
+            self.theta = self.theta_shm.array
+            self.theta[...] = theta0
+        else:
+            self.theta = theta0
         self.opt = optim.make(t.optimizer, self.theta, t)
+        self.work = np.empty_like(self.theta)    # the update's input when it must be scaled or penalized
+        self.work2 = np.empty_like(self.theta)
+        self._lr_cache = (-1, 0.0)
         # l2 penalizes the weights, never the intercept row; a custom model's theta is penalized whole
         self.l2_rows = self.block.spec.d if isinstance(self.model, models._Glm) else self.theta.shape[0]
         self.version = 0                         # updates applied to theta
@@ -123,7 +145,6 @@ class Server:
         self.saved_clocks: dict[int, int] = {}   # wid -> clock at the checkpoint this server resumed from
         self.parked: dict[int, tuple[bytes, int, int | None]] = {}  # wid -> (ident, clock, rid) of a waiting pull
         self.stats = Stats()
-        self.server_id = uuid.uuid4().hex[:12]
         self.server_restarts = server_restarts
         self.started_s: float | None = None
         self.t0 = time.monotonic()
@@ -131,8 +152,9 @@ class Server:
         self.last_progress_s = 0.0
         self.stopping = ""                       # why the run is ending ("" while it is not)
         self.done = False
-        self.evaluated_step = -1
-        self.checkpointed_step = -1
+        self.evaluated_step = 0
+        self.checkpointed_step = 0
+        self.updated = False                     # an update happened that bookkeeping() has not seen yet
         self.resumed_from: str | None = None
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(out_dir, "checkpoints")
         os.makedirs(out_dir, exist_ok=True)
@@ -147,6 +169,7 @@ class Server:
         self.metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), t.log_every, t.tol, t.tol_window,
                                append=self.resumed_from is not None)
         self.metrics.logged_step = self.step
+        self.handlers = {op.value: getattr(self, f"on_{op.value}") for op in protocol.REQUESTS}
         self.ctx = transport.context()
         self.sock, self.address = transport.router(
             self.ctx, bind or cfg.server.bind,
@@ -161,12 +184,12 @@ class Server:
         while not self.done:
             if poller.poll(POLL_MS):
                 for _ in range(DRAIN_MAX):
-                    frames = transport.recv_nowait(self.sock)
-                    if frames is None:
+                    if not transport.readable(self.sock):
                         break
-                    self.handle(frames)
+                    self.handle(transport.recv_now(self.sock))
             now = time.monotonic()
             self.check_liveness(now)
+            self.bookkeeping()
             if not self.gate.open and not self.alone and now > join_deadline:
                 joined = sorted(w for w, p in self.peers.items() if p.alive)
                 missing = [w for w in range(self.n_expected) if w not in joined]
@@ -187,11 +210,12 @@ class Server:
         try:
             header, arrays = protocol.decode(body, protocol.REQUESTS)
             rid = header.get("rid")
-            getattr(self, "on_" + header["op"])(ident, header, arrays)
+            self.handlers[header["op"]](ident, header, arrays)
         except ProtocolError as e:
             self.stats.bad_messages += 1
             log.debug("bad message from %r: %s", ident, e)
             transport.send(self.sock, protocol.error(e.code, str(e), rid), ident, block=False)
+        self.bookkeeping()
 
     def reply(self, ident: bytes, header: dict, arrays=(), rid: int | None = None) -> None:
         if rid is not None:
@@ -226,6 +250,11 @@ class Server:
         self.incarnations[wid] = inc
         self.peers[wid] = p = Peer(wid=wid, inc=inc, ident=ident, pid=h["pid"], host=h["host"], local=h["local"],
                                    joined_s=now, last_seen_s=now)
+        if h["local"] and self.theta_shm is not None:
+            p.shm = True
+            if wid not in self.slots:  # kept across incarnations of the same worker id
+                self.slots[wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{wid}",
+                                                     self.theta.shape, self.theta.dtype)
         self._membership_changed()
         log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", wid, p.pid, p.host, inc,
                  self.shards.held_by(wid))
@@ -247,6 +276,8 @@ class Server:
         spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
         if not p.local:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
+        if p.shm:
+            spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
         return {
             "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": p.wid, "inc": p.inc,
             "server_id": self.server_id, "theta_shape": list(self.theta.shape), "theta_dtype": self.theta.dtype.str,
@@ -292,11 +323,17 @@ class Server:
         p = self._peer(h)
         p.ident = ident
         rid = h.get("rid")
-        if h["seq"] <= p.seq:
+        seq = h["seq"]
+        if seq <= p.seq:
             self.stats.duplicates += 1
             self.reply(ident, {"op": Op.ACK.value, "applied": False, "reason": "duplicate"}, rid=rid)
             return
-        grad = arrays[0]
+        if arrays:
+            grad = arrays[0]
+        elif p.shm:
+            grad = self.slots[p.wid].array  # it wrote its gradient there before sending this push
+        else:
+            raise ProtocolError(f"push: no gradient frame, and worker {p.wid} has no shared-memory slot", "bad_frames")
         if grad.dtype != self.theta.dtype or grad.shape != self.theta.shape:
             raise ProtocolError(f"push: gradient {grad.dtype.str} {list(grad.shape)} does not match theta "
                                 f"{self.theta.dtype.str} {list(self.theta.shape)}", "bad_shape")
@@ -304,45 +341,48 @@ class Server:
             raise ProtocolError("push: count must be >= 1", "bad_field")
         if not np.isfinite(grad).all():
             self._count_rejected("nonfinite")
-            p.seq = h["seq"]
+            p.seq = seq
             raise ProtocolError(f"push: gradient from worker {p.wid} has NaN or Inf; not applied", "nonfinite")
         clock = h["clock"]
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
-            p.seq = h["seq"]
+            p.seq = seq
             self._finish_peer(p, rid, self.stopping)
             return
         try:
             decision = self.gate.push(p.wid, clock)
         except ValueError as e:
             raise ProtocolError(f"push: {e}", "bad_clock") from None
-        p.seq = h["seq"]
-        p.pushes += 1
-        now = time.monotonic()
-        if not p.rate_marks or now - p.rate_marks[-1][0] >= RATE_MARK_S:
-            p.rate_marks.append((now, p.pushes))
+        p.seq = seq
         p.clock = clock + 1
         batch, p.inflight = p.inflight, None
-        if decision == LATE:
-            self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
-        else:
+        applied = decision != LATE
+        if applied:
+            staleness, lag = self.gate.staleness_of(p.wid, clock), self.version - h["version"]
             if batch is not None:
                 self.shards.commit(batch)
-            self._record(p, h, self.gate.staleness_of(p.wid, clock))
             grad = self._clip(grad)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
-                self._update(grad * (1.0 / max(1, len(self.gate.members))), self.step)
+                self._update(grad, self.step, scale=1.0 / max(1, len(self.gate.members)))
             else:
                 self.acc += grad
                 self.acc_n += 1
                 if decision == COMPLETE:
                     self._apply_step()
+        # answer first: the counting below need not delay the worker
         if h["pull"]:
             self.pull(p, clock + 1, rid)
         else:
-            self.reply(ident, {"op": Op.ACK.value, "applied": decision != LATE,
-                               "reason": "late" if decision == LATE else ""}, rid=rid)
+            self.reply(ident, {"op": Op.ACK.value, "applied": applied, "reason": "" if applied else "late"}, rid=rid)
         self.release_parked()
+        p.pushes += 1
+        now = time.monotonic()
+        if not p.rate_marks or now - p.rate_marks[-1][0] >= RATE_MARK_S:
+            p.rate_marks.append((now, p.pushes))
+        if applied:
+            self._record(p, h, staleness, lag)
+        else:
+            self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
 
     def on_heartbeat(self, ident, h, arrays):
         p = self.peers.get(h["wid"])
@@ -380,6 +420,7 @@ class Server:
             self.serve(p, clock, rid)
         else:
             self.parked[p.wid] = (p.ident, clock, rid)
+            p.parked_s = time.monotonic()
 
     def serve(self, p: Peer, clock: int, rid) -> None:
         batch = self.shards.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
@@ -396,8 +437,12 @@ class Server:
             return
         clock = self.gate.serve(p.wid, clock)
         p.clock, p.inflight, p.served_version = clock, batch, self.version
+        if p.parked_s:
+            self.stats.wait_s += time.monotonic() - p.parked_s
+            p.parked_s = 0.0
+        # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         self.reply(p.ident, {"op": Op.THETA.value, "clock": clock, "version": self.version, "batch": batch},
-                   [self.published()], rid=rid)
+                   () if p.shm else (self.published(),), rid=rid)
 
     def release_parked(self) -> None:
         """Answer every parked pull the gate now allows. Answering one can end a step or a worker and so call this
@@ -421,12 +466,15 @@ class Server:
         return self._published
 
     # ------------------------------------------------------------------ updates
-    def _record(self, p: Peer, h, staleness: int) -> None:
+    def _record(self, p: Peer, h, staleness: int, lag: int) -> None:
         s = self.stats
         s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
         s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
-        s.version_lag_max = max(s.version_lag_max, self.version - p.served_version)
+        if lag > s.version_lag_max:
+            s.version_lag_max = lag
         s.samples += h["count"]
+        s.compute_s += h["compute_s"]
+        s.request_s += h["request_s"]
         p.samples += h["count"]
         p.last_staleness = staleness
         self.metrics.add_batch(h["loss"], h["count"])
@@ -443,19 +491,33 @@ class Server:
                 return grad * (limit / norm)
         return grad
 
-    def _update(self, grad: np.ndarray, step: int) -> None:
-        """One optimizer update with the learning rate of `step` (0-based), after the L2 term."""
-        t = self.cfg.train
-        if self.cfg.model.l2:
-            if not grad.flags.writeable:  # a zero-copy view of a received frame
-                grad = grad.copy()
-            grad[:self.l2_rows] += self.cfg.model.l2 * self.theta[:self.l2_rows]
-        lr = optim.lr_at(step, t.lr, t.lr_schedule, self.max_steps or t.steps, t.lr_decay, t.lr_decay_every,
-                         t.lr_min)
-        self.opt.step(self.theta, grad, lr)
+    def _update(self, grad: np.ndarray, step: int, scale: float = 1.0) -> None:
+        """One optimizer update with the learning rate of `step` (0-based), after weighting and the L2 term. grad
+        may be a read-only frame or a worker's slot: anything derived goes into preallocated buffers."""
+        t, l2 = self.cfg.train, self.cfg.model.l2
+        if scale != 1.0 or l2:
+            np.multiply(grad, scale, out=self.work)
+            grad = self.work
+            if l2:
+                r = self.l2_rows
+                np.multiply(self.theta[:r], l2, out=self.work2[:r])
+                grad[:r] += self.work2[:r]
+        if self._lr_cache[0] != step:
+            self._lr_cache = (step, optim.lr_at(step, t.lr, t.lr_schedule, self.max_steps or t.steps, t.lr_decay,
+                                                t.lr_decay_every, t.lr_min))
+        if self.theta_shm is not None:
+            self.theta_shm.begin_write()
+            self.opt.step(self.theta, grad, self._lr_cache[1])
+            self.theta_shm.end_write(self.version + 1)
+        else:
+            self.opt.step(self.theta, grad, self._lr_cache[1])
         self.version += 1
         self._published = None
-        self._after_update()
+        if self.gate.mode != "bsp":
+            self.stats.applied += 1
+        self.updated = True
+        if self.max_steps is not None and self.step >= self.max_steps:
+            self.stop_all("steps")
 
     def _apply_step(self) -> None:
         """BSP: theta <- optimizer(mean of this step's gradients). The gate has already moved on to the next step."""
@@ -465,23 +527,23 @@ class Server:
         self.acc[...] = 0.0
         self.acc_n = 0
 
-    def _after_update(self) -> None:
-        if self.gate.mode != "bsp":
-            self.stats.applied += 1
+    def bookkeeping(self) -> None:
+        """After updates, once the replies have gone out: metrics line, plateau test, evaluation, checkpoint."""
+        if not self.updated:
+            return
+        self.updated = False
         step = self.step
         if self.metrics.due(step):
             self.metrics.log_train(step, self.elapsed_s(), self.stats.samples)
             if self.metrics.plateaued():
                 self.stop_all("tol")
         every = self.cfg.train.eval_every
-        if every and self.block.spec.n_test and step % every == 0 and step != self.evaluated_step:
-            self.evaluated_step = step
+        if every and self.block.spec.n_test and step >= self.evaluated_step + every:
+            self.evaluated_step = step - step % every
             self.evaluate(step)
         every = self.cfg.checkpoint.every_steps
-        if every and step % every == 0 and step != self.checkpointed_step:
+        if every and step >= self.checkpointed_step + every:
             self.save_checkpoint()
-        if self.max_steps is not None and step >= self.max_steps:
-            self.stop_all("steps")
 
     def evaluate(self, step: int) -> tuple[float, float] | None:
         if self.block.spec.n_test == 0:
@@ -632,6 +694,7 @@ class Server:
         }
 
     def finish(self) -> dict:
+        self.bookkeeping()
         wall = self.elapsed_s()
         step = self.step
         self.metrics.log_train(step, wall, self.stats.samples)
@@ -668,6 +731,7 @@ class Server:
             "version_lag_max": s.version_lag_max,
             "dropped_grads": {str(k): v for k, v in sorted(s.dropped.items())},
             "pushes_applied": {str(k): v for k, v in sorted(s.pushes.items())},
+            "time_per_push_ms": _time_split(s),
             "rows_visited": {str(k): v for k, v in self.shards.rows_visited().items()},
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
         }
@@ -684,6 +748,19 @@ class Server:
         self.ctx.term()
         self.metrics.close()
         self.block.close()
+        for seg in [self.theta_shm, *self.slots.values()]:
+            if seg is not None:
+                seg.close()  # the creator unlinks
+
+
+def _time_split(s: Stats) -> dict:
+    """Where a worker's step goes, per applied push: computing the gradient, waiting at the server for the barrier
+    or the staleness bound, and the rest of the round trip (communication and server work)."""
+    n = sum(s.pushes.values())
+    if not n:
+        return {}
+    return {"compute": 1000 * s.compute_s / n, "wait": 1000 * s.wait_s / n,
+            "communication": 1000 * max(s.request_s - s.wait_s, 0.0) / n}
 
 
 def _write_json(path: str, obj) -> None:
@@ -695,7 +772,7 @@ def _write_json(path: str, obj) -> None:
 
 
 def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str | None, resume: str | None,
-         server_restarts: int, alone: bool, conn, parent_pid: int, core, log_level: int):
+         server_restarts: int, alone: bool, shm_prefix: str, conn, parent_pid: int, core, log_level: int):
     """Entry point of the server process (started with spawn by the launcher)."""
     proc.child_setup("server", parent_pid, core, log_level)
     reporter = proc.Reporter(conn)
@@ -703,8 +780,9 @@ def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str |
     try:
         cfg = config_mod.Config.from_dict(cfg_dict, frozenset(explicit))
         server = Server(cfg, layout, out_dir, reporter, bind=bind, resume=resume, server_restarts=server_restarts,
-                        alone=alone)
-        summary = server.run()
+                        alone=alone, shm_prefix=shm_prefix)
+        with proc.profiled("server"):
+            summary = server.run()
         reporter.send("done", summary=summary)
     except RunError as e:
         log.error("%s", e)

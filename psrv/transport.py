@@ -75,6 +75,16 @@ def recv(sock: zmq.Socket, timeout_ms: int) -> list | None:
     return None
 
 
+def readable(sock: zmq.Socket) -> bool:
+    """A whole message is waiting (checking is much cheaper than a non-blocking receive that raises Again)."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+
+def recv_now(sock: zmq.Socket) -> list:
+    """The frames of a message known to be waiting (see readable())."""
+    return sock.recv_multipart(copy=False)
+
+
 def recv_nowait(sock: zmq.Socket) -> list | None:
     try:
         return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
@@ -89,5 +99,5 @@ def poller(*socks: zmq.Socket) -> zmq.Poller:
     return p
 
 
-__all__ = ["context", "router", "dealer", "send", "recv", "recv_nowait", "poller", "Again", "ZMQError",
-           "ProtocolError"]
+__all__ = ["context", "router", "dealer", "send", "recv", "recv_nowait", "readable", "recv_now", "poller", "Again",
+           "ZMQError", "ProtocolError"]

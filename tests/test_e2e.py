@@ -65,12 +65,13 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
     return np.r_[w, theta[-1] - mean @ w]
 
 
-@pytest.mark.parametrize("how,workers", [("range", 2), ("hash", 3)])
-def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers):
+@pytest.mark.parametrize("how,workers,shm", [("range", 2, True), ("hash", 3, True), ("range", 2, False)])
+def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm):
     n, d, batch, steps, lr = 2000, 5, 32, 80, 0.05   # 80 steps of 32 rows cross an epoch of every shard
     result = psrv.train({"data": {"n": n, "d": d, "partition": how, "seed": 4},
                          "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr,
                                    "seed": 11, "lr_schedule": "cosine"},
+                         "worker": {"shm": shm},      # theta and gradients through shared memory, or ZeroMQ
                          "output": {"dir": str(tmp_path)}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
     expected = serial_bsp(X, y, shard_rows(n, workers, how), batch, steps, cosine(lr, steps), seed=11)

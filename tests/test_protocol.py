@@ -11,8 +11,8 @@ def frames_bytes(frames):
 
 
 def push(**over):
-    h = {"op": "push", "wid": 0, "inc": 1, "sid": "s", "seq": 1, "clock": 0, "loss": 0.5, "count": 4, "pull": True,
-         **over}
+    h = {"op": "push", "wid": 0, "inc": 1, "sid": "s", "seq": 1, "clock": 0, "version": 0, "loss": 0.5, "count": 4,
+         "pull": True, "compute_s": 0.0, "request_s": 0.0, **over}
     return h
 
 
@@ -23,6 +23,16 @@ def test_round_trip_with_array():
     h, arrays = protocol.decode(frames)
     assert h["op"] == "push" and h["arrays"] == [["<f8", [2, 3]]]
     np.testing.assert_array_equal(arrays[0], g)
+
+
+def test_fast_and_slow_field_checks_agree():
+    # an int where a float is expected takes the slow path and is accepted; a float for an int is refused
+    h, _ = protocol.decode(frames_bytes(protocol.encode(push(loss=1), [np.zeros(2)])))
+    assert h["loss"] == 1
+    with pytest.raises(ProtocolError, match="'clock' must be int, got float"):
+        protocol.decode(frames_bytes(protocol.encode(push(clock=1.0), [np.zeros(2)])))
+    h, _ = protocol.decode(frames_bytes(protocol.encode(push(rid=7), [np.zeros(2)])))
+    assert h["rid"] == 7 and h["arrays"] == [["<f8", [2]]]
 
 
 def test_header_only_messages():
@@ -54,14 +64,15 @@ G = np.zeros(3).tobytes()
     ([msgpack.packb([1, 2])], "bad_header", "must be a map"),
     ([msgpack.packb({"x": 1})], "bad_header", "no string 'op'"),
     (raw({"op": "launch"}), "unknown_op", "known ops: bye, heartbeat, hello, pull, push, status"),
-    (raw({**push(), "arrays": [["<f8", [3]]]}), "bad_frames", "carries 1 array"),   # descriptor, no frame
+    (raw({**push(), "arrays": [["<f8", [3]]]}), "bad_frames", "carries 0 or 1 array"),   # descriptor, no frame
     (raw({**push(), "arrays": [["|O", [3]]]}, G), "bad_dtype", "not allowed"),
     (raw({**push(), "arrays": [[">f8", [3]]]}, G), "bad_dtype", "not allowed"),
     (raw({**push(), "arrays": [["<f8", [4]]]}, G), "bad_size", "needs 32"),
     (raw({**push(), "arrays": [["<f8", [-3]]]}, G), "bad_shape", "shape"),
     (raw({**push(), "arrays": [["<f8", [2**39, 2**39]]]}, G), "too_large", "over the cap"),
     (raw({**push(), "arrays": [["<f8", "3"]]}, G), "bad_array", "[dtype, shape]"),
-    (raw({**push(), "arrays": [["<f8", [3]]]}, G, G, G), "bad_frames", "carries 1 array"),
+    (raw({**push(), "arrays": [["<f8", [3]]]}, G, G, G), "bad_frames", "carries 0 or 1 array"),
+    (raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0}, G), "bad_frames", "carries 0 array"),
     ([msgpack.packb({"op": "pull"}), b"", b"", b"", b""], "bad_frames", "1 to 4 frames"),
     (raw({"op": "pull", "wid": "0", "inc": 1, "clock": 0}), "bad_field", "'wid' must be int"),
     (raw({"op": "pull", "wid": True, "inc": 1, "clock": 0}), "bad_field", "'wid' must be int"),

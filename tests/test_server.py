@@ -66,8 +66,8 @@ ANONYMOUS = [
     ([msgpack.packb({"op": "hello", "version": protocol.VERSION, "role": "worker", "wid": -5, "pid": 1,
                      "host": "h", "local": True})], "bad_wid"),
     ([msgpack.packb({"op": "push", "wid": 0, "inc": 1, "sid": "not-this-server", "seq": 1, "clock": 0,
-                     "loss": 0.0, "count": 1, "pull": False, "arrays": [["<f8", [5]]]}), np.zeros(5).tobytes()],
-     "stale_server"),
+                     "version": 0, "loss": 0.0, "count": 1, "pull": False, "compute_s": 0.0, "request_s": 0.0,
+                     "arrays": [["<f8", [5]]]}), np.zeros(5).tobytes()], "stale_server"),
 ]
 
 

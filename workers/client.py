@@ -144,11 +144,15 @@ class Client:
     def pull(self, clock: int) -> tuple[dict, list[np.ndarray]]:
         return self.request({"op": Op.PULL.value, "wid": self.wid, "inc": self.inc, "clock": clock})
 
-    def push(self, clock: int, grad: np.ndarray, loss: float, count: int, pull: bool = True):
+    def push(self, clock: int, grad: np.ndarray | None, loss: float, count: int, version: int = 0,
+             compute_s: float = 0.0, request_s: float = 0.0, pull: bool = True):
+        """Push a gradient computed at theta `version` (grad None: it is already in this worker's shared-memory
+        slot); with pull=True the reply is the next theta."""
         self.seq += 1
         return self.request({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
-                             "seq": self.seq,
-                             "clock": clock, "loss": float(loss), "count": int(count), "pull": pull}, [grad])
+                             "seq": self.seq, "clock": clock, "version": version, "loss": float(loss),
+                             "count": int(count), "pull": pull, "compute_s": compute_s, "request_s": request_s},
+                            [] if grad is None else [grad])
 
     def bye(self, timeout_s: float = 1.0) -> None:
         """Tell the server this incarnation leaves (best effort: the server may already be gone)."""

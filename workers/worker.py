@@ -9,7 +9,6 @@ the server says stop, when the server is gone, or when its launcher is.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 import traceback
@@ -22,6 +21,7 @@ from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
 from psrv.schedule import epoch_order
 from psrv.shards import BlockSpec, DataBlock
+from psrv.shmarray import SeqlockArray, SharedArray
 
 from .client import Client, RemoteError, ServerRestarted
 
@@ -93,6 +93,38 @@ class Rows:
             self.block.close()
 
 
+class Plane:
+    """How theta comes in and gradients go out: through shared memory when the server offered it (a seqlock copy
+    in, the worker's slot out), else as ZeroMQ frames. Buffers are allocated once per session."""
+
+    def __init__(self, welcome: dict):
+        shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
+        shm = welcome["data"].get("shm")
+        self.shared = shm is not None
+        if self.shared:
+            self.theta_shm = SeqlockArray.attach(shm["theta"], shape, dtype)
+            self.slot = SharedArray.attach(shm["slot"], shape, dtype)
+            self.grad = self.slot.array      # the gradient is computed straight into the slot
+            self.buf = np.empty(shape, dtype)
+        else:
+            self.grad = np.empty(shape, dtype)
+
+    def theta(self, h: dict, arrays: list) -> tuple[np.ndarray, int]:
+        """theta for this step and its version."""
+        if arrays:
+            return arrays[0], h["version"]
+        return self.buf, self.theta_shm.read_into(self.buf)
+
+    def grad_frame(self):
+        return None if self.shared else self.grad
+
+    def close(self) -> None:
+        if self.shared:
+            del self.grad
+            self.theta_shm.close()
+            self.slot.close()
+
+
 class Worker:
     def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float | None = None,
                  local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None):
@@ -129,29 +161,40 @@ class Worker:
         self.rejoin = train.get("rejoin", True)
         if self.rows is None:
             self.rows = Rows(welcome, self.local, self.prefix, self.wid)
+        plane = Plane(welcome)
+        try:
+            return self._steps(welcome, train, m, plane)
+        finally:
+            plane.close()
+
+    def _steps(self, welcome: dict, train: dict, m: dict, plane: "Plane") -> int:
         d, dtype = self.rows.d, self.rows.dtype
         model = models.make(m["kind"], d, m["fit_intercept"], dtype, m.get("classes", 0))
         b = train["batch_size"]
         Xb = np.empty((b, d), dtype=dtype)
         yb = np.empty(b, dtype=dtype)
-        grad = np.empty(welcome["theta_shape"], dtype=welcome["theta_dtype"])
         slow_s = self.debug.get("slow_ms", 0.0) / 1000.0 if self.debug.get("slow_worker") == self.wid else 0.0
         fail_at = self.debug.get("fail_at_step") if self.debug.get("fail_worker") == self.wid else None
+        request_s = 0.0
 
         h, arrays = self.client.pull(0)
         while h["op"] == Op.THETA.value:
+            t0 = time.perf_counter()
             clock = h["clock"]
+            theta, version = plane.theta(h, arrays)
             shard, epoch, start, count = h["batch"]
             X, y = self.rows.get(shard)
             idx = self._positions(shard, epoch, train["seed"], len(X))[start:start + count]
             np.take(X, idx, axis=0, out=Xb[:count])
             np.take(y, idx, out=yb[:count])
-            loss = model.loss_grad(arrays[0], Xb[:count], yb[:count], grad)
+            loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
             if fail_at is not None and clock >= fail_at:
                 raise Injected(f"injected failure at step {clock} (debug.fail_worker = {self.wid})")
             if slow_s:
                 time.sleep(slow_s)
-            h, arrays = self.client.push(clock, grad, loss, count, pull=True)
+            t1 = time.perf_counter()
+            h, arrays = self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0, request_s)
+            request_s = time.perf_counter() - t1
             self.steps_done += 1
         # the server has already counted us out when it says stop; no goodbye needed
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
@@ -173,22 +216,17 @@ class Worker:
             self.rows.close()
 
 
-def _leave_on_sigterm(signum, frame):
-    # unwinds through `finally`, so the worker says goodbye and closes its sockets
-    raise SystemExit(0)
-
-
 def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, conn,
          parent_pid: int, core, log_level: int) -> None:
     """Entry point of a worker process started by a launcher (spawn)."""
     proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
-    signal.signal(signal.SIGTERM, _leave_on_sigterm)
     reporter = proc.Reporter(conn)
     worker = Worker(address, wid, debug, server_timeout_s, local, prefix, reporter)
     code, leaving = 0, False
     try:
-        worker.run()
-    except SystemExit:
+        with proc.profiled(f"worker-{wid}"):
+            worker.run()
+    except SystemExit:  # SIGTERM: say goodbye, so the server counts a departure, not a death
         leaving = True
     except ServerLost as e:
         log.error("%s", e)

@@ -1,0 +1,86 @@
+"""Arrays in shared memory for the local data plane: theta published under a seqlock, and gradient slots.
+
+The server updates theta in place inside a SeqlockArray: it bumps the sequence number to odd before writing and
+back to even after, storing the new version with it. A worker copies theta out and retries if the sequence number
+changed meanwhile, so a pull is one memcpy and never sees a half-written theta. A Slot is a plain shared array a
+worker writes its gradient into before it notifies the server; the request/reply protocol keeps the two from
+touching it at the same time. No sockets here.
+"""
+from __future__ import annotations
+
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+HEADER_BYTES = 64  # sequence number (u64), version (u64), padding to a cache line
+
+
+class SharedArray:
+    """A numpy array over a named shared-memory segment, after a 64-byte header. Only its creator unlinks it."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, shape, dtype, owner: bool):
+        self._shm, self.owner = shm, owner
+        self.header = np.ndarray((2,), dtype=np.uint64, buffer=shm.buf, offset=0)
+        self.array = np.ndarray(tuple(shape), dtype=np.dtype(dtype), buffer=shm.buf, offset=HEADER_BYTES)
+
+    @classmethod
+    def create(cls, name: str, shape, dtype):
+        nbytes = HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        shm = shared_memory.SharedMemory(name=name, create=True, size=nbytes)  # mode 0600
+        obj = cls(shm, shape, dtype, owner=True)
+        obj.header[:] = 0
+        return obj
+
+    @classmethod
+    def attach(cls, name: str, shape, dtype):
+        shm = shared_memory.SharedMemory(name=name)
+        need = HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if shm.size < need:
+            shm.close()
+            raise ValueError(f"shared memory {name} holds {shm.size} bytes; {need} expected")
+        return cls(shm, shape, dtype, owner=False)
+
+    @property
+    def name(self) -> str:
+        return self._shm.name
+
+    def close(self) -> None:
+        del self.header, self.array
+        try:
+            self._shm.close()
+        except BufferError:  # a view is still held somewhere; the mapping goes with the process
+            pass
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class SeqlockArray(SharedArray):
+    """theta, published: one writer (the server), any number of readers (local workers)."""
+
+    def begin_write(self) -> None:
+        self.header[0] += 1  # odd: a write is under way
+
+    def end_write(self, version: int) -> None:
+        self.header[1] = version
+        self.header[0] += 1  # even again: readers may use what they copy
+
+    def read_into(self, out: np.ndarray, timeout_s: float = 10.0) -> int:
+        """Copy a consistent theta into `out`; return its version. Retries while a write overlaps the copy (a write
+        takes microseconds to milliseconds); gives up with TimeoutError after timeout_s."""
+        deadline = None
+        while True:
+            seq = int(self.header[0])
+            if not seq & 1:
+                version = int(self.header[1])
+                np.copyto(out, self.array)
+                if int(self.header[0]) == seq:
+                    return version
+            if deadline is None:
+                deadline = time.monotonic() + timeout_s
+            elif time.monotonic() > deadline:
+                raise TimeoutError(f"theta in {self.name} stayed under write for {timeout_s:g} s")
+            time.sleep(0)  # let the writer run
