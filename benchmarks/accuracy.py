@@ -38,6 +38,22 @@ def compare(csv: str, kind: str, test_fraction: float = 0.2, seed: int = 0, work
                                                                                             y[test]))}
 
 
+def run(quick: bool = False) -> dict:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return {"name": "accuracy", "title": "Accuracy against scikit-learn", "method": __doc__, "rows": [],
+                "notes": ["Skipped: scikit-learn is not installed (pip install -e '.[test]')."]}
+    rows = []
+    for csv, kind in CASES:
+        r = compare(csv, kind)
+        rows.append([csv, kind, r["test_rows"], f"{r['psrv_accuracy']:.4f}", f"{r['sklearn_accuracy']:.4f}",
+                     f"{100 * (r['psrv_accuracy'] - r['sklearn_accuracy']):+.2f}"])
+    return {"name": "accuracy", "title": "Accuracy against scikit-learn", "method": __doc__,
+            "columns": ["data", "model", "held-out rows", "psrv accuracy", "scikit-learn accuracy",
+                        "difference (points)"], "rows": rows}
+
+
 def main() -> int:
     try:
         import sklearn  # noqa: F401

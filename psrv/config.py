@@ -59,7 +59,7 @@ class Data:
     partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
                          choices=("range", "hash"))
     shards: int = opt(0, "shards the training rows are cut into; 0 means one per worker (train.workers)",
-                      lo=0, hi=65536)
+                      lo=0, hi=1024)
     dtype: str = opt("float64", "dtype of X, y and theta in shared memory and on the wire",
                      choices=("float64", "float32"))
 

@@ -269,6 +269,7 @@ class Server:
     def _welcome(self, p: Peer) -> dict:
         t, m = self.cfg.train, self.cfg.model
         spec = self.layout.to_dict()
+        del spec["columns"]  # as long as the data is wide; no worker needs the names
         # what a worker that loads its own rows needs: the data config and a checksum of each shard it may read
         spec["config"] = dc = self.cfg.to_dict()["data"]
         if dc["source"] != "synthetic":

@@ -1,0 +1,126 @@
+"""Run psrv's benchmarks and write RESULTS.md and results.json (and PNG plots when matplotlib is installed).
+
+    python -m benchmarks                 # everything, full size (several minutes)
+    python -m benchmarks --quick         # everything, small (about a minute or two)
+    python -m benchmarks --only pushpull,memory --out /tmp/bench
+
+Every figure is measured in this run: psrv and its baseline side by side, medians over repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+
+from .common import log, machine
+
+BENCHMARKS = ["pushpull", "training", "stragglers", "memory", "peers", "seed", "accuracy"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+RATIO_KEYS = ["pushpull_small_vs_raw_zmq", "pull_large_shm_vs_memcpy", "pull_large_zmq_vs_raw_zmq",
+              "bsp2_vs_single_process", "pss_vs_dataset_bytes", "samples_per_s_vs_torch_ddp"]
+
+
+def _table(columns: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _plot(result: dict, path: str) -> bool:
+    spec = result.get("plot")
+    if not spec:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+    for label, ys in spec["series"].items():
+        ax.plot(spec["x"], ys, "o-", label=label)
+    if spec.get("log"):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel(spec["xlabel"])
+    ax.set_ylabel(spec["ylabel"])
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(result["title"])
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
+    info = machine()
+    ratios = {k: None for k in RATIO_KEYS}
+    for r in results:
+        ratios.update(r.get("ratios", {}))
+    doc = {"command": "python -m benchmarks " + " ".join(argv), "quick": quick,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "ratios": ratios,
+           "benchmarks": results}
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+        fh.write("\n")
+    md = ["# psrv benchmark results", "",
+          f"Written by `{doc['command']}` on {doc['date']}; every figure below comes from that one run. "
+          f"Machine: {info['cores']} usable cores ({info['cpu']}), Python {info['python']}, numpy {info['numpy']}, "
+          f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}), msgpack {info['msgpack']}. "
+          "Times are medians over repeats; these machines are shared and noisy, so expect ±10-20 % between runs.",
+          "", "## Targets", ""]
+    rows = []
+    for r in results:
+        for t in r.get("targets", []):
+            val = ratios.get(t["key"])
+            verdict = "n/a" if val is None else ("met" if t["met"] else "**missed**")
+            rows.append([t["what"], t["target"], "-" if val is None else f"{val:.3g}", verdict])
+    md += [_table(["what", "target", "measured", "verdict"], rows), ""]
+    for r in results:
+        md += [f"## {r['title']}", "", r["method"].strip(), ""]
+        if r.get("error"):
+            md += [f"This benchmark failed: `{r['error']}`", ""]
+            continue
+        if r.get("rows"):
+            md += [_table(r["columns"], r["rows"]), ""]
+        for note in r.get("notes", []):
+            md += [note, ""]
+        if _plot(r, os.path.join(out, f"{r['name']}.png")):
+            md += [f"![{r['title']}]({r['name']}.png)", ""]
+    with open(os.path.join(out, "RESULTS.md"), "w") as fh:
+        fh.write("\n".join(md))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute or two)")
+    p.add_argument("--out", default=HERE, help="where RESULTS.md, results.json and plots go (default benchmarks/)")
+    p.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else BENCHMARKS
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for name in names:
+        log(f"== {name}")
+        t0 = time.monotonic()
+        try:
+            results.append(importlib.import_module(f"benchmarks.{name}").run(quick=args.quick))
+        except Exception as e:  # one broken benchmark must not hide the others' figures
+            traceback.print_exc()
+            results.append({"name": name, "title": name, "method": "", "error": f"{type(e).__name__}: {e}"})
+        log(f"   {name}: {time.monotonic() - t0:.1f} s")
+    write(results, args.out, args.quick, argv)
+    log(f"wrote {os.path.join(args.out, 'RESULTS.md')} and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
