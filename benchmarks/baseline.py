@@ -1,0 +1,72 @@
+"""The single-process baseline: the same mini-batch SGD as psrv, vectorized numpy, one BLAS thread, one core.
+
+Run as `python -m benchmarks.baseline ARGS` (the benchmarks start it in a fresh process, so the BLAS thread count is
+set before numpy loads). Each step takes `per_step` rows, the gradient of their mean loss, and one SGD update, in
+preallocated buffers, as psrv's workers and server do. Prints one JSON object: samples/s and the loss trajectory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--X", required=True)
+    p.add_argument("--y", required=True)
+    p.add_argument("--model", choices=("linear", "logistic"), required=True)
+    p.add_argument("--per-step", type=int, required=True, help="rows per step (workers x batch_size)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--core", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.core >= 0:
+        os.sched_setaffinity(0, {a.core})
+    import numpy as np
+
+    from psrv import models
+    X = np.load(a.X, mmap_mode="r")
+    y = np.load(a.y, mmap_mode="r").astype(X.dtype)
+    # standardized once, as psrv's launcher does (statistics in float64, data kept in its dtype)
+    mean = X.mean(axis=0, dtype=np.float64)
+    scale = X.std(axis=0, dtype=np.float64)
+    scale[scale == 0] = 1.0
+    Xs = ((X - mean) / scale).astype(X.dtype)
+    n, d = Xs.shape
+    model = models.make(a.model, d, True, Xs.dtype)
+    theta = model.init_theta()
+    grad = np.empty_like(theta)
+    step_buf = np.empty_like(theta)
+    Xb = np.empty((a.per_step, d), Xs.dtype)
+    yb = np.empty(a.per_step, Xs.dtype)
+    rng = np.random.default_rng(a.seed)
+    order, pos = rng.permutation(n), 0
+    lines, win_loss, win_rows = [], 0.0, 0
+    t0 = time.perf_counter()
+    for step in range(a.steps):
+        if pos + a.per_step > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + a.per_step]
+        pos += a.per_step
+        np.take(Xs, idx, axis=0, out=Xb)
+        np.take(y, idx, out=yb)
+        loss = model.loss_grad(theta, Xb, yb, grad)
+        theta -= np.multiply(grad, a.lr, out=step_buf)
+        win_loss += loss * a.per_step
+        win_rows += a.per_step
+        if (step + 1) % a.log_every == 0:
+            lines.append({"step": step + 1, "loss": win_loss / win_rows, "elapsed_s": time.perf_counter() - t0})
+            win_loss, win_rows = 0.0, 0
+    wall = time.perf_counter() - t0
+    print(json.dumps({"wall_s": wall, "samples_per_s": a.steps * a.per_step / wall, "lines": lines,
+                      "final_loss": float(model.loss(theta, Xs, y))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

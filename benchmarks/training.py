@@ -1,0 +1,118 @@
+"""Benchmark 2: training throughput and time to a target loss, linear and logistic regression, psrv with N workers
+under BSP, SSP (staleness 2) and ASP, against the single-process baseline (benchmarks/baseline.py: the same
+mini-batch SGD on N x batch rows per step, vectorized numpy, one BLAS thread, one core), all in the same run.
+
+The configuration is compute-bound on purpose (d = 1000 float32 columns, large batches): each step moves megabytes
+through memory and the round trip is a small part of it. Samples/s counts rows whose gradient was applied per
+second of training. Time to target: seconds until the logged training loss (the mean mini-batch loss over 10
+steps, the same in psrv and the baseline) first reaches the target: the least-squares optimum plus 20 % for linear
+regression (constant-lr SGD settles about d x lr / rows-per-step above it), the baseline's final loss plus 2 % for
+logistic. The time split (psrv) is per applied push: computing
+the gradient, waiting at the server (barrier or staleness bound), and the rest of the round trip. N above the number
+of cores is oversubscribed: the processes then share cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from psrv import config, data, proc
+
+from .common import log, median, time_to_target, train
+
+MODES = ("bsp", "ssp", "asp")
+
+
+def _dataset(tmp: str, n: int, d: int) -> dict:
+    """X (float32) and y for linear regression, and 0/1 labels (y above its median) for logistic, as .npy files."""
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "noise": 1.0, "seed": 7}}).data)
+    paths = {"X": os.path.join(tmp, "X.npy"), "linear": os.path.join(tmp, "y.npy"),
+             "logistic": os.path.join(tmp, "labels.npy")}
+    np.save(paths["X"], X.astype(np.float32))
+    np.save(paths["linear"], y)
+    np.save(paths["logistic"], (y > np.median(y)).astype(np.float64))
+    A = np.c_[X, np.ones(n)]
+    theta = np.linalg.lstsq(A, y, rcond=None)[0]
+    paths["linear_optimum"] = float(np.mean((A @ theta - y) ** 2))
+    return paths
+
+
+def _baseline(paths: dict, model: str, per_step: int, steps: int, lr: float) -> dict:
+    env = {**os.environ, **{k: "1" for k in proc.BLAS_ENV}}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.baseline", "--X", paths["X"], "--y", paths[model],
+                          "--model", model, "--per-step", str(per_step), "--steps", str(steps), "--lr", str(lr),
+                          "--core", str(proc.usable_cores()[0])],
+                         capture_output=True, text=True, env=env, timeout=600, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return json.loads(out.stdout)
+
+
+def _psrv(paths: dict, model: str, workers: int, mode: str, batch: int, steps: int, lr: float) -> tuple[dict, list]:
+    return train([f"data.source={paths['X']}", f"data.labels={paths[model]}", "data.dtype=float32",
+                  f"model.kind={model}", f"train.workers={workers}", f"train.consistency={mode}", "train.staleness=2",
+                  f"train.batch_size={batch}", f"train.steps={steps}", f"train.lr={lr}",
+                  "train.lr_schedule=constant", "train.log_every=10"])
+
+
+def run(quick: bool = False) -> dict:
+    cores = len(proc.usable_cores())
+    n, d, batch, steps = (40_000, 1000, 2048, 60) if quick else (100_000, 1000, 4096, 200)
+    worker_counts = (1, 2) if quick else (1, 2, 3)
+    modes = ("bsp", "asp") if quick else MODES
+    repeats = 1 if quick else 3
+    lrs = {"linear": 0.1, "logistic": 0.5}
+    rows, ratios, series = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _dataset(tmp, n, d)
+        for model in ("linear", "logistic"):
+            lr = lrs[model]
+            base = {N: [_baseline(paths, model, N * batch, steps, lr) for _ in range(repeats)]
+                    for N in worker_counts}
+            target = paths["linear_optimum"] * 1.2 if model == "linear" else \
+                median([b["final_loss"] for b in base[1]]) * 1.02
+            for N in worker_counts:
+                b_sps = median([b["samples_per_s"] for b in base[N]])
+                b_ttt = [time_to_target(b["lines"], target) for b in base[N]]
+                rows.append([model, N, "single process", f"{b_sps:,.0f}", "1.00", _fmt(b_ttt), "", "", ""])
+                for mode in modes:
+                    log(f"training: {model}, {N} workers, {mode}")
+                    runs = [_psrv(paths, model, N, mode, batch, steps, lr) for _ in range(repeats)]
+                    sps = median([s["samples_per_s"] for s, _ in runs])
+                    split = runs[len(runs) // 2][0]["time_per_push_ms"]
+                    over = " (oversubscribed)" if N > cores else ""
+                    rows.append([model, N, f"psrv {mode}{over}", f"{sps:,.0f}", f"{sps / b_sps:.2f}",
+                                 _fmt([time_to_target(lines, target) for _, lines in runs]),
+                                 f"{split.get('compute', 0):.2f}", f"{split.get('wait', 0):.2f}",
+                                 f"{split.get('communication', 0):.2f}"])
+                    series.setdefault(f"{model} psrv {mode}", []).append(sps)
+                    if model == "linear" and N == 2 and mode == "bsp":
+                        ratios["bsp2_vs_single_process"] = sps / b_sps
+                series.setdefault(f"{model} single process", []).append(b_sps)
+    return {
+        "name": "training", "title": "Training throughput and time to target loss", "method": __doc__,
+        "columns": ["model", "N", "system", "samples/s", "vs single process", "time to target (s)",
+                    "compute ms/push", "wait ms/push", "communication ms/push"],
+        "rows": rows,
+        "ratios": ratios,
+        "targets": [{"what": "BSP with 2 workers, samples/s / single-process baseline (linear, d = 1000, "
+                             f"batch {batch} per worker)", "key": "bsp2_vs_single_process", "target": ">= 1.7",
+                     "met": ratios.get("bsp2_vs_single_process", 0) >= 1.7}],
+        "notes": [f"Data: {n:,} rows x {d} float32 columns (synthetic, noise 1); {steps} steps of {batch} rows per "
+                  f"worker; lr {lrs['linear']} (linear), {lrs['logistic']} (logistic), constant; "
+                  f"{repeats} repeat(s), medians. Target loss: linear, the least-squares optimum x 1.2 "
+                  f"({paths['linear_optimum'] * 1.2:.4g}); logistic, the single-process baseline's final loss x "
+                  f"1.02."],
+        "plot": {"x": list(worker_counts), "xlabel": "workers (N)", "ylabel": "samples/s", "series": series},
+    }
+
+
+def _fmt(times: list) -> str:
+    done = [t for t in times if t is not None]
+    if not done:
+        return "not reached"
+    return f"{median(done):.2f}" + ("" if len(done) == len(times) else f" ({len(done)}/{len(times)} reached)")
