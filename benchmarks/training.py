@@ -6,8 +6,8 @@ The configuration is compute-bound on purpose (d = 1000 float32 columns, large b
 through memory and the round trip is a small part of it. Samples/s counts rows whose gradient was applied per
 second of training. Time to target: seconds until the logged training loss (the mean mini-batch loss over 10
 steps, the same in psrv and the baseline) first reaches the target: the least-squares optimum plus 20 % for linear
-regression (constant-lr SGD settles about d x lr / rows-per-step above it), the baseline's final loss plus 2 % for
-logistic. The time split (psrv) is per applied push: computing
+regression (constant-lr SGD settles about d x lr / rows-per-step above it); for logistic, the lowest loss the
+one-worker baseline logged, plus 5 %. The time split (psrv) is per applied push: computing
 the gradient, waiting at the server (barrier or staleness bound), and the rest of the round trip. N above the number
 of cores is oversubscribed: the processes then share cores.
 """
@@ -74,7 +74,7 @@ def run(quick: bool = False) -> dict:
             base = {N: [_baseline(paths, model, N * batch, steps, lr) for _ in range(repeats)]
                     for N in worker_counts}
             target = paths["linear_optimum"] * 1.2 if model == "linear" else \
-                median([b["final_loss"] for b in base[1]]) * 1.02
+                median([min(x["loss"] for x in b["lines"]) for b in base[1]]) * 1.05
             for N in worker_counts:
                 b_sps = median([b["samples_per_s"] for b in base[N]])
                 b_ttt = [time_to_target(b["lines"], target) for b in base[N]]
@@ -105,8 +105,8 @@ def run(quick: bool = False) -> dict:
         "notes": [f"Data: {n:,} rows x {d} float32 columns (synthetic, noise 1); {steps} steps of {batch} rows per "
                   f"worker; lr {lrs['linear']} (linear), {lrs['logistic']} (logistic), constant; "
                   f"{repeats} repeat(s), medians. Target loss: linear, the least-squares optimum x 1.2 "
-                  f"({paths['linear_optimum'] * 1.2:.4g}); logistic, the single-process baseline's final loss x "
-                  f"1.02."],
+                  f"({paths['linear_optimum'] * 1.2:.4g}); logistic, the lowest loss the one-worker baseline logged "
+                  f"x 1.05."],
         "plot": {"x": list(worker_counts), "xlabel": "workers (N)", "ylabel": "samples/s", "series": series},
     }
 

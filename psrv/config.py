@@ -46,8 +46,8 @@ def _model_kind(v: str) -> str | None:
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
                                    '.csv or svmlight (.svm, .libsvm, .txt) file')
-    n: int = opt(200_000, "synthetic rows (checked against the file when set for a file source)", lo=1)
-    d: int = opt(50, "feature columns (synthetic; checked against the file when set for a file source)", lo=1)
+    n: int = opt(200_000, "synthetic rows (for a file: checked against it when set to another value)", lo=1)
+    d: int = opt(50, "feature columns (for a file: checked against it when set to another value)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
     seed: int = opt(0, "seed of the synthetic generator", lo=0)
     target: str = opt("", 'CSV column holding y; "" means the last column')
@@ -170,7 +170,8 @@ class Config:
     debug: Debug = field(default_factory=Debug)
 
     explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
-    """Keys ("section.key") that the file or an override set, so checks can tell a choice from a default."""
+    """Keys ("section.key") that the file or an override set to something other than the built-in default, so
+    checks can tell a choice from a default (a copy of configs/default.toml chooses nothing by repeating it)."""
 
     def to_dict(self) -> dict:
         return {s.name: dataclasses.asdict(getattr(self, s.name)) for s in _sections()}
@@ -295,8 +296,11 @@ def load(source: str | os.PathLike | Mapping | None = None, overrides=()) -> Con
         if not isinstance(body, dict):
             raise ConfigError(f"{section}: expected a [{section}] table, got {body!r}")
         body[key] = value
-    explicit = frozenset(f"{s}.{k}" for s, body in tree.items() if isinstance(body, Mapping) for k in body)
-    return _build(tree, explicit)
+    cfg = _build(tree, frozenset())
+    defaults = Config()
+    cfg.explicit = frozenset(f"{s}.{k}" for s, body in tree.items() if isinstance(body, Mapping) for k in body
+                             if getattr(getattr(cfg, s), k) != getattr(getattr(defaults, s), k))
+    return cfg
 
 
 def _toml_value(v: Any) -> str:

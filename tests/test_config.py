@@ -25,12 +25,17 @@ def test_every_key_has_a_doc():
 def test_precedence_defaults_file_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text("[train]\nlr = 0.2\nsteps = 7\n")
-    cfg = config.load(p, ["train.lr=0.3", ("data", "n", 50)])
+    cfg = config.load(p, ["train.lr=0.3", ("data", "n", 50), ("train", "batch_size", config.Train().batch_size)])
     assert cfg.train.lr == 0.3          # override beats file
     assert cfg.train.steps == 7         # file beats default
     assert cfg.train.batch_size == config.Train().batch_size
     assert cfg.data.n == 50
+    # what differs from the defaults counts as chosen; repeating a default chooses nothing
     assert cfg.explicit == {"train.lr", "train.steps", "data.n"}
+
+
+def test_the_default_file_chooses_nothing():
+    assert config.load(ROOT / "configs" / "default.toml").explicit == frozenset()
 
 
 def test_dict_source_and_int_for_float():

@@ -95,13 +95,21 @@ class Client:
         self.server_id = ""
 
     def request(self, header: dict, arrays=(), timeout_s: float | None = None) -> tuple[dict, list[np.ndarray]]:
-        """Send a request and wait for its reply. While a heartbeat thread runs, the wait lasts as long as the
-        server keeps answering heartbeats (a BSP barrier may legitimately take long) and is the same server;
-        without one, timeout_s."""
+        """Send a request and wait for its reply (see send() and wait())."""
+        self.send(header, arrays, timeout_s)
+        return self.wait()
+
+    def send(self, header: dict, arrays=(), timeout_s: float | None = None) -> None:
+        """Send a request without waiting, so the caller can work until it needs the reply (wait())."""
         self.rid += 1
-        header = {**header, "rid": self.rid}
-        transport.send(self.sock, protocol.encode(header, arrays))
-        start = time.monotonic()
+        transport.send(self.sock, protocol.encode({**header, "rid": self.rid}, arrays))
+        self._pending = (header["op"], time.monotonic(), timeout_s)
+
+    def wait(self) -> tuple[dict, list[np.ndarray]]:
+        """The reply to the request sent last. While a heartbeat thread runs, the wait lasts as long as the server
+        keeps answering heartbeats (a BSP barrier may legitimately take long) and is the same server; with an
+        explicit timeout_s, or without heartbeats, at most that long."""
+        op, start, timeout_s = self._pending
         hb = self.heartbeat if timeout_s is None else None  # an explicit timeout is a hard one
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         while True:
@@ -118,14 +126,14 @@ class Client:
                     raise ServerRestarted(self.server_id, hb.server_id)
                 if hb.declared_dead and hb.server_id == self.server_id:
                     raise RemoteError("dead", f"the server declared worker {self.wid} (incarnation {self.inc}) "
-                                              f"dead while it waited for {header['op']}")
+                                              f"dead while it waited for {op}")
                 silent = hb.silent_for_s()
                 if silent > timeout_s:
                     raise ServerLost(f"worker {self.wid}", f"no word from the server at {self.address} for "
-                                                           f"{silent:.1f} s during {header['op']}")
+                                                           f"{silent:.1f} s during {op}")
             elif time.monotonic() - start > timeout_s:
                 raise ServerLost(f"worker {self.wid}" if self.wid >= 0 else "client",
-                                 f"no reply from {self.address} to {header['op']} within {timeout_s:g} s")
+                                 f"no reply from {self.address} to {op} within {timeout_s:g} s")
 
     def hello(self, wid: int, local: bool = True) -> dict:
         """Register (again) as worker `wid` (-1: let the server choose). Returns the welcome header, with the
@@ -145,11 +153,12 @@ class Client:
         return self.request({"op": Op.PULL.value, "wid": self.wid, "inc": self.inc, "clock": clock})
 
     def push(self, clock: int, grad: np.ndarray | None, loss: float, count: int, version: int = 0,
-             compute_s: float = 0.0, request_s: float = 0.0, pull: bool = True):
+             compute_s: float = 0.0, request_s: float = 0.0, pull: bool = True, wait: bool = True):
         """Push a gradient computed at theta `version` (grad None: it is already in this worker's shared-memory
-        slot); with pull=True the reply is the next theta."""
+        slot); with pull=True the reply is the next theta. With wait=False, only send: call wait() for the reply,
+        and do not touch `grad` (or the slot) until then."""
         self.seq += 1
-        return self.request({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
+        return (self.request if wait else self.send)({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
                              "seq": self.seq, "clock": clock, "version": version, "loss": float(loss),
                              "count": int(count), "pull": pull, "compute_s": compute_s, "request_s": request_s},
                             [] if grad is None else [grad])

@@ -178,27 +178,49 @@ class Worker:
         request_s = 0.0
 
         h, arrays = self.client.pull(0)
+        ready = None      # the batch whose rows are already in Xb, yb (gathered while waiting for the server)
+        hits = misses = 0  # of those guesses; guessing pauses while they mostly miss (a worker holding several
+        carried_s = 0.0    # shards alternates between them). carried_s: gathering after a push, part of the next step
         while h["op"] == Op.THETA.value:
             t0 = time.perf_counter()
             clock = h["clock"]
             theta, version = plane.theta(h, arrays)
-            shard, epoch, start, count = h["batch"]
-            X, y = self.rows.get(shard)
-            idx = self._positions(shard, epoch, train["seed"], len(X))[start:start + count]
-            np.take(X, idx, axis=0, out=Xb[:count])
-            np.take(y, idx, out=yb[:count])
+            batch = h["batch"]
+            X, y = self.rows.get(batch[0])
+            if ready is not None:
+                hits, misses = (hits + 1, misses) if batch == ready else (hits, misses + 1)
+                if hits + misses >= 64:  # forget slowly: leases change when workers come and go
+                    hits, misses = hits // 2, misses // 2
+            if batch != ready:
+                self._gather(X, y, batch, train["seed"], Xb, yb)
+            count = batch[3]
             loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
             if fail_at is not None and clock >= fail_at:
                 raise Injected(f"injected failure at step {clock} (debug.fail_worker = {self.wid})")
             if slow_s:
                 time.sleep(slow_s)
             t1 = time.perf_counter()
-            h, arrays = self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0, request_s)
-            request_s = time.perf_counter() - t1
+            self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0 + carried_s, request_s,
+                             wait=False)
+            # while the server answers, gather the rows of the batch that most likely comes next: the rest of the
+            # same shard in its epoch order. A wrong guess costs one gather; a right one hides the round trip.
+            ready = _next_batch(batch, len(X), b) if misses <= hits + 1 else None
+            if ready is not None:
+                self._gather(X, y, ready, train["seed"], Xb, yb)
+            t2 = time.perf_counter()
+            h, arrays = self.client.wait()
+            carried_s, request_s = t2 - t1, time.perf_counter() - t2
             self.steps_done += 1
         # the server has already counted us out when it says stop; no goodbye needed
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
+
+    def _gather(self, X, y, batch, seed: int, Xb, yb) -> None:
+        """Copy a batch's rows into the preallocated buffers."""
+        shard, epoch, start, count = batch
+        idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
+        np.take(X, idx, axis=0, out=Xb[:count])
+        np.take(y, idx, out=yb[:count])
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
         """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
@@ -214,6 +236,15 @@ class Worker:
         self.client.close()
         if self.rows is not None:
             self.rows.close()
+
+
+def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
+    """The batch the server hands out after `batch` when nothing else intervenes (schedule.Cursor.take)."""
+    shard, epoch, start, count = batch
+    start += count
+    if start >= size:
+        epoch, start = epoch + 1, 0
+    return [shard, epoch, start, min(batch_size, size - start)]
 
 
 def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, conn,
