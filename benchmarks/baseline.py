@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--core", type=int, default=-1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--together", default="", help="DIR:K: start training only when K copies are ready in DIR "
+                                                    "(so that copies run at the same time, not one after another)")
     a = p.parse_args(argv)
     if a.core >= 0:
         os.sched_setaffinity(0, {a.core})
@@ -47,6 +49,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(a.seed)
     order, pos = rng.permutation(n), 0
     lines, win_loss, win_rows = [], 0.0, 0
+    if a.together:
+        _wait_for_the_others(*a.together.rsplit(":", 1))
     t0 = time.perf_counter()
     for step in range(a.steps):
         if pos + a.per_step > n:
@@ -66,6 +70,15 @@ def main(argv=None) -> int:
     print(json.dumps({"wall_s": wall, "samples_per_s": a.steps * a.per_step / wall, "lines": lines,
                       "final_loss": float(model.loss(theta, Xs, y))}))
     return 0
+
+
+def _wait_for_the_others(folder: str, k: str, timeout_s: float = 300.0) -> None:
+    open(os.path.join(folder, f"ready-{os.getpid()}"), "w").close()
+    deadline = time.monotonic() + timeout_s
+    while len([f for f in os.listdir(folder) if f.startswith("ready-")]) < int(k):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other baseline copies never got ready")
+        time.sleep(0.001)
 
 
 if __name__ == "__main__":

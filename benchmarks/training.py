@@ -9,12 +9,15 @@ steps, the same in psrv and the baseline) first reaches the target: the least-sq
 regression (constant-lr SGD settles about d x lr / rows-per-step above it); for logistic, the lowest loss the
 one-worker baseline logged, plus 5 %. The time split (psrv) is per applied push: computing
 the gradient, waiting at the server (barrier or staleness bound), and the rest of the round trip. N above the number
-of cores is oversubscribed: the processes then share cores.
+of cores is oversubscribed: the processes then share cores. "N independent single processes at once" runs N
+unrelated baselines of `batch` rows per step side by side, one per core, with no communication: the speedup the
+cores themselves allow today (memory bandwidth, caches, and neighbours on a shared host), a ceiling for psrv.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,14 +45,29 @@ def _dataset(tmp: str, n: int, d: int) -> dict:
     return paths
 
 
-def _baseline(paths: dict, model: str, per_step: int, steps: int, lr: float) -> dict:
+def _baseline(paths: dict, model: str, per_step: int, steps: int, lr: float, copies: int = 1) -> dict:
+    """The single-process baseline; with copies > 1, that many independent ones at once, one per core: what the
+    cores give together with no communication at all (the ceiling of any data-parallel speedup on this machine)."""
     env = {**os.environ, **{k: "1" for k in proc.BLAS_ENV}}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.baseline", "--X", paths["X"], "--y", paths[model],
-                          "--model", model, "--per-step", str(per_step), "--steps", str(steps), "--lr", str(lr),
-                          "--core", str(proc.usable_cores()[0])],
-                         capture_output=True, text=True, env=env, timeout=600, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return json.loads(out.stdout)
+    cores = proc.usable_cores()
+    together = tempfile.mkdtemp()
+    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.baseline", "--X", paths["X"], "--y", paths[model],
+                               "--model", model, "--per-step", str(per_step), "--steps", str(steps), "--lr", str(lr),
+                               "--core", str(cores[i % len(cores)]), "--seed", str(i),
+                               "--together", f"{together}:{copies}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+             for i in range(copies)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode:
+            raise RuntimeError(f"baseline failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
+        outs.append(json.loads(out))
+    shutil.rmtree(together, ignore_errors=True)
+    if copies == 1:
+        return outs[0]
+    return {"samples_per_s": sum(o["samples_per_s"] for o in outs), "lines": [], "final_loss": None}
 
 
 def _psrv(paths: dict, model: str, workers: int, mode: str, batch: int, steps: int, lr: float) -> tuple[dict, list]:
@@ -79,6 +97,13 @@ def run(quick: bool = False) -> dict:
                 b_sps = median([b["samples_per_s"] for b in base[N]])
                 b_ttt = [time_to_target(b["lines"], target) for b in base[N]]
                 rows.append([model, N, "single process", f"{b_sps:,.0f}", "1.00", _fmt(b_ttt), "", "", ""])
+                if 1 < N <= cores:
+                    ceiling = median([_baseline(paths, model, batch, steps, lr, copies=N)["samples_per_s"]
+                                      for _ in range(repeats)])
+                    rows.append([model, N, f"{N} independent single processes at once (no communication)",
+                                 f"{ceiling:,.0f}", f"{ceiling / b_sps:.2f}", "", "", "", ""])
+                    if model == "linear" and N == 2:
+                        ratios["independent2_vs_single_process"] = ceiling / b_sps
                 for mode in modes:
                     log(f"training: {model}, {N} workers, {mode}")
                     runs = [_psrv(paths, model, N, mode, batch, steps, lr) for _ in range(repeats)]
