@@ -96,10 +96,11 @@ class Cluster:
         from workers import worker
         d = self.cfg.debug
         debug = {"fail_worker": d.fail_worker, "fail_at_step": d.fail_at_step, "slow_worker": d.slow_worker,
-                 "slow_ms": d.slow_ms}
+                 "slow_ms": d.slow_ms, "nan_worker": d.nan_worker, "nan_steps": list(d.nan_steps)}
         core = self.cores[slot % len(self.cores)] if self.cfg.train.pin else None
         child = self._spawn(f"worker-{wid if wid >= 0 else slot}", worker.main, (
-            self.address, wid, debug, self._server_timeout_s(), local, self.prefix), core,
+            self.address, wid, debug, self._server_timeout_s(), local, self.prefix,
+            self.cfg.worker.keys or self.cfg.server.keys), core,
             wid if wid >= 0 else None)
         child.slot = slot
         self.workers.append(child)
@@ -137,14 +138,14 @@ class Cluster:
         if code == 0:
             self.finished += 1
             return
-        if c.error and c.error_kind not in ("server_lost", "declared_dead"):
+        if c.error and c.error_kind not in ("server_lost", "declared_dead", "quarantined"):
             raise RunError(c.error.split(": ", 1)[0], c.error.split(": ", 1)[-1])  # a bug: stop the run
         if c.error_kind == "server_lost" and (self.server is None or self.server.process.exitcode is not None):
             raise RunError("server", f"{c.error} (the server did not come back)")
         key = c.wid if c.wid is not None else -1 - c.slot
         used = self.restarts.get(key, 0)
         who = f"worker {c.wid}" if c.wid is not None else c.name
-        if used < self.cfg.train.max_restarts and self.summary is None:
+        if used < self.cfg.train.max_restarts and self.summary is None and c.error_kind != "quarantined":
             self.restarts[key] = used + 1
             log.warning("%s (pid %d) %s; restarting it (%d of %d)", who, c.process.pid, c.describe_exit(),
                         used + 1, self.cfg.train.max_restarts)

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .protocol import is_local
 
 
 def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
         check=None):
     """A config field: its default, a one-line doc (unit, range) and the checks load() applies. `check(value)`
     returns an error message, or None when the value is fine."""
-    return field(default=default, metadata={"doc": doc, "choices": choices, "lo": lo, "hi": hi, "check": check})
+    meta = {"doc": doc, "choices": choices, "lo": lo, "hi": hi, "check": check}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 BUILTIN_MODELS = ("linear", "logistic", "softmax")
@@ -116,7 +120,13 @@ class Train:
 
 @dataclass
 class Server:
-    bind: str = opt("tcp://127.0.0.1:0", 'address the server binds; port 0 picks a free port; "ipc:///path" also works')
+    bind: str = opt("tcp://127.0.0.1:0", 'address the server binds; port 0 picks a free port; "ipc:///path" also works; '
+                    "an address other machines can reach needs server.keys or server.insecure")
+    keys: str = opt("", "CURVE: a key folder from `launch.py --keygen DIR`; only clients allowed there may talk to "
+                        "the server, and traffic is encrypted")
+    insecure: bool = opt(False, "allow a bind other machines can reach without server.keys (anyone could connect)")
+    max_bad_pushes: int = opt(3, "a worker that pushes this many non-finite gradients in a row is quarantined",
+                              lo=1)
     heartbeat_timeout_s: float = opt(5.0, "silence after which a worker is declared dead", lo=0.1, hi=3600)
     join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join "
                                 "(a server started alone with --role server waits as long as it takes)",
@@ -130,6 +140,7 @@ class Worker:
     heartbeat_interval_s: float = opt(0.5, "seconds between heartbeats, sent from a thread of their own",
                                       lo=0.01, hi=60)
     server_timeout_s: float = opt(10.0, "silence from the server after which a worker gives up", lo=0.1, hi=3600)
+    keys: str = opt("", "CURVE key folder of this launcher's workers and status client (default: server.keys)")
     shm: bool = opt(True, "workers on the server's machine read theta from shared memory and push gradients "
                     "through it (false: everything over ZeroMQ)")
     rejoin: bool = opt(True, "a worker declared dead (e.g. it was paused) registers again as a new incarnation; "
@@ -156,6 +167,9 @@ class Debug:
     fail_at_step: int = opt(0, "... at this step", lo=0)
     slow_worker: int = opt(-1, "fault injection: this worker id sleeps slow_ms per step (-1: none)", lo=-1)
     slow_ms: float = opt(0.0, "delay per step of debug.slow_worker, in milliseconds", lo=0)
+    nan_worker: int = opt(-1, "fault injection: this worker id pushes a NaN gradient at ... (-1: none)", lo=-1)
+    nan_steps: list = opt([], "... these steps (a list of step numbers)", check=lambda v: None if all(
+        type(x) is int and x >= 0 for x in v) else "must be a list of step numbers >= 0")
 
 
 @dataclass
@@ -201,11 +215,12 @@ def _suggest(name: str, options) -> str:
 
 
 def _type_name(t) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[t]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[t]
 
 
 def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
-    t = {"int": int, "float": float, "bool": bool, "str": str}[f.type] if isinstance(f.type, str) else f.type
+    t = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[f.type] if isinstance(f.type, str) \
+        else f.type
     ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -259,6 +274,10 @@ def check_combinations(cfg: Config) -> None:
                           f"got {t.backup_workers}")
     if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
         raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
+    if not is_local(cfg.server.bind) and not cfg.server.keys and not cfg.server.insecure:
+        raise ConfigError(f"server.bind: {cfg.server.bind} can be reached from other machines; make keys with "
+                          f"`python launch.py --keygen DIR` and set server.keys = DIR (CURVE), or set "
+                          f"server.insecure = true to let anyone connect")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

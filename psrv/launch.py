@@ -117,6 +117,8 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
     os.makedirs(cfg.output.dir, exist_ok=True)
+    for name in shards.sweep_stale():
+        log.warning("removed shared memory %s left by a run that is no longer running", name)
     prefix = shards.run_prefix()
     try:
         return _run_on_data(cfg, progress, log_level, prefix, role, ckpt)
@@ -173,6 +175,7 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
     have all left (the run ended, or they were stopped). Their shared memory is removed whatever happens."""
     cfg = config_mod.load(None, overrides)
     cfg.train.workers = workers
+    shards.sweep_stale()
     prefix = shards.run_prefix()
     with signals.handled():
         try:
@@ -185,9 +188,10 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
     return 0
 
 
-def status(address: str, timeout_s: float = 5.0) -> dict:
+def status(address: str, timeout_s: float = 5.0, keys: str = "") -> dict:
+    """The state of the server at `address` (keys: a CURVE key folder, if the server requires one)."""
     from workers.client import Client
-    client = Client(address, timeout_s=timeout_s)
+    client = Client(address, timeout_s=timeout_s, keys=keys)
     try:
         return client.status()
     finally:
@@ -226,6 +230,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attach", metavar="ADDRESS", help="start --workers N workers that join the server at ADDRESS")
     p.add_argument("--status", metavar="ADDRESS", help="print the state of the server at ADDRESS and exit")
     p.add_argument("--json", action="store_true", help="with --status: print JSON")
+    p.add_argument("--keys", metavar="DIR", help="with --attach or --status: the CURVE key folder to present "
+                   "(server.key and a client secret key); same as --set worker.keys=DIR")
+    p.add_argument("--keygen", metavar="DIR", help="create CURVE keys in DIR (the server pair once, a client pair "
+                   "named by --name, allowed by the server) and exit")
+    p.add_argument("--name", default="client", help="with --keygen: the client key's name (default client)")
     p.add_argument("--defaults", action="store_true", help="print every config key with its default and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress line, only the summary")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
@@ -259,13 +268,22 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.workers is not None:
         overrides.append(("train", "workers", args.workers))
+    if args.keys:
+        overrides.append(("worker", "keys", args.keys))
     try:
+        if args.keygen:
+            from . import transport
+            for path in transport.keygen(args.keygen, args.name):
+                print(path)
+            print(f"server: --set server.keys={args.keygen}; other machines need {args.keygen}/server.key and "
+                  f"{args.keygen}/{args.name}.key_secret (--keys DIR)")
+            return 0
         if args.status:
-            st = status(args.status)
+            st = status(args.status, keys=args.keys or "")
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         if args.attach:
-            return attach(args.attach, args.workers or len(proc.usable_cores()), args.overrides, level)
+            return attach(args.attach, args.workers or len(proc.usable_cores()), overrides, level)
         path = args.config if args.config is not None else DEFAULT_CONFIG
         result = train(path, overrides, progress=not args.quiet and args.role == "all", log_level=level,
                        role=args.role, resume=args.resume)

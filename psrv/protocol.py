@@ -5,6 +5,7 @@ byte counts) before any array is made. No pickle, no eval, no socket code here.
 """
 from __future__ import annotations
 
+import ipaddress
 import math
 from enum import Enum
 from typing import Any, Sequence
@@ -62,6 +63,21 @@ REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.STATUS: ({"state": _M}, (0,)),
     Op.ERROR: ({"code": _S, "reason": _S}, (0,)),
 }
+
+
+def is_local(address: str) -> bool:
+    """True for addresses only this machine can reach: ipc://, inproc://, tcp on a loopback host."""
+    scheme, _, rest = address.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name, a host name: reachable from elsewhere
+        return False
+
 
 
 def _reject_ext(code, data):

@@ -10,6 +10,7 @@ import collections
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -36,6 +37,7 @@ PROGRESS_INTERVAL_S = 0.5
 MAX_WID = 1 << 20        # worker ids a client may ask for
 RATE_WINDOW_S = 5.0      # push rate in status: pushes over about this many seconds
 RATE_MARK_S = 0.25
+BAD_PEERS_KEPT = 1024    # per-peer counts of malformed messages: bounded, however many peers misbehave
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Peer:
     served_version: int = 0       # theta version of its last pull (for the version lag)
     last_staleness: int = 0
     shm: bool = False             # reads theta from shared memory and pushes through its slot
+    bad_streak: int = 0           # non-finite gradients in a row
+    quarantined: bool = False
     parked_s: float = 0.0         # when its pull was parked (for the time spent waiting)
     # (time, pushes) marks at most every RATE_MARK_S: the push rate over the last RATE_WINDOW_S, in O(1) memory
     rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
@@ -82,6 +86,7 @@ class Stats:
     compute_s: float = 0.0        # summed over applied pushes: time workers spent computing gradients
     request_s: float = 0.0        # ... and waiting for the reply to their previous push (network + server + barrier)
     wait_s: float = 0.0           # time pulls spent parked at the server (barrier or staleness bound)
+    quarantined: list = field(default_factory=list)   # wids refused for pushing non-finite gradients
 
     MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
 
@@ -170,10 +175,17 @@ class Server:
                                append=self.resumed_from is not None)
         self.metrics.logged_step = self.step
         self.handlers = {op.value: getattr(self, f"on_{op.value}") for op in protocol.REQUESTS}
+        self.bad_by_peer: dict[bytes, int] = {}
+        self.terminate = False                   # SIGTERM: end the run now, keeping its results
         self.ctx = transport.context()
+        # CURVE: the authenticator refuses unknown keys during the handshake, before any message reaches us
+        self.auth = transport.authenticator(self.ctx, cfg.server.keys) if cfg.server.keys else None
         self.sock, self.address = transport.router(
             self.ctx, bind or cfg.server.bind,
-            max_frame_bytes=max(self.theta.nbytes, protocol.HEADER_MAX_BYTES) + 1024)
+            max_frame_bytes=max(self.theta.nbytes, protocol.HEADER_MAX_BYTES) + 1024, keys=cfg.server.keys)
+        if not protocol.is_local(self.address) and not cfg.server.keys:
+            log.warning("server.insecure: listening on %s WITHOUT authentication: anyone who can reach this "
+                        "address can send gradients and read theta", self.address)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
@@ -188,6 +200,10 @@ class Server:
                         break
                     self.handle(transport.recv_now(self.sock))
             now = time.monotonic()
+            if self.terminate:
+                self.stop_all("terminated")
+                self.done = True  # no waiting for workers: whoever asks next is told to stop, or finds us gone
+                break
             self.check_liveness(now)
             self.bookkeeping()
             if not self.gate.open and not self.alone and now > join_deadline:
@@ -213,9 +229,15 @@ class Server:
             self.handlers[header["op"]](ident, header, arrays)
         except ProtocolError as e:
             self.stats.bad_messages += 1
+            self._count_bad(ident)
             log.debug("bad message from %r: %s", ident, e)
             transport.send(self.sock, protocol.error(e.code, str(e), rid), ident, block=False)
         self.bookkeeping()
+
+    def _count_bad(self, ident: bytes) -> None:
+        if ident not in self.bad_by_peer and len(self.bad_by_peer) >= BAD_PEERS_KEPT:
+            del self.bad_by_peer[min(self.bad_by_peer, key=self.bad_by_peer.get)]  # forget the least noisy
+        self.bad_by_peer[ident] = self.bad_by_peer.get(ident, 0) + 1
 
     def reply(self, ident: bytes, header: dict, arrays=(), rid: int | None = None) -> None:
         if rid is not None:
@@ -237,6 +259,8 @@ class Server:
         if self.stopping:
             raise ProtocolError(f"the run is ending ({self.stopping}); no new workers", "finished")
         old = self.peers.get(wid)
+        if old is not None and old.quarantined:
+            raise ProtocolError(f"worker {wid} is quarantined (it pushed non-finite gradients)", "quarantined")
         if old is not None and old.finished:
             raise ProtocolError(f"worker {wid} has already finished", "finished")
         if old is not None:
@@ -300,6 +324,8 @@ class Server:
         p = self.peers.get(h["wid"])
         if p is None:
             raise ProtocolError(f"worker {h['wid']} has not said hello to this server", "unknown_worker")
+        if p.quarantined:
+            raise ProtocolError(f"worker {h['wid']} is quarantined (it pushed non-finite gradients)", "quarantined")
         if p.inc != h["inc"]:
             self.stats.stale_pushes += h["op"] == Op.PUSH.value
             raise ProtocolError(f"worker {h['wid']} incarnation {h['inc']} is stale (current: {p.inc})",
@@ -340,10 +366,7 @@ class Server:
                                 f"{self.theta.dtype.str} {list(self.theta.shape)}", "bad_shape")
         if h["count"] < 1:
             raise ProtocolError("push: count must be >= 1", "bad_field")
-        if not np.isfinite(grad).all():
-            self._count_rejected("nonfinite")
-            p.seq = seq
-            raise ProtocolError(f"push: gradient from worker {p.wid} has NaN or Inf; not applied", "nonfinite")
+        finite = bool(np.isfinite(grad).all())
         clock = h["clock"]
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
             p.seq = seq
@@ -356,7 +379,21 @@ class Server:
         p.seq = seq
         p.clock = clock + 1
         batch, p.inflight = p.inflight, None
-        applied = decision != LATE
+        if not finite:
+            # counted as this worker's (missing) part of the step: theta never sees it; a BSP step goes on with
+            # the others' gradients
+            self._count_rejected("nonfinite")
+            p.bad_streak += 1
+            log.warning("worker %d pushed a gradient with NaN or Inf at clock %d; rejected (%d in a row)", p.wid,
+                        clock, p.bad_streak)
+            if decision == COMPLETE:
+                self._apply_step()
+            if p.bad_streak >= self.cfg.server.max_bad_pushes:
+                self._quarantine(p, rid)
+                return
+        else:
+            p.bad_streak = 0
+        applied = decision != LATE and finite
         if applied:
             staleness, lag = self.gate.staleness_of(p.wid, clock), self.version - h["version"]
             if batch is not None:
@@ -374,7 +411,8 @@ class Server:
         if h["pull"]:
             self.pull(p, clock + 1, rid)
         else:
-            self.reply(ident, {"op": Op.ACK.value, "applied": applied, "reason": "" if applied else "late"}, rid=rid)
+            reason = "" if applied else ("late" if finite else "nonfinite")
+            self.reply(ident, {"op": Op.ACK.value, "applied": applied, "reason": reason}, rid=rid)
         self.release_parked()
         p.pushes += 1
         now = time.monotonic()
@@ -382,7 +420,7 @@ class Server:
             p.rate_marks.append((now, p.pushes))
         if applied:
             self._record(p, h, staleness, lag)
-        else:
+        elif finite:
             self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
 
     def on_heartbeat(self, ident, h, arrays):
@@ -521,7 +559,10 @@ class Server:
             self.stop_all("steps")
 
     def _apply_step(self) -> None:
-        """BSP: theta <- optimizer(mean of this step's gradients). The gate has already moved on to the next step."""
+        """BSP: theta <- optimizer(mean of this step's gradients). The gate has already moved on to the next step.
+        A step whose every gradient was rejected leaves theta as it was."""
+        if self.acc_n == 0:
+            return
         self.acc /= self.acc_n
         self.stats.applied += self.acc_n
         self._update(self.acc, self.gate.step - 1)
@@ -577,6 +618,15 @@ class Server:
         log.info("stopping: %s", reason)
         self.release_parked()
         self._check_done()
+
+    def _quarantine(self, p: Peer, rid) -> None:
+        p.quarantined = True
+        self.stats.quarantined.append(p.wid)
+        log.error("worker %d quarantined: %d non-finite gradients in a row (pid %d on %s, clock %d)", p.wid,
+                  p.bad_streak, p.pid, p.host, p.clock)
+        self.reply(p.ident, {"op": Op.ERROR.value, "code": "quarantined",
+                             "reason": f"worker {p.wid} pushed {p.bad_streak} non-finite gradients in a row"}, rid=rid)
+        self._remove(p)
 
     def _finish_peer(self, p: Peer, rid, reason: str) -> None:
         p.finished = True
@@ -690,6 +740,8 @@ class Server:
             "theta_version": self.version, "consistency": self.gate.mode, "schedule": self.cfg.train.schedule,
             "loss": self.metrics.last_loss, "started": self.gate.open, "stopping": self.stopping,
             "elapsed_s": round(self.elapsed_s(), 3), "workers": workers, "deaths": self.stats.deaths,
+            "bad_messages": self.stats.bad_messages, "rejected": self.stats.rejected,
+            "quarantined": self.stats.quarantined,
             "worker_restarts": self.stats.worker_restarts, "server_restarts": self.server_restarts,
             "rows_visited": [[e, k] for e, k in self.shards.rows_visited().items()],
         }
@@ -725,6 +777,9 @@ class Server:
             "batch_size": self.cfg.train.batch_size, "lr": self.cfg.train.lr, "theta_version": self.version,
             "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected, "clipped": s.clipped,
             "duplicates": s.duplicates, "stale_pushes": s.stale_pushes, "bad_messages": s.bad_messages,
+            "bad_messages_by_peer": {k.hex(): v for k, v in sorted(self.bad_by_peer.items(),
+                                                                    key=lambda kv: -kv[1])[:10]},
+            "quarantined": s.quarantined,
             "worker_deaths": s.deaths, "worker_restarts": s.worker_restarts, "server_restarts": self.server_restarts,
             "resumed_from": self.resumed_from,
             "staleness_max": max(s.staleness_hist, default=0),
@@ -746,6 +801,8 @@ class Server:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         self.metrics.close()
         self.block.close()
@@ -782,6 +839,8 @@ def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str |
         cfg = config_mod.Config.from_dict(cfg_dict, frozenset(explicit))
         server = Server(cfg, layout, out_dir, reporter, bind=bind, resume=resume, server_restarts=server_restarts,
                         alone=alone, shm_prefix=shm_prefix)
+        # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
+        signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
         with proc.profiled("server"):
             summary = server.run()
         reporter.send("done", summary=summary)

@@ -41,6 +41,33 @@ def unlink_prefix(prefix: str, shm_dir: str = "/dev/shm") -> list[str]:
     return [n for n in names if unlink_name(n)]
 
 
+def sweep_stale(shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove segments left by crashed runs: only ours (psrv_<pid>_ prefix, owned by this user) whose launcher pid
+    is no longer running. Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        parts = name.split("_")
+        if not name.startswith(PREFIX) or len(parts) < 3 or not parts[1].isdigit():
+            continue
+        try:
+            if os.stat(os.path.join(shm_dir, name)).st_uid != os.getuid():
+                continue
+            os.kill(int(parts[1]), 0)  # raises if there is no such process: its run is over
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+        except (PermissionError, FileNotFoundError):  # alive but someone else's, or already gone
+            continue
+    return removed
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     name: str

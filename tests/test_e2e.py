@@ -40,10 +40,11 @@ def cosine(lr, steps):
     return lambda t: 0.5 * lr * (1 + math.cos(math.pi * t / steps))
 
 
-def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
+def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset()):
     """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
     of the mean squared loss. Batch order: each shard's rows in its epoch order (docs/protocol.md), consumed `batch`
-    rows at a time, the last batch of an epoch possibly short."""
+    rows at a time, the last batch of an epoch possibly short. `skip` holds (worker, step) pairs whose gradient is
+    left out of that step's mean (a rejected push); the batch is still consumed."""
     orders = {}
     mean, scale = X.mean(axis=0), X.std(axis=0)
     A = np.c_[(X - mean) / scale, np.ones(len(X))]
@@ -51,16 +52,20 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed):
     cursor = [(0, 0)] * len(shards)
     for t in range(steps):
         g = np.zeros_like(theta)
+        used = 0
         for s, rows in enumerate(shards):
             epoch, pos = cursor[s]
             if (s, epoch) not in orders:
                 orders[s, epoch] = np.array(epoch_order(seed, s, epoch, len(rows)))
             idx = rows[orders[s, epoch][pos:pos + batch]]
-            r = A[idx] @ theta - y[idx]
-            g += 2.0 / len(idx) * A[idx].T @ r
+            if (s, t) not in skip:
+                r = A[idx] @ theta - y[idx]
+                g += 2.0 / len(idx) * A[idx].T @ r
+                used += 1
             pos += len(idx)
             cursor[s] = (epoch + 1, 0) if pos == len(rows) else (epoch, pos)
-        theta -= lr_at(t) * g / len(shards)
+        if used:
+            theta -= lr_at(t) * g / used
     w = theta[:-1] / scale
     return np.r_[w, theta[-1] - mean @ w]
 

@@ -41,16 +41,17 @@ class ServerRestarted(RunError):
 class Heartbeat(threading.Thread):
     """Sends a heartbeat every interval_s from its own socket and records when the server last answered."""
 
-    def __init__(self, ctx, address: str, wid: int, inc: int, interval_s: float):
+    def __init__(self, ctx, address: str, wid: int, inc: int, interval_s: float, keys: str = ""):
         super().__init__(name=f"heartbeat-{wid}", daemon=True)
         self.ctx, self.address, self.wid, self.inc, self.interval_s = ctx, address, wid, inc, interval_s
+        self.keys = keys
         self.last_heard_s = time.monotonic()
         self.server_id: str | None = None
         self.declared_dead = False
         self._halt = threading.Event()
 
     def run(self) -> None:
-        sock = transport.dealer(self.ctx, self.address)
+        sock = transport.dealer(self.ctx, self.address, self.keys)
         try:
             frames = protocol.encode({"op": Op.HEARTBEAT.value, "wid": self.wid, "inc": self.inc})
             while not self._halt.is_set():
@@ -81,14 +82,15 @@ class Heartbeat(threading.Thread):
 class Client:
     """One DEALER to the server, one request in flight at a time; replies are matched by request id."""
 
-    def __init__(self, address: str, timeout_s: float | None = None, ctx=None):
-        """timeout_s: how long the server may stay silent; None means 10 s until the server's welcome says."""
-        self.address = address
+    def __init__(self, address: str, timeout_s: float | None = None, ctx=None, keys: str = ""):
+        """timeout_s: how long the server may stay silent; None means 10 s until the server's welcome says.
+        keys: a CURVE key folder (server.key and this client's secret key) for a server that requires it."""
+        self.address, self.keys = address, keys
         self.timeout_fixed = timeout_s is not None
         self.timeout_s = timeout_s if timeout_s is not None else 10.0
         self._own_ctx = ctx is None
         self.ctx = ctx or transport.context()
-        self.sock = transport.dealer(self.ctx, address)
+        self.sock = transport.dealer(self.ctx, address, keys)
         self.rid = 0
         self.heartbeat: Heartbeat | None = None
         self.wid, self.inc, self.seq = -1, 0, 0
@@ -145,7 +147,8 @@ class Client:
         h["mean"], h["scale"] = (a.copy() for a in arrays)
         if not self.timeout_fixed:
             self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
-        self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"])
+        self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"],
+                                   self.keys)
         self.heartbeat.start()
         return h
 

@@ -127,10 +127,10 @@ class Plane:
 
 class Worker:
     def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float | None = None,
-                 local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None):
+                 local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None, keys: str = ""):
         self.wid, self.debug, self.local, self.prefix = wid, debug or {}, local, prefix
         self.reporter = reporter or proc.Reporter(None)
-        self.client = Client(address, timeout_s=server_timeout_s)
+        self.client = Client(address, timeout_s=server_timeout_s, keys=keys)
         self.rows: Rows | None = None
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (epoch, its order)
         self.steps_done = 0
@@ -175,6 +175,7 @@ class Worker:
         yb = np.empty(b, dtype=dtype)
         slow_s = self.debug.get("slow_ms", 0.0) / 1000.0 if self.debug.get("slow_worker") == self.wid else 0.0
         fail_at = self.debug.get("fail_at_step") if self.debug.get("fail_worker") == self.wid else None
+        nan_at = set(self.debug.get("nan_steps", ())) if self.debug.get("nan_worker") == self.wid else set()
         request_s = 0.0
 
         h, arrays = self.client.pull(0)
@@ -197,6 +198,8 @@ class Worker:
             loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
             if fail_at is not None and clock >= fail_at:
                 raise Injected(f"injected failure at step {clock} (debug.fail_worker = {self.wid})")
+            if clock in nan_at:
+                plane.grad[...] = np.nan  # debug.nan_worker: a broken gradient, which the server must refuse
             if slow_s:
                 time.sleep(slow_s)
             t1 = time.perf_counter()
@@ -247,12 +250,12 @@ def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
     return [shard, epoch, start, min(batch_size, size - start)]
 
 
-def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, conn,
-         parent_pid: int, core, log_level: int) -> None:
+def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, keys: str,
+         conn, parent_pid: int, core, log_level: int) -> None:
     """Entry point of a worker process started by a launcher (spawn)."""
     proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
     reporter = proc.Reporter(conn)
-    worker = Worker(address, wid, debug, server_timeout_s, local, prefix, reporter)
+    worker = Worker(address, wid, debug, server_timeout_s, local, prefix, reporter, keys)
     code, leaving = 0, False
     try:
         with proc.profiled(f"worker-{wid}"):
@@ -267,6 +270,12 @@ def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, lo
         log.warning("%s", e)
         reporter.send("error", process=e.process, message=e.cause, kind="declared_dead")
         code = 3
+    except RemoteError as e:
+        log.error("worker %d: %s", worker.wid, e.cause)
+        # quarantined: the server refuses it for good; anything else the server says is a failure of this worker
+        reporter.send("error", process=f"worker {worker.wid}", message=e.cause,
+                      kind="quarantined" if e.code == "quarantined" else "")
+        code = 1
     except RunError as e:
         log.error("%s", e)
         reporter.send("error", process=f"worker {worker.wid}", message=str(e.cause))
