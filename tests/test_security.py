@@ -233,3 +233,39 @@ def test_stale_segments_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
             if os.path.exists(f"/dev/shm/{name}"):
                 os.unlink(f"/dev/shm/{name}")
 
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_reads_cannot_block_or_bloat_the_server(launch, tmp_path):
+    la = launch("--set", "train.workers=1", "--set", "train.consistency=asp", "--set", "train.steps=1000000000",
+                "--set", "debug.slow_worker=0", "--set", "debug.slow_ms=1", "--set", "data.n=4000",
+                "--set", f"output.dir={tmp_path / 'out'}")
+    addr_file = tmp_path / "out" / "address"
+    address = wait_for(lambda: addr_file.exists() and addr_file.read_text().strip(), 60, what="the address")
+    wait_for(lambda: status(address)["step"] > 10, 60, what="training to start")
+    st0 = status(address)
+    pid = st0["pid"]
+
+    def rss_kb():
+        with open(f"/proc/{pid}/status") as fh:
+            return int(next(ln.split()[1] for ln in fh if ln.startswith("VmRSS:")))
+
+    rss0 = rss_kb()
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.setsockopt(zmq.RCVHWM, 1)             # it reads nothing: its side fills at once
+    rogue.setsockopt(zmq.SNDHWM, 0)
+    rogue.connect(address)
+    request = [msgpack.packb({"op": "status"})]  # each answer is a few kilobytes
+    for _ in range(50_000):
+        rogue.send_multipart(request)
+    # the server keeps serving the honest worker and the status of others...
+    wait_for(lambda: status(address)["step"] > st0["step"] + 500, 60, what="training to go on")
+    # ...and what it holds for the rogue is bounded by the send high-water mark, not by what it was asked
+    assert rss_kb() - rss0 < 50_000
+    rogue.close()
+    ctx.term()
+    la.proc.send_signal(2)
+    la.wait()
+    la.assert_no_leftovers()
