@@ -61,7 +61,7 @@ def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
     ratios = {k: None for k in RATIO_KEYS}
     for r in results:
         ratios.update(r.get("ratios", {}))
-    doc = {"command": "python -m benchmarks " + " ".join(argv), "quick": quick,
+    doc = {"command": " ".join(["python -m benchmarks", *argv]), "quick": quick,
            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "ratios": ratios,
            "benchmarks": results}
     with open(os.path.join(out, "results.json"), "w") as fh:

@@ -155,6 +155,38 @@ def measure(size: int, repeats: int, budget_s: float) -> dict:
     return res
 
 
+def profile_pulls(size: int, local: bool, pulls: int = 20) -> str:
+    """Where a psrv server spends a pull of `size` floats: cProfile's top functions by own time (PSRV_PROFILE_DIR),
+    for the notes when a target is missed."""
+    import glob
+    import os
+    import pstats
+    import tempfile
+    with tempfile.TemporaryDirectory() as prof:
+        os.environ["PSRV_PROFILE_DIR"] = prof
+        try:
+            overrides = ["data.n=2", f"data.d={size - 1}", "data.dtype=float32", "data.standardize=false",
+                         "train.consistency=asp", "train.steps=1000000000", "train.lr=0"]
+            with psrv_server(overrides) as address:
+                peer = PsrvPeer(address, local)
+                with Timer() as t:
+                    for _ in range(pulls):
+                        peer.pull()
+                peer.close()
+        finally:
+            del os.environ["PSRV_PROFILE_DIR"]
+        files = glob.glob(os.path.join(prof, "server-*.prof"))
+        if not files:
+            return "(no server profile was written)"
+        st = pstats.Stats(files[0]).stats
+        handled = next((v[3] for k, v in st.items() if k[2] == "handle"), 0.0)
+        top = sorted(((k, v) for k, v in st.items() if k[2] != "poll"), key=lambda kv: -kv[1][2])[:4]
+        parts = [f"{k[2]} {v[2] / pulls * 1e3:.3f} ms" for k, v in top]
+        return (f"{pulls} pulls took {t.s / pulls * 1e3:.3f} ms each at the client, of which the server spent "
+                f"{handled / pulls * 1e3:.3f} ms handling the request (under cProfile, which slows Python code); "
+                f"its largest own times per pull: " + ", ".join(parts))
+
+
 def run(quick: bool = False) -> dict:
     sizes = QUICK_SIZES if quick else SIZES
     repeats, budget_s = (3, 0.1) if quick else (5, 0.6)
@@ -180,6 +212,19 @@ def run(quick: bool = False) -> dict:
         "pull_large_shm_vs_memcpy": ratio(large, "memcpy_s", "psrv_shm_pull_s"),
         "pull_large_zmq_vs_raw_zmq": ratio(large, "raw_pull_s", "psrv_zmq_pull_s"),
     }
+    notes = [f"Medians over {repeats} repeats of as many round trips as fit in {budget_s} s; min-max of the repeats "
+             f"for 10^7: raw pull {spread(large['raw_pull_s'])} s, psrv ZeroMQ pull "
+             f"{spread(large['psrv_zmq_pull_s'])} s, psrv shared-memory pull {spread(large['psrv_shm_pull_s'])} s, "
+             f"numpy copy {spread(large['memcpy_s'])} s. The psrv server runs on core {server_core(1)} and the "
+             f"client on core {other_core(server_core(1))}, like the raw pair."]
+    if ratios["pull_large_zmq_vs_raw_zmq"] < 0.8:
+        notes.append("**Why the ZeroMQ pull of 10^7 misses 0.8x** (profiled in this run): "
+                     + profile_pulls(10_000_000, local=False)
+                     + ". The rest of the gap is the socket path itself, whose time varies by about as much "
+                       "between repeats (see the min-max above).")
+    if ratios["pushpull_small_vs_raw_zmq"] > 1.3:
+        notes.append("**Why the small push+pull misses 1.3x** (profiled in this run): "
+                     + profile_pulls(100, local=True, pulls=2000))
     return {
         "name": "pushpull",
         "title": "Push + pull round trip and pull, against theta's size",
@@ -205,4 +250,5 @@ def run(quick: bool = False) -> dict:
                      "psrv shm push+pull": [median(m["psrv_shm_pushpull_s"]) * 1e6 for m in raw_results],
                      "numpy copy": [median(m["memcpy_s"]) * 1e6 for m in raw_results]}},
         "spread": {f"{m['size']}": {k: spread(v) for k, v in m.items() if k.endswith("_s")} for m in raw_results},
+        "notes": notes,
     }

@@ -26,7 +26,8 @@ def loss_curves(path: str, train: list, test: list, title: str) -> bool:
         if all(r[2] > 0 for r in train + test):
             ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        if train or test:
+            ax.legend()
     fig.suptitle(title)
     fig.savefig(path, dpi=100)
     plt.close(fig)

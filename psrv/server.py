@@ -58,7 +58,6 @@ class Peer:
     inflight: list | None = None  # the batch it was served and has not pushed yet
     pushes: int = 0
     samples: int = 0
-    served_version: int = 0       # theta version of its last pull (for the version lag)
     last_staleness: int = 0
     shm: bool = False             # reads theta from shared memory and pushes through its slot
     bad_streak: int = 0           # non-finite gradients in a row
@@ -189,6 +188,11 @@ class Server:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
+        """Serve until the run is over, then write the outputs; returns the summary."""
+        self.loop()
+        return self.finish()
+
+    def loop(self) -> None:
         self.reporter.send("ready", address=self.address, pid=os.getpid(), resumed_from=self.resumed_from)
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.n_expected)
         join_deadline = time.monotonic() + self.cfg.server.join_timeout_s
@@ -216,7 +220,6 @@ class Server:
                     self.stop_all("max_wall_s")
                 if now - self.last_progress_s >= PROGRESS_INTERVAL_S:
                     self.report_progress(now)
-        return self.finish()
 
     def handle(self, frames: list) -> None:
         if len(frames) < 2:  # a ROUTER always prefixes the peer's id; an empty message has nothing to answer
@@ -475,7 +478,7 @@ class Server:
                     self._apply_step()
             return
         clock = self.gate.serve(p.wid, clock)
-        p.clock, p.inflight, p.served_version = clock, batch, self.version
+        p.clock, p.inflight = clock, batch
         if p.parked_s:
             self.stats.wait_s += time.monotonic() - p.parked_s
             p.parked_s = 0.0
@@ -841,9 +844,9 @@ def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str |
                         alone=alone, shm_prefix=shm_prefix)
         # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
-        with proc.profiled("server"):
-            summary = server.run()
-        reporter.send("done", summary=summary)
+        with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs
+            server.loop()
+        reporter.send("done", summary=server.finish())
     except RunError as e:
         log.error("%s", e)
         reporter.send("error", process=e.process, message=e.cause)

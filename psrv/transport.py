@@ -156,13 +156,6 @@ def recv_now(sock: zmq.Socket) -> list:
     return sock.recv_multipart(copy=False)
 
 
-def recv_nowait(sock: zmq.Socket) -> list | None:
-    try:
-        return sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        return None
-
-
 def poller(*socks: zmq.Socket) -> zmq.Poller:
     p = zmq.Poller()
     for s in socks:
@@ -170,5 +163,5 @@ def poller(*socks: zmq.Socket) -> zmq.Poller:
     return p
 
 
-__all__ = ["keygen", "authenticator", "use_curve_server", "use_curve_client", "context", "router", "dealer", "send", "recv", "recv_nowait", "readable", "recv_now", "poller", "Again",
+__all__ = ["keygen", "authenticator", "use_curve_server", "use_curve_client", "context", "router", "dealer", "send", "recv", "readable", "recv_now", "poller", "Again",
            "ZMQError", "ProtocolError"]
