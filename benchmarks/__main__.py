@@ -57,18 +57,33 @@ def _plot(result: dict, path: str) -> bool:
 
 
 def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
+    """results.json and RESULTS.md. With --only, the other benchmarks' sections of an earlier results.json in the
+    same folder are kept, each with the command and date that produced it."""
     info = machine()
+    stamp = {"command": " ".join(["python -m benchmarks", *argv]), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    for r in results:
+        r.update(stamp)
+    old_path = os.path.join(out, "results.json")
+    if os.path.exists(old_path) and "--only" in " ".join(argv):
+        with open(old_path) as fh:
+            old = json.load(fh)
+        kept = [{"command": old["command"], "date": old["date"], **r} for r in old["benchmarks"]
+                if r["name"] not in {x["name"] for x in results}]
+        order = {name: i for i, name in enumerate(BENCHMARKS)}
+        results = sorted(kept + results, key=lambda r: order.get(r["name"], 99))
     ratios = {k: None for k in RATIO_KEYS}
     for r in results:
         ratios.update(r.get("ratios", {}))
-    doc = {"command": " ".join(["python -m benchmarks", *argv]), "quick": quick,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": info, "ratios": ratios,
+    doc = {"command": stamp["command"], "quick": quick, "date": stamp["date"], "machine": info, "ratios": ratios,
            "benchmarks": results}
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump(doc, fh, indent=1, default=str)
         fh.write("\n")
+    runs = sorted({(r["command"], r["date"]) for r in results}, key=lambda x: x[1])
+    made_by = "; ".join(f"`{c}` on {d}" for c, d in runs)
     md = ["# psrv benchmark results", "",
-          f"Written by `{doc['command']}` on {doc['date']}; every figure below comes from that one run. "
+          f"Written by {made_by}; every figure below comes from "
+          f"{'that run' if len(runs) == 1 else 'the run named in its section'}. "
           f"Machine: {info['cores']} usable cores ({info['cpu']}), Python {info['python']}, numpy {info['numpy']}, "
           f"pyzmq {info['pyzmq']} (libzmq {info['libzmq']}), msgpack {info['msgpack']}. "
           "Times are medians over repeats; these machines are shared and noisy, so expect ±10-20 % between runs.",
@@ -82,6 +97,8 @@ def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
     md += [_table(["what", "target", "measured", "verdict"], rows), ""]
     for r in results:
         md += [f"## {r['title']}", "", r["method"].strip(), ""]
+        if len(runs) > 1:
+            md += [f"Measured by `{r['command']}` on {r['date']}.", ""]
         if r.get("error"):
             md += [f"This benchmark failed: `{r['error']}`", ""]
             continue

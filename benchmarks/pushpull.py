@@ -179,12 +179,11 @@ def profile_pulls(size: int, local: bool, pulls: int = 20) -> str:
         if not files:
             return "(no server profile was written)"
         st = pstats.Stats(files[0]).stats
-        handled = next((v[3] for k, v in st.items() if k[2] == "handle"), 0.0)
-        top = sorted(((k, v) for k, v in st.items() if k[2] != "poll"), key=lambda kv: -kv[1][2])[:4]
-        parts = [f"{k[2]} {v[2] / pulls * 1e3:.3f} ms" for k, v in top]
-        return (f"{pulls} pulls took {t.s / pulls * 1e3:.3f} ms each at the client, of which the server spent "
-                f"{handled / pulls * 1e3:.3f} ms handling the request (under cProfile, which slows Python code); "
-                f"its largest own times per pull: " + ", ".join(parts))
+        per_call = {k[2]: v[3] / v[1] for k, v in st.items() if k[2] in ("on_pull", "send", "encode", "decode")}
+        return (f"{pulls} pulls took {t.s / pulls * 1e3:.3f} ms each at the client; the server's handler took "
+                f"{per_call.get('on_pull', 0) * 1e3:.3f} ms per pull (under cProfile, which slows Python code), of "
+                f"which sending the reply {per_call.get('send', 0) * 1e3:.3f} ms; decoding a request "
+                f"{per_call.get('decode', 0) * 1e3:.3f} ms")
 
 
 def run(quick: bool = False) -> dict:
