@@ -274,6 +274,9 @@ def check_combinations(cfg: Config) -> None:
                           f"got {t.backup_workers}")
     if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
         raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
+    if cfg.worker.heartbeat_interval_s * 2 > cfg.server.heartbeat_timeout_s:
+        raise ConfigError(f"worker.heartbeat_interval_s: {cfg.worker.heartbeat_interval_s:g} s leaves no margin under "
+                          f"server.heartbeat_timeout_s ({cfg.server.heartbeat_timeout_s:g} s); keep it at most half")
     if not is_local(cfg.server.bind) and not cfg.server.keys and not cfg.server.insecure:
         raise ConfigError(f"server.bind: {cfg.server.bind} can be reached from other machines; make keys with "
                           f"`python launch.py --keygen DIR` and set server.keys = DIR (CURVE), or set "

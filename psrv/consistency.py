@@ -53,21 +53,34 @@ class Gate:
         return min((m.pushed for m in self.members.values()), default=self.step)
 
     # ------------------------------------------------------------------ pulls
+    def check_pull(self, wid: int, clock: int) -> None:
+        """A pull may ask for the member's next clock or an earlier one (it is then moved forward), never a later
+        one: a client cannot jump ahead of its own pushes, nor drag the slowest clock back."""
+        m = self.members.get(wid)
+        if m is not None and clock > m.pushed:
+            raise ValueError(f"worker {wid} pulled clock {clock} but has pushed only up to clock {m.pushed - 1}")
+
+    def _effective(self, m: Member, clock: int) -> int:
+        clock = max(clock, m.pushed)
+        return max(clock, self.step) if self.mode == "bsp" else clock
+
     def may_serve(self, wid: int, clock: int) -> bool:
-        if not self.open or wid not in self.members:
+        m = self.members.get(wid)
+        if not self.open or m is None:
             return False
         if self.mode == "asp":
             return True
+        clock = self._effective(m, clock)
         if self.mode == "bsp":
             return clock <= self.step
         return clock - self.min_clock() <= self.staleness
 
     def serve(self, wid: int, clock: int) -> int:
-        """Record that `wid` gets theta now; returns the clock it must compute (BSP catches a late worker up)."""
+        """Record that `wid` gets theta now; returns the clock it must compute (a member behind its own clock or,
+        under BSP, behind the step is moved forward)."""
         m = self.members[wid]
-        if self.mode == "bsp":
-            clock = max(clock, self.step)
-        m.pushed = max(m.pushed, clock)
+        clock = self._effective(m, clock)
+        m.pushed = clock
         m.serving = clock
         # under BSP theta holds every step before `step`, whoever lags (a backup-worker straggler catches up)
         m.min_at_serve = self.step if self.mode == "bsp" else self.min_clock()

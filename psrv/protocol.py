@@ -58,7 +58,7 @@ REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.THETA: ({"clock": _I, "version": _I, "batch": _L}, (0, 1)),
     Op.ACK: ({"applied": _B, "reason": _S}, (0,)),
     Op.STOP: ({"reason": _S}, (0,)),
-    Op.HEARTBEAT: ({"server_id": _S, "step": _I, "alive": _B}, (0,)),
+    Op.HEARTBEAT: ({"server_id": _S, "step": _I, "alive": _B, "waiting": _B}, (0,)),
     Op.BYE: ({}, (0,)),
     Op.STATUS: ({"state": _M}, (0,)),
     Op.ERROR: ({"code": _S, "reason": _S}, (0,)),

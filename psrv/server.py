@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from .metrics import Metrics
 from .protocol import Op
 from .schedule import Shards
 from .shards import DataBlock
+from . import shmarray
 from .shmarray import SeqlockArray, SharedArray
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ MAX_WID = 1 << 20        # worker ids a client may ask for
 RATE_WINDOW_S = 5.0      # push rate in status: pushes over about this many seconds
 RATE_MARK_S = 0.25
 BAD_PEERS_KEPT = 1024    # per-peer counts of malformed messages: bounded, however many peers misbehave
+MAX_PEERS = 4096         # workers remembered (live, dead, finished); beyond it dead ones are forgotten
+STATUS_WORKERS = 200     # workers listed in a status reply (live ones first), so it stays under the header cap
+HOST_CHARS = 128
 
 
 @dataclass
@@ -113,13 +118,14 @@ class Server:
         self.block = DataBlock.attach(self.layout.block)
         t = cfg.train
         self.n_expected = t.workers
+        self.n_start = t.workers                 # joins needed to open the gate (after a restart: who was live)
         self.model = models.make(cfg.model.kind, self.block.spec.d, cfg.model.fit_intercept, self.block.spec.dtype,
                                  self.layout.extra.get("classes", 0))
         self.server_id = uuid.uuid4().hex[:12]
         theta0 = self.model.init_theta()
         # local workers read theta from shared memory (a seqlock) and write gradients into slots there; theta then
         # lives in that segment and is updated in place. Workers elsewhere get it over ZeroMQ.
-        self.shm_prefix = shm_prefix if cfg.worker.shm else ""
+        self.shm_prefix = shm_prefix if cfg.worker.shm and shmarray.ORDERED_STORES else ""
         self.theta_shm = None
         self.slots: dict[int, SharedArray] = {}
         if self.shm_prefix:
@@ -131,6 +137,7 @@ class Server:
             self.theta = theta0
         self.opt = optim.make(t.optimizer, self.theta, t)
         self.work = np.empty_like(self.theta)    # the update's input when it must be scaled or penalized
+        self.finite_buf = np.empty(self.theta.shape, dtype=bool)
         self.work2 = np.empty_like(self.theta)
         self._lr_cache = (-1, 0.0)
         # l2 penalizes the weights, never the intercept row; a custom model's theta is penalized whole
@@ -142,12 +149,14 @@ class Server:
         self.checksums: dict[int, int] = {}      # shard -> CRC-32 of its rows, for workers that load their own
         self.acc = np.zeros_like(self.theta)     # BSP: the sum of this step's gradients
         self.acc_n = 0
+        self.step_records: list[tuple] = []      # BSP: the pushes in acc, accounted once their step is applied
+        self.applied_records: list[tuple] = []   # applied, to be accounted after the reply
         # train.steps bounds the run unless only train.epochs was asked for
         self.max_steps = t.steps if (t.epochs == 0 or "train.steps" in cfg.explicit) else None
         self.peers: dict[int, Peer] = {}         # wid -> current incarnation
         self.incarnations: dict[int, int] = {}   # wid -> last incarnation number handed out
         self.saved_clocks: dict[int, int] = {}   # wid -> clock at the checkpoint this server resumed from
-        self.parked: dict[int, tuple[bytes, int, int | None]] = {}  # wid -> (ident, clock, rid) of a waiting pull
+        self.parked: dict[int, tuple[int, int | None]] = {}  # wid -> (clock, rid) of a waiting pull
         self.stats = Stats()
         self.server_restarts = server_restarts
         self.started_s: float | None = None
@@ -158,6 +167,7 @@ class Server:
         self.done = False
         self.evaluated_step = 0
         self.checkpointed_step = 0
+        self.checkpointed_version = 0
         self.updated = False                     # an update happened that bookkeeping() has not seen yet
         self.resumed_from: str | None = None
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(out_dir, "checkpoints")
@@ -211,10 +221,15 @@ class Server:
             self.check_liveness(now)
             self.bookkeeping()
             if not self.gate.open and not self.alone and now > join_deadline:
-                joined = sorted(w for w, p in self.peers.items() if p.alive)
-                missing = [w for w in range(self.n_expected) if w not in joined]
-                raise RunError("server", f"only {len(joined)} of {self.n_expected} workers joined within "
-                                         f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing})")
+                joined = sorted(p.wid for p in self.live())
+                if self.resumed_from and joined:  # a worker lost for good before the restart is not waited for
+                    log.warning("resuming with %d of the %d workers that were training: %s", len(joined),
+                                self.n_start, joined)
+                    self._open()
+                else:
+                    missing = [w for w in range(self.n_expected) if w not in joined]
+                    raise RunError("server", f"only {len(joined)} of {self.n_start} workers joined within "
+                                             f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing})")
             if self.started_s is not None:
                 if self.cfg.train.max_wall_s and self.elapsed_s() > self.cfg.train.max_wall_s:
                     self.stop_all("max_wall_s")
@@ -261,6 +276,11 @@ class Server:
             raise ProtocolError(f"hello: worker id {wid} is outside -1..{MAX_WID - 1}", "bad_wid")
         if self.stopping:
             raise ProtocolError(f"the run is ending ({self.stopping}); no new workers", "finished")
+        if wid not in self.peers and len(self.peers) >= MAX_PEERS:
+            for gone in [w for w, q in self.peers.items() if not q.alive and not q.quarantined]:
+                del self.peers[gone]
+            if len(self.peers) >= MAX_PEERS:
+                raise ProtocolError(f"{MAX_PEERS} workers are registered already", "too_many_workers")
         old = self.peers.get(wid)
         if old is not None and old.quarantined:
             raise ProtocolError(f"worker {wid} is quarantined (it pushed non-finite gradients)", "quarantined")
@@ -275,9 +295,11 @@ class Server:
         inc = self.incarnations.get(wid, 0) + 1
         now = time.monotonic()
         self.incarnations[wid] = inc
-        self.peers[wid] = p = Peer(wid=wid, inc=inc, ident=ident, pid=h["pid"], host=h["host"], local=h["local"],
-                                   joined_s=now, last_seen_s=now)
-        if h["local"] and self.theta_shm is not None:
+        self.peers[wid] = p = Peer(wid=wid, inc=inc, ident=ident, pid=h["pid"], host=h["host"][:HOST_CHARS],
+                                   local=h["local"], joined_s=now, last_seen_s=now)
+        # gradient slots only for the launcher's own workers (ids below train.workers): a bounded number, however
+        # many clients say they are local
+        if h["local"] and self.theta_shm is not None and wid < self.n_expected:
             p.shm = True
             if wid not in self.slots:  # kept across incarnations of the same worker id
                 self.slots[wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{wid}",
@@ -285,12 +307,16 @@ class Server:
         self._membership_changed()
         log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", wid, p.pid, p.host, inc,
                  self.shards.held_by(wid))
-        if not self.gate.open and sum(q.alive for q in self.peers.values()) >= self.n_expected:
-            self.gate.open = True
-            self.started_s = time.monotonic()
-            log.info("%d workers joined; training %s", self.n_expected,
-                     f"resumes at step {self.step}" if self.resumed_from else "starts")
+        if not self.gate.open and len(self.live()) >= self.n_start:
+            self._open()
         self.reply(ident, self._welcome(p), [self.block.mean, self.block.scale], rid=h.get("rid"))
+        self.release_parked()
+
+    def _open(self) -> None:
+        self.gate.open = True
+        self.started_s = time.monotonic()
+        log.info("%d workers joined; training %s", len(self.live()),
+                 f"resumes at step {self.step}" if self.resumed_from else "starts")
         self.release_parked()
 
     def _welcome(self, p: Peer) -> dict:
@@ -336,12 +362,22 @@ class Server:
         if not p.alive:
             self.stats.stale_pushes += h["op"] == Op.PUSH.value
             raise ProtocolError(f"worker {h['wid']} incarnation {h['inc']} was declared dead", "dead")
-        p.last_seen_s = time.monotonic()
+        if p.finished:
+            raise ProtocolError(f"worker {h['wid']} has finished", "finished")
         return p
+
+    @staticmethod
+    def _touch(p: Peer, ident: bytes) -> None:
+        """A valid request: its connection is where replies go now, and it counts as a sign of life."""
+        p.ident, p.last_seen_s = ident, time.monotonic()
 
     def on_pull(self, ident, h, arrays):
         p = self._peer(h)
-        p.ident = ident
+        try:
+            self.gate.check_pull(p.wid, h["clock"])
+        except ValueError as e:
+            raise ProtocolError(f"pull: {e}", "bad_clock") from None
+        self._touch(p, ident)
         self.pull(p, h["clock"], h.get("rid"))
 
     def on_push(self, ident, h, arrays):
@@ -351,7 +387,6 @@ class Server:
             raise ProtocolError(f"push for server {h['sid']}, but this is server {self.server_id}; say hello again",
                                 "stale_server")
         p = self._peer(h)
-        p.ident = ident
         rid = h.get("rid")
         seq = h["seq"]
         if seq <= p.seq:
@@ -367,9 +402,17 @@ class Server:
         if grad.dtype != self.theta.dtype or grad.shape != self.theta.shape:
             raise ProtocolError(f"push: gradient {grad.dtype.str} {list(grad.shape)} does not match theta "
                                 f"{self.theta.dtype.str} {list(self.theta.shape)}", "bad_shape")
-        if h["count"] < 1:
-            raise ProtocolError("push: count must be >= 1", "bad_field")
-        finite = bool(np.isfinite(grad).all())
+        if p.inflight is None or h["count"] != p.inflight[3]:
+            raise ProtocolError(f"push: count {h['count']} is not the size of the batch served "
+                                f"({p.inflight[3] if p.inflight else 'none'})", "bad_field")
+        if not 0 <= h["version"] <= self.version:
+            raise ProtocolError(f"push: theta version {h['version']} was never served (now {self.version})",
+                                "bad_field")
+        for key in ("loss", "compute_s", "request_s"):
+            if not math.isfinite(h[key]) or (key != "loss" and not 0 <= h[key] < 1e6):
+                raise ProtocolError(f"push: {key} = {h[key]!r} is not a plausible number", "bad_field")
+        self._touch(p, ident)
+        finite = bool(np.isfinite(grad, out=self.finite_buf).all())  # into a reused buffer: no allocation
         clock = h["clock"]
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
             p.seq = seq
@@ -398,16 +441,18 @@ class Server:
             p.bad_streak = 0
         applied = decision != LATE and finite
         if applied:
-            staleness, lag = self.gate.staleness_of(p.wid, clock), self.version - h["version"]
-            if batch is not None:
-                self.shards.commit(batch)
+            record = (p, batch, h["count"], h["loss"], h["compute_s"], h["request_s"],
+                      self.gate.staleness_of(p.wid, clock), self.version - h["version"])
             grad = self._clip(grad)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self._update(grad, self.step, scale=1.0 / max(1, len(self.gate.members)))
+                self.applied_records.append(record)
             else:
+                # its rows count as visited, and it in the statistics, once the step it belongs to is applied
                 self.acc += grad
                 self.acc_n += 1
+                self.step_records.append(record)
                 if decision == COMPLETE:
                     self._apply_step()
         # answer first: the counting below need not delay the worker
@@ -421,9 +466,7 @@ class Server:
         now = time.monotonic()
         if not p.rate_marks or now - p.rate_marks[-1][0] >= RATE_MARK_S:
             p.rate_marks.append((now, p.pushes))
-        if applied:
-            self._record(p, h, staleness, lag)
-        elif finite:
+        if not applied and finite:
             self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
 
     def on_heartbeat(self, ident, h, arrays):
@@ -433,8 +476,10 @@ class Server:
             p.last_seen_s = time.monotonic()
         # `alive: false` tells a worker that was paused past the timeout that it was declared dead, even while it
         # waits for a reply that will never come
-        self.reply(ident, {"op": Op.HEARTBEAT.value, "server_id": self.server_id, "step": self.step, "alive": live},
-                   rid=h.get("rid"))
+        # `waiting`: the server holds a pull of this worker. A worker waiting for a reply while the server holds
+        # nothing of it knows that its request or the reply was lost (a reconnect drops them) and starts over.
+        self.reply(ident, {"op": Op.HEARTBEAT.value, "server_id": self.server_id, "step": self.step, "alive": live,
+                           "waiting": live and h["wid"] in self.parked}, rid=h.get("rid"))
 
     def on_bye(self, ident, h, arrays):
         p = self._peer(h)
@@ -461,10 +506,17 @@ class Server:
         elif self.gate.may_serve(p.wid, clock):
             self.serve(p, clock, rid)
         else:
-            self.parked[p.wid] = (p.ident, clock, rid)
+            self.parked[p.wid] = (clock, rid)
             p.parked_s = time.monotonic()
 
     def serve(self, p: Peer, clock: int, rid) -> None:
+        serving = self.gate.members[p.wid].serving
+        if p.inflight is not None and serving is not None:
+            # asked again before pushing (its reply was lost, or the client repeats itself): the same batch and
+            # clock again, so that no rows are handed out and skipped
+            self.reply(p.ident, {"op": Op.THETA.value, "clock": serving, "version": self.version,
+                                 "batch": p.inflight}, () if p.shm else (self.published(),), rid=rid)
+            return
         batch = self.shards.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
         if batch is None:
             if self.shards.held_by(p.wid):
@@ -473,9 +525,8 @@ class Server:
                 if self.shards.all_done(self.cfg.train.epochs) and not any(q.inflight for q in self.live()):
                     self.stop_all("epochs")
             else:  # no lease (more workers than shards): it waits, out of the gate, until a shard frees up
-                self.parked[p.wid] = (p.ident, clock, rid)
-                if self.gate.leave(p.wid) and not self.stopping:
-                    self._apply_step()
+                self.parked[p.wid] = (clock, rid)
+                self._gate_leave(p.wid)
             return
         clock = self.gate.serve(p.wid, clock)
         p.clock, p.inflight = clock, batch
@@ -496,9 +547,9 @@ class Server:
             p = self.peers.get(wid)
             if p is None or not p.alive:
                 del self.parked[wid]
-            elif self.stopping or self.gate.may_serve(wid, entry[1]):
+            elif self.stopping or self.gate.may_serve(wid, entry[0]):
                 del self.parked[wid]
-                self.pull(p, entry[1], entry[2])
+                self.pull(p, *entry)
 
     def published(self) -> np.ndarray:
         """An immutable snapshot of theta for this version. Replies send it zero-copy, so theta itself may change
@@ -508,18 +559,22 @@ class Server:
         return self._published
 
     # ------------------------------------------------------------------ updates
-    def _record(self, p: Peer, h, staleness: int, lag: int) -> None:
+    def _record(self, p: Peer, batch, count: int, loss: float, compute_s: float, request_s: float, staleness: int,
+                lag: int) -> None:
+        """An applied gradient: its rows count as visited, it counts in the statistics and the training loss."""
         s = self.stats
+        if batch is not None:
+            self.shards.commit(batch)
         s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
         s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
         if lag > s.version_lag_max:
             s.version_lag_max = lag
-        s.samples += h["count"]
-        s.compute_s += h["compute_s"]
-        s.request_s += h["request_s"]
-        p.samples += h["count"]
+        s.samples += count
+        s.compute_s += compute_s
+        s.request_s += request_s
+        p.samples += count
         p.last_staleness = staleness
-        self.metrics.add_batch(h["loss"], h["count"])
+        self.metrics.add_batch(loss, count)
 
     def _count_rejected(self, reason: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
@@ -549,8 +604,10 @@ class Server:
                                                 t.lr_decay_every, t.lr_min))
         if self.theta_shm is not None:
             self.theta_shm.begin_write()
-            self.opt.step(self.theta, grad, self._lr_cache[1])
-            self.theta_shm.end_write(self.version + 1)
+            try:
+                self.opt.step(self.theta, grad, self._lr_cache[1])
+            finally:  # never leave the sequence number odd: readers would wait for a write that never ends
+                self.theta_shm.end_write(self.version + 1)
         else:
             self.opt.step(self.theta, grad, self._lr_cache[1])
         self.version += 1
@@ -564,6 +621,8 @@ class Server:
     def _apply_step(self) -> None:
         """BSP: theta <- optimizer(mean of this step's gradients). The gate has already moved on to the next step.
         A step whose every gradient was rejected leaves theta as it was."""
+        self.applied_records += self.step_records
+        self.step_records = []
         if self.acc_n == 0:
             return
         self.acc /= self.acc_n
@@ -573,7 +632,11 @@ class Server:
         self.acc_n = 0
 
     def bookkeeping(self) -> None:
-        """After updates, once the replies have gone out: metrics line, plateau test, evaluation, checkpoint."""
+        """After updates, once the replies have gone out: the applied gradients' accounting, metrics line, plateau
+        test, evaluation, checkpoint."""
+        for r in self.applied_records:
+            self._record(*r)
+        self.applied_records.clear()
         if not self.updated:
             return
         self.updated = False
@@ -606,12 +669,17 @@ class Server:
         return [p for p in self.peers.values() if p.alive and not p.finished]
 
     def _membership_changed(self) -> None:
-        """Re-lease the shards over the live workers, and let into the gate exactly those with work to do."""
+        """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
+        member that lost its last lease and is not computing leaves it (it waits, parked, for a shard)."""
         live = self.live()
         self.shards.rebalance([p.wid for p in live])
         for p in live:
-            if p.wid not in self.gate.members and self.shards.held_by(p.wid):
+            held = self.shards.held_by(p.wid)
+            member = self.gate.members.get(p.wid)
+            if member is None and held:
                 p.clock = self.gate.join(p.wid, self.saved_clocks.pop(p.wid, None))
+            elif member is not None and not held and member.serving is None:
+                self._gate_leave(p.wid)
 
     def stop_all(self, reason: str) -> None:
         """End the run: every worker is told to stop at its next request; waiting ones are told now."""
@@ -640,13 +708,18 @@ class Server:
         p.alive = False
         self._leave(p)
 
+    def _gate_leave(self, wid: int) -> None:
+        """Take a worker out of the gate; if that completes the BSP step, apply it and answer who was waiting."""
+        if self.gate.leave(wid) and not self.stopping:
+            self._apply_step()
+            self.release_parked()
+
     def _leave(self, p: Peer) -> None:
         self.parked.pop(p.wid, None)
         if p.inflight is not None:  # its batch was never pushed: hand it out again
             self.shards.give_back(p.inflight)
             p.inflight = None
-        if self.gate.leave(p.wid) and not self.stopping:
-            self._apply_step()
+        self._gate_leave(p.wid)
         self._membership_changed()
         self.release_parked()
         self._check_done()
@@ -668,12 +741,15 @@ class Server:
     def save_checkpoint(self) -> str:
         """θ, optimizer state, clocks, shard cursors (with the batches in flight handed back), incarnations, counters,
         config and protocol version, written atomically with a checksum (psrv/checkpoint.py)."""
-        self.checkpointed_step = self.step
+        self.checkpointed_step, self.checkpointed_version = self.step, self.version
         shards = Shards([c.size for c in self.shards.cursors])
         shards.load_state(self.shards.state())
         for p in self.live():
             if p.inflight is not None:  # a restart re-serves what was in flight
                 shards.give_back(p.inflight)
+        for r in self.step_records:     # ...and the rows of a BSP step not applied yet
+            if r[1] is not None:
+                shards.give_back(r[1])
         opt = self.opt.state_dict()
         state = {
             "protocol": protocol.VERSION, "config": self.cfg.to_dict(), "explicit": sorted(self.cfg.explicit),
@@ -707,16 +783,22 @@ class Server:
         if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:
             raise RunError("server", f"{path} holds theta {theta.dtype} {theta.shape}; this model needs "
                                      f"{self.theta.dtype} {self.theta.shape}")
+        if self.theta_shm is not None:
+            self.theta_shm.begin_write()
         self.theta[...] = theta
+        if self.theta_shm is not None:
+            self.theta_shm.end_write(state["version"])  # local workers read the restored version, not 0
         self.opt.load_state_dict({**state["optimizer"],
                                   "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
         self.version, self.gate.step = state["version"], state["gate_step"]
         self.saved_clocks = {w: c for w, c in state["clocks"]}
+        self.n_start = max(1, len(self.saved_clocks))  # the workers training at the checkpoint, not train.workers
         self.incarnations = {w: i for w, i in state["incarnations"]}
         self.shards.load_state(state["shards"])
         self.stats = Stats.from_state(state["stats"])
         self.elapsed_before_s = state["elapsed_s"]
         self.checkpointed_step = self.evaluated_step = state["step"]
+        self.checkpointed_version = state["version"]
         self.resumed_from = path
         log.warning("resumed from %s at step %d", path, state["step"])
 
@@ -760,7 +842,7 @@ class Server:
         self.metrics.log_final(step, wall, final_loss, train_metric, self.model.metric_name)
         test = self.evaluate(step)
         self.metrics.close()
-        if self.checkpointed_step != step:
+        if self.checkpointed_version != self.version:
             self.save_checkpoint()
         if isinstance(self.model, models._Glm):
             theta_out = data.unscale(self.theta, self.block.mean, self.block.scale, self.cfg.model.fit_intercept)

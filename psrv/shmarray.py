@@ -5,15 +5,21 @@ back to even after, storing the new version with it. A worker copies theta out a
 changed meanwhile, so a pull is one memcpy and never sees a half-written theta. A Slot is a plain shared array a
 worker writes its gradient into before it notifies the server; the request/reply protocol keeps the two from
 touching it at the same time. No sockets here.
+
+The seqlock needs one process's stores to become visible to another in the order they were made. x86-64 guarantees
+that (TSO); Python cannot emit the fences weaker memory models need, so elsewhere the server keeps theta private and
+every worker pulls it over ZeroMQ (ORDERED_STORES).
 """
 from __future__ import annotations
 
+import platform
 import time
 from multiprocessing import shared_memory
 
 import numpy as np
 
 HEADER_BYTES = 64  # sequence number (u64), version (u64), padding to a cache line
+ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 class SharedArray:

@@ -93,7 +93,7 @@ def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
         clock = h["clock"]
         if not bad_pushes and not nan_sent:
             # a NaN gradient is not an error of the message: it is refused, counted, and the worker goes on
-            ack, _ = me.push(clock, np.full(shape, np.nan, dtype), 0.0, 1, pull=False)
+            ack, _ = me.push(clock, np.full(shape, np.nan, dtype), 0.0, h["batch"][3], pull=False)
             assert ack == {"op": "ack", "applied": False, "reason": "nonfinite", "rid": ack["rid"]}
             nan_sent = True
             h, arrays = me.pull(clock + 1)
@@ -101,12 +101,19 @@ def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
         if bad_pushes:
             g, code = bad_pushes.pop()
             with pytest.raises(RemoteError) as e:
-                me.push(clock, g, 0.0, 1)
+                me.push(clock, g, 0.0, h["batch"][3])
             assert e.value.code == code
             with pytest.raises(RemoteError) as e:
-                me.push(clock + 3, np.zeros(shape, dtype), 0.0, 1)     # a clock it was not served
+                me.push(clock + 3, np.zeros(shape, dtype), 0.0, h["batch"][3])  # a clock it was not served
             assert e.value.code == "bad_clock"
-        h, arrays = me.push(clock, np.zeros(shape, dtype), 1.0, 16)
+            for bad in ({"count": h["batch"][3] + 1}, {"version": h["version"] + 5}, {"loss": float("nan")},
+                        {"compute_s": -1.0}):
+                args = {"clock": clock, "grad": np.zeros(shape, dtype), "loss": 0.0, "count": h["batch"][3],
+                        "version": h["version"], **bad}
+                with pytest.raises(RemoteError) as e:  # fields that lie about the batch or the theta it used
+                    me.push(**args)
+                assert e.value.code == "bad_field", bad
+        h, arrays = me.push(clock, np.zeros(shape, dtype), 1.0, h["batch"][3], h["version"])
     assert h["op"] == "stop"
     me.close()
     st.join(20)
@@ -114,7 +121,7 @@ def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
     assert not st.is_alive() and not wt.is_alive()
     s = result["summary"]
     assert result["worker0"] == 0 and s["steps"] == 30 and np.isfinite(s["final_loss"])
-    assert s["bad_messages"] == len(ANONYMOUS) + 1 + 2 + 2
+    assert s["bad_messages"] == len(ANONYMOUS) + 1 + 2 + 2 + 2 * 4
     assert s["stale_pushes"] == 1   # the push for another server (the stale incarnation 99 only pulled)
     assert s["rejected"] == {"nonfinite": 1}
 
@@ -140,3 +147,59 @@ def test_status_reply(cluster):
     assert sorted(w["wid"] for w in state["workers"]) == [0, 1]
     for w in state["workers"]:
         assert w["pid"] > 0 and w["host"] and w["clock"] >= 0 and w["last_seen_s"] >= 0 and w["alive"] in (True, False)
+
+
+def test_a_lost_request_is_noticed_while_the_server_is_alive():
+    """The test plays a server that answers heartbeats, saying it holds nothing of the worker, and never answers
+    its pull: the client gives up on that request (and would register again) instead of waiting forever."""
+    from psrv import transport
+    from workers.client import Heartbeat
+
+    ctx = zmq.Context()
+    router, address = transport.router(ctx, "tcp://127.0.0.1:0")
+    client = Client(address, timeout_s=30)
+    client.wid, client.inc, client.server_id = 0, 1, "srv"
+    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.05)
+    client.heartbeat.start()
+    stop = threading.Event()
+
+    def fake_server():
+        while not stop.is_set():
+            if router.poll(20):
+                ident, *frames = router.recv_multipart()
+                h, _ = protocol.decode(frames)
+                if h["op"] == "heartbeat":
+                    router.send_multipart([ident, msgpack.packb({"op": "heartbeat", "server_id": "srv", "step": 0,
+                                                                 "alive": True, "waiting": False})])
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(RemoteError) as e:
+            client.pull(0)
+        assert e.value.code == "lost"
+    finally:
+        stop.set()
+        t.join(5)
+        client.close()
+        router.close(0)
+        ctx.term()
+
+
+@pytest.mark.as_worker_1
+def test_a_repeated_pull_gets_the_same_batch_and_a_future_clock_is_refused(cluster):
+    server, ctx, result, (st, wt) = cluster
+    me = Client(server.address, timeout_s=10)
+    welcome = me.hello(1)
+    h1, _ = me.pull(0)
+    h2, _ = me.pull(0)                   # its reply was lost, say: the same batch again, no rows skipped
+    assert (h1["clock"], h1["batch"]) == (h2["clock"], h2["batch"])
+    with pytest.raises(RemoteError) as e:
+        me.pull(h1["clock"] + 5)         # a clock it has not reached
+    assert e.value.code == "bad_clock"
+    shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
+    h = h1
+    while h["op"] == "theta":
+        h, _ = me.push(h["clock"], np.zeros(shape, dtype), 1.0, h["batch"][3], h["version"])
+    me.close()
+    st.join(20)
+    assert result["summary"]["steps"] == 30

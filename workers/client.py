@@ -21,6 +21,7 @@ from psrv.protocol import Op
 log = logging.getLogger(__name__)
 
 SLICE_MS = 100
+LOST_AFTER_BEATS = 4  # heartbeat periods of "the server holds nothing of ours" before a request counts as lost
 
 
 class RemoteError(RunError):
@@ -48,6 +49,7 @@ class Heartbeat(threading.Thread):
         self.last_heard_s = time.monotonic()
         self.server_id: str | None = None
         self.declared_dead = False
+        self.last_waiting_s = 0.0  # when the server last said it holds a pull of ours
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -69,6 +71,8 @@ class Heartbeat(threading.Thread):
                         self.last_heard_s = time.monotonic()
                         self.server_id = h["server_id"]
                         self.declared_dead = not h["alive"]
+                        if h["waiting"]:
+                            self.last_waiting_s = self.last_heard_s
         finally:
             sock.close(linger=0)
 
@@ -129,6 +133,13 @@ class Client:
                 if hb.declared_dead and hb.server_id == self.server_id:
                     raise RemoteError("dead", f"the server declared worker {self.wid} (incarnation {self.inc}) "
                                               f"dead while it waited for {op}")
+                # the server has kept answering heartbeats for a while since the request (so it is alive) without
+                # holding a pull of ours, and no reply came: the request or its reply was lost
+                answering_idle_s = hb.last_heard_s - max(start, hb.last_waiting_s)
+                if op in ("pull", "push") and answering_idle_s > LOST_AFTER_BEATS * hb.interval_s:
+                    raise RemoteError("lost", f"no reply to {op} for {time.monotonic() - start:.1f} s while the "
+                                              f"server, answering, holds nothing of worker {self.wid}: the request or "
+                                              f"its reply was lost")
                 silent = hb.silent_for_s()
                 if silent > timeout_s:
                     raise ServerLost(f"worker {self.wid}", f"no word from the server at {self.address} for "

@@ -27,7 +27,7 @@ from .client import Client, RemoteError, ServerRestarted
 
 log = logging.getLogger(__name__)
 
-REJOIN_CODES = {"dead", "stale_incarnation", "unknown_worker", "stale_server"}
+REJOIN_CODES = {"dead", "stale_incarnation", "unknown_worker", "stale_server", "lost"}
 MAX_SESSIONS = 1000  # re-registrations before a worker gives up (a loop, not a recovery, by then)
 
 
