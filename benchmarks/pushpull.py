@@ -33,7 +33,7 @@ def _echo(addr_q, core: int, size: int):
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind("tcp://127.0.0.1:*")
     addr_q.put(sock.getsockopt_string(zmq.LAST_ENDPOINT))
-    big = np.zeros(size, np.float32)
+    big = np.ones(size, np.float32)  # pages really written: np.zeros would be the kernel's shared zero page
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
     while True:
@@ -104,7 +104,8 @@ class PsrvPeer:
         self.theta, self.version = self.plane.theta(self.h, self.arrays)
 
     def pushpull(self) -> None:
-        self.h, self.arrays = self.client.push(self.h["clock"], self.plane.grad_frame(), 0.0, 1, self.version)
+        self.h, self.arrays = self.client.push(self.h["clock"], self.plane.grad_frame(), 0.0, self.h["batch"][3],
+                                               self.version)
         self.theta, self.version = self.plane.theta(self.h, self.arrays)
 
     def pull(self) -> None:
