@@ -12,6 +12,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .shmarray import release
+
 PREFIX = "psrv_"
 _ALIGN = 64  # cache-line alignment for every array in the block
 
@@ -125,10 +127,7 @@ class DataBlock:
     def close(self) -> None:
         for key, _ in self.spec._parts():
             self.__dict__.pop(key, None)
-        try:
-            self._shm.close()
-        except BufferError:  # a caller still holds a view; the mapping goes when the process exits
-            pass
+        release(self._shm, owner=False)
 
     def unlink(self) -> None:
         """Remove the segment's name (owner only); the memory is freed once every process has unmapped it."""

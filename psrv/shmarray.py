@@ -22,6 +22,20 @@ HEADER_BYTES = 64  # sequence number (u64), version (u64), padding to a cache li
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+def release(shm: shared_memory.SharedMemory, owner: bool) -> None:
+    """Unmap a segment, and remove its name when we created it. A view still held elsewhere keeps the mapping
+    until the process exits; a name already gone is not an error."""
+    try:
+        shm.close()
+    except BufferError:
+        pass
+    if owner:
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class SharedArray:
     """A numpy array over a named shared-memory segment, after a 64-byte header. Only its creator unlinks it."""
 
@@ -53,15 +67,7 @@ class SharedArray:
 
     def close(self) -> None:
         del self.header, self.array
-        try:
-            self._shm.close()
-        except BufferError:  # a view is still held somewhere; the mapping goes with the process
-            pass
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        release(self._shm, self.owner)
 
 
 class SeqlockArray(SharedArray):
