@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 import psrv
-from psrv import config, data, proc, shards
+from psrv import config, data, proc, blocks
 from psrv.cluster import Cluster
 from psrv.launch import resolve
 
@@ -63,13 +63,13 @@ def psrv_server(overrides: list[str], workers: int = 1):
     cfg = resolve(config.load(None, overrides + [f"train.workers={workers}"]))
     with tempfile.TemporaryDirectory() as out:
         cfg.output.dir = out
-        prefix = shards.run_prefix()
+        prefix = blocks.run_prefix()
         try:
             block, layout = data.build(cfg, workers, prefix + "data")
             with block, Cluster(cfg, out, logging.WARNING, layout=layout, alone=True, prefix=prefix) as cluster:
                 yield cluster.start_server()
         finally:
-            shards.unlink_prefix(prefix)
+            blocks.unlink_prefix(prefix)
 
 
 def server_core(workers: int = 1) -> int:

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 from psrv import proc
-from psrv.shards import PREFIX, BlockSpec
+from psrv.blocks import PREFIX, BlockSpec
 
 from .common import log
 

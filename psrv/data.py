@@ -19,7 +19,7 @@ import numpy as np
 
 from . import partition
 from .errors import DataError
-from .shards import BlockSpec, DataBlock
+from .blocks import BlockSpec, DataBlock
 
 log = logging.getLogger(__name__)
 

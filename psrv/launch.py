@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, models, proc, shards, signals
+from . import data, models, proc, blocks, signals
 from .cluster import Cluster
 from .errors import ConfigError, PsrvError, RunError
 from .signals import Interrupted
@@ -83,7 +83,7 @@ def resolve(cfg: config_mod.Config, resume: str | None = None) -> config_mod.Con
     return cfg
 
 
-def check_model(cfg: config_mod.Config, block: shards.DataBlock) -> int:
+def check_model(cfg: config_mod.Config, block: blocks.DataBlock) -> int:
     """Load the model once here, so a bad model.kind or labels that do not fit it fail before any process starts.
     Returns the number of classes (softmax) or 0."""
     kind, source = cfg.model.kind, cfg.data.source
@@ -117,16 +117,16 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
     os.makedirs(cfg.output.dir, exist_ok=True)
-    for name in shards.sweep_stale():
+    for name in blocks.sweep_stale():
         log.warning("removed shared memory %s left by a run that is no longer running", name)
-    prefix = shards.run_prefix()
+    prefix = blocks.run_prefix()
     try:
         return _run_on_data(cfg, progress, log_level, prefix, role, ckpt)
     finally:
         # by name, not by handle: a signal may land after a segment exists but before anyone holds it, and a
         # server killed -9 leaves its theta and gradient slots behind
-        shards.unlink_name(prefix + "data")
-        shards.unlink_prefix(prefix)
+        blocks.unlink_name(prefix + "data")
+        blocks.unlink_prefix(prefix)
 
 
 def _run_on_data(cfg, progress, log_level, prefix, role, ckpt) -> Result:
@@ -175,8 +175,8 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
     have all left (the run ended, or they were stopped). Their shared memory is removed whatever happens."""
     cfg = config_mod.load(None, overrides)
     cfg.train.workers = workers
-    shards.sweep_stale()
-    prefix = shards.run_prefix()
+    blocks.sweep_stale()
+    prefix = blocks.run_prefix()
     with signals.handled():
         try:
             with Cluster(cfg, "", log_level, address=address, prefix=prefix) as cluster:
@@ -184,7 +184,7 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
                     cluster.start_worker(-1, slot=slot, local=False)
                 cluster.wait()
         finally:
-            shards.unlink_prefix(prefix)
+            blocks.unlink_prefix(prefix)
     return 0
 
 

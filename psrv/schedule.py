@@ -94,8 +94,8 @@ def assign(n_shards: int, live: list[int], current: dict[int, int]) -> dict[int,
     return new
 
 
-class Shards:
-    """The cursor of every shard, and under the static schedule the lease of each shard."""
+class Schedule:
+    """The cursor of every shard and, under the static schedule, its lease (the worker that holds it)."""
 
     def __init__(self, sizes: list[int], dynamic: bool = False):
         self.cursors = [Cursor(size=int(s)) for s in sizes]

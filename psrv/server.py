@@ -26,8 +26,8 @@ from .consistency import APPLY, COMPLETE, LATE, Gate
 from .errors import ProtocolError, RunError
 from .metrics import Metrics
 from .protocol import Op
-from .schedule import Shards
-from .shards import DataBlock
+from .schedule import Schedule
+from .blocks import DataBlock
 from . import shmarray
 from .shmarray import SeqlockArray, SharedArray
 
@@ -145,7 +145,7 @@ class Server:
         self.version = 0                         # updates applied to theta
         self._published: np.ndarray | None = None
         self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
-        self.shards = Shards([s for _, s in self.layout.shards], dynamic=t.schedule == "dynamic")
+        self.schedule = Schedule([s for _, s in self.layout.shards], dynamic=t.schedule == "dynamic")
         self.checksums: dict[int, int] = {}      # shard -> CRC-32 of its rows, for workers that load their own
         self.acc = np.zeros_like(self.theta)     # BSP: the sum of this step's gradients
         self.acc_n = 0
@@ -306,7 +306,7 @@ class Server:
                                                      self.theta.shape, self.theta.dtype)
         self._membership_changed()
         log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", wid, p.pid, p.host, inc,
-                 self.shards.held_by(wid))
+                 self.schedule.held_by(wid))
         if not self.gate.open and len(self.live()) >= self.n_start:
             self._open()
         self.reply(ident, self._welcome(p), [self.block.mean, self.block.scale], rid=h.get("rid"))
@@ -517,12 +517,12 @@ class Server:
             self.reply(p.ident, {"op": Op.THETA.value, "clock": serving, "version": self.version,
                                  "batch": p.inflight}, () if p.shm else (self.published(),), rid=rid)
             return
-        batch = self.shards.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
+        batch = self.schedule.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
         if batch is None:
-            if self.shards.held_by(p.wid):
+            if self.schedule.held_by(p.wid):
                 # every shard it reads has had its epochs; the others finish their steps without it
                 self._finish_peer(p, rid, "epochs")
-                if self.shards.all_done(self.cfg.train.epochs) and not any(q.inflight for q in self.live()):
+                if self.schedule.all_done(self.cfg.train.epochs) and not any(q.inflight for q in self.live()):
                     self.stop_all("epochs")
             else:  # no lease (more workers than shards): it waits, out of the gate, until a shard frees up
                 self.parked[p.wid] = (clock, rid)
@@ -564,7 +564,7 @@ class Server:
         """An applied gradient: its rows count as visited, it counts in the statistics and the training loss."""
         s = self.stats
         if batch is not None:
-            self.shards.commit(batch)
+            self.schedule.commit(batch)
         s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
         s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
         if lag > s.version_lag_max:
@@ -672,9 +672,9 @@ class Server:
         """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
         member that lost its last lease and is not computing leaves it (it waits, parked, for a shard)."""
         live = self.live()
-        self.shards.rebalance([p.wid for p in live])
+        self.schedule.rebalance([p.wid for p in live])
         for p in live:
-            held = self.shards.held_by(p.wid)
+            held = self.schedule.held_by(p.wid)
             member = self.gate.members.get(p.wid)
             if member is None and held:
                 p.clock = self.gate.join(p.wid, self.saved_clocks.pop(p.wid, None))
@@ -717,7 +717,7 @@ class Server:
     def _leave(self, p: Peer) -> None:
         self.parked.pop(p.wid, None)
         if p.inflight is not None:  # its batch was never pushed: hand it out again
-            self.shards.give_back(p.inflight)
+            self.schedule.give_back(p.inflight)
             p.inflight = None
         self._gate_leave(p.wid)
         self._membership_changed()
@@ -742,8 +742,8 @@ class Server:
         """θ, optimizer state, clocks, shard cursors (with the batches in flight handed back), incarnations, counters,
         config and protocol version, written atomically with a checksum (psrv/checkpoint.py)."""
         self.checkpointed_step, self.checkpointed_version = self.step, self.version
-        shards = Shards([c.size for c in self.shards.cursors])
-        shards.load_state(self.shards.state())
+        shards = Schedule([c.size for c in self.schedule.cursors])
+        shards.load_state(self.schedule.state())
         for p in self.live():
             if p.inflight is not None:  # a restart re-serves what was in flight
                 shards.give_back(p.inflight)
@@ -794,7 +794,7 @@ class Server:
         self.saved_clocks = {w: c for w, c in state["clocks"]}
         self.n_start = max(1, len(self.saved_clocks))  # the workers training at the checkpoint, not train.workers
         self.incarnations = {w: i for w, i in state["incarnations"]}
-        self.shards.load_state(state["shards"])
+        self.schedule.load_state(state["shards"])
         self.stats = Stats.from_state(state["stats"])
         self.elapsed_before_s = state["elapsed_s"]
         self.checkpointed_step = self.evaluated_step = state["step"]
@@ -818,7 +818,7 @@ class Server:
             workers.append({"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": p.clock,
                             "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
                             "pushes": p.pushes, "push_rate": round(rate, 2),
-                            "staleness": p.last_staleness, "shards": self.shards.held_by(p.wid) if p.alive else []})
+                            "staleness": p.last_staleness, "shards": self.schedule.held_by(p.wid) if p.alive else []})
         return {
             "server_id": self.server_id, "address": self.address, "pid": os.getpid(), "step": self.step,
             "steps": self.max_steps or 0,
@@ -828,7 +828,7 @@ class Server:
             "bad_messages": self.stats.bad_messages, "rejected": self.stats.rejected,
             "quarantined": self.stats.quarantined,
             "worker_restarts": self.stats.worker_restarts, "server_restarts": self.server_restarts,
-            "rows_visited": [[e, k] for e, k in self.shards.rows_visited().items()],
+            "rows_visited": [[e, k] for e, k in self.schedule.rows_visited().items()],
         }
 
     def finish(self) -> dict:
@@ -873,7 +873,7 @@ class Server:
             "dropped_grads": {str(k): v for k, v in sorted(s.dropped.items())},
             "pushes_applied": {str(k): v for k, v in sorted(s.pushes.items())},
             "time_per_push_ms": _time_split(s),
-            "rows_visited": {str(k): v for k, v in self.shards.rows_visited().items()},
+            "rows_visited": {str(k): v for k, v in self.schedule.rows_visited().items()},
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
         }
         np.save(os.path.join(self.out_dir, "theta.npy"), theta_out)

@@ -3,9 +3,9 @@ import os
 import numpy as np
 import pytest
 
-from psrv import config, data, partition, shards
+from psrv import config, data, partition, blocks
 from psrv.errors import DataError
-from psrv.shards import BlockSpec, DataBlock
+from psrv.blocks import BlockSpec, DataBlock
 
 
 def cfg(**over):
@@ -13,7 +13,7 @@ def cfg(**over):
 
 
 @pytest.fixture
-def blocks():
+def made():
     made = []
     yield made
     for b in made:
@@ -21,9 +21,9 @@ def blocks():
         b.unlink()
 
 
-def build(c, k, blocks):
-    b, layout = data.build(c, k, shards.run_prefix() + "t")
-    blocks.append(b)
+def build(c, k, made):
+    b, layout = data.build(c, k, blocks.run_prefix() + "t")
+    made.append(b)
     return b, layout
 
 
@@ -38,9 +38,9 @@ def test_synthetic_rows_are_the_same_whatever_slice_is_asked():
 
 
 @pytest.mark.parametrize("how", ["range", "hash"])
-def test_block_holds_each_shard_contiguously(how, blocks):
+def test_block_holds_each_shard_contiguously(how, made):
     c = cfg(**{"data.n": 1000, "data.d": 4, "data.partition": how, "data.standardize": "false"})
-    b, layout = build(c, 3, blocks)
+    b, layout = build(c, 3, made)
     X, y, _, _ = data.load_arrays(c.data)
     order, _ = partition.layout(np.arange(1000), 3, how)
     np.testing.assert_array_equal(b.X, X[order])
@@ -48,9 +48,9 @@ def test_block_holds_each_shard_contiguously(how, blocks):
     assert [list(s) for s in layout.shards] == layout.shards and sum(s for _, s in layout.shards) == 1000
 
 
-def test_standardize_and_unscale_give_the_same_predictions(blocks):
+def test_standardize_and_unscale_give_the_same_predictions(made):
     c = cfg(**{"data.n": 500, "data.d": 6})
-    b, _ = build(c, 2, blocks)
+    b, _ = build(c, 2, made)
     X, y, _, _ = data.load_arrays(c.data)
     np.testing.assert_allclose(b.X.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(b.X.std(axis=0), 1, rtol=1e-10)
@@ -60,28 +60,28 @@ def test_standardize_and_unscale_give_the_same_predictions(blocks):
     np.testing.assert_allclose(X[order] @ theta[:6] + theta[6], b.X @ theta_int[:6] + theta_int[6], rtol=1e-12)
 
 
-def test_standardize_without_intercept_only_scales(blocks):
+def test_standardize_without_intercept_only_scales(made):
     c = cfg(**{"data.n": 300, "data.d": 3, "model.fit_intercept": "false"})
-    b, _ = build(c, 1, blocks)
+    b, _ = build(c, 1, made)
     X, _, _, _ = data.load_arrays(c.data)
     assert (b.mean == 0).all()
     t = np.array([0.3, -1.0, 2.0])
     np.testing.assert_allclose(X @ data.unscale(t, b.mean, b.scale, False), b.X @ t, rtol=1e-12)
 
 
-def test_constant_column_is_left_alone(tmp_path, blocks):
+def test_constant_column_is_left_alone(tmp_path, made):
     X = np.c_[np.ones(50) * 7.0, np.arange(50.0)]
     np.savez(tmp_path / "d.npz", X=X, y=np.arange(50.0))
-    b, _ = build(cfg(**{"data.source": str(tmp_path / "d.npz")}), 1, blocks)
+    b, _ = build(cfg(**{"data.source": str(tmp_path / "d.npz")}), 1, made)
     assert b.scale[0] == 1.0 and np.isfinite(b.X).all()
 
 
-def test_float32_block(blocks):
-    b, _ = build(cfg(**{"data.n": 100, "data.d": 3, "data.dtype": "float32"}), 2, blocks)
+def test_float32_block(made):
+    b, _ = build(cfg(**{"data.n": 100, "data.d": 3, "data.dtype": "float32"}), 2, made)
     assert b.X.dtype == np.float32 and b.y.dtype == np.float32
 
 
-def test_npz_and_csv_sources(tmp_path, blocks):
+def test_npz_and_csv_sources(tmp_path, made):
     rng = np.random.default_rng(1)
     X, y = rng.standard_normal((40, 3)), rng.standard_normal(40)
     np.savez(tmp_path / "d.npz", X=X, y=y)
@@ -91,7 +91,7 @@ def test_npz_and_csv_sources(tmp_path, blocks):
             fh.write(",".join(repr(float(v)) for v in (row[0], t, row[1], row[2])) + "\n")
     for src, target in (("d.npz", ""), ("d.csv", "target")):
         c = cfg(**{"data.source": str(tmp_path / src), "data.target": target, "data.standardize": "false"})
-        b, layout = build(c, 2, blocks)
+        b, layout = build(c, 2, made)
         np.testing.assert_array_equal(b.X, X)
         np.testing.assert_array_equal(b.y, y)
     assert layout.columns == ["a", "b", "c"]
@@ -145,40 +145,40 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
         data.read_file(str(tmp_path / "d.npz"))
 
 
-def test_nan_rows_error_names_the_first_row(tmp_path, blocks):
+def test_nan_rows_error_names_the_first_row(tmp_path, made):
     X = np.ones((10, 2))
     X[4, 1] = np.nan
     y = np.zeros(10)
     y[7] = np.inf
     np.savez(tmp_path / "d.npz", X=X, y=y)
     with pytest.raises(DataError, match="2 of 10 rows have NaN or Inf; the first is row 4"):
-        build(cfg(**{"data.source": str(tmp_path / "d.npz")}), 1, blocks)
+        build(cfg(**{"data.source": str(tmp_path / "d.npz")}), 1, made)
     Xd, yd, dropped = data.apply_nan_policy(X, y, "drop", "d.npz")
     assert dropped == 2 and len(Xd) == 8 and np.isfinite(Xd).all()
 
 
-def test_explicit_size_mismatch(tmp_path, blocks):
+def test_explicit_size_mismatch(tmp_path, made):
     np.savez(tmp_path / "d.npz", X=np.zeros((10, 5)), y=np.zeros(10))
     src = str(tmp_path / "d.npz")
     with pytest.raises(DataError, match="data.d = 6 but .* has 5 feature columns"):
-        build(config.load(None, [f"data.source={src}", "data.d=6"]), 1, blocks)
+        build(config.load(None, [f"data.source={src}", "data.d=6"]), 1, made)
     with pytest.raises(DataError, match="data.n = 11 but .* has 10 rows"):
-        build(config.load(None, [f"data.source={src}", "data.n=11"]), 1, blocks)
-    build(config.load(None, [f"data.source={src}"]), 1, blocks)  # defaults are not checked against files
+        build(config.load(None, [f"data.source={src}", "data.n=11"]), 1, made)
+    build(config.load(None, [f"data.source={src}"]), 1, made)  # defaults are not checked against files
 
 
-def test_more_workers_than_rows(blocks):
+def test_more_workers_than_rows(made):
     with pytest.raises(DataError, match="cannot fill 4 shards"):
-        build(cfg(**{"data.n": 3}), 4, blocks)
+        build(cfg(**{"data.n": 3}), 4, made)
 
 
-def test_empty_hash_shard_is_an_error(blocks):
+def test_empty_hash_shard_is_an_error(made):
     with pytest.raises(DataError, match="is empty"):
-        build(cfg(**{"data.n": 3, "data.partition": "hash"}), 3, blocks)
+        build(cfg(**{"data.n": 3, "data.partition": "hash"}), 3, made)
 
 
 def test_block_lifecycle_attach_close_unlink():
-    spec = BlockSpec(name=shards.run_prefix() + "life", dtype="float64", d=3, n_train=10)
+    spec = BlockSpec(name=blocks.run_prefix() + "life", dtype="float64", d=3, n_train=10)
     owner = DataBlock.create(spec)
     owner.X[:] = 5.0
     other = DataBlock.attach(spec.to_dict())
@@ -199,7 +199,7 @@ def test_failed_build_unlinks_its_block(tmp_path, monkeypatch):
         raise RuntimeError("disk on fire")
     monkeypatch.setattr(data, "_standardize", boom)
     with pytest.raises(RuntimeError):
-        data.build(cfg(**{"data.n": 10}), 1, shards.run_prefix() + "fail")
+        data.build(cfg(**{"data.n": 10}), 1, blocks.run_prefix() + "fail")
     assert set(os.listdir("/dev/shm")) == before
 
 
@@ -227,13 +227,13 @@ def _npz(tmp_path, X, y, name="d.npz"):
 
 
 @pytest.mark.parametrize("how", ["range", "hash"])
-def test_build_holds_out_exactly_the_drawn_rows_and_standardizes_on_training_rows(tmp_path, blocks, how):
+def test_build_holds_out_exactly_the_drawn_rows_and_standardizes_on_training_rows(tmp_path, made, how):
     rng = np.random.default_rng(2)
     X = rng.standard_normal((200, 4)) * [1.0, 3.0, 0.1, 10.0] + [0.0, 5.0, -2.0, 1.0]
     y = rng.standard_normal(200)
     c = cfg(**{"data.source": _npz(tmp_path, X, y), "data.test_fraction": 0.25, "data.seed": 9,
                "data.partition": how})
-    b, layout = build(c, 3, blocks)
+    b, layout = build(c, 3, made)
     test = data.holdout(200, 0.25, 9)
     train = np.setdiff1d(np.arange(200), test)
     assert b.spec.n_test == 50 and b.spec.n_train == 150
@@ -247,11 +247,11 @@ def test_build_holds_out_exactly_the_drawn_rows_and_standardizes_on_training_row
     assert layout.shards == [list(s) for s in blocks_]
 
 
-def test_synthetic_holdout_scatters_each_chunk(blocks):
+def test_synthetic_holdout_scatters_each_chunk(made):
     n = 2 * data.SYNTH_CHUNK_ROWS + 123  # several generator chunks
     c = cfg(**{"data.n": n, "data.d": 3, "data.test_fraction": 0.3, "data.partition": "hash",
                "data.standardize": "false"})
-    b, _ = build(c, 2, blocks)
+    b, _ = build(c, 2, made)
     X, y, _, _ = data.load_arrays(c.data)  # no holdout there: every row, in file order
     assert len(X) == n
     test = data.holdout(n, 0.3, 0)
@@ -266,9 +266,9 @@ def test_synthetic_holdout_scatters_each_chunk(blocks):
     (10, 0.01, 1, "data.test_fraction = 0.01 holds out no row"),
     (10, 0.9, 2, "data.test_fraction = 0.9 leaves 1 training rows of 10 for 2 shards"),
 ])
-def test_test_fraction_that_leaves_nothing_is_an_error(blocks, n, fraction, k, needle):
+def test_test_fraction_that_leaves_nothing_is_an_error(made, n, fraction, k, needle):
     with pytest.raises(DataError, match=needle):
-        build(cfg(**{"data.n": n, "data.test_fraction": fraction}), k, blocks)
+        build(cfg(**{"data.n": n, "data.test_fraction": fraction}), k, made)
 
 
 # ---------------------------------------------------------------------------------------------- nan_policy
@@ -279,12 +279,12 @@ def _dirty():
     return X, y, np.setdiff1d(np.arange(20), [3, 11, 15])
 
 
-def test_nan_policy_drop_through_build_and_load_arrays(tmp_path, blocks):
+def test_nan_policy_drop_through_build_and_load_arrays(tmp_path, made):
     X, y, good = _dirty()
     src = _npz(tmp_path, X, y)
     c = cfg(**{"data.source": src, "data.nan_policy": "drop", "data.standardize": "false",
                "data.partition": "hash"})
-    b, layout = build(c, 2, blocks)
+    b, layout = build(c, 2, made)
     assert layout.rows_dropped == 3 and b.spec.n_train == 17
     order, _ = partition.layout(good, 2, "hash")  # kept rows keep their file row index
     np.testing.assert_array_equal(b.X, X[order])
@@ -296,25 +296,25 @@ def test_nan_policy_drop_through_build_and_load_arrays(tmp_path, blocks):
         data.load_arrays(cfg(**{"data.source": src}).data)
 
 
-def test_nan_policy_drop_with_holdout_draws_among_kept_rows(tmp_path, blocks):
+def test_nan_policy_drop_with_holdout_draws_among_kept_rows(tmp_path, made):
     X, y, good = _dirty()
     c = cfg(**{"data.source": _npz(tmp_path, X, y), "data.nan_policy": "drop", "data.standardize": "false",
                "data.test_fraction": 0.3, "data.seed": 1})
-    b, layout = build(c, 2, blocks)
+    b, layout = build(c, 2, made)
     test = good[data.holdout(17, 0.3, 1)]
     assert layout.rows_dropped == 3 and b.spec.n_test == 5 and b.spec.n_train == 12
     np.testing.assert_array_equal(b.X_test, X[test])
     np.testing.assert_array_equal(b.X, X[np.setdiff1d(good, test)])
 
 
-def test_nan_policy_drop_of_every_row_is_an_error(tmp_path, blocks):
+def test_nan_policy_drop_of_every_row_is_an_error(tmp_path, made):
     src = _npz(tmp_path, np.full((4, 2), np.nan), np.zeros(4))
     with pytest.raises(DataError, match="every one of its 4 rows"):
-        build(cfg(**{"data.source": src, "data.nan_policy": "drop"}), 1, blocks)
+        build(cfg(**{"data.source": src, "data.nan_policy": "drop"}), 1, made)
 
 
 # ---------------------------------------------------------------------------------------------- .npy pairs
-def test_npy_pair_round_trip(tmp_path, blocks):
+def test_npy_pair_round_trip(tmp_path, made):
     rng = np.random.default_rng(4)
     X, y = rng.standard_normal((30, 3)).astype(np.float32), rng.integers(0, 3, (30, 1))
     np.save(tmp_path / "X.npy", X)
@@ -325,7 +325,7 @@ def test_npy_pair_round_trip(tmp_path, blocks):
     np.testing.assert_array_equal(yr, y[:, 0])
     c = cfg(**{"data.source": str(tmp_path / "X.npy"), "data.labels": str(tmp_path / "y.npy"),
                "data.standardize": "false", "data.test_fraction": 0.2})
-    b, _ = build(c, 2, blocks)
+    b, _ = build(c, 2, made)
     test = data.holdout(30, 0.2, 0)
     np.testing.assert_array_equal(b.X_test, X[test])
     np.testing.assert_array_equal(b.y_test, y[test, 0])
@@ -393,11 +393,11 @@ def test_svmlight_zero_based_when_an_index_is_zero(tmp_path):
     assert cols == ["x0", "x1", "x2"]
 
 
-def test_svmlight_explicit_width(tmp_path, blocks):
+def test_svmlight_explicit_width(tmp_path, made):
     p = _svm(tmp_path, "1 1:1\n0 2:2\n1 1:3\n", "d.svmlight")
     X, _, _ = data.read_file(p, d=4)
     np.testing.assert_array_equal(X, [[1, 0, 0, 0], [0, 2, 0, 0], [3, 0, 0, 0]])
-    b, layout = build(config.load(None, [f"data.source={p}", "data.d=4", "data.standardize=false"]), 1, blocks)
+    b, layout = build(config.load(None, [f"data.source={p}", "data.d=4", "data.standardize=false"]), 1, made)
     assert b.spec.d == 4 and len(layout.columns) == 4
     np.testing.assert_array_equal(b.X, X)
     with pytest.raises(DataError, match=r"d.svmlight: line 2: index 2 is beyond data.d = 1 \(1-based"):
@@ -440,11 +440,11 @@ def test_available_memory_is_a_positive_byte_count():
     assert avail is None or avail > 0
 
 
-def test_svmlight_nan_values_follow_nan_policy(tmp_path, blocks):
+def test_svmlight_nan_values_follow_nan_policy(tmp_path, made):
     p = _svm(tmp_path, "1 1:1\n2 1:nan\n3 2:1\n")
     with pytest.raises(DataError, match="1 of 3 rows have NaN or Inf; the first is row 1"):
-        build(cfg(**{"data.source": p}), 1, blocks)
-    b, layout = build(cfg(**{"data.source": p, "data.nan_policy": "drop", "data.standardize": "false"}), 1, blocks)
+        build(cfg(**{"data.source": p}), 1, made)
+    b, layout = build(cfg(**{"data.source": p, "data.nan_policy": "drop", "data.standardize": "false"}), 1, made)
     assert layout.rows_dropped == 1
     np.testing.assert_array_equal(b.y, [1, 3])
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psrv.schedule import Cursor, Shards, assign, epoch_order
+from psrv.schedule import Cursor, Schedule, assign, epoch_order
 
 from .test_e2e import epoch_order as epoch_order_py
 
@@ -49,19 +49,19 @@ def test_assign_moves_little_when_a_worker_joins():
 
 
 def test_static_and_dynamic_batches():
-    st = Shards([5, 5, 5])
+    st = Schedule([5, 5, 5])
     st.rebalance([0, 1])
     assert st.held_by(0) == [0, 2] and st.held_by(1) == [1]
     assert st.next_batch(0, 4) == [0, 0, 0, 4]
     assert st.next_batch(0, 4) == [2, 0, 0, 4]          # its least-read shard
     assert st.next_batch(7, 4) is None                  # holds no lease
-    dyn = Shards([5, 5], dynamic=True)
+    dyn = Schedule([5, 5], dynamic=True)
     seen = [dyn.next_batch(w, 5, epochs=1)[0] for w in (0, 0)]
     assert seen == [0, 1] and dyn.next_batch(1, 5, epochs=1) is None and dyn.all_done(1)
 
 
 def test_epochs_done_only_when_nothing_is_handed_back():
-    st = Shards([4], dynamic=True)
+    st = Schedule([4], dynamic=True)
     b = st.next_batch(0, 4, epochs=1)
     assert st.all_done(1)
     st.give_back(b)
@@ -71,12 +71,12 @@ def test_epochs_done_only_when_nothing_is_handed_back():
 
 
 def test_state_round_trip():
-    st = Shards([5, 7])
+    st = Schedule([5, 7])
     st.next_batch(0, 3)
     st.give_back([0, 0, 0, 3])
     st.commit([1, 2, 0, 7])
-    again = Shards([5, 7])
+    again = Schedule([5, 7])
     again.load_state(st.state())
     assert again.state() == st.state()
     with pytest.raises(ValueError, match="sizes"):
-        Shards([5, 8]).load_state(st.state())
+        Schedule([5, 8]).load_state(st.state())

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import psrv
-from psrv import config, data, protocol, shards, transport
+from psrv import config, data, protocol, blocks, transport
 from psrv.errors import ConfigError, ProtocolError
 from psrv.launch import status
 
@@ -224,7 +224,7 @@ def test_stale_segments_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
         with open(f"/dev/shm/{name}", "wb") as fh:
             fh.write(b"x")
     try:
-        removed = shards.sweep_stale()
+        removed = blocks.sweep_stale()
         assert stale in removed
         assert not os.path.exists(f"/dev/shm/{stale}")
         assert os.path.exists(f"/dev/shm/{live}") and os.path.exists(f"/dev/shm/{other}")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zmq
 
-from psrv import config, data, protocol, shards
+from psrv import config, data, protocol, blocks
 from psrv.server import Server
 from workers.client import Client, RemoteError
 from workers.worker import Worker
@@ -20,7 +20,7 @@ def cluster(tmp_path, request):
     """A live server for 2 workers. Worker 0 is a real Worker thread; worker 1 is another one, or the test itself
     when the test is marked `as_worker_1`."""
     cfg = config.load({"data": {"n": 2000, "d": 4}, "train": {"workers": 2, "steps": 30, "batch_size": 16}})
-    block, layout = data.build(cfg, 2, shards.run_prefix() + "srv")
+    block, layout = data.build(cfg, 2, blocks.run_prefix() + "srv")
     server = Server(cfg, layout.to_dict(), str(tmp_path))
     result = {}
     st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)

@@ -4,12 +4,12 @@ import os
 import numpy as np
 import pytest
 
-from psrv import shards
+from psrv import blocks
 from psrv.shmarray import SeqlockArray, SharedArray
 
 
 def name(tag):
-    return shards.run_prefix() + tag
+    return blocks.run_prefix() + tag
 
 
 def test_create_attach_and_only_the_owner_unlinks():

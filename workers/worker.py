@@ -16,11 +16,11 @@ import traceback
 import numpy as np
 
 from psrv import config as config_mod
-from psrv import data, models, proc, shards
+from psrv import data, models, proc, blocks
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
 from psrv.schedule import epoch_order
-from psrv.shards import BlockSpec, DataBlock
+from psrv.blocks import BlockSpec, DataBlock
 from psrv.shmarray import SeqlockArray, SharedArray
 
 from .client import Client, RemoteError, ServerRestarted
@@ -72,7 +72,7 @@ class Rows:
             b.close()
         except FileNotFoundError:
             pass
-        shards.unlink_name(spec.name)
+        blocks.unlink_name(spec.name)
         cfg = config_mod.load({"data": self.spec["config"]})
         explicit = frozenset(self.spec["explicit"])
         n_shards = len(self.shards)
