@@ -16,9 +16,11 @@ import time
 from . import config as config_mod
 from . import proc, signals
 from .errors import RunError
+from .spec import ServerSpec
 
 log = logging.getLogger("psrv")
 
+SERVER_ENTRY = "psrv.server:main"  # named, not imported: the child imports it (proc.run_entry)
 SERVER_START_TIMEOUT_S = 60.0   # spawn + imports + bind (+ loading a checkpoint); generous for a loaded machine
 EXIT_GRACE_S = 5.0              # how long children get to leave on their own before SIGTERM, then SIGKILL
 
@@ -67,15 +69,15 @@ class Cluster:
 
     def start_server(self) -> str:
         """Start (or restart) the server and wait until it listens; returns its address."""
-        from . import server
         resume = self.resume
         if self.server_restarts:
             ckpt = self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
             from . import checkpoint
             resume = ckpt if checkpoint.checkpoints(ckpt) else None
-        self.server = self._spawn("server", server.main, (
-            self.cfg.to_dict(), sorted(self.cfg.explicit), self.layout.to_dict(), self.out_dir,
-            self.address or None, resume, self.server_restarts, self.alone, self.prefix), self.server_core)
+        spec = ServerSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit), layout=self.layout.to_dict(),
+                          out_dir=self.out_dir, bind=self.address or None, resume=resume,
+                          server_restarts=self.server_restarts, alone=self.alone, shm_prefix=self.prefix)
+        self.server = self._spawn("server", proc.run_entry, (SERVER_ENTRY, spec), self.server_core)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
             signals.check()

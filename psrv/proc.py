@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import json
 import logging
 import multiprocessing as mp
@@ -60,6 +61,22 @@ def main_hidden():
     finally:
         for k, v in saved.items():
             setattr(main, k, v)
+
+
+def load_entry(entry: str):
+    """The function named "package.module:function" (how config names a worker's entry, like model.kind)."""
+    module_name, _, name = entry.partition(":")
+    fn = getattr(importlib.import_module(module_name), name, None)
+    if not callable(fn):
+        raise ImportError(f"{entry!r}: {module_name} has no function {name!r}")
+    return fn
+
+
+def run_entry(entry: str, spec, conn, parent_pid: int, core: int | None, log_level: int) -> None:
+    """What every spawned child runs: import its entry function here, in the child, and call it with the spec.
+    The launcher names entries rather than passing functions, so psrv never imports the code that runs in its
+    children (workers depend on psrv, not the other way round)."""
+    load_entry(entry)(spec, conn, parent_pid, core, log_level)
 
 
 def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:

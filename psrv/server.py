@@ -27,6 +27,7 @@ from .errors import ProtocolError, RunError
 from .metrics import Metrics
 from .protocol import Op
 from .schedule import Schedule
+from .spec import ServerSpec
 from .blocks import DataBlock
 from . import shmarray
 from .shmarray import SeqlockArray, SharedArray
@@ -914,16 +915,15 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def main(cfg_dict: dict, explicit: list, layout: dict, out_dir: str, bind: str | None, resume: str | None,
-         server_restarts: int, alone: bool, shm_prefix: str, conn, parent_pid: int, core, log_level: int):
-    """Entry point of the server process (started with spawn by the launcher)."""
+def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
+    """Entry point of the server process ("psrv.server:main", started with spawn by the launcher)."""
     proc.child_setup("server", parent_pid, core, log_level)
     reporter = proc.Reporter(conn)
     server = None
     try:
-        cfg = config_mod.Config.from_dict(cfg_dict, frozenset(explicit))
-        server = Server(cfg, layout, out_dir, reporter, bind=bind, resume=resume, server_restarts=server_restarts,
-                        alone=alone, shm_prefix=shm_prefix)
+        cfg = config_mod.Config.from_dict(spec.cfg, frozenset(spec.explicit))
+        server = Server(cfg, spec.layout, spec.out_dir, reporter, bind=spec.bind, resume=spec.resume,
+                        server_restarts=spec.server_restarts, alone=spec.alone, shm_prefix=spec.shm_prefix)
         # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
         with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs

@@ -1,0 +1,28 @@
+"""What a launcher hands to each child process it spawns: plain fields only (dicts, lists, strings, numbers), so a
+spec pickles for spawn and reads the same in any entry function ("module:function", see proc.run_entry)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    cfg: dict                 # Config.to_dict()
+    explicit: list            # sorted Config.explicit keys ("section.key")
+    layout: dict              # data.Layout.to_dict(): the shared data block and its shards
+    out_dir: str
+    bind: str | None = None   # address to listen on; None: pick one
+    resume: str | None = None  # checkpoint folder to start from
+    server_restarts: int = 0  # how many times the launcher has restarted the server before this one
+    alone: bool = False       # --role server: workers come from elsewhere (--attach)
+    shm_prefix: str = ""      # names of this run's shared-memory segments start with it
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    address: str
+    wid: int                           # -1: the server picks one
+    server_timeout_s: float | None = None  # None: the server's setting
+    local: bool = True                 # reads the launcher's data block (same machine), else loads its own rows
+    prefix: str = ""                   # shared-memory name prefix of this launcher
+    keys: str = ""                     # CURVE key folder ("" : no encryption)
