@@ -36,6 +36,7 @@ import struct
 import msgpack
 import numpy as np
 
+from . import safepack
 from .errors import PsrvError
 
 MAGIC = b"PSRVCKP1"
@@ -43,7 +44,7 @@ FORMAT_VERSION = 1
 
 log = logging.getLogger(__name__)
 
-DTYPES = {s: np.dtype(s) for s in ("<f8", "<f4", "<i8", "<u8")}   # the allow-list; never object, void, complex
+DTYPES = safepack.dtypes("<f8", "<f4", "<i8", "<u8")   # the allow-list: theta, optimizer slots, counters
 _HEAD = len(MAGIC) + 32 + 8             # magic, digest, manifest length
 _ALIGN = 8
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024   # the state is small bookkeeping; bulk data belongs in arrays
@@ -221,16 +222,6 @@ def save(directory: str, step: int, state: dict, arrays: dict[str, np.ndarray], 
 
 # ---------------------------------------------------------------------------------------------------- reading
 
-def _reject_ext(code, data):
-    raise ValueError(f"msgpack extension type {code} is not allowed")
-
-
-def _unpack(raw: bytes):
-    n = len(raw)
-    return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
-                           max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n, max_ext_len=0)
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -242,7 +233,7 @@ def _diagnose(data: bytes) -> str:
     if _HEAD + mlen > size:
         return f"truncated: the manifest ends at byte {_HEAD + mlen} but the file has {size} bytes"
     try:
-        entries = _unpack(data[_HEAD:_HEAD + mlen])["arrays"]
+        entries = safepack.unpack(data[_HEAD:_HEAD + mlen])["arrays"]
         end = _HEAD + mlen + max((e[3] + e[4] for e in entries), default=0)
     except Exception:
         end = 0
@@ -271,9 +262,9 @@ def _read(path: str) -> tuple[int, dict, dict[str, np.ndarray]]:
     if mlen > min(size - _HEAD, MAX_MANIFEST_BYTES):
         raise bad(f"bad manifest: length {mlen} does not fit in the file ({size} bytes) or over the cap")
     try:
-        manifest = _unpack(data[_HEAD:_HEAD + mlen])
-    except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)
-        raise bad(f"bad manifest: not valid msgpack ({type(e).__name__}: {e})") from None
+        manifest = safepack.unpack(data[_HEAD:_HEAD + mlen])
+    except safepack.UnpackError as e:
+        raise bad(f"bad manifest: not valid msgpack ({e})") from None
     if not isinstance(manifest, dict) or set(manifest) != {"format", "step", "state", "arrays"}:
         keys = sorted(manifest) if isinstance(manifest, dict) else type(manifest).__name__
         raise bad(f"bad manifest: expected the keys format, step, state, arrays; got {keys}")

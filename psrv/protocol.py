@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+from . import safepack
 from .errors import ProtocolError
 
 VERSION = 1
@@ -20,7 +21,7 @@ HEADER_MAX_BYTES = 64 * 1024       # checked before msgpack sees the bytes
 MAX_FRAMES = 4                     # header + at most 3 arrays; no message needs more
 MAX_NDIM = 4
 MAX_ARRAY_BYTES = 1 << 34          # 16 GiB: a sanity cap; the server's per-socket cap is theta's own size
-DTYPES = {"<f8": np.dtype("<f8"), "<f4": np.dtype("<f4")}   # the allow-list; never object, void or big-endian
+DTYPES = safepack.dtypes("<f8", "<f4")   # the wire allow-list: the floats theta and gradients travel as
 
 
 class Op(str, Enum):
@@ -78,10 +79,6 @@ def is_local(address: str) -> bool:
     except ValueError:  # "*", an interface name, a host name: reachable from elsewhere
         return False
 
-
-
-def _reject_ext(code, data):
-    raise ProtocolError(f"msgpack extension type {code} is not allowed", "bad_header")
 
 
 def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
@@ -180,13 +177,9 @@ def decode(frames: Sequence, table: dict = REQUESTS) -> tuple[dict, list[np.ndar
     if raw.nbytes > HEADER_MAX_BYTES:
         raise ProtocolError(f"header of {raw.nbytes} bytes exceeds {HEADER_MAX_BYTES}", "too_large")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext,
-                                 max_array_len=4096, max_map_len=4096,
-                                 max_str_len=HEADER_MAX_BYTES, max_bin_len=0)
-    except ProtocolError:
-        raise
-    except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)
-        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}", "bad_header") from None
+        header = safepack.unpack(raw, max_items=4096, max_str=HEADER_MAX_BYTES, max_bin=0)
+    except safepack.UnpackError as e:
+        raise ProtocolError(f"header is not valid msgpack: {e}", "bad_header") from None
     if type(header) is not dict:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}", "bad_header")
     op = header.get("op")

@@ -354,3 +354,9 @@ def test_no_pickle_anywhere():
     src = open(ck.__file__).read()
     for banned in ("import pickle", "from pickle", "allow_pickle", "np.load(", "marshal", "eval("):
         assert banned not in src, banned
+
+
+def test_an_extension_type_in_the_manifest_is_refused(tmp_path):
+    path = craft(tmp_path / "x", manifest(state={"x": msgpack.ExtType(3, b"\x00")}))
+    with pytest.raises(CheckpointError, match="not valid msgpack .*extension type 3"):
+        ck.load(path)

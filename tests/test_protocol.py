@@ -109,3 +109,43 @@ def test_decoded_arrays_are_read_only_views():
     buf = bytearray(np.ones(3).tobytes())
     _, arrays = protocol.decode([msgpack.packb({**push(), "arrays": [["<f8", [3]]]}), bytes(buf)])
     assert not arrays[0].flags.writeable
+
+
+# ---------------------------------------------------------------------------------------------- one hardened decoder
+def test_one_dtype_table_for_the_wire_and_checkpoints():
+    from psrv import checkpoint, safepack
+    assert protocol.DTYPES.items() <= safepack.DTYPES.items()   # the wire allows a subset of the one table
+    assert checkpoint.DTYPES == safepack.DTYPES
+    assert sorted(protocol.DTYPES) == ["<f4", "<f8"]
+
+
+def test_untrusted_msgpack_is_decoded_in_one_place_only():
+    """Every reader of untrusted msgpack goes through safepack.unpack: a second copy of the limits drifts."""
+    import ast
+    from .conftest import ROOT
+    offenders = []
+    for path in sorted((ROOT / "psrv").glob("*.py")):
+        if path.name == "safepack.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("unpackb", "unpack", "Unpacker") and \
+                    getattr(node.value, "id", "") == "msgpack":
+                offenders.append(f"{path.name}:{node.lineno}: msgpack.{node.attr}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("raw,limits,needle", [
+    (msgpack.packb({"a": msgpack.ExtType(1, b"x")}), {}, "extension type 1"),
+    (msgpack.packb({"a": 1}) + b"\x00", {}, "ExtraData"),
+    (msgpack.packb({1: 1}), {}, "ValueError"),
+    (b"\x92\x01", {}, "ValueError"),
+    (msgpack.packb([1, 2, 3]), {"max_items": 2}, "max_array_len"),
+    (msgpack.packb({"a": 1, "b": 2}), {"max_items": 1}, "max_map_len"),
+    (msgpack.packb("abc"), {"max_str": 2}, "max_str_len"),
+    (msgpack.packb(b"abc", use_bin_type=True), {"max_bin": 0}, "max_bin_len"),
+])
+def test_safepack_refuses_with_one_error_type(raw, limits, needle):
+    from psrv import safepack
+    with pytest.raises(safepack.UnpackError, match=needle):
+        safepack.unpack(raw, **limits)
+    assert safepack.unpack(msgpack.packb({"a": [1, b"x"]}, use_bin_type=True)) == {"a": [1, b"x"]}
