@@ -11,6 +11,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+import zmq.auth
 
 import psrv
 from psrv import config, data, protocol, blocks, transport
@@ -72,10 +73,21 @@ def test_keygen_writes_owner_only_secrets(tmp_path):
         assert (k / name).exists(), name
     for secret in k.rglob("*.key_secret"):
         assert oct(secret.stat().st_mode & 0o777) == "0o600", secret
+
+    def public(name):
+        return zmq.auth.load_certificate(str(k / name))[0]
+
+    # what a client is handed is the public half of the server's pair; the server admits the client's own key
+    server_public = public("server.key")
+    assert server_public == public("server.key_secret") != public("client.key")
+    assert public("authorized/client.key") == public("client.key") == public("client.key_secret")
+    server_files = {n: (k / n).read_bytes() for n in ("server.key", "server.key_secret")}
     out = subprocess.run([sys.executable, LAUNCH, "--keygen", str(k), "--name", "laptop"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and (k / "authorized" / "laptop.key").exists()
-    assert (k / "server.key").read_bytes() == (k / "server.key").read_bytes()  # the server key is kept
+    # a second keygen keeps the server pair (clients already hold its public key) and allows the new client
+    assert {n: (k / n).read_bytes() for n in server_files} == server_files
+    assert public("authorized/laptop.key") == public("laptop.key_secret") not in (server_public, public("client.key"))
 
 
 @pytest.mark.slow
