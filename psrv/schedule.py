@@ -14,6 +14,10 @@ import numpy as np
 
 from .partition import splitmix64
 
+# Epochs whose rows visited are counted one by one; older ones are folded into one total. A count per epoch for the
+# whole run grew without bound: it travels in every status reply, summary.json and checkpoint.
+EPOCHS_KEPT = 8
+
 
 def epoch_key(seed: int, shard: int, epoch: int) -> int:
     """key = sm(sm(sm(seed) + shard) + epoch), all arithmetic modulo 2**64 (sm = splitmix64)."""
@@ -38,7 +42,6 @@ class Cursor:
     epoch: int = 0
     pos: int = 0
     returned: list = field(default_factory=list)  # batches [epoch, start, count] handed back, served first
-    visited: dict = field(default_factory=dict)   # epoch -> rows whose gradient was applied
 
     def take(self, batch_size: int) -> tuple[int, int, int]:
         """(epoch, start, count) of the next batch; a batch never crosses an epoch boundary, so the last batch of
@@ -101,6 +104,10 @@ class Schedule:
         self.cursors = [Cursor(size=int(s)) for s in sizes]
         self.dynamic = dynamic
         self.lease: dict[int, int] = {}  # shard -> wid (static schedule)
+        # rows whose gradient was applied, over all shards: per epoch for the newest EPOCHS_KEPT epochs committed,
+        # one total for all older ones. Every kept epoch is newer than every folded one, so a kept count is whole.
+        self.visited: dict[int, int] = {}
+        self.visited_before = 0
         self._held: dict[int, list[int]] = {}  # wid -> its shards, derived from lease (asked for at every batch)
 
     def rebalance(self, live: list[int]) -> None:
@@ -137,31 +144,42 @@ class Schedule:
 
     def commit(self, batch: list[int]) -> None:
         """The batch's gradient was applied: its rows count as visited."""
-        s, epoch, _, count = batch
-        v = self.cursors[s].visited
-        v[epoch] = v.get(epoch, 0) + count
+        _, epoch, _, count = batch
+        self._count(epoch, count)
+
+    def _count(self, epoch: int, rows: int) -> None:
+        v = self.visited
+        v[epoch] = v.get(epoch, 0) + rows
+        if len(v) > EPOCHS_KEPT:  # the oldest goes; an epoch older than every kept one goes at once
+            self.visited_before += v.pop(min(v))
 
     def all_done(self, epochs: int) -> bool:
         return all(c.done(epochs) for c in self.cursors)
 
     def rows_visited(self) -> dict[int, int]:
-        """epoch -> rows whose gradient was applied in that epoch, summed over shards."""
-        out: dict[int, int] = {}
-        for c in self.cursors:
-            for e, k in c.visited.items():
-                out[e] = out.get(e, 0) + k
-        return dict(sorted(out.items()))
+        """epoch -> rows whose gradient was applied in that epoch, summed over shards, for the newest EPOCHS_KEPT
+        epochs (all of them in a run of at most EPOCHS_KEPT epochs)."""
+        return dict(sorted(self.visited.items()))
 
-    # checkpoints: plain lists and ints (msgpack-able)
+    def rows_visited_before(self) -> int:
+        """Rows whose gradient was applied in the epochs older than those rows_visited() lists."""
+        return self.visited_before
+
+    # checkpoints: plain lists and ints (msgpack-able), of a size independent of the run's length
     def state(self) -> dict:
-        return {"cursors": [[c.size, c.epoch, c.pos, c.returned, [[e, k] for e, k in c.visited.items()]]
-                            for c in self.cursors]}
+        return {"cursors": [[c.size, c.epoch, c.pos, c.returned] for c in self.cursors],
+                "visited": [[e, k] for e, k in sorted(self.visited.items())], "visited_before": self.visited_before}
 
     def load_state(self, st: dict) -> None:
         sizes = [c.size for c in self.cursors]
         saved = [c[0] for c in st["cursors"]]
         if saved != sizes:
             raise ValueError(f"checkpoint shards have sizes {saved}; this data has {sizes}")
-        self.cursors = [Cursor(size=c[0], epoch=c[1], pos=c[2], returned=[list(b) for b in c[3]],
-                               visited={int(e): int(k) for e, k in c[4]}) for c in st["cursors"]]
+        self.cursors = [Cursor(size=c[0], epoch=c[1], pos=c[2], returned=[list(b) for b in c[3]])
+                        for c in st["cursors"]]
+        self.visited, self.visited_before = {}, int(st.get("visited_before", 0))
+        # the old format counted per shard, every epoch: summed here, and folded down to the newest epochs
+        pairs = st.get("visited", []) + [p for c in st["cursors"] if len(c) > 4 for p in c[4]]
+        for e, k in sorted((int(e), int(k)) for e, k in pairs):
+            self._count(e, k)
         self._held = {}

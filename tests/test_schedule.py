@@ -80,3 +80,47 @@ def test_state_round_trip():
     assert again.state() == st.state()
     with pytest.raises(ValueError, match="sizes"):
         Schedule([5, 8]).load_state(st.state())
+
+
+def test_rows_visited_stay_small_over_100000_epochs():
+    import msgpack
+    from psrv.schedule import EPOCHS_KEPT
+    st = Schedule([3])
+    st.rebalance([0])
+    epochs = 100_000
+    while (b := st.next_batch(0, 2, epochs=epochs)) is not None:   # batches of 2 and 1 rows
+        st.commit(b)
+    kept = st.rows_visited()
+    assert kept == {e: 3 for e in range(epochs - EPOCHS_KEPT, epochs)}
+    assert st.rows_visited_before() + sum(kept.values()) == 3 * epochs          # the total is exact
+    packed = msgpack.packb(st.state())
+    assert len(packed) < 200, len(packed)                                       # was one pair per epoch
+    again = Schedule([3])
+    again.load_state(msgpack.unpackb(packed))
+    assert again.state() == st.state() and again.rows_visited_before() == st.rows_visited_before()
+
+
+def test_folded_counts_match_a_full_count_whatever_the_commit_order():
+    import random
+    from psrv.schedule import EPOCHS_KEPT
+    rng = random.Random(3)
+    st, full = Schedule([10, 10]), {}
+    for i in range(5000):
+        e = max(0, i // 100 - rng.choice([0, 0, 0, 1, 2, 12]))   # mostly current, some late commits of old epochs
+        k = rng.randint(1, 4)
+        st.commit([rng.randint(0, 1), e, 0, k])
+        full[e] = full.get(e, 0) + k
+    kept = st.rows_visited()
+    assert len(kept) == EPOCHS_KEPT and kept == {e: full[e] for e in kept}      # each kept epoch counted whole
+    assert min(kept) > max(e for e in full if e not in kept)
+    assert st.rows_visited_before() == sum(k for e, k in full.items() if e not in kept)
+
+
+def test_old_state_format_with_counts_per_shard_loads():
+    old = {"cursors": [[5, 20, 1, [], [[e, 5] for e in range(20)]],
+                       [5, 20, 0, [[19, 0, 2]], [[e, 4] for e in range(19)]]]}
+    st = Schedule([5, 5])
+    st.load_state(old)
+    assert st.rows_visited() == {**{e: 9 for e in range(12, 19)}, 19: 5}
+    assert st.rows_visited_before() == 9 * 12
+    assert [c.epoch for c in st.cursors] == [20, 20] and st.cursors[1].returned == [[19, 0, 2]]
