@@ -1,5 +1,5 @@
 """Benchmark 3: one slow worker. Two workers (one per core) train linear regression; worker 1 sleeps `slow_ms`
-extra on every step (debug.slow_worker). Time to a target loss and samples/s under BSP, SSP (staleness 3), ASP,
+extra on every step (workers/faults.py, slow_worker). Time to a target loss and samples/s under BSP, SSP (staleness 3), ASP,
 BSP with one backup worker (each step applied with the first gradient to arrive), and ASP with dynamic scheduling
 (batches to whoever asks), against the same BSP run without the straggler. Medians over repeats.
 
@@ -9,6 +9,7 @@ reaches the least-squares optimum plus 2 %.
 from __future__ import annotations
 
 from psrv import config
+from workers import faults
 
 from .common import log, lstsq_loss, median, time_to_target, train
 
@@ -30,11 +31,13 @@ def run(quick: bool = False) -> dict:
     rows, ttts = [], {}
     for label, over, slow in VARIANTS:
         log(f"stragglers: {label}")
-        straggle = ["debug.slow_worker=1", f"debug.slow_ms={slow_ms}"] if slow else []
-        runs = [train(data + over + straggle + ["train.workers=2", f"train.batch_size={batch}",
-                                                 f"train.steps={steps}", "train.lr=0.01",
-                                                 "train.lr_schedule=constant", "train.log_every=10"])
-                for _ in range(repeats)]
+        # the straggler runs the fault-injecting worker entry; the others the plain one
+        straggle = [faults.OVERRIDE] if slow else []
+        with faults.injected(slow_worker=1, slow_ms=slow_ms):
+            runs = [train(data + over + straggle + ["train.workers=2", f"train.batch_size={batch}",
+                                                     f"train.steps={steps}", "train.lr=0.01",
+                                                     "train.lr_schedule=constant", "train.log_every=10"])
+                    for _ in range(repeats)]
         times = [time_to_target(lines, target) for _, lines in runs]
         reached = [t for t in times if t is not None]
         ttt = median(reached) if reached else None

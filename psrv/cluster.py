@@ -16,7 +16,7 @@ import time
 from . import config as config_mod
 from . import proc, signals
 from .errors import RunError
-from .spec import ServerSpec
+from .spec import ServerSpec, WorkerSpec
 
 log = logging.getLogger("psrv")
 
@@ -95,15 +95,11 @@ class Cluster:
 
     def start_worker(self, wid: int, slot: int, local: bool = True) -> Child:
         """Worker `wid` (-1: the server picks an id) on the core of launch slot `slot`."""
-        from workers import worker
-        d = self.cfg.debug
-        debug = {"fail_worker": d.fail_worker, "fail_at_step": d.fail_at_step, "slow_worker": d.slow_worker,
-                 "slow_ms": d.slow_ms, "nan_worker": d.nan_worker, "nan_steps": list(d.nan_steps)}
         core = self.cores[slot % len(self.cores)] if self.cfg.train.pin else None
-        child = self._spawn(f"worker-{wid if wid >= 0 else slot}", worker.main, (
-            self.address, wid, debug, self._server_timeout_s(), local, self.prefix,
-            self.cfg.worker.keys or self.cfg.server.keys), core,
-            wid if wid >= 0 else None)
+        spec = WorkerSpec(address=self.address, wid=wid, server_timeout_s=self._server_timeout_s(), local=local,
+                          prefix=self.prefix, keys=self.cfg.worker.keys or self.cfg.server.keys)
+        child = self._spawn(f"worker-{wid if wid >= 0 else slot}", proc.run_entry, (self.cfg.worker.entry, spec),
+                            core, wid if wid >= 0 else None)
         child.slot = slot
         self.workers.append(child)
         return child

@@ -46,6 +46,13 @@ def _model_kind(v: str) -> str | None:
             f"of your own; got {v!r}")
 
 
+def _entry(v: str) -> str | None:
+    module, _, function = v.partition(":")
+    if all(p.isidentifier() for p in module.split(".")) and function.isidentifier():
+        return None
+    return f"must name a function as 'package.module:function'; got {v!r}"
+
+
 @dataclass
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
@@ -145,6 +152,8 @@ class Worker:
                     "through it (false: everything over ZeroMQ)")
     rejoin: bool = opt(True, "a worker declared dead (e.g. it was paused) registers again as a new incarnation; "
                        "false: it exits")
+    entry: str = opt("workers.worker:main", 'the function that runs one worker process, "module:function"',
+                     check=_entry)
 
 
 @dataclass
@@ -162,17 +171,6 @@ class Output:
 
 
 @dataclass
-class Debug:
-    fail_worker: int = opt(-1, "fault injection: this worker id raises an error ... (-1: none)", lo=-1)
-    fail_at_step: int = opt(0, "... at this step", lo=0)
-    slow_worker: int = opt(-1, "fault injection: this worker id sleeps slow_ms per step (-1: none)", lo=-1)
-    slow_ms: float = opt(0.0, "delay per step of debug.slow_worker, in milliseconds", lo=0)
-    nan_worker: int = opt(-1, "fault injection: this worker id pushes a NaN gradient at ... (-1: none)", lo=-1)
-    nan_steps: list = opt([], "... these steps (a list of step numbers)", check=lambda v: None if all(
-        type(x) is int and x >= 0 for x in v) else "must be a list of step numbers >= 0")
-
-
-@dataclass
 class Config:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
@@ -181,7 +179,6 @@ class Config:
     worker: Worker = field(default_factory=Worker)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     output: Output = field(default_factory=Output)
-    debug: Debug = field(default_factory=Debug)
 
     explicit: frozenset = field(default=frozenset(), compare=False, repr=False)
     """Keys ("section.key") that the file or an override set to something other than the built-in default, so

@@ -21,7 +21,7 @@ import numpy as np
 from . import config as config_mod
 from . import data, models, proc, blocks, signals
 from .cluster import Cluster
-from .errors import ConfigError, PsrvError, RunError
+from .errors import ConfigError, PsrvError, RunError, ServerLost
 from .signals import Interrupted
 
 log = logging.getLogger("psrv")
@@ -189,13 +189,23 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
 
 
 def status(address: str, timeout_s: float = 5.0, keys: str = "") -> dict:
-    """The state of the server at `address` (keys: a CURVE key folder, if the server requires one)."""
-    from workers.client import Client
-    client = Client(address, timeout_s=timeout_s, keys=keys)
+    """The state of the server at `address` (keys: a CURVE key folder, if the server requires one). One request on a
+    socket of its own, not through workers.client: psrv never imports the workers package, which depends on it."""
+    from . import protocol, transport
+    ctx = transport.context()
+    sock = transport.dealer(ctx, address, keys)
     try:
-        return client.status()
+        transport.send(sock, protocol.encode({"op": protocol.Op.STATUS.value, "rid": 1}))
+        frames = transport.recv(sock, int(timeout_s * 1000))
+        if frames is None:
+            raise ServerLost("client", f"no reply from {address} to status within {timeout_s:g} s")
+        h, _ = protocol.decode(frames, protocol.REPLIES)
+        if h["op"] == protocol.Op.ERROR.value:
+            raise RunError("server", f"{h['code']}: {h['reason']}")
+        return h["state"]
     finally:
-        client.close()
+        sock.close(linger=0)
+        ctx.term()
 
 
 def format_status(st: dict) -> str:

@@ -76,7 +76,13 @@ def run_entry(entry: str, spec, conn, parent_pid: int, core: int | None, log_lev
     """What every spawned child runs: import its entry function here, in the child, and call it with the spec.
     The launcher names entries rather than passing functions, so psrv never imports the code that runs in its
     children (workers depend on psrv, not the other way round)."""
-    load_entry(entry)(spec, conn, parent_pid, core, log_level)
+    try:
+        fn = load_entry(entry)
+    except Exception as e:  # a wrong name is a failure to report, not a death to restart
+        Reporter(conn).send("error", process=mp.current_process().name,
+                            message=f"cannot load entry {entry!r}: {type(e).__name__}: {e}")
+        sys.exit(1)
+    fn(spec, conn, parent_pid, core, log_level)
 
 
 def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:

@@ -14,6 +14,7 @@ import pytest
 import psrv
 from psrv import checkpoint
 from psrv.launch import status
+from workers import faults
 
 from .conftest import LAUNCH, shm_of, tagged_pids, wait_for
 
@@ -77,9 +78,9 @@ def test_killed_worker_is_survived(launch, tmp_path, consistency):
 
 def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
     # epochs: every row must be visited once per epoch, even though a worker dies mid-epoch with a batch in flight
-    run = DATA + args(train__workers=2, train__epochs=3, train__batch_size=64, train__max_restarts=1,
-                      debug__slow_worker=1, debug__slow_ms=2)
-    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
+    run = DATA + args(train__workers=2, train__epochs=3, train__batch_size=64, train__max_restarts=1)
+    la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
+                env=faults.env(slow_worker=1, slow_ms=2))
     address = address_of(tmp_path / "out")
     reach_step(address, 50)
     os.kill(worker_pid(address, 1), signal.SIGKILL)
@@ -96,9 +97,9 @@ def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
 def test_paused_worker_is_declared_dead_and_its_late_push_refused(launch, tmp_path, rejoin):
     # worker 1 is slow (it sleeps 300 ms a step), so the pause almost surely catches it between pull and push
     run = DATA + args(train__workers=3, train__steps=10**9, train__max_wall_s=8, train__consistency="asp",
-                      train__max_restarts=0, debug__slow_worker=1, debug__slow_ms=300,
-                      worker__rejoin=str(rejoin).lower())
-    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
+                      train__max_restarts=0, worker__rejoin=str(rejoin).lower())
+    la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
+                env=faults.env(slow_worker=1, slow_ms=300))
     address = address_of(tmp_path / "out")
     wait_for(lambda: any(w["wid"] == 1 and w["pushes"] >= 1 for w in state(address)["workers"]), 60,
              what="worker 1 to push")
@@ -220,9 +221,9 @@ def test_uneven_shards_finish_under_bsp(tmp_path):
 
 
 def test_dynamic_schedule_gives_a_slow_worker_fewer_batches(tmp_path):
-    r = psrv.train(None, ["data.n=20000", "train.workers=2", "train.schedule=dynamic", "train.consistency=asp",
-                          "train.epochs=1", "train.batch_size=100", "debug.slow_worker=1", "debug.slow_ms=20",
-                          f"output.dir={tmp_path}"])
+    with faults.injected(slow_worker=1, slow_ms=20):
+        r = psrv.train(None, ["data.n=20000", "train.workers=2", "train.schedule=dynamic", "train.consistency=asp",
+                              "train.epochs=1", "train.batch_size=100", faults.OVERRIDE, f"output.dir={tmp_path}"])
     s = r.summary
     assert s["rows_visited"] == {"0": 20000} and s["stopped_by"] == "epochs"   # every row once, whoever read it
     fast, slow = s["pushes_applied"]["0"], s["pushes_applied"]["1"]

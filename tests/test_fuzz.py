@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from psrv import protocol
 from psrv.launch import status
+from workers import faults
 
 from .conftest import wait_for
 
@@ -102,8 +103,8 @@ def rss_kb(pid: int) -> int:
 
 def test_fuzzing_a_live_server(launch, tmp_path):
     la = launch("--set", "train.workers=1", "--set", "train.consistency=asp", "--set", "train.steps=1000000000",
-                "--set", "debug.slow_worker=0", "--set", "debug.slow_ms=2", "--set", "data.n=4000",
-                "--set", "data.d=8", "--set", f"output.dir={tmp_path / 'out'}")
+                "--set", faults.OVERRIDE, "--set", "data.n=4000", "--set", "data.d=8",
+                "--set", f"output.dir={tmp_path / 'out'}", env=faults.env(slow_worker=0, slow_ms=2))
     addr_file = tmp_path / "out" / "address"
     address = wait_for(lambda: addr_file.exists() and addr_file.read_text().strip(), 60, what="the address")
     wait_for(lambda: status(address)["step"] > 10, 60, what="training to start")

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from workers import faults
+
 from .conftest import LAUNCH, ROOT, shm_of, tagged_pids, wait_for
 
 pytestmark = pytest.mark.slow
@@ -34,12 +36,24 @@ def test_default_run_without_arguments(launch, tmp_path):
 
 
 def test_worker_that_raises_stops_the_run_with_exit_1(launch, tmp_path):
-    la = launch(*SMALL, "--set", "train.steps=100000", "--set", "debug.fail_worker=1",
-                "--set", "debug.fail_at_step=5", "--set", f"output.dir={tmp_path / 'out'}")
+    la = launch(*SMALL, "--set", "train.steps=100000", "--set", faults.OVERRIDE,
+                "--set", f"output.dir={tmp_path / 'out'}", env=faults.env(fail_worker=1, fail_at_step=5))
     code, out, err = la.wait(timeout_s=60)
     assert code == 1
     last = err.strip().splitlines()[-1]
     assert last.startswith("psrv: run failed: worker 1:") and "injected failure at step 5" in last
+    la.assert_no_leftovers()
+
+
+@pytest.mark.parametrize("entry,env,message", [
+    (faults.ENTRY, {faults.ENV: "{fail_worker: 1}"}, "PSRV_FAULTS is not JSON"),
+    ("workers.nowhere:main", {}, "cannot load entry 'workers.nowhere:main': ModuleNotFoundError"),
+])
+def test_a_worker_entry_that_cannot_start_stops_the_run_with_its_reason(launch, tmp_path, entry, env, message):
+    # not a death to restart: every restart would fail the same way
+    la = launch(*SMALL, "--set", f"worker.entry={entry}", "--set", f"output.dir={tmp_path / 'out'}", env=env)
+    code, out, err = la.wait(timeout_s=60)
+    assert code == 1 and message in err.strip().splitlines()[-1], err
     la.assert_no_leftovers()
 
 

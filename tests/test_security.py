@@ -17,6 +17,7 @@ import psrv
 from psrv import config, data, protocol, blocks, transport
 from psrv.errors import ConfigError, ProtocolError
 from psrv.launch import status
+from workers import faults
 
 from .conftest import LAUNCH, ROOT, wait_for
 from .test_e2e import cosine, serial_bsp, shard_rows
@@ -201,10 +202,10 @@ def test_pickle_canary_against_a_live_server(launch, tmp_path):
 def test_nan_pushes_are_rejected_and_the_run_equals_one_that_skipped_them(tmp_path):
     n, d, batch, steps, lr = 2000, 5, 32, 60, 0.05
     bad = [3, 4, 17, 40]                       # worker 1 pushes NaN at these clocks
-    r = psrv.train({"data": {"n": n, "d": d, "seed": 4},
-                    "train": {"workers": 2, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11},
-                    "debug": {"nan_worker": 1, "nan_steps": bad},
-                    "output": {"dir": str(tmp_path)}})
+    with faults.injected(nan_worker=1, nan_steps=bad):
+        r = psrv.train({"data": {"n": n, "d": d, "seed": 4},
+                        "train": {"workers": 2, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11},
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path)}})
     s = r.summary
     assert s["rejected"] == {"nonfinite": len(bad)} and s["quarantined"] == []
     assert np.isfinite(r.theta).all()
@@ -216,10 +217,10 @@ def test_nan_pushes_are_rejected_and_the_run_equals_one_that_skipped_them(tmp_pa
 
 @pytest.mark.slow
 def test_a_worker_that_keeps_pushing_nan_is_quarantined(tmp_path):
-    r = psrv.train({"data": {"n": 4000, "d": 5}, "train": {"workers": 2, "steps": 200, "consistency": "asp"},
-                    "server": {"max_bad_pushes": 3},
-                    "debug": {"nan_worker": 1, "nan_steps": list(range(5, 200))},
-                    "output": {"dir": str(tmp_path)}})
+    with faults.injected(nan_worker=1, nan_steps=list(range(5, 200))):
+        r = psrv.train({"data": {"n": 4000, "d": 5}, "train": {"workers": 2, "steps": 200, "consistency": "asp"},
+                        "server": {"max_bad_pushes": 3},
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path)}})
     s = r.summary
     assert s["quarantined"] == [1] and s["rejected"]["nonfinite"] == 3
     assert s["steps"] == 200 and np.isfinite(r.theta).all()
@@ -250,8 +251,8 @@ def test_stale_segments_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
 @pytest.mark.slow
 def test_a_peer_that_never_reads_cannot_block_or_bloat_the_server(launch, tmp_path):
     la = launch("--set", "train.workers=1", "--set", "train.consistency=asp", "--set", "train.steps=1000000000",
-                "--set", "debug.slow_worker=0", "--set", "debug.slow_ms=1", "--set", "data.n=4000",
-                "--set", f"output.dir={tmp_path / 'out'}")
+                "--set", faults.OVERRIDE, "--set", "data.n=4000",
+                "--set", f"output.dir={tmp_path / 'out'}", env=faults.env(slow_worker=0, slow_ms=1))
     addr_file = tmp_path / "out" / "address"
     address = wait_for(lambda: addr_file.exists() and addr_file.read_text().strip(), 60, what="the address")
     wait_for(lambda: status(address)["step"] > 10, 60, what="training to start")

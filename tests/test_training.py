@@ -8,6 +8,7 @@ import pytest
 
 import psrv
 from psrv import config, data
+from workers import faults
 
 from .conftest import ROOT
 
@@ -22,7 +23,14 @@ def train(tmp_path, **sections):
     return psrv.train(tree)
 
 
-STRAGGLER = {"data": {"n": 3000, "d": 5}, "debug": {"slow_worker": 2, "slow_ms": 25}}
+STRAGGLER = {"data": {"n": 3000, "d": 5}, "worker": {"entry": faults.ENTRY}}  # with the fixture below
+
+
+@pytest.fixture(autouse=True)
+def straggler():
+    """Runs with STRAGGLER's worker.entry get a slow worker 2; the others ignore this."""
+    with faults.injected(slow_worker=2, slow_ms=25):
+        yield
 
 
 def test_ssp_bounds_staleness_with_a_slow_worker(tmp_path):

@@ -19,7 +19,8 @@ from psrv import config as config_mod
 from psrv import data, models, proc, blocks
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
-from psrv.schedule import epoch_order
+from psrv.schedule import Cursor, epoch_order
+from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
 from psrv.shmarray import SeqlockArray, SharedArray
 
@@ -33,10 +34,6 @@ MAX_SESSIONS = 1000  # re-registrations before a worker gives up (a loop, not a 
 
 class DeclaredDead(RunError):
     """This worker was declared dead (or its server restarted) and worker.rejoin is false: it leaves."""
-
-
-class Injected(RuntimeError):
-    """An error raised on purpose by debug.fail_worker, to test how failures are reported."""
 
 
 class Rows:
@@ -126,9 +123,9 @@ class Plane:
 
 
 class Worker:
-    def __init__(self, address: str, wid: int, debug: dict | None = None, server_timeout_s: float | None = None,
-                 local: bool = True, prefix: str = "", reporter: proc.Reporter | None = None, keys: str = ""):
-        self.wid, self.debug, self.local, self.prefix = wid, debug or {}, local, prefix
+    def __init__(self, address: str, wid: int, server_timeout_s: float | None = None, local: bool = True,
+                 prefix: str = "", reporter: proc.Reporter | None = None, keys: str = ""):
+        self.wid, self.local, self.prefix = wid, local, prefix
         self.reporter = reporter or proc.Reporter(None)
         self.client = Client(address, timeout_s=server_timeout_s, keys=keys)
         self.rows: Rows | None = None
@@ -173,9 +170,6 @@ class Worker:
         b = train["batch_size"]
         Xb = np.empty((b, d), dtype=dtype)
         yb = np.empty(b, dtype=dtype)
-        slow_s = self.debug.get("slow_ms", 0.0) / 1000.0 if self.debug.get("slow_worker") == self.wid else 0.0
-        fail_at = self.debug.get("fail_at_step") if self.debug.get("fail_worker") == self.wid else None
-        nan_at = set(self.debug.get("nan_steps", ())) if self.debug.get("nan_worker") == self.wid else set()
         request_s = 0.0
 
         h, arrays = self.client.pull(0)
@@ -196,12 +190,7 @@ class Worker:
                 self._gather(X, y, batch, train["seed"], Xb, yb)
             count = batch[3]
             loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
-            if fail_at is not None and clock >= fail_at:
-                raise Injected(f"injected failure at step {clock} (debug.fail_worker = {self.wid})")
-            if clock in nan_at:
-                plane.grad[...] = np.nan  # debug.nan_worker: a broken gradient, which the server must refuse
-            if slow_s:
-                time.sleep(slow_s)
+            self.after_gradient(clock, plane.grad)
             t1 = time.perf_counter()
             self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0 + carried_s, request_s,
                              wait=False)
@@ -217,6 +206,10 @@ class Worker:
         # the server has already counted us out when it says stop; no goodbye needed
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
+
+    def after_gradient(self, clock: int, grad: np.ndarray) -> None:
+        """Called once per step between computing the gradient and pushing it: nothing here; a subclass may
+        change the step (workers/faults.py injects failures, delays and broken gradients this way)."""
 
     def _gather(self, X, y, batch, seed: int, Xb, yb) -> None:
         """Copy a batch's rows into the preallocated buffers."""
@@ -242,20 +235,20 @@ class Worker:
 
 
 def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
-    """The batch the server hands out after `batch` when nothing else intervenes (schedule.Cursor.take)."""
+    """The batch the server hands out after `batch` when nothing else intervenes."""
     shard, epoch, start, count = batch
-    start += count
-    if start >= size:
-        epoch, start = epoch + 1, 0
-    return [shard, epoch, start, min(batch_size, size - start)]
+    cursor = Cursor(size=size, epoch=epoch, pos=start)
+    cursor.take(count)  # the batch just served; the next take is what the server's cursor does after it
+    return [shard, *cursor.take(batch_size)]
 
 
-def main(address: str, wid: int, debug: dict, server_timeout_s: float | None, local: bool, prefix: str, keys: str,
-         conn, parent_pid: int, core, log_level: int) -> None:
-    """Entry point of a worker process started by a launcher (spawn)."""
+def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int, make=Worker) -> None:
+    """Entry point of a worker process started by a launcher ("workers.worker:main", the default worker.entry).
+    `make`: the Worker class (or a factory with its arguments) another entry runs instead, e.g. workers.faults."""
+    wid = spec.wid
     proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
     reporter = proc.Reporter(conn)
-    worker = Worker(address, wid, debug, server_timeout_s, local, prefix, reporter, keys)
+    worker = make(spec.address, wid, spec.server_timeout_s, spec.local, spec.prefix, reporter, spec.keys)
     code, leaving = 0, False
     try:
         with proc.profiled(f"worker-{wid}"):

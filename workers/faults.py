@@ -1,0 +1,133 @@
+"""Fault injection for tests and benchmarks: a worker that fails, lags or sends a broken gradient on purpose.
+
+None of it is in the product's loop: a run selects this entry instead of the plain worker with
+`--set worker.entry=workers.faults:main`, and describes the faults as JSON in the environment variable PSRV_FAULTS,
+which every child inherits at spawn and reads once at start:
+
+    PSRV_FAULTS='{"fail_worker": 1, "fail_at_step": 5}' python launch.py --set worker.entry=workers.faults:main
+
+Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
+slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
+gradient at those steps, which the server must refuse). A worker id of -1 means none.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from psrv import proc
+from psrv.spec import WorkerSpec
+
+from . import worker
+
+ENTRY = "workers.faults:main"
+ENV = "PSRV_FAULTS"
+OVERRIDE = f"worker.entry={ENTRY}"  # the config override (--set) that selects this entry
+
+
+class Injected(RuntimeError):
+    """An error raised on purpose (fail_worker), to test how failures are reported."""
+
+
+@dataclass(frozen=True)
+class Faults:
+    fail_worker: int = -1
+    fail_at_step: int = 0
+    slow_worker: int = -1
+    slow_ms: float = 0.0
+    nan_worker: int = -1
+    nan_steps: tuple = ()
+
+    @classmethod
+    def parse(cls, text: str) -> "Faults":
+        """From PSRV_FAULTS's JSON ("" means no faults); ValueError naming what is wrong."""
+        if not text.strip():
+            return cls()
+        try:
+            tree = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{ENV} is not JSON ({e}): {text!r}") from None
+        if not isinstance(tree, dict):
+            raise ValueError(f"{ENV} must be a JSON object such as {{\"fail_worker\": 1, \"fail_at_step\": 5}}; "
+                             f"got {text!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(tree) - known)
+        if unknown:
+            raise ValueError(f"{ENV}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for k, v in tree.items():
+            ok, what = CHECKS[k]
+            if not ok(v):
+                raise ValueError(f"{ENV}: {k} = {v!r} is not {what}")
+        if "nan_steps" in tree:
+            tree["nan_steps"] = tuple(tree["nan_steps"])
+        return cls(**tree)
+
+
+def _wid(v) -> bool:
+    return type(v) is int and v >= -1
+
+
+CHECKS = {  # key -> (test, what it must be)
+    "fail_worker": (_wid, "a worker id (-1: none)"),
+    "fail_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
+    "slow_worker": (_wid, "a worker id (-1: none)"),
+    "slow_ms": (lambda v: type(v) in (int, float) and v >= 0, "a number of milliseconds >= 0"),
+    "nan_worker": (_wid, "a worker id (-1: none)"),
+    "nan_steps": (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
+                  "a list of steps >= 0"),
+}
+
+
+def env(**faults) -> dict[str, str]:
+    """{PSRV_FAULTS: their JSON}: the environment to give a launcher subprocess."""
+    Faults.parse(json.dumps(faults))  # a typo fails here, in the test, not later in a child
+    return {ENV: json.dumps(faults)}
+
+
+@contextlib.contextmanager
+def injected(**faults):
+    """Runs started in this process inside the block (psrv.train, with the OVERRIDE) spawn workers with these
+    faults: children inherit the environment at spawn."""
+    saved = os.environ.get(ENV)
+    os.environ.update(env(**faults))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = saved
+
+
+class FaultyWorker(worker.Worker):
+    def __init__(self, faults: Faults, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faults = faults
+        self._nan_steps = frozenset(faults.nan_steps)
+
+    def after_gradient(self, clock: int, grad: np.ndarray) -> None:
+        f = self.faults  # self.wid, not the spec's: an attached worker learns its id from the server
+        if f.fail_worker == self.wid and clock >= f.fail_at_step:
+            raise Injected(f"injected failure at step {clock} ({ENV} fail_worker = {self.wid})")
+        if f.nan_worker == self.wid and clock in self._nan_steps:
+            grad[...] = np.nan
+        if f.slow_worker == self.wid and f.slow_ms:
+            time.sleep(f.slow_ms / 1000.0)
+
+
+def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int) -> None:
+    """Entry point (worker.entry = "workers.faults:main"): the plain worker's, running a FaultyWorker."""
+    try:
+        faults = Faults.parse(os.environ.get(ENV, ""))
+    except ValueError as e:  # reported like any worker failure: the run stops with this message
+        proc.Reporter(conn).send("error", process=f"worker {spec.wid}", message=str(e))
+        sys.exit(1)
+    worker.main(spec, conn, parent_pid, core, log_level, make=functools.partial(FaultyWorker, faults))
