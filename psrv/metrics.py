@@ -1,7 +1,7 @@
 """The training record: metrics.jsonl lines (all of them), a bounded loss history for plots, and the plateau test
 behind train.tol.
 
-The training loss logged every log_every steps is the row-weighted mean of the mini-batch losses pushed since the
+The training loss logged every train.log_every steps is the row-weighted mean of the mini-batch losses pushed since the
 previous line (each batch at the theta it was computed at): it costs nothing extra, unlike a pass over all rows.
 """
 from __future__ import annotations
@@ -39,13 +39,10 @@ class Thinned:
 
 
 class Metrics:
-    def __init__(self, path: str, log_every: int, tol: float = 0.0, tol_window: int = 5, append: bool = False):
+    def __init__(self, path: str, tol: float = 0.0, tol_window: int = 5, append: bool = False):
         # line-buffered: `tail -f` and a crash both see whole lines; a resumed run appends to its own record
         self.fh = open(path, "a" if append else "w", buffering=1)
-        self.log_every, self.tol, self.tol_window = log_every, tol, tol_window
-        self.win_loss = 0.0
-        self.win_rows = 0
-        self.logged_step = 0
+        self.tol, self.tol_window = tol, tol_window
         # Bounded whatever the run's length (a list of every line was 3 GB a day at 2,000 steps/s): the plotted
         # curves thinned, and for plateaued() the best loss before the window plus the window itself.
         self._train = Thinned()   # (step, elapsed_s, loss)
@@ -67,18 +64,9 @@ class Metrics:
     def last_loss(self) -> float | None:
         return self._train.last[2] if self._train.n else None
 
-    def add_batch(self, loss: float, rows: int) -> None:
-        self.win_loss += loss * rows
-        self.win_rows += rows
-
-    def due(self, step: int) -> bool:
-        return step >= self.logged_step + self.log_every
-
-    def log_train(self, step: int, elapsed_s: float, samples: int) -> None:
-        """One line for the batches since the last line (nothing if there were none)."""
-        if self.win_rows == 0:
-            return
-        loss = self.win_loss / self.win_rows
+    def log_train(self, step: int, elapsed_s: float, samples: int, loss: float) -> None:
+        """One line: `loss` is the row-weighted mean loss of the batches since the last line (the coordinator
+        keeps that window)."""
         self._write({"step": step, "loss": loss, "elapsed_s": round(elapsed_s, 4),
                      "samples_per_s": round(samples / elapsed_s, 1) if elapsed_s > 0 else None})
         self._train.append((step, elapsed_s, loss))
@@ -87,7 +75,6 @@ class Metrics:
             if self._best_before is None or old < self._best_before:  # min()'s rule, so NaN behaves as before
                 self._best_before = old
         self._window.append(loss)
-        self.win_loss, self.win_rows, self.logged_step = 0.0, 0, step
 
     def log_eval(self, step: int, elapsed_s: float, test_loss: float, test_metric: float, metric_name: str) -> None:
         self._write({"step": step, "elapsed_s": round(elapsed_s, 4), "test_loss": test_loss,

@@ -27,6 +27,7 @@ class _Glm:
         rows = d + int(fit_intercept)
         self.theta_shape = (rows,) if classes == 0 else (rows, classes)
         self._z = np.empty(0, dtype=self.dtype)
+        self.l2_rows = d  # the L2 term penalizes the weights, never the intercept row
 
     def init_theta(self) -> np.ndarray:
         return np.zeros(self.theta_shape, dtype=self.dtype)
@@ -169,6 +170,7 @@ class Custom:
         theta = np.asarray(obj.init_theta(d), dtype=self.dtype)
         self.theta_shape = theta.shape
         self._theta0 = theta
+        self.l2_rows = theta.shape[0] if theta.ndim else 0  # a custom model's theta is penalized whole
 
     def init_theta(self) -> np.ndarray:
         return self._theta0.copy()

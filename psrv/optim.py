@@ -24,10 +24,12 @@ def lr_at(step: int, lr: float, schedule: str, total_steps: int, decay: float = 
 
 
 class _Optimizer:
-    """The shared part: buffers shaped like theta, the step count, and state_dict / load_state_dict.
+    """The shared part: state arrays shaped like theta, the step count, row-wise updates, state_dict / load_state_dict.
 
     Subclasses list their state arrays in `state_names` (zero at the start, saved in checkpoints) and the Train
     config fields they read in `hyper`; `self.scratch` is one more buffer for intermediate results, never saved.
+    Every rule is elementwise, so an update of some rows (a push that touches only some keys) runs the same
+    arithmetic on those rows' values and state and leaves every other row bit-identical.
     """
 
     name = ""
@@ -41,21 +43,41 @@ class _Optimizer:
         # Allocated once here: lr * grad and the like would otherwise make a theta-sized temporary every step.
         self.scratch = np.empty_like(theta)
 
-    def _check(self, theta: np.ndarray, grad: np.ndarray) -> None:
+    def _check(self, theta: np.ndarray, grad: np.ndarray, rows: np.ndarray | None) -> None:
         # Cheap guard: numpy would otherwise broadcast or silently cast into the preallocated buffers.
-        for what, a in (("theta", theta), ("grad", grad)):
-            if a.shape != self.shape or a.dtype != self.dtype:
+        shape = self.shape if rows is None else (len(rows), *self.shape[1:])
+        for what, a, want in (("theta", theta, self.shape), ("grad", grad, shape)):
+            if a.shape != want or a.dtype != self.dtype:
                 raise ValueError(f"{self.name}: {what} is {a.dtype.str} {list(a.shape)}, but this optimizer was "
-                                 f"built for {self.dtype.str} {list(self.shape)}")
+                                 f"built for {self.dtype.str} {list(want)}")
+        if rows is not None and len(rows) and (rows.ndim != 1 or rows[0] < 0 or rows[-1] >= self.shape[0]
+                                               or (len(rows) > 1 and not (np.diff(rows) > 0).all())):
+            raise ValueError(f"{self.name}: rows must be increasing indices below {self.shape[0]}")
 
-    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
-        """Apply one update to theta in place; `self.steps` counts them (t = self.steps is 1-based inside)."""
-        self._check(theta, grad)
+    def step(self, theta: np.ndarray, grad: np.ndarray, lr: float, rows: np.ndarray | None = None) -> None:
+        """Apply one update to theta in place; `self.steps` counts them. With `rows` (increasing row indices),
+        grad holds the gradient of those rows only, and only they and their state change."""
+        self._check(theta, grad, rows)
         self.steps += 1
-        self._update(theta, grad, lr)
+        if rows is None:
+            self._update(theta, grad, lr, self.state, self.scratch, self._count(None))
+            return
+        sub = theta[rows]  # fancy indexing copies: the same rule runs on the copies, which are written back
+        state = {k: a[rows] for k, a in self.state.items()}
+        self._update(sub, grad, lr, state, np.empty_like(sub), self._count(rows))
+        theta[rows] = sub
+        for k, a in state.items():
+            self.state[k][rows] = a
 
-    def _update(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
+    def _count(self, rows: np.ndarray | None):
+        """The update count a rule needs (Adam's bias correction); None for rules without one."""
+        return None
+
+    def _update(self, theta, grad, lr, state: dict, s: np.ndarray, t) -> None:
         raise NotImplementedError
+
+    def _expected(self, key: str) -> tuple[tuple, np.dtype]:
+        return self.shape, self.dtype
 
     def state_dict(self) -> dict:
         """{"name", "steps", "arrays": copies of the state arrays} - copies, so later steps do not change it."""
@@ -74,14 +96,19 @@ class _Optimizer:
                              f"{sorted(self.state)}")
         for k, a in arrays.items():
             a = np.asarray(a)
-            if a.shape != self.shape or a.dtype != self.dtype:
+            shape, dtype = self._expected(k)
+            if a.shape != shape or a.dtype != dtype:
                 raise ValueError(f"{self.name}: optimizer state array {k!r} is {a.dtype.str} {list(a.shape)}; "
-                                 f"expected {self.dtype.str} {list(self.shape)}")
+                                 f"expected {dtype.str} {list(shape)}")
         # Checked everything first so a bad state leaves this optimizer as it was; copy so the caller's arrays
         # are not aliased by the buffers we keep updating.
         for k, a in arrays.items():
             np.copyto(self.state[k], a)
         self.steps = int(steps)
+        self._loaded()
+
+    def _loaded(self) -> None:
+        pass
 
 
 class SGD(_Optimizer):
@@ -89,8 +116,8 @@ class SGD(_Optimizer):
 
     name = "sgd"
 
-    def _update(self, theta, grad, lr):
-        theta -= np.multiply(grad, lr, out=self.scratch)
+    def _update(self, theta, grad, lr, state, s, t):
+        theta -= np.multiply(grad, lr, out=s)
 
 
 class Momentum(_Optimizer):
@@ -104,8 +131,8 @@ class Momentum(_Optimizer):
         super().__init__(theta)
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
 
-    def _update(self, theta, grad, lr):
-        v, s, mu = self.state["velocity"], self.scratch, self.momentum
+    def _update(self, theta, grad, lr, state, s, t):
+        v, mu = state["velocity"], self.momentum
         v *= mu
         v += grad
         if self.nesterov:
@@ -135,8 +162,8 @@ class Adagrad(_Optimizer):
         super().__init__(theta)
         self.eps = _check_eps(self.name, eps)
 
-    def _update(self, theta, grad, lr):
-        G, s = self.state["sum_sq"], self.scratch
+    def _update(self, theta, grad, lr, state, s, t):
+        G = state["sum_sq"]
         np.multiply(grad, grad, out=s)
         G += s
         np.sqrt(G, out=s)
@@ -147,10 +174,14 @@ class Adagrad(_Optimizer):
 
 
 class Adam(_Optimizer):
-    """Adam with bias correction (PyTorch form, eps added after the square root of the corrected v)."""
+    """Adam with bias correction (PyTorch form, eps added after the square root of the corrected v).
+
+    The bias correction counts the updates of each row (state "t"): a row that only some pushes touch is
+    corrected for its own updates, as sparse Adam does; while every update is dense all counts are equal and
+    the corrections are scalars."""
 
     name = "adam"
-    state_names = ("m", "v")
+    state_names = ("m", "v", "t")
     hyper = ("beta1", "beta2", "eps")
 
     def __init__(self, theta: np.ndarray, *, beta1: float, beta2: float, eps: float):
@@ -161,22 +192,60 @@ class Adam(_Optimizer):
                 raise ValueError(f"adam: {k} must be in [0, 1); got {b!r}")
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.eps = _check_eps(self.name, eps)
+        self.state["t"] = np.zeros(self.shape[0], dtype=np.int64)
+        self._uniform_t: int | None = 0   # every row's count, while they are all equal
 
-    def _update(self, theta, grad, lr):
-        m, v, s = self.state["m"], self.state["v"], self.scratch
-        b1, b2, t = self.beta1, self.beta2, self.steps
+    def _expected(self, key):
+        return ((self.shape[0],), np.dtype(np.int64)) if key == "t" else (self.shape, self.dtype)
+
+    def _loaded(self):
+        t = self.state["t"]
+        self._uniform_t = int(t[0]) if len(t) and (t == t[0]).all() else None
+
+    def _count(self, rows):
+        t = self.state["t"]
+        if rows is None:
+            t += 1
+            if self._uniform_t is not None:
+                self._uniform_t += 1
+                return self._uniform_t
+            return t
+        t[rows] += 1
+        if len(rows) != len(t):
+            self._uniform_t = None
+        elif self._uniform_t is not None:
+            self._uniform_t += 1
+        return t[rows]
+
+    def _scalars(self, lr: float, t, theta: np.ndarray):
+        """(1 - beta2^t, lr / (1 - beta1^t)): Python floats for one count; for an array of counts, per row, computed
+        once per distinct count with the same scalar arithmetic and rounded to theta's dtype as a scalar operand
+        would be, so a row gets bit for bit what a dense update would give it."""
+        b1, b2 = self.beta1, self.beta2
+        if not isinstance(t, np.ndarray):
+            return 1.0 - b2 ** t, lr / (1.0 - b1 ** t)
+        counts, where = np.unique(t, return_inverse=True)
+        shape = (-1,) + (1,) * (theta.ndim - 1)
+        c2 = np.array([1.0 - b2 ** int(k) for k in counts], dtype=theta.dtype)[where].reshape(shape)
+        k = np.array([lr / (1.0 - b1 ** int(k)) for k in counts], dtype=theta.dtype)[where].reshape(shape)
+        return c2, k
+
+    def _update(self, theta, grad, lr, state, s, t):
+        m, v = state["m"], state["v"]
+        b1, b2 = self.beta1, self.beta2
+        c2, k = self._scalars(lr, t, theta)
         m *= b1
         m += np.multiply(grad, 1.0 - b1, out=s)
         v *= b2
         np.multiply(grad, grad, out=s)
         s *= 1.0 - b2
         v += s
-        # s <- sqrt(v / (1 - b2^t)) + eps, then theta -= lr / (1 - b1^t) * m / s; the corrections are scalars.
-        np.divide(v, 1.0 - b2 ** t, out=s)
+        # s <- sqrt(v / (1 - b2^t)) + eps, then theta -= lr / (1 - b1^t) * m / s
+        np.divide(v, c2, out=s)
         np.sqrt(s, out=s)
         s += self.eps
         np.divide(m, s, out=s)
-        s *= lr / (1.0 - b1 ** t)
+        s *= k
         theta -= s
 
 

@@ -17,14 +17,13 @@ def old_plateaued(losses, tol, window):
 
 
 def log(m, step, loss):
-    m.add_batch(loss, 1)
-    m.log_train(step, step / 100, step)
+    m.log_train(step, step / 100, step, loss)
 
 
 @pytest.mark.parametrize("tol,window", [(0.0, 5), (0.01, 1), (0.01, 5), (0.2, 3), (0.05, 40)])
 def test_plateaued_agrees_with_the_list_rule(tmp_path, tol, window):
     rng = random.Random(window)
-    m = Metrics(str(tmp_path / "m.jsonl"), 1, tol=tol, tol_window=window)
+    m = Metrics(str(tmp_path / "m.jsonl"), tol=tol, tol_window=window)
     losses = []
     loss = 10.0
     for step in range(1, 600):
@@ -41,7 +40,7 @@ def test_plateaued_agrees_with_the_list_rule(tmp_path, tol, window):
 
 
 def test_memory_stays_bounded_over_a_million_lines(tmp_path, monkeypatch):
-    m = Metrics(str(tmp_path / "m.jsonl"), 1, tol=0.01, tol_window=5)
+    m = Metrics(str(tmp_path / "m.jsonl"), tol=0.01, tol_window=5)
     written = []
     monkeypatch.setattr(m, "_write", lambda rec: written.append(1))   # the file is not what this test measures
     n = 1_000_000

@@ -1,0 +1,446 @@
+"""The server's decisions: one handle(event, now) -> instructions over membership, the consistency gate, shard
+leases, parked pulls and the stop rules (pure: no sockets, no files, no clock of its own).
+
+Every reply, update and checkpoint is an instruction the shell carries out in order, after handle() returns; an
+instruction that sends theta comes after the updates it must include. Transitions never call each other in a
+cycle: leaving, applying a step and stopping only change state, and one work loop (_settle) answers the parked
+pulls that the new state allows until none is left to answer.
+"""
+from __future__ import annotations
+
+import logging
+from . import events as ev
+from .consistency import APPLY, COMPLETE, LATE, Gate
+from .errors import ProtocolError
+from .membership import Membership, Peer
+from .protocol import VERSION, Op
+from .report import Stats
+from .schedule import Schedule
+
+log = logging.getLogger("psrv.server")
+
+
+def run_steps(cfg) -> int | None:
+    """The step count that ends the run: train.steps, unless only train.epochs was asked for (None)."""
+    t = cfg.train
+    return t.steps if (t.epochs == 0 or "train.steps" in cfg.explicit) else None
+
+
+class Coordinator:
+    def __init__(self, cfg, shard_sizes: list[int], store, server_id: str, now: float, alone: bool = False,
+                 shm: bool = False, has_test: bool = False):
+        """cfg: a psrv.config.Config (read only). store: checks pushed gradients (check, finite); the shell applies
+        the updates this coordinator orders to it."""
+        t = cfg.train
+        self.cfg, self.store, self.server_id, self.alone, self.has_test = cfg, store, server_id, alone, has_test
+        self.n_expected = t.workers
+        self.n_start = t.workers                  # joins that open the gate (after a restart: who was training)
+        self.members = Membership(t.workers, cfg.server.max_bad_pushes, shm)
+        self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
+        self.schedule = Schedule(shard_sizes, dynamic=t.schedule == "dynamic")
+        self.max_steps = run_steps(cfg)
+        self.stats = Stats()
+        self.version = 0                          # updates ordered so far (the store's version once carried out)
+        self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
+        self.parked: dict[int, tuple] = {}        # wid -> (clock, rid, since_s) of a pull waiting for the gate
+        self.step_records: list[tuple] = []       # BSP: pushes in the accumulator, accounted once their step applies
+        self.applied_records: list[tuple] = []    # applied, accounted after the replies went out
+        self.saved_clocks: dict[int, int] = {}    # wid -> clock at the checkpoint this run resumed from
+        self.stopping = ""                        # why the run is ending ("" while it is not)
+        self.done = False
+        self.t0, self.started_s, self.elapsed_before_s = now, None, 0.0
+        self.join_deadline_s = now + cfg.server.join_timeout_s
+        self.resumed = False
+        self.updated = False
+        self.loss_sum, self.loss_rows, self.last_loss = 0.0, 0, None
+        self.logged_step = self.evaluated_step = self.checkpointed_step = self.checkpointed_version = 0
+        self._out: list = []
+
+    # ------------------------------------------------------------------ the one entry point
+    def handle(self, event, now: float) -> list:
+        """The instructions that answer `event`, in the order they must be carried out."""
+        self._out = out = []
+        self._now = now
+        try:
+            getattr(self, "_on_" + type(event).__name__.lower())(event)
+        except ProtocolError as e:
+            self._refuse(event.ident, e.code, str(e), event.rid)
+        self._settle()
+        self._bookkeeping()
+        return out
+
+    def _refuse(self, ident: bytes, code: str, reason: str, rid) -> None:
+        self.stats.bad_messages += 1
+        self.members.count_bad(ident)
+        log.debug("refused a message from %r: %s", ident, reason)
+        self._send(ident, {"op": Op.ERROR.value, "code": code, "reason": reason}, rid)
+
+    def _send(self, ident: bytes, header: dict, rid) -> None:
+        if rid is not None:
+            header["rid"] = rid
+        self._out.append(ev.Send(ident, header))
+
+    # ------------------------------------------------------------------ events
+    def _on_malformed(self, e: ev.Malformed) -> None:
+        self._refuse(e.ident, e.code, e.reason, e.rid)
+
+    def _on_hello(self, e: ev.Hello) -> None:
+        if e.version != VERSION:
+            raise ProtocolError(f"protocol version mismatch: client speaks v{e.version}, server speaks v{VERSION}",
+                                "version_mismatch")
+        if e.role != "worker":
+            raise ProtocolError(f"hello: role must be 'worker', got {e.role!r}", "bad_field")
+        if self.stopping:
+            raise ProtocolError(f"the run is ending ({self.stopping}); no new workers", "finished")
+        p, replaced = self.members.hello(e.ident, e.wid, e.pid, e.host, e.local, self._now)
+        if replaced is not None:
+            log.warning("worker %d re-registered from pid %d; incarnation %d replaces %d", p.wid, e.pid, p.inc,
+                        replaced.inc)
+            self._leave(replaced)
+        self._membership_changed()
+        log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", p.wid, p.pid, p.host, p.inc,
+                 self.schedule.held_by(p.wid))
+        if not self.gate.open and len(self.members.live()) >= self.n_start:
+            self._open()
+        self._out.append(ev.Welcome(e.ident, p, e.rid))
+
+    def _on_pull(self, e: ev.Pull) -> None:
+        p = self.members.current(e.wid, e.inc)
+        try:
+            self.gate.check_pull(p.wid, e.clock)
+        except ValueError as x:
+            raise ProtocolError(f"pull: {x}", "bad_clock") from None
+        self.members.touch(p, e.ident, self._now)
+        self._pull(p, e.clock, e.rid)
+
+    def _on_push(self, e: ev.Push) -> None:
+        if e.sid != self.server_id:
+            # computed against theta from another server process (one that died): never applied
+            self.members.stale_pushes += 1
+            raise ProtocolError(f"push for server {e.sid}, but this is server {self.server_id}; say hello again",
+                                "stale_server")
+        p = self.members.current(e.wid, e.inc, is_push=True)
+        if e.seq <= p.seq:
+            self.stats.duplicates += 1
+            self._send(e.ident, {"op": Op.ACK.value, "applied": False, "reason": "duplicate"}, e.rid)
+            return
+        if e.grad is None or (not e.framed and not p.shm):
+            raise ProtocolError(f"push: no gradient frame, and worker {p.wid} has no shared-memory slot", "bad_frames")
+        try:
+            self.store.check(e.grad, e.keys)
+        except ValueError as x:
+            raise ProtocolError(f"push: {x}", "bad_shape") from None
+        batch = self.batches.get(p.wid)
+        if batch is None or e.count != batch[3]:
+            raise ProtocolError(f"push: count {e.count} is not the size of the batch served "
+                                f"({batch[3] if batch else 'none'})", "bad_field")
+        if not 0 <= e.version <= self.version:
+            raise ProtocolError(f"push: theta version {e.version} was never served (now {self.version})", "bad_field")
+        for key in ("loss", "compute_s", "request_s"):
+            v = getattr(e, key)
+            if not v == v or v in (float("inf"), float("-inf")) or (key != "loss" and not 0 <= v < 1e6):
+                raise ProtocolError(f"push: {key} = {v!r} is not a plausible number", "bad_field")
+        self.members.touch(p, e.ident, self._now)
+        if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
+            p.seq = e.seq
+            self._finish(p, e.rid, self.stopping)
+            return
+        finite = self.store.finite(e.grad)
+        try:
+            decision = self.gate.push(p.wid, e.clock)
+        except ValueError as x:
+            raise ProtocolError(f"push: {x}", "bad_clock") from None
+        p.seq = e.seq
+        del self.batches[p.wid]
+        if not finite:
+            # counted as this worker's (missing) part of the step: theta never sees it; a BSP step goes on with
+            # the others' gradients
+            self.stats.rejected["nonfinite"] = self.stats.rejected.get("nonfinite", 0) + 1
+            log.warning("worker %d pushed a gradient with NaN or Inf at clock %d; rejected (%d in a row)", p.wid,
+                        e.clock, p.bad_streak + 1)
+            if decision == COMPLETE:
+                self._apply_step()
+            if self.members.bad_push(p):
+                log.error("worker %d quarantined: %d non-finite gradients in a row (pid %d on %s, clock %d)",
+                          p.wid, p.bad_streak, p.pid, p.host, e.clock)
+                self._send(p.ident, {"op": Op.ERROR.value, "code": "quarantined",
+                                     "reason": f"worker {p.wid} pushed {p.bad_streak} non-finite gradients in a row"},
+                           e.rid)
+                self._leave(p)
+                return
+        else:
+            p.bad_streak = 0
+        applied = decision != LATE and finite
+        if applied:
+            record = (p, batch, e.count, e.loss, e.compute_s, e.request_s, self.gate.staleness_of(p.wid, e.clock),
+                      self.version - e.version)
+            if decision == APPLY:
+                # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
+                self.version += 1
+                self._out.append(ev.Update(e.grad, e.keys, self.step, self.version,
+                                           1.0 / max(1, len(self.gate.members))))
+                self.stats.applied += 1
+                self.applied_records.append(record)
+                self._updated()
+            else:
+                # its rows count as visited, and it in the statistics, once the step it belongs to is applied
+                self._out.append(ev.Accumulate(e.grad, e.keys))
+                self.step_records.append(record)
+                if decision == COMPLETE:
+                    self._apply_step()
+        if e.pull:
+            self._pull(p, e.clock + 1, e.rid)
+        else:
+            reason = "" if applied else ("late" if finite else "nonfinite")
+            self._send(e.ident, {"op": Op.ACK.value, "applied": applied, "reason": reason}, e.rid)
+        p.pushed(self._now)
+        if not applied and finite:
+            self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
+
+    def _on_heartbeat(self, e: ev.Heartbeat) -> None:
+        live = self.members.heartbeat(e.wid, e.inc, self._now)
+        # `alive: false` tells a worker paused past the timeout that it was declared dead, even while it waits
+        # for a reply that will never come. `waiting`: the server holds a pull of this worker; a worker waiting
+        # while the server holds nothing of it knows its request or the reply was lost, and starts over.
+        self._send(e.ident, {"op": Op.HEARTBEAT.value, "server_id": self.server_id, "step": self.step,
+                             "alive": live, "waiting": live and e.wid in self.parked}, e.rid)
+
+    def _on_bye(self, e: ev.Bye) -> None:
+        p = self.members.current(e.wid, e.inc)
+        log.info("worker %d (pid %d on %s) left at clock %d", p.wid, p.pid, p.host, self.clock_of(p.wid))
+        p.alive = False
+        self._leave(p)
+        self._send(e.ident, {"op": Op.BYE.value}, e.rid)
+
+    def _on_tick(self, e: ev.Tick) -> None:
+        now = self._now
+        timeout_s = self.cfg.server.heartbeat_timeout_s
+        for p in self.members.expired(now, timeout_s):
+            log.error("worker %d declared dead: pid %d on %s, clock %d, silent for %.1f s (timeout %g s)", p.wid,
+                      p.pid, p.host, self.clock_of(p.wid), now - p.last_seen_s, timeout_s)
+            self._leave(p)
+        if not self.gate.open and not self.alone and now > self.join_deadline_s:
+            joined = sorted(p.wid for p in self.members.live())
+            if self.resumed and joined:  # a worker lost for good before the restart is not waited for
+                log.warning("resuming with %d of the %d workers that were training: %s", len(joined), self.n_start,
+                            joined)
+                self._open()
+            else:
+                missing = [w for w in range(self.n_expected) if w not in joined]
+                self._out.append(ev.Fail(f"only {len(joined)} of {self.n_start} workers joined within "
+                                         f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing})"))
+        limit_s = self.cfg.train.max_wall_s
+        if self.started_s is not None and limit_s and self.elapsed_s(now) > limit_s:
+            self._stop_all("max_wall_s")
+
+    def _on_stop(self, e: ev.Stop) -> None:
+        self._stop_all(e.reason)
+        if e.at_once:
+            self.done = True
+
+    # ------------------------------------------------------------------ pulls and batches
+    @property
+    def step(self) -> int:
+        """Steps done: BSP steps applied; under SSP/ASP, gradients applied / workers."""
+        if self.gate.mode == "bsp":
+            return self.gate.step
+        return self.stats.applied // max(1, self.n_expected)
+
+    def clock_of(self, wid: int) -> int:
+        m = self.gate.members.get(wid)
+        return m.pushed if m is not None else -1
+
+    def _pull(self, p: Peer, clock: int, rid) -> None:
+        if self.stopping:
+            self._finish(p, rid, self.stopping)
+        elif self.max_steps is not None and clock >= self.max_steps and self.gate.mode == "bsp":
+            self._finish(p, rid, "steps")
+        elif self.gate.may_serve(p.wid, clock):
+            self._serve(p, clock, rid)
+        else:
+            self.parked[p.wid] = (clock, rid, self._now)
+
+    def _serve(self, p: Peer, clock: int, rid) -> None:
+        serving = self.gate.members[p.wid].serving
+        batch = self.batches.get(p.wid)
+        if batch is not None and serving is not None:
+            # asked again before pushing (its reply was lost, or the client repeats itself): the same batch and
+            # clock again, so that no rows are handed out and skipped
+            self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid))
+            return
+        batch = self.schedule.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
+        if batch is None:
+            if self.schedule.held_by(p.wid):
+                # every shard it reads has had its epochs; the others finish their steps without it
+                self._finish(p, rid, "epochs")
+                if self.schedule.all_done(self.cfg.train.epochs) and not self.batches:
+                    self._stop_all("epochs")
+            else:  # no lease (more workers than shards): it waits, out of the gate, until a shard frees up
+                self.parked[p.wid] = (clock, rid, self._now)
+                self._gate_leave(p.wid)
+            return
+        clock = self.gate.serve(p.wid, clock)
+        self.batches[p.wid] = batch
+        self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid))
+
+    def _settle(self) -> None:
+        """The work loop: answer every parked pull the gate now allows (or tell it to stop), until answering one
+        changes nothing more; then note whether the run is over."""
+        progressed = True
+        while progressed:
+            progressed = False
+            for wid in list(self.parked):
+                entry = self.parked.get(wid)
+                p = self.members.peers.get(wid)
+                if entry is None:
+                    continue
+                if p is None or not p.live:
+                    del self.parked[wid]
+                elif self.stopping or self.gate.may_serve(wid, entry[0]):
+                    del self.parked[wid]
+                    self.stats.wait_s += self._now - entry[2]
+                    self._pull(p, entry[0], entry[1])
+                    progressed = True
+        if self.stopping and not self.members.live() and not self.done:
+            self.done = True
+        if self.done and not any(isinstance(i, ev.Finish) for i in self._out):
+            self._out.append(ev.Finish(self.stopping))
+
+    # ------------------------------------------------------------------ updates
+    def _apply_step(self) -> None:
+        """BSP: the gate has moved on; the collected gradients become one update (none: theta stays)."""
+        self.applied_records += self.step_records
+        n = len(self.step_records)
+        self.step_records = []
+        if n == 0:
+            return
+        self.stats.applied += n
+        self.version += 1
+        self._out.append(ev.ApplyStep(self.gate.step - 1, self.version))
+        self._updated()
+
+    def _updated(self) -> None:
+        self.updated = True
+        if self.max_steps is not None and self.step >= self.max_steps:
+            self._stop_all("steps")
+
+    def flush_loss(self, now: float) -> ev.Log | None:
+        """The metrics line of the pushes applied since the last one (at the end of the run), if any."""
+        if not self.loss_rows:
+            return None
+        self.last_loss = self.loss_sum / self.loss_rows
+        self.loss_sum, self.loss_rows, self.logged_step = 0.0, 0, self.step
+        return ev.Log(self.step, self.elapsed_s(now), self.stats.samples, self.last_loss)
+
+    def _bookkeeping(self) -> None:
+        """After the replies: account the applied gradients, then the metrics line, evaluation and checkpoint."""
+        s = self.stats
+        for p, batch, count, loss, compute_s, request_s, staleness, lag in self.applied_records:
+            if batch is not None:
+                self.schedule.commit(batch)
+            s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
+            s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
+            s.version_lag_max = max(s.version_lag_max, lag)
+            s.samples += count
+            s.compute_s += compute_s
+            s.request_s += request_s
+            p.samples += count
+            p.last_staleness = staleness
+            self.loss_sum += loss * count
+            self.loss_rows += count
+        self.applied_records.clear()
+        if not self.updated:
+            return
+        self.updated = False
+        step = self.step
+        if step >= self.logged_step + self.cfg.train.log_every and self.loss_rows:
+            self._out.append(self.flush_loss(self._now))
+        every = self.cfg.train.eval_every
+        if every and self.has_test and step >= self.evaluated_step + every:
+            self.evaluated_step = step - step % every
+            self._out.append(ev.Evaluate(step))
+        every = self.cfg.checkpoint.every_steps
+        if every and step >= self.checkpointed_step + every:
+            self.checkpointed_step, self.checkpointed_version = step, self.version
+            self._out.append(ev.Checkpoint(step))
+
+    # ------------------------------------------------------------------ membership and stopping
+    def _open(self) -> None:
+        self.gate.open = True
+        self.started_s = self._now
+        log.info("%d workers joined; training %s", len(self.members.live()),
+                 f"resumes at step {self.step}" if self.resumed else "starts")
+
+    def _membership_changed(self) -> None:
+        """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
+        member that lost its last lease and is not computing leaves it (it waits, parked, for a shard)."""
+        live = self.members.live()
+        self.schedule.rebalance([p.wid for p in live])
+        for p in live:
+            held = self.schedule.held_by(p.wid)
+            member = self.gate.members.get(p.wid)
+            if member is None and held:
+                self.gate.join(p.wid, self.saved_clocks.pop(p.wid, None))
+            elif member is not None and not held and member.serving is None:
+                self._gate_leave(p.wid)
+
+    def _gate_leave(self, wid: int) -> None:
+        """Take a worker out of the gate; if that completes the BSP step, apply it."""
+        if self.gate.leave(wid) and not self.stopping:
+            self._apply_step()
+
+    def _leave(self, p: Peer) -> None:
+        """p is gone (finished, left, dead, replaced or quarantined): its pull and its unpushed batch go back."""
+        self.parked.pop(p.wid, None)
+        batch = self.batches.pop(p.wid, None)
+        if batch is not None:  # never pushed: hand it out again
+            self.schedule.give_back(batch)
+        self._gate_leave(p.wid)
+        self._membership_changed()
+
+    def _finish(self, p: Peer, rid, reason: str) -> None:
+        p.finished = True
+        self._send(p.ident, {"op": Op.STOP.value, "reason": reason}, rid)
+        self._leave(p)
+
+    def _stop_all(self, reason: str) -> None:
+        """End the run: every worker is told to stop at its next request; waiting ones are told by _settle."""
+        if not self.stopping:
+            self.stopping = reason
+            log.info("stopping: %s", reason)
+
+    def elapsed_s(self, now: float) -> float:
+        return self.elapsed_before_s + now - (self.started_s if self.started_s is not None else self.t0)
+
+    # ------------------------------------------------------------------ checkpoints and status
+    def state(self, now: float) -> dict:
+        """Plain values of everything a restarted server needs, with the batches in flight (and those of a BSP
+        step not applied yet) handed back to their shards, so that a restart serves them again."""
+        schedule = Schedule([c.size for c in self.schedule.cursors])
+        schedule.load_state(self.schedule.state())
+        for batch in [*self.batches.values(), *(r[1] for r in self.step_records)]:
+            if batch is not None:
+                schedule.give_back(batch)
+        return {"step": self.step, "version": self.version, "gate_step": self.gate.step,
+                "clocks": [[w, m.pushed] for w, m in self.gate.members.items()],
+                "incarnations": [[w, i] for w, i in self.members.incarnations.items()],
+                "schedule": schedule.state(), "stats": self.stats.to_state(), "elapsed_s": self.elapsed_s(now),
+                "deaths": self.members.deaths, "worker_restarts": self.members.restarts,
+                "stale_pushes": self.members.stale_pushes, "quarantined": list(self.members.quarantined),
+                "loss": self.last_loss}
+
+    def restore(self, st: dict) -> None:
+        self.version, self.gate.step = st["version"], st["gate_step"]
+        self.saved_clocks = {w: c for w, c in st["clocks"]}
+        self.n_start = max(1, len(self.saved_clocks))  # the workers training at the checkpoint, not train.workers
+        self.members.incarnations = {w: i for w, i in st["incarnations"]}
+        self.schedule.load_state(st["schedule"])
+        self.stats = Stats.from_state(st["stats"])
+        m = self.members
+        m.deaths, m.restarts, m.stale_pushes = st["deaths"], st["worker_restarts"], st["stale_pushes"]
+        m.quarantined = list(st["quarantined"])
+        self.elapsed_before_s = st["elapsed_s"]
+        self.logged_step = self.checkpointed_step = self.evaluated_step = st["step"]
+        self.checkpointed_version = st["version"]
+        self.last_loss = st["loss"]
+        self.resumed = True

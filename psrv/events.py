@@ -1,0 +1,171 @@
+"""What the server's shell and its coordinator say to each other: events in (a decoded request, a timer tick, a
+signal), instructions out (a reply to send, an update to apply, a checkpoint to write). Plain data, no behaviour.
+
+`rid` is the request id to echo in the reply (None when the request had none). Arrays travel by reference: a
+gradient in an instruction is the frame (or shared-memory slot) it arrived in, valid until the next event.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+# ---------------------------------------------------------------------------------------------------- events
+@dataclass(slots=True)
+class Hello:
+    ident: bytes
+    wid: int
+    version: int
+    role: str = "worker"
+    pid: int = 0
+    host: str = ""
+    local: bool = True
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Pull:
+    ident: bytes
+    wid: int
+    inc: int
+    clock: int
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Push:
+    ident: bytes
+    wid: int
+    inc: int
+    sid: str
+    seq: int
+    clock: int
+    version: int
+    loss: float
+    count: int
+    pull: bool
+    compute_s: float = 0.0
+    request_s: float = 0.0
+    grad: Any = None          # the gradient: a frame, or the worker's shared-memory slot (framed False)
+    framed: bool = True
+    keys: Any = None          # the rows it carries; None: every row
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Heartbeat:
+    ident: bytes
+    wid: int
+    inc: int
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Bye:
+    ident: bytes
+    wid: int
+    inc: int
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Malformed:
+    """A message the shell could not decode: answered with an error and counted against its connection."""
+    ident: bytes
+    code: str
+    reason: str
+    rid: int | None = None
+
+
+@dataclass(slots=True)
+class Tick:
+    """Time passed: liveness, the join deadline, the wall-clock limit."""
+
+
+@dataclass(slots=True)
+class Stop:
+    """End the run now for `reason` (SIGTERM: "terminated"; a plateau of the loss: "tol")."""
+    reason: str
+    at_once: bool = False     # do not wait for workers to be told: whoever asks next finds the server gone
+
+
+# ---------------------------------------------------------------------------------------------------- instructions
+@dataclass(slots=True)
+class Send:
+    """Send this header (a reply with no array) to a connection."""
+    ident: bytes
+    header: dict
+
+
+@dataclass(slots=True)
+class Welcome:
+    """Answer a hello: the run's description for this worker (and its shared-memory slot when p.shm)."""
+    ident: bytes
+    peer: Any
+    rid: int | None
+
+
+@dataclass(slots=True)
+class Theta:
+    """Answer a pull: the clock and batch to compute, and theta as of `version` (in the frame unless shm)."""
+    ident: bytes
+    clock: int
+    version: int
+    batch: list
+    shm: bool
+    rid: int | None
+
+
+@dataclass(slots=True)
+class Accumulate:
+    """BSP: add a gradient to the step being collected."""
+    grad: Any
+    keys: Any
+
+
+@dataclass(slots=True)
+class ApplyStep:
+    """BSP: apply the mean of the collected gradients with the learning rate of `step`, making `version`."""
+    step: int
+    version: int
+
+
+@dataclass(slots=True)
+class Update:
+    """SSP/ASP: apply one gradient, weighted by `scale`, with the learning rate of `step`, making `version`."""
+    grad: Any
+    keys: Any
+    step: int
+    version: int
+    scale: float
+
+
+@dataclass(slots=True)
+class Log:
+    """A metrics line: the mean training loss of the pushes applied since the last line."""
+    step: int
+    elapsed_s: float
+    samples: int
+    loss: float
+
+
+@dataclass(slots=True)
+class Evaluate:
+    step: int
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    step: int
+
+
+@dataclass(slots=True)
+class Fail:
+    """The run cannot go on (workers never joined): the server process ends with this message."""
+    message: str
+
+
+@dataclass(slots=True)
+class Finish:
+    """Every worker has been told to stop (or the run ends at once): write the outputs and exit."""
+    reason: str

@@ -1,0 +1,91 @@
+"""What a run reports: the counters the coordinator keeps, and the status reply and summary made from its state
+(pure: reads a Coordinator, changes nothing). Both stay bounded whatever the run's length or churn."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STATUS_WORKERS = 200   # workers listed in a status reply (live ones first), so it stays far under the header cap
+SUMMARY_PEERS = 10     # connections named in the summary's count of malformed messages
+
+
+@dataclass
+class Stats:
+    applied: int = 0              # gradients that went into an update (BSP: every one of a step's)
+    samples: int = 0
+    rejected: dict = field(default_factory=dict)      # reason -> pushes refused
+    dropped: dict = field(default_factory=dict)       # wid -> late gradients dropped (backup workers)
+    duplicates: int = 0
+    bad_messages: int = 0
+    staleness_hist: dict = field(default_factory=dict)
+    version_lag_max: int = 0
+    pushes: dict = field(default_factory=dict)        # wid -> gradients applied (every incarnation)
+    compute_s: float = 0.0        # summed over applied pushes: time workers spent computing gradients
+    request_s: float = 0.0        # ... and waiting for the reply to their previous push (network + server + barrier)
+    wait_s: float = 0.0           # time pulls spent parked at the server (barrier or staleness bound)
+
+    MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
+
+    def to_state(self) -> dict:
+        d = dict(self.__dict__)
+        for k in self.MAPS:
+            d[k] = [[key, v] for key, v in d[k].items()]
+        return d
+
+    @classmethod
+    def from_state(cls, d: dict) -> "Stats":
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for k in cls.MAPS:
+            d[k] = {key: v for key, v in d.get(k, [])}
+        return cls(**d)
+
+
+def time_split(s: Stats) -> dict:
+    """Where a worker's step goes, per applied push: computing the gradient, waiting at the server for the barrier
+    or the staleness bound, and the rest of the round trip (communication and server work)."""
+    n = sum(s.pushes.values())
+    if not n:
+        return {}
+    return {"compute": 1000 * s.compute_s / n, "wait": 1000 * s.wait_s / n,
+            "communication": 1000 * max(s.request_s - s.wait_s, 0.0) / n}
+
+
+def status(c, now: float) -> dict:
+    """The run's state for `--status`: at most STATUS_WORKERS workers listed (live ones first), with the totals."""
+    peers = sorted(c.members.peers.values(), key=lambda p: (not p.live, p.wid))
+    workers = [{"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": c.clock_of(p.wid),
+                "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
+                "pushes": p.pushes, "push_rate": round(p.push_rate(now), 2), "staleness": p.last_staleness,
+                "shards": c.schedule.held_by(p.wid) if p.live else []} for p in peers[:STATUS_WORKERS]]
+    m, s = c.members, c.stats
+    return {"step": c.step, "steps": c.max_steps or 0, "theta_version": c.version, "consistency": c.gate.mode,
+            "schedule": c.cfg.train.schedule, "loss": c.last_loss, "started": c.gate.open, "stopping": c.stopping,
+            "elapsed_s": round(c.elapsed_s(now), 3), "workers": workers, "workers_total": len(peers),
+            "workers_live": len(m.live()), "deaths": m.deaths, "bad_messages": s.bad_messages,
+            "rejected": s.rejected, "quarantined": m.quarantined[-STATUS_WORKERS:],
+            "worker_restarts": m.restarts, "rows_visited": [[e, k] for e, k in c.schedule.rows_visited().items()],
+            "rows_visited_before": c.schedule.rows_visited_before()}
+
+
+def summary(c, now: float) -> dict:
+    """The coordinator's part of summary.json."""
+    s, m, t = c.stats, c.members, c.cfg.train
+    wall = c.elapsed_s(now)
+    noisy = sorted(m.bad_by_conn.items(), key=lambda kv: -kv[1])[:SUMMARY_PEERS]
+    return {
+        "steps": c.step, "wall_s": wall, "samples_per_s": s.samples / wall if wall > 0 else None,
+        "stopped_by": c.stopping, "workers": c.n_expected, "consistency": c.gate.mode,
+        "staleness": t.staleness if c.gate.mode == "ssp" else None, "backup_workers": t.backup_workers,
+        "schedule": t.schedule, "optimizer": t.optimizer, "batch_size": t.batch_size, "lr": t.lr,
+        "theta_version": c.version, "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected,
+        "duplicates": s.duplicates, "stale_pushes": m.stale_pushes, "bad_messages": s.bad_messages,
+        "bad_messages_by_peer": {k.hex(): v for k, v in noisy}, "quarantined": m.quarantined[-STATUS_WORKERS:],
+        "worker_deaths": m.deaths, "worker_restarts": m.restarts,
+        "staleness_max": max(s.staleness_hist, default=0),
+        "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
+        "version_lag_max": s.version_lag_max,
+        "dropped_grads": {str(k): v for k, v in sorted(s.dropped.items())},
+        "pushes_applied": {str(k): v for k, v in sorted(s.pushes.items())},
+        "time_per_push_ms": time_split(s),
+        "rows_visited": {str(k): v for k, v in c.schedule.rows_visited().items()},
+        "rows_visited_before": c.schedule.rows_visited_before(),
+    }
