@@ -34,6 +34,7 @@ class _Optimizer:
 
     name = ""
     state_names: tuple[str, ...] = ()
+    counts: tuple[str, ...] = ()   # state arrays of one count per row, kept by _count(), not by the rule
     hyper: tuple[str, ...] = ()
 
     def __init__(self, theta: np.ndarray):
@@ -62,9 +63,10 @@ class _Optimizer:
         if rows is None:
             self._update(theta, grad, lr, self.state, self.scratch, self._count(None))
             return
+        t = self._count(rows)
         sub = theta[rows]  # fancy indexing copies: the same rule runs on the copies, which are written back
-        state = {k: a[rows] for k, a in self.state.items()}
-        self._update(sub, grad, lr, state, np.empty_like(sub), self._count(rows))
+        state = {k: a[rows] for k, a in self.state.items() if k not in self.counts}
+        self._update(sub, grad, lr, state, np.empty_like(sub), t)
         theta[rows] = sub
         for k, a in state.items():
             self.state[k][rows] = a
@@ -182,6 +184,7 @@ class Adam(_Optimizer):
 
     name = "adam"
     state_names = ("m", "v", "t")
+    counts = ("t",)
     hyper = ("beta1", "beta2", "eps")
 
     def __init__(self, theta: np.ndarray, *, beta1: float, beta2: float, eps: float):
