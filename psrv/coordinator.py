@@ -9,12 +9,13 @@ pulls that the new state allows until none is left to answer.
 from __future__ import annotations
 
 import logging
+
 from . import events as ev
 from .consistency import APPLY, COMPLETE, LATE, Gate
 from .errors import ProtocolError
 from .membership import Membership, Peer
 from .protocol import VERSION, Op
-from .report import Stats
+from .report import Record, Stats
 from .schedule import Schedule
 
 log = logging.getLogger("psrv.server")
@@ -55,6 +56,9 @@ class Coordinator:
         self.loss_sum, self.loss_rows, self.last_loss = 0.0, 0, None
         self.logged_step = self.evaluated_step = self.checkpointed_step = self.checkpointed_version = 0
         self._out: list = []
+        self._handlers = {ev.Hello: self._on_hello, ev.Pull: self._on_pull, ev.Push: self._on_push,
+                          ev.Heartbeat: self._on_heartbeat, ev.Bye: self._on_bye, ev.Malformed: self._on_malformed,
+                          ev.Tick: self._on_tick, ev.Stop: self._on_stop}
 
     # ------------------------------------------------------------------ the one entry point
     def handle(self, event, now: float) -> list:
@@ -62,7 +66,7 @@ class Coordinator:
         self._out = out = []
         self._now = now
         try:
-            getattr(self, "_on_" + type(event).__name__.lower())(event)
+            self._handlers[type(event)](event)
         except ProtocolError as e:
             self._refuse(event.ident, e.code, str(e), event.rid)
         self._settle()
@@ -172,8 +176,8 @@ class Coordinator:
             p.bad_streak = 0
         applied = decision != LATE and finite
         if applied:
-            record = (p, batch, e.count, e.loss, e.compute_s, e.request_s, self.gate.staleness_of(p.wid, e.clock),
-                      self.version - e.version)
+            record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s,
+                            self.gate.staleness_of(p.wid, e.clock), self.version - e.version)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self.version += 1
@@ -334,20 +338,12 @@ class Coordinator:
 
     def _bookkeeping(self) -> None:
         """After the replies: account the applied gradients, then the metrics line, evaluation and checkpoint."""
-        s = self.stats
-        for p, batch, count, loss, compute_s, request_s, staleness, lag in self.applied_records:
-            if batch is not None:
-                self.schedule.commit(batch)
-            s.staleness_hist[staleness] = s.staleness_hist.get(staleness, 0) + 1
-            s.pushes[p.wid] = s.pushes.get(p.wid, 0) + 1
-            s.version_lag_max = max(s.version_lag_max, lag)
-            s.samples += count
-            s.compute_s += compute_s
-            s.request_s += request_s
-            p.samples += count
-            p.last_staleness = staleness
-            self.loss_sum += loss * count
-            self.loss_rows += count
+        for r in self.applied_records:
+            if r.batch is not None:
+                self.schedule.commit(r.batch)
+            self.stats.account(r)
+            self.loss_sum += r.loss * r.count
+            self.loss_rows += r.count
         self.applied_records.clear()
         if not self.updated:
             return
@@ -418,7 +414,7 @@ class Coordinator:
         step not applied yet) handed back to their shards, so that a restart serves them again."""
         schedule = Schedule([c.size for c in self.schedule.cursors])
         schedule.load_state(self.schedule.state())
-        for batch in [*self.batches.values(), *(r[1] for r in self.step_records)]:
+        for batch in [*self.batches.values(), *(r.batch for r in self.step_records)]:
             if batch is not None:
                 schedule.give_back(batch)
         return {"step": self.step, "version": self.version, "gate_step": self.gate.step,

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 STATUS_WORKERS = 200   # workers listed in a status reply (live ones first), so it stays far under the header cap
 SUMMARY_PEERS = 10     # connections named in the summary's count of malformed messages
+
+
+class Record(NamedTuple):
+    """One applied gradient, as the coordinator saw it when it was pushed."""
+    peer: Any                     # membership.Peer
+    batch: list | None
+    count: int
+    loss: float
+    compute_s: float
+    request_s: float
+    staleness: int
+    lag: int                      # theta versions between the one it was computed at and the one it updated
 
 
 @dataclass
@@ -24,6 +37,16 @@ class Stats:
     wait_s: float = 0.0           # time pulls spent parked at the server (barrier or staleness bound)
 
     MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
+
+    def account(self, r: Record) -> None:
+        self.staleness_hist[r.staleness] = self.staleness_hist.get(r.staleness, 0) + 1
+        self.pushes[r.peer.wid] = self.pushes.get(r.peer.wid, 0) + 1
+        self.version_lag_max = max(self.version_lag_max, r.lag)
+        self.samples += r.count
+        self.compute_s += r.compute_s
+        self.request_s += r.request_s
+        r.peer.samples += r.count
+        r.peer.last_staleness = r.staleness
 
     def to_state(self) -> dict:
         d = dict(self.__dict__)
