@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from psrv import config, data, partition, blocks
+from psrv import config, data, partition, blocks, sources
 from psrv.errors import DataError
 from psrv.blocks import BlockSpec, DataBlock
 
@@ -427,16 +427,16 @@ def test_bad_svmlight_names_file_line_and_token(tmp_path, text, needle):
 
 def test_svmlight_that_would_not_fit_in_memory(tmp_path, monkeypatch):
     p = _svm(tmp_path, "1 1:1 1000:1\n" * 3)
-    monkeypatch.setattr(data, "available_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr(sources, "available_memory_bytes", lambda: 10_000)
     with pytest.raises(DataError, match=r"svmlight file .*d.svm would need .* GiB dense \(3 rows x 1000 columns"
                                         r" of float64\); .* GiB available"):
         data.read_file(p)
-    monkeypatch.setattr(data, "available_memory_bytes", lambda: None)  # unknown: no check
+    monkeypatch.setattr(sources, "available_memory_bytes", lambda: None)  # unknown: no check
     assert data.read_file(p)[0].shape == (3, 1000)
 
 
 def test_available_memory_is_a_positive_byte_count():
-    avail = data.available_memory_bytes()
+    avail = sources.available_memory_bytes()
     assert avail is None or avail > 0
 
 
@@ -453,7 +453,7 @@ def test_unknown_type_lists_every_supported_kind(tmp_path):
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(DataError) as e:
         data.read_file(str(tmp_path / "x.parquet"))
-    for kind in ("synthetic", *data.FILE_KINDS):
+    for kind in ("synthetic", *sources.FILE_KINDS):
         assert kind in str(e.value)
 
 
