@@ -109,6 +109,9 @@ class Train:
     backup_workers: int = opt(0, "bsp: apply each step with the first workers - k gradients; later ones are "
                               "dropped and counted", lo=0)
     optimizer: str = opt("sgd", "server-side optimizer", choices=("sgd", "momentum", "adagrad", "adam"))
+    local_steps: int = opt(1, "local SGD: each worker takes this many plain SGD steps (one batch_size batch each, at "
+                           "train.lr) on its own copy of theta between pushes, and pushes their summed gradient, so "
+                           "a BSP step averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
     beta1: float = opt(0.9, "adam: decay of the first-moment average, in [0, 1)", check=_below_one)
@@ -269,6 +272,13 @@ def check_combinations(cfg: Config) -> None:
     if t.workers and t.backup_workers >= t.workers:
         raise ConfigError(f"train.backup_workers: must be less than train.workers ({t.workers}); "
                           f"got {t.backup_workers}")
+    if t.local_steps > 1:
+        other = {"train.optimizer": (t.optimizer, "sgd"), "train.lr_schedule": (t.lr_schedule, "constant"),
+                 "model.l2": (cfg.model.l2, 0.0)}
+        for key, (got, need) in other.items():
+            if got != need:
+                raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "
+                                  f"use plain SGD at a constant train.lr); got {got!r}")
     if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
         raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
     if cfg.worker.heartbeat_interval_s * 2 > cfg.server.heartbeat_timeout_s:

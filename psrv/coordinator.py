@@ -40,6 +40,7 @@ class Coordinator:
         self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
         self.schedule = Schedule(shard_sizes, dynamic=t.schedule == "dynamic")
         self.max_steps = run_steps(cfg)
+        self.rows_per_pull = t.batch_size * t.local_steps   # local SGD: one pull serves every local step's rows
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
@@ -272,7 +273,7 @@ class Coordinator:
             # clock again, so that no rows are handed out and skipped
             self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid))
             return
-        batch = self.schedule.next_batch(p.wid, self.cfg.train.batch_size, self.cfg.train.epochs)
+        batch = self.schedule.next_batch(p.wid, self.rows_per_pull, self.cfg.train.epochs)
         if batch is None:
             if self.schedule.held_by(p.wid):
                 # every shard it reads has had its epochs; the others finish their steps without it

@@ -66,6 +66,10 @@ def test_override_values_are_read_as_toml(override, expected):
     ({"train": {"steps": 0}}, "train.steps: must be >= 1"),
     ({"train": {"lr": float("nan")}}, "train.lr: expected a finite number"),
     ({"train": 3}, "train: expected a [train] table"),
+    ({"train": {"local_steps": 4, "optimizer": "adam"}}, "train.local_steps: local SGD needs train.optimizer = 'sgd'"),
+    ({"train": {"local_steps": 4}}, "train.local_steps: local SGD needs train.lr_schedule = 'constant'"),
+    ({"train": {"local_steps": 2, "lr_schedule": "constant"}, "model": {"l2": 0.1}},
+     "train.local_steps: local SGD needs model.l2 = 0.0"),
 ])
 def test_bad_configs_name_the_key(tree, needle):
     with pytest.raises(ConfigError) as e:

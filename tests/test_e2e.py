@@ -40,11 +40,13 @@ def cosine(lr, steps):
     return lambda t: 0.5 * lr * (1 + math.cos(math.pi * t / steps))
 
 
-def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset()):
+def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_steps=1):
     """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
     of the mean squared loss. Batch order: each shard's rows in its epoch order (docs/protocol.md), consumed `batch`
     rows at a time, the last batch of an epoch possibly short. `skip` holds (worker, step) pairs whose gradient is
-    left out of that step's mean (a rejected push); the batch is still consumed."""
+    left out of that step's mean (a rejected push); the batch is still consumed. With local_steps = H (local SGD),
+    each shard's step takes H * batch rows and its gradient is the sum of H plain SGD steps' gradients, taken
+    `batch` rows at a time from a copy of theta."""
     orders = {}
     mean, scale = X.mean(axis=0), X.std(axis=0)
     A = np.c_[(X - mean) / scale, np.ones(len(X))]
@@ -57,10 +59,14 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset()):
             epoch, pos = cursor[s]
             if (s, epoch) not in orders:
                 orders[s, epoch] = np.array(epoch_order(seed, s, epoch, len(rows)))
-            idx = rows[orders[s, epoch][pos:pos + batch]]
+            idx = rows[orders[s, epoch][pos:pos + batch * local_steps]]
             if (s, t) not in skip:
-                r = A[idx] @ theta - y[idx]
-                g += 2.0 / len(idx) * A[idx].T @ r
+                local = theta.copy()
+                for lo in range(0, len(idx), batch):
+                    part = idx[lo:lo + batch]
+                    step_grad = 2.0 / len(part) * A[part].T @ (A[part] @ local - y[part])
+                    g += step_grad
+                    local -= lr_at(t) * step_grad
                 used += 1
             pos += len(idx)
             cursor[s] = (epoch + 1, 0) if pos == len(rows) else (epoch, pos)
@@ -88,6 +94,20 @@ def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm
     assert s["steps"] == steps and s["workers"] == workers and s["partition"] == how
     assert s["rows"] == n and s["cols"] == d and s["staleness_max"] == 0
     assert s["samples"] == sum(int(v) for v in s["rows_visited"].values())
+
+
+def test_local_sgd_equals_serial_model_averaging(tmp_path):
+    """train.local_steps = 4: each worker takes 4 SGD steps on its own copy between pushes; a BSP step then
+    averages the workers' models (their summed gradients, applied at the same lr)."""
+    n, d, batch, steps, lr, workers = 3000, 4, 25, 20, 0.02, 3   # 20 steps of 100 rows cross an epoch of each shard
+    r = psrv.train({"data": {"n": n, "d": d, "seed": 2},
+                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 5,
+                              "lr_schedule": "constant", "local_steps": 4},
+                    "output": {"dir": str(tmp_path)}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 2}}).data)
+    expected = serial_bsp(X, y, shard_rows(n, workers, "range"), batch, steps, lambda t: lr, seed=5, local_steps=4)
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    assert r.summary["samples"] == steps * workers * 4 * batch
 
 
 def lstsq_loss(X, y):

@@ -172,6 +172,9 @@ class Worker:
         yb = np.empty(b, dtype=dtype)
         request_s = 0.0
 
+        local_steps, lr = train.get("local_steps", 1), train.get("lr", 0.0)
+        # local SGD: its own copy of theta, and each local step's gradient
+        work, step_grad = (np.empty_like(plane.grad), np.empty_like(plane.grad)) if local_steps > 1 else (None, None)
         h, arrays = self.client.pull(0)
         ready = None      # the batch whose rows are already in Xb, yb (gathered while waiting for the server)
         hits = misses = 0  # of those guesses; guessing pauses while they mostly miss (a worker holding several
@@ -182,21 +185,25 @@ class Worker:
             theta, version = plane.theta(h, arrays)
             batch = h["batch"]
             X, y = self.rows.get(batch[0])
-            if ready is not None:
-                hits, misses = (hits + 1, misses) if batch == ready else (hits, misses + 1)
-                if hits + misses >= 64:  # forget slowly: leases change when workers come and go
-                    hits, misses = hits // 2, misses // 2
-            if batch != ready:
-                self._gather(X, y, batch, train["seed"], Xb, yb)
             count = batch[3]
-            loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
+            if work is not None:
+                loss = self._local_steps(model, theta, X, y, batch, train["seed"], b, lr, Xb, yb, work, step_grad,
+                                         plane.grad)
+            else:
+                if ready is not None:
+                    hits, misses = (hits + 1, misses) if batch == ready else (hits, misses + 1)
+                    if hits + misses >= 64:  # forget slowly: leases change when workers come and go
+                        hits, misses = hits // 2, misses // 2
+                if batch != ready:
+                    self._gather(X, y, batch, train["seed"], Xb, yb)
+                loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
             self.after_gradient(clock, plane.grad)
             t1 = time.perf_counter()
             self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0 + carried_s, request_s,
                              wait=False)
             # while the server answers, gather the rows of the batch that most likely comes next: the rest of the
             # same shard in its epoch order. A wrong guess costs one gather; a right one hides the round trip.
-            ready = _next_batch(batch, len(X), b) if misses <= hits + 1 else None
+            ready = _next_batch(batch, len(X), b) if work is None and misses <= hits + 1 else None
             if ready is not None:
                 self._gather(X, y, ready, train["seed"], Xb, yb)
             t2 = time.perf_counter()
@@ -214,9 +221,25 @@ class Worker:
     def _gather(self, X, y, batch, seed: int, Xb, yb) -> None:
         """Copy a batch's rows into the preallocated buffers."""
         shard, epoch, start, count = batch
+        _take(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb)
+
+    def _local_steps(self, model, theta, X, y, batch, seed: int, b: int, lr: float, Xb, yb, work, g, out) -> float:
+        """Local SGD: plain SGD steps at `lr` on a copy of theta over the batch's rows, b at a time, in the batch
+        order; `out` gets the sum of their gradients (theta - lr * out is the local model). Returns the mean loss
+        of the rows."""
+        shard, epoch, start, count = batch
         idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
-        np.take(X, idx, axis=0, out=Xb[:count])
-        np.take(y, idx, out=yb[:count])
+        np.copyto(work, theta)
+        out[...] = 0.0
+        total = 0.0
+        for lo in range(0, count, b):
+            k = min(b, count - lo)
+            _take(X, y, idx[lo:lo + k], Xb, yb)
+            total += model.loss_grad(work, Xb[:k], yb[:k], g) * k
+            out += g
+            g *= lr
+            work -= g
+        return total / count
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
         """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
@@ -232,6 +255,14 @@ class Worker:
         self.client.close()
         if self.rows is not None:
             self.rows.close()
+
+
+def _take(X, y, idx, Xb, yb) -> None:
+    """Xb[:k], yb[:k] <- the rows idx of X, y. mode="clip": the indices come from an epoch order, always in range,
+    and numpy's default mode ("raise") with out= goes through a temporary buffer, several times slower."""
+    k = len(idx)
+    np.take(X, idx, axis=0, out=Xb[:k], mode="clip")
+    np.take(y, idx, out=yb[:k], mode="clip")
 
 
 def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
