@@ -50,6 +50,7 @@ class Coordinator:
         self.saved_clocks: dict[int, int] = {}    # wid -> clock at the checkpoint this run resumed from
         self.stopping = ""                        # why the run is ending ("" while it is not)
         self.done = False
+        self.finish_sent = False
         self.t0, self.started_s, self.elapsed_before_s = now, None, 0.0
         self.join_deadline_s = now + cfg.server.join_timeout_s
         self.resumed = False
@@ -72,6 +73,9 @@ class Coordinator:
             self._refuse(event.ident, e.code, str(e), event.rid)
         self._settle()
         self._bookkeeping()
+        if self.done and not self.finish_sent:  # once, and after the outputs it must include
+            self.finish_sent = True
+            out.append(ev.Finish(self.stopping))
         return out
 
     def _refuse(self, ident: bytes, code: str, reason: str, rid) -> None:
@@ -258,8 +262,11 @@ class Coordinator:
     def _pull(self, p: Peer, clock: int, rid) -> None:
         if self.stopping:
             self._finish(p, rid, self.stopping)
-        elif self.max_steps is not None and clock >= self.max_steps and self.gate.mode == "bsp":
+        elif self.max_steps is not None and self.step >= self.max_steps:  # resumed from its last step
+            self._stop_all("steps")
             self._finish(p, rid, "steps")
+        elif self.max_steps is not None and clock >= self.max_steps and self.gate.mode == "bsp":
+            self._finish(p, rid, "steps")  # the others finish the last step without it
         elif self.gate.may_serve(p.wid, clock):
             self._serve(p, clock, rid)
         else:
@@ -306,10 +313,8 @@ class Coordinator:
                     self.stats.wait_s += self._now - entry[2]
                     self._pull(p, entry[0], entry[1])
                     progressed = True
-        if self.stopping and not self.members.live() and not self.done:
+        if self.stopping and not self.members.live():
             self.done = True
-        if self.done and not any(isinstance(i, ev.Finish) for i in self._out):
-            self._out.append(ev.Finish(self.stopping))
 
     # ------------------------------------------------------------------ updates
     def _apply_step(self) -> None:
@@ -419,7 +424,9 @@ class Coordinator:
             if batch is not None:
                 schedule.give_back(batch)
         return {"step": self.step, "version": self.version, "gate_step": self.gate.step,
-                "clocks": [[w, m.pushed] for w, m in self.gate.members.items()],
+                # a BSP step not applied yet is redone: its pushers resume at that step, not after it
+                "clocks": [[w, min(m.pushed, self.gate.step) if self.gate.mode == "bsp" else m.pushed]
+                           for w, m in self.gate.members.items()],
                 "incarnations": [[w, i] for w, i in self.members.incarnations.items()],
                 "schedule": schedule.state(), "stats": self.stats.to_state(), "elapsed_s": self.elapsed_s(now),
                 "deaths": self.members.deaths, "worker_restarts": self.members.restarts,

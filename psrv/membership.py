@@ -55,7 +55,11 @@ class Peer:
     def push_rate(self, now: float) -> float:
         if not self.alive:
             return 0.0
-        marks = [m for m in self.rate_marks if now - m[0] <= RATE_WINDOW_S] or [(self.joined_s, 0)]
+        marks = [m for m in self.rate_marks if now - m[0] <= RATE_WINDOW_S]
+        if not marks:  # no push for a whole window (marks are made at pushes), unless it only just joined
+            if now - self.joined_s > RATE_WINDOW_S:
+                return 0.0
+            marks = [(self.joined_s, 0)]
         return (self.pushes - marks[0][1]) / max(now - marks[0][0], 1e-3)
 
 
@@ -78,7 +82,9 @@ class Membership:
         """Register a new incarnation of `wid` (-1: the lowest id no launcher worker uses and nobody has had).
         Returns it and the live incarnation it replaces (which the caller must take out), or raises ProtocolError."""
         if wid == -1:
-            wid = max([self.n_launched - 1, *self.incarnations]) + 1
+            wid = self.n_launched
+            while wid in self.incarnations:
+                wid += 1
         if not 0 <= wid < MAX_WID:
             raise ProtocolError(f"hello: worker id {wid} is outside -1..{MAX_WID - 1}", "bad_wid")
         old = self.peers.get(wid)

@@ -89,6 +89,14 @@ def status(c, now: float) -> dict:
             "rows_visited_before": c.schedule.rows_visited_before()}
 
 
+def _per_worker(counts: dict) -> dict:
+    """{wid: count} as JSON, at most STATUS_WORKERS of them (the largest counts), the rest summed as "others"."""
+    if len(counts) <= STATUS_WORKERS:
+        return {str(k): v for k, v in sorted(counts.items())}
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:STATUS_WORKERS]
+    return {**{str(k): v for k, v in sorted(top)}, "others": sum(counts.values()) - sum(v for _, v in top)}
+
+
 def summary(c, now: float) -> dict:
     """The coordinator's part of summary.json."""
     s, m, t = c.stats, c.members, c.cfg.train
@@ -106,8 +114,7 @@ def summary(c, now: float) -> dict:
         "staleness_max": max(s.staleness_hist, default=0),
         "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
         "version_lag_max": s.version_lag_max,
-        "dropped_grads": {str(k): v for k, v in sorted(s.dropped.items())},
-        "pushes_applied": {str(k): v for k, v in sorted(s.pushes.items())},
+        "dropped_grads": _per_worker(s.dropped), "pushes_applied": _per_worker(s.pushes),
         "time_per_push_ms": time_split(s),
         "rows_visited": {str(k): v for k, v in c.schedule.rows_visited().items()},
         "rows_visited_before": c.schedule.rows_visited_before(),

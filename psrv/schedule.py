@@ -66,34 +66,30 @@ class Cursor:
 
 def assign(n_shards: int, live: list[int], current: dict[int, int]) -> dict[int, int]:
     """The lease of every shard (shard -> wid) over the live workers: counts differ by at most one (the lowest wids
-    get the extra ones), a worker keeps what it holds where it can, and shard s goes preferably to worker s. The
-    result depends only on the live set and preferences once every worker has joined, not on the join order."""
+    get the extra ones); shard s goes to worker s when s is live; a shard no live worker prefers stays with whoever
+    holds it where that fits, else goes to the lowest wid with room. So when the workers are 0..N-1 the result
+    depends only on who is live, never on the order they joined."""
     live = sorted(live)
     if not live:
         return {}
     base, extra = divmod(n_shards, len(live))
     target = {w: base + (i < extra) for i, w in enumerate(live)}
-    live_set = set(live)
+    count = dict.fromkeys(live, 0)
     new: dict[int, int] = {}
-    free: list[int] = []
-    for w in live:
-        # keep its own shard first, then shards nobody live prefers, and give away those another live worker prefers
-        mine = sorted((s for s, o in current.items() if o == w), key=lambda s: (s != w, s in live_set, s))
-        new.update((s, w) for s in mine[:target[w]])
-        free += mine[target[w]:]
-    free = sorted(set(free) | {s for s in range(n_shards) if current.get(s) not in live_set})
-    count = {w: sum(1 for o in new.values() if o == w) for w in live}
-    rest = []
-    for s in free:
-        if s in live_set and count[s] < target[s]:
-            new[s] = s
-            count[s] += 1
-        else:
-            rest.append(s)
-    for s in rest:
-        w = next(w for w in live if count[w] < target[w])
+
+    def give(s: int, w: int) -> None:
         new[s] = w
         count[w] += 1
+
+    for w in live:
+        if w < n_shards and target[w]:
+            give(w, w)
+    for s, w in sorted(current.items()):
+        if s < n_shards and s not in new and w in count and count[w] < target[w]:
+            give(s, w)
+    for s in range(n_shards):
+        if s not in new:
+            give(s, next(w for w in live if count[w] < target[w]))
     return new
 
 

@@ -151,9 +151,6 @@ def test_ssp_the_death_of_the_slowest_is_not_enough_when_another_lags():
                               ("Theta", 0, 2, 3, [2, 0, 0, 4], 8)]
 
 
-@pytest.mark.xfail(strict=True, reason="schedule.assign keeps what a worker holds before giving shard s to worker s: "
-                                       "joining in order 0, 1, 2, 3 leaves shard 3 with worker 2 and shard 2 with "
-                                       "worker 3, while its docstring says the leases do not depend on join order")
 def test_four_workers_joining_in_order_read_their_own_shards():
     h = H(4)
     out = h.start()
@@ -528,8 +525,6 @@ def test_a_server_started_alone_waits_for_its_workers_as_long_as_it_takes():
     assert h.P(h.hello(1)) == [("Welcome", 1, 1, 2)] and h.c.gate.open
 
 
-@pytest.mark.xfail(strict=True, reason="Coordinator._settle appends Finish to every handle() once done is set: it only "
-                                       "checks the current output list, so each later event repeats Finish")
 def test_finish_is_emitted_exactly_once():
     h = H(1, train__steps=1)
     h.start()
@@ -540,9 +535,6 @@ def test_finish_is_emitted_exactly_once():
     assert h.P(h.heartbeat(0)) == [("HB", 0, 1, True, False, 4)]
 
 
-@pytest.mark.xfail(strict=True, reason="_settle appends Finish before _bookkeeping appends the Log, Evaluate and "
-                                       "Checkpoint of the step that ended the run, so Finish is not the last "
-                                       "instruction of that handle()")
 def test_finish_is_the_last_instruction():
     h = H(2, has_test=True, train__steps=2, train__log_every=1, checkpoint__every_steps=1, train__eval_every=1)
     h.start()
@@ -662,9 +654,6 @@ def test_restore_join_timeout_with_nobody_fails():
     assert h2.P(h2.tick(110.5)) == [("Fail", "only 0 of 2 workers joined within 10 s (missing worker ids: [0, 1])")]
 
 
-@pytest.mark.xfail(strict=True, reason="state() hands back the batch of a pushed-but-unapplied BSP step but saves "
-                                       "that worker's clock as step+1: after restore it parks at step+1 while the "
-                                       "gate waits for its gradient of `step` (deadlock)")
 def test_restore_in_the_middle_of_a_bsp_step_does_not_deadlock():
     h = trained(n=2, steps=3)
     assert h.P(h.push(0)) == [("Accumulate", (0, 3))]   # worker 0 pushed step 3; worker 1 still computes it
@@ -679,9 +668,6 @@ def test_restore_in_the_middle_of_a_bsp_step_does_not_deadlock():
     assert h2.P(h2.push(1))[:2] == [("Accumulate", (1, 3)), ("ApplyStep", 3, 4)]
 
 
-@pytest.mark.xfail(strict=True, reason="_pull compares the clock the worker asked for (0 after a hello) with "
-                                       "train.steps, not the clock it would be served; restored at step == steps, "
-                                       "the run serves and applies one more step (BSP) / update (ASP)")
 @pytest.mark.parametrize("mode", ["bsp", "asp"])
 def test_restore_at_train_steps_serves_no_more_steps(mode):
     h = H(2, train__steps=3, train__consistency=mode)
@@ -754,3 +740,10 @@ def test_four_workers_five_hundred_bsp_steps():
     assert h.c.version == 500 and h.c.stats.applied == 2000 and h.c.stats.samples == 8000
     assert h.c.schedule.rows_visited() == {0: 4000, 1: 4000}
     assert h.c.stopping == "steps" and h.c.done and h.c.stats.wait_s == 0.0
+
+
+def test_summary_per_worker_counts_stay_bounded():
+    counts = {w: w % 7 + 1 for w in range(5000)}
+    out = report._per_worker(counts)
+    assert len(out) == report.STATUS_WORKERS + 1 and sum(out.values()) == sum(counts.values())
+    assert report._per_worker({3: 1, 1: 2}) == {"1": 2, "3": 1}
