@@ -206,6 +206,19 @@ def test_a_silent_worker_dies_on_a_tick_its_batch_is_reserved_and_the_step_it_he
     assert [h.served[w][2] for w in range(3)] == [[2, 0, 0, 4], [1, 0, 4, 4], [2, 0, 4, 4]]
 
 
+def test_asp_a_death_reweights_the_survivors_and_reserves_its_batch():
+    h = H(3, train__consistency="asp", server__heartbeat_timeout_s=5.0)
+    h.start()
+    h.now = 4.0
+    h.heartbeat(0), h.heartbeat(1)
+    # worker 2 dies holding [2, 0, 0, 4]: nothing waits for it; its batch goes to the next reader of shard 2
+    assert h.P(h.tick(5.5)) == []
+    assert h.c.schedule.lease == {0: 0, 1: 1, 2: 0} and sorted(h.c.gate.members) == [0, 1]
+    out = h.P(h.push(0))
+    assert out[0][0] == "Update" and out[0][4] == 0.5          # each gradient now counts 1/2, not 1/3
+    assert out[1][:5] == ("Theta", 0, 1, 1, [2, 0, 0, 4])       # the dead worker's rows first
+
+
 def test_a_hello_for_a_live_worker_replaces_it():
     h = H(2)
     h.start()
