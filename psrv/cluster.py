@@ -23,6 +23,7 @@ log = logging.getLogger("psrv")
 SERVER_ENTRY = "psrv.server:main"  # named, not imported: the child imports it (proc.run_entry)
 SERVER_START_TIMEOUT_S = 60.0   # spawn + imports + bind (+ loading a checkpoint); generous for a loaded machine
 EXIT_GRACE_S = 5.0              # how long children get to leave on their own before SIGTERM, then SIGKILL
+OUTPUTS_TIMEOUT_S = 300.0       # how long a server that has stopped serving may take to write its outputs
 
 
 class Child:
@@ -51,6 +52,7 @@ class Cluster:
         self.server_restarts = 0
         self.summary: dict | None = None
         self.progress = None
+        self.finishing = False   # the server has stopped serving and is writing its outputs
         self.lost = 0        # workers that died with no restart left
         self.finished = 0    # workers that ended normally
         cores = proc.usable_cores()
@@ -69,6 +71,7 @@ class Cluster:
 
     def start_server(self) -> str:
         """Start (or restart) the server and wait until it listens; returns its address."""
+        self.finishing = False
         resume = self.resume
         if self.server_restarts:
             ckpt = self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
@@ -122,6 +125,8 @@ class Cluster:
                 self.progress.update(ev)
             elif ev["event"] == "done":
                 self.summary = ev["summary"]
+            elif ev["event"] == "finishing":
+                self.finishing = True
             elif ev["event"] == "joined":
                 child.wid = ev["wid"]
             elif ev["event"] == "error":
@@ -195,7 +200,8 @@ class Cluster:
                     raise RunError("workers", "every worker died and none can be restarted (train.max_restarts = "
                                               f"{self.cfg.train.max_restarts})")
                 idle_since = idle_since or time.monotonic()
-                if time.monotonic() - idle_since > 2 * EXIT_GRACE_S:
+                # a server writing its outputs (a plot's first matplotlib import can take seconds) is not stuck
+                if time.monotonic() - idle_since > (OUTPUTS_TIMEOUT_S if self.finishing else 2 * EXIT_GRACE_S):
                     raise RunError("server", f"no worker left ({self.lost} died) and the run is not finished")
             if done_at is not None and time.monotonic() - done_at > EXIT_GRACE_S:
                 late = [c.name for c in self.workers if c.process.exitcode is None]

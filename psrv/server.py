@@ -345,6 +345,7 @@ def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
         with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs
             server.loop()
+        reporter.send("finishing")
         reporter.send("done", summary=server.finish())
     except RunError as e:
         log.error("%s", e)
