@@ -16,9 +16,9 @@ import sys
 import time
 import traceback
 
-from .common import log, machine
+from .common import CpuMeter, log, machine
 
-BENCHMARKS = ["pushpull", "training", "stragglers", "memory", "peers", "seed", "accuracy"]
+BENCHMARKS = ["pushpull", "training", "scaling", "stragglers", "memory", "peers", "seed", "accuracy"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RATIO_KEYS = ["pushpull_small_vs_raw_zmq", "pull_large_shm_vs_memcpy", "pull_large_zmq_vs_raw_zmq",
               "bsp2_vs_single_process", "pss_vs_dataset_bytes", "samples_per_s_vs_torch_ddp"]
@@ -30,30 +30,42 @@ def _table(columns: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def _plot(result: dict, path: str) -> bool:
-    spec = result.get("plot")
-    if not spec:
-        return False
+def _plots(result: dict, out: str) -> list[tuple[str, str]]:
+    """PNG plots of a result: its "plot" (written as NAME.png) and each of its "plots" (each names its "file" and
+    may give a "title", a matplotlib format per series in "styles", and "xticks": true to mark each x; a None in a
+    series is a gap). Returns
+    (file, title) of those written; none without matplotlib."""
+    specs = [({**result["plot"], "file": f"{result['name']}.png"})] if result.get("plot") else []
+    specs += result.get("plots", [])
+    if not specs:
+        return []
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
-    for label, ys in spec["series"].items():
-        ax.plot(spec["x"], ys, "o-", label=label)
-    if spec.get("log"):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    ax.set_xlabel(spec["xlabel"])
-    ax.set_ylabel(spec["ylabel"])
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(result["title"])
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+        return []
+    written = []
+    for spec in specs:
+        fig, ax = plt.subplots(figsize=(7, 4.2), constrained_layout=True)
+        for label, ys in spec["series"].items():
+            ys = [float("nan") if v is None else v for v in ys]
+            ax.plot(spec["x"], ys, spec.get("styles", {}).get(label, "o-"), label=label)
+        if spec.get("log"):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        elif spec.get("xticks"):
+            ax.set_xticks(spec["x"])
+        ax.set_xlabel(spec["xlabel"])
+        ax.set_ylabel(spec["ylabel"])
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        title = spec.get("title", result["title"])
+        ax.set_title(title)
+        fig.savefig(os.path.join(out, spec["file"]), dpi=100)
+        plt.close(fig)
+        written.append((spec["file"], title))
+    return written
 
 
 def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
@@ -106,8 +118,13 @@ def write(results: list[dict], out: str, quick: bool, argv: list[str]) -> None:
             md += [_table(r["columns"], r["rows"]), ""]
         for note in r.get("notes", []):
             md += [note, ""]
-        if _plot(r, os.path.join(out, f"{r['name']}.png")):
-            md += [f"![{r['title']}]({r['name']}.png)", ""]
+        cpu = r.get("cpu_during")
+        if cpu and cpu.get("others_s") is not None:
+            md += [f"While this benchmark ran ({cpu['wall_s']:.0f} s), other processes took {cpu['others_s']:.0f} "
+                   f"CPU-seconds on the {info['cores']} usable cores ({100 * cpu['others_frac']:.0f} % of their "
+                   f"time; /proc/stat's busy time on those cores minus our own processes').", ""]
+        for file, title in _plots(r, out):
+            md += [f"![{title}]({file})", ""]
     with open(os.path.join(out, "RESULTS.md"), "w") as fh:
         fh.write("\n".join(md))
 
@@ -128,11 +145,13 @@ def main(argv=None) -> int:
     for name in names:
         log(f"== {name}")
         t0 = time.monotonic()
+        meter = CpuMeter()
         try:
             results.append(importlib.import_module(f"benchmarks.{name}").run(quick=args.quick))
         except Exception as e:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             results.append({"name": name, "title": name, "method": "", "error": f"{type(e).__name__}: {e}"})
+        results[-1]["cpu_during"] = meter.stop()
         log(f"   {name}: {time.monotonic() - t0:.1f} s")
     write(results, args.out, args.quick, argv)
     log(f"wrote {os.path.join(args.out, 'RESULTS.md')} and results.json")

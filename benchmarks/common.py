@@ -43,18 +43,86 @@ def pinned(core: int | None):
         os.sched_setaffinity(0, old)
 
 
-def machine() -> dict:
-    model = ""
+def _read(path: str) -> str:
     try:
-        with open("/proc/cpuinfo") as fh:
-            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+        with open(path) as fh:
+            return fh.read()
     except OSError:
-        pass
+        return ""
+
+
+def machine() -> dict:
+    """The processor (model name from /proc/cpuinfo), the usable cores, memory, transparent huge pages (the plain
+    loop's private arrays may get them where psrv's shared memory does not), and the software versions."""
+    model = next((ln.split(":", 1)[1].strip() for ln in _read("/proc/cpuinfo").splitlines()
+                  if ln.startswith("model name")), "")
+    mem_kb = next((int(ln.split()[1]) for ln in _read("/proc/meminfo").splitlines() if ln.startswith("MemTotal:")),
+                  0)
+    thp = _read("/sys/kernel/mm/transparent_hugepage/enabled").strip()
+    if "[" in thp:
+        thp = thp.split("[", 1)[1].split("]", 1)[0]
     import msgpack
     import zmq
-    return {"cores": len(proc.usable_cores()), "cpu": model, "python": platform.python_version(),
+    return {"cores": len(proc.usable_cores()), "cpu": model, "online_cpus": os.cpu_count(),
+            "memory_gib": round(mem_kb / 2**20, 1), "transparent_hugepages": thp or "unknown",
+            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(),
             "numpy": np.__version__, "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version(),
             "msgpack": ".".join(map(str, msgpack.version)), "platform": platform.platform()}
+
+
+class CpuMeter:
+    """CPU time spent on the usable cores during a stretch of a benchmark, split into ours and other processes'.
+
+    All of it: the busy jiffies (user, nice, system, irq, softirq, steal) of the usable cores' lines in /proc/stat.
+    Ours: this process and its children that have exited and been waited for (os.times(); psrv's server and
+    workers, the baseline processes), plus `extra_own_s` that a still-running helper reports. Other processes' is
+    the difference: how much of the cores' time something else took while we measured (shared machines, tests run
+    by others). Where /proc/stat has no per-core lines, the machine-wide line is used (and `scope` says so)."""
+
+    BUSY = (0, 1, 2, 5, 6, 7)   # user nice system [idle iowait] irq softirq steal
+
+    def __init__(self):
+        self.cores = proc.usable_cores()
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy(), self._own()
+
+    def _busy(self) -> float | None:
+        per, total = {}, None
+        for ln in _read("/proc/stat").splitlines():
+            if not ln.startswith("cpu"):
+                continue
+            name, *vals = ln.split()
+            busy = sum(int(vals[i]) for i in self.BUSY if i < len(vals))
+            if name == "cpu":
+                total = busy
+            else:
+                per[int(name[3:])] = busy
+        if per and all(c in per for c in self.cores):
+            self.scope = "usable cores"
+            return sum(per[c] for c in self.cores) / self.tick
+        self.scope = "all CPUs"
+        return None if total is None else total / self.tick
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def stop(self, extra_own_s: float = 0.0) -> dict:
+        """{wall_s, busy_s, own_s, others_s, others_frac (of the usable cores' time), scope}; busy and others are
+        None where /proc/stat cannot be read."""
+        wall = time.monotonic() - self.t0
+        busy1, own = self._busy(), self._own() - self.own0 + extra_own_s
+        if busy1 is None or self.busy0 is None:
+            return {"wall_s": wall, "busy_s": None, "own_s": own, "others_s": None, "others_frac": None,
+                    "scope": "unavailable"}
+        busy = busy1 - self.busy0
+        cores = len(self.cores) if self.scope == "usable cores" else (os.cpu_count() or 1)
+        others = max(busy - own, 0.0)
+        return {"wall_s": round(wall, 3), "busy_s": round(busy, 2), "own_s": round(own, 2),
+                "others_s": round(others, 2), "others_frac": round(others / (cores * wall), 4) if wall > 0 else None,
+                "scope": self.scope}
 
 
 @contextlib.contextmanager
