@@ -181,7 +181,9 @@ class Coordinator:
             p.bad_streak = 0
         applied = decision != LATE and finite
         if applied:
-            record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s,
+            # request_s is the worker's wait for the theta it computed this on: of that wait, the server held the
+            # pull for held_s (the barrier or the staleness bound), at most all of it
+            record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s, min(p.held_s, e.request_s),
                             self.gate.staleness_of(p.wid, e.clock), self.version - e.version)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
@@ -197,6 +199,7 @@ class Coordinator:
                 self.step_records.append(record)
                 if decision == COMPLETE:
                     self._apply_step()
+        p.held_s = 0.0
         if e.pull:
             self._pull(p, e.clock + 1, e.rid)
         else:
@@ -310,7 +313,7 @@ class Coordinator:
                     del self.parked[wid]
                 elif self.stopping or self.gate.may_serve(wid, entry[0]):
                     del self.parked[wid]
-                    self.stats.wait_s += self._now - entry[2]
+                    p.held_s = self._now - entry[2]
                     self._pull(p, entry[0], entry[1])
                     progressed = True
         if self.stopping and not self.members.live():

@@ -40,6 +40,7 @@ class Peer:
     samples: int = 0
     last_staleness: int = 0
     bad_streak: int = 0           # non-finite gradients in a row
+    held_s: float = 0.0           # how long the server held (parked) the pull it answered last
     # (time, pushes) marks at most every RATE_MARK_S: the push rate over the last RATE_WINDOW_S in O(1) memory
     rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
 

@@ -17,6 +17,7 @@ class Record(NamedTuple):
     loss: float
     compute_s: float
     request_s: float
+    held_s: float                 # of request_s, the time the server held the pull (barrier, staleness bound)
     staleness: int
     lag: int                      # theta versions between the one it was computed at and the one it updated
 
@@ -32,9 +33,9 @@ class Stats:
     staleness_hist: dict = field(default_factory=dict)
     version_lag_max: int = 0
     pushes: dict = field(default_factory=dict)        # wid -> gradients applied (every incarnation)
-    compute_s: float = 0.0        # summed over applied pushes: time workers spent computing gradients
-    request_s: float = 0.0        # ... and waiting for the reply to their previous push (network + server + barrier)
-    wait_s: float = 0.0           # time pulls spent parked at the server (barrier or staleness bound)
+    compute_s: float = 0.0        # summed over applied pushes: time workers spent computing (gradient and gathers)
+    request_s: float = 0.0        # ... waiting idle for the theta they computed on (network + server + barrier)
+    wait_s: float = 0.0           # ... of which the server held their pull (barrier or staleness bound)
 
     MAPS = ("rejected", "dropped", "staleness_hist", "pushes")
 
@@ -45,6 +46,7 @@ class Stats:
         self.samples += r.count
         self.compute_s += r.compute_s
         self.request_s += r.request_s
+        self.wait_s += r.held_s
         r.peer.samples += r.count
         r.peer.last_staleness = r.staleness
 
@@ -63,13 +65,14 @@ class Stats:
 
 
 def time_split(s: Stats) -> dict:
-    """Where a worker's step goes, per applied push: computing the gradient, waiting at the server for the barrier
-    or the staleness bound, and the rest of the round trip (communication and server work)."""
+    """Where a worker's step goes, per applied push, all measured directly: its own work (the gradient and the
+    gathers), and its idle wait for theta, split into the part the server held its pull (the barrier or the
+    staleness bound: "wait") and the rest (the network and the server's own work: "communication")."""
     n = sum(s.pushes.values())
     if not n:
         return {}
     return {"compute": 1000 * s.compute_s / n, "wait": 1000 * s.wait_s / n,
-            "communication": 1000 * max(s.request_s - s.wait_s, 0.0) / n}
+            "communication": 1000 * (s.request_s - s.wait_s) / n}
 
 
 def status(c, now: float) -> dict:

@@ -93,7 +93,12 @@ def test_bsp_a_fast_worker_parks_until_the_slowest_pushes():
     h.now = 4.0
     assert h.P(h.push(1)) == [("Accumulate", (1, 0)), ("ApplyStep", 0, 1), ("Theta", 1, 1, 1, [1, 0, 4, 4], 10),
                               ("Theta", 2, 1, 1, [2, 0, 4, 4], 9), ("Theta", 0, 1, 1, [0, 0, 4, 4], 8)]
-    assert h.c.stats.wait_s == 4.0 + 4.0   # two pulls parked since t=0
+    assert h.c.members.peers[0].held_s == h.c.members.peers[2].held_s == 4.0   # held since t=0
+    h.now = 5.0
+    h.push(2, request_s=3.0)               # it waited 3 s for that theta: all of it, at most, was the barrier
+    h.push(0, request_s=6.0)               # 6 s: 4 s of barrier, the rest communication
+    h.push(1)                              # (a BSP step's pushes are accounted once it applies)
+    assert h.c.stats.wait_s == 3.0 + 4.0 and h.c.stats.request_s == 9.0
 
 
 # ---------------------------------------------------------------------------------------------------- SSP / ASP
