@@ -158,7 +158,7 @@ def _why_bsp2(ratios: dict, splits: dict, modes) -> str:
     text = (f"**Why BSP with 2 workers misses 1.7x here** (linear, from this run's per-push time split): one "
             f"worker computes a push in {one['compute']:.2f} ms; with two workers in BSP each takes "
             f"{two['compute']:.2f} ms to compute and then waits {two['wait']:.2f} ms at the barrier for the slower "
-            f"one, while communication costs {two['communication']:.2f} ms (hidden behind the next batch's gather). ")
+            f"one, and {two['communication']:.2f} ms on the rest of the round trip. ")
     if asp.get("compute") is not None and asp["compute"] < 0.85 * two["compute"]:
         text += (f"Under ASP, where the two workers drift out of step, a push takes {asp['compute']:.2f} ms to "
                  f"compute: the gradient work (a gather of random rows, memory bound) slows down when both "
@@ -166,9 +166,9 @@ def _why_bsp2(ratios: dict, splits: dict, modes) -> str:
     if ceiling:
         text += (f"Two independent single-process baselines, which also drift apart, reach {ceiling:.2f}x together "
                  f"(over a common window), so the cores can deliver the speed-up. ")
-    text += ("The split does not by itself show that synchronization is the cause: 'wait' is the time a pull sat "
-             "parked at the server, which overlaps the worker's gather of its next batch, and 'communication' is "
-             "what remains of the round trip, clamped at 0.")
+    text += ("(The split is psrv's summary time_per_push_ms: 'wait' is the part of a worker's idle wait for theta "
+             "during which the server held its pull, 'communication' the rest of that idle wait; work done while "
+             "waiting, such as gathering the next batch, is in 'compute'.)")
     return text
 
 
