@@ -16,18 +16,20 @@ same arithmetic on the same rows.
   counted between the same two timestamps (the common window), as a ratio to one loop alone.
 - **psrv** with N workers (pinned to cores 0..N-1, the server on core N), N = 1, 2, 4, 8, ... and cores - 1, under
   BSP, SSP (staleness 2), ASP, and every further mode this psrv's config offers (another train.consistency
-  choice; local SGD with train.local_steps = 8, "local8", when that key exists). samples/s is psrv's own summary
+  choice; local SGD with train.local_steps = H when that key exists, "localH": H = 8 on the compute-bound job, 32
+  on the small model, where a step is short and communication costs more of it). samples/s is psrv's own summary
   figure (rows whose gradient was applied per second of training); the time split per push is the summary's
   time_per_push_ms as psrv measures it. Each run is stopped by train.max_wall_s (the window below).
 - **Time to a target loss**: seconds from the start of training (theta = 0) until the logged training loss (the
   mean mini-batch loss over train.log_every steps, computed the same way in both) first reaches the target: the
   least-squares optimum's loss (np.linalg.lstsq on the same rows) x 1.05. The plain loop's figure comes from its
   own runs (copy 0 alone, restarted from theta = 0 at the window's start), psrv's from metrics.jsonl, for N up to
-  4. Same constant lr for both. psrv's BSP applies the mean of the N gradients of a step (psrv/store.py), so one
-  BSP step is the plain loop's step on N x batch rows: on this well-conditioned problem it needs about as many
-  steps as the plain loop, and only a faster step (or more updates per second, as ASP makes) shortens the time.
-  The "steps" shown are psrv's steps (BSP: synchronized steps; SSP/ASP: gradients applied / N; local8: rounds of
-  8 local batches per worker).
+  4. Constant lr. psrv's BSP applies the mean of the N gradients of a step (psrv/store.py), so one BSP step is
+  the plain loop's step on N x batch rows, and SSP/ASP weight each gradient 1/N: as a user scaling out would, BSP,
+  SSP and ASP run at N x lr (the linear scaling rule for N times the rows per step; Goyal et al., 2017), capped
+  at LR_CAP_FACTOR x the plain lr; local SGD runs at the plain lr (each worker's local steps are plain SGD steps).
+  The "steps" shown are psrv's steps (BSP: synchronized steps; SSP/ASP: gradients applied / N; localH: rounds of
+  H local batches per worker).
 
 Every measurement is repeated (3 times in full, once with --quick) in rounds: each round measures, for every N, the
 ceiling and then each psrv mode; figures are medians over the rounds and ratios are ratios of medians. The window
@@ -54,6 +56,7 @@ from .plain import PlainLoops
 BASE_MODES = ("bsp", "ssp", "asp")
 TTT_MAX_N = 4            # time to target: for N up to this
 TARGET_FACTOR = 1.05     # target loss = least-squares optimum x this
+LR_CAP_FACTOR = 16       # BSP/SSP/ASP run at lr x min(N, this): stable on these standardized problems (lr < 1)
 SAME_AT_ONE = ("ssp", "asp")   # with one worker these do what BSP does (no one to wait for): not run at N = 1
 BUDGET_S = {False: 500.0, True: 100.0}       # whole benchmark, full and --quick (10 and 2 minutes asked)
 WINDOW_S = {False: (0.8, 2.5), True: (0.6, 1.5)}   # bounds of the training window per run
@@ -70,10 +73,11 @@ class Job:
     batch: int
     lr: float
     log_every: int
+    local_steps: int      # H of the local SGD mode
 
 
-JOBS = (Job("compute", "compute-bound", 100_000, 20_000, 1000, 2000, 0.02, 5),
-        Job("small", "small model", 200_000, 50_000, 100, 256, 0.002, 20))
+JOBS = (Job("compute", "compute-bound", 100_000, 20_000, 1000, 2000, 0.02, 5, 8),
+        Job("small", "small model", 200_000, 50_000, 100, 256, 0.002, 20, 32))
 
 
 def worker_counts(cores: int, quick: bool = False) -> list[int]:
@@ -98,7 +102,8 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
              for m in BASE_MODES if m in choices]
     modes += [(m, [f"train.consistency={m}"]) for m in choices if m not in BASE_MODES]
     if "train.local_steps" in config.keys():
-        modes.append(("local8", ["train.consistency=bsp", "train.local_steps=8"]))
+        # H comes from the job (Job.local_steps) when the run starts
+        modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
     return modes
 
 
@@ -116,15 +121,24 @@ def _dataset(tmp: str, job: Job, n: int) -> dict:
     return paths
 
 
+def _lr(job: Job, n_workers: int, overrides: list[str]) -> float:
+    """The linear scaling rule for the modes that average (or weight 1/N) the N workers' gradients."""
+    if any(o.startswith("train.local_steps=") for o in overrides):
+        return job.lr
+    return job.lr * min(n_workers, LR_CAP_FACTOR)
+
+
 def _psrv(job: Job, paths: dict, n_workers: int, overrides: list[str], window_s: float, steps: int,
           seed: int, target: float) -> dict:
+    overrides = [o.format(H=job.local_steps) for o in overrides]
     meter = CpuMeter()
     t = time.monotonic()
     try:
         s, lines = train([f"data.source={paths['X']}", f"data.labels={paths['y']}", "data.dtype=float64",
                           "data.standardize=false", "model.kind=linear", "model.fit_intercept=false",
                           f"train.workers={n_workers}", f"train.batch_size={job.batch}", f"train.steps={steps}",
-                          f"train.max_wall_s={window_s}", f"train.lr={job.lr}", "train.lr_schedule=constant",
+                          f"train.max_wall_s={window_s}", f"train.lr={_lr(job, n_workers, overrides)}",
+                          "train.lr_schedule=constant",
                           f"train.log_every={job.log_every}", "train.pin=true", "train.blas_threads=1",
                           f"train.seed={seed}", *overrides])
     except Exception as e:  # a mode that fails here is reported in its row, the others still run
@@ -382,7 +396,8 @@ def _notes(results, data, cores, ns, modes, repeats, window, quick, took_s) -> l
             f"job ({100 * cpu['others_frac']:.0f} % of their time over {cpu['wall_s']:.0f} s).")
         notes.append(
             f"**{job.title}**: {paths['n']:,} rows x {job.d} float64 columns, batch {job.batch} per worker and per "
-            f"plain step, lr {job.lr} (constant, the same for both; SGD at this lr settles about d x lr / batch = "
+            f"plain step, lr {job.lr} (constant; psrv BSP/SSP/ASP at N x lr, local SGD at lr; SGD at this lr settles "
+            f"about d x lr / batch = "
             f"{100 * job.d * job.lr / job.batch:.2g} % above the optimum on this data, well inside the target's 5 %), "
             f"train.log_every = {job.log_every}. "
             f"Least-squares optimum loss {paths['optimum']:.5g}, target {res['target']:.5g} (x {TARGET_FACTOR}). "
