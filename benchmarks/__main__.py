@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -135,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute or two)")
     p.add_argument("--out", default=HERE, help="where RESULTS.md, results.json and plots go (default benchmarks/)")
     p.add_argument("--only", help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    p.add_argument("--budget-s", type=float, help="seconds a benchmark that sizes itself may take (scaling: its whole "
+                                                  "run; default 500, --quick 100)")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else BENCHMARKS
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -147,7 +150,10 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         meter = CpuMeter()
         try:
-            results.append(importlib.import_module(f"benchmarks.{name}").run(quick=args.quick))
+            run = importlib.import_module(f"benchmarks.{name}").run
+            budget = {"budget_s": args.budget_s} if args.budget_s and "budget_s" in inspect.signature(run).parameters \
+                else {}
+            results.append(run(quick=args.quick, **budget))
         except Exception as e:  # one broken benchmark must not hide the others' figures
             traceback.print_exc()
             results.append({"name": name, "title": name, "method": "", "error": f"{type(e).__name__}: {e}"})

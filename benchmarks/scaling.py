@@ -181,7 +181,7 @@ def _overhead(job: Job, paths: dict, ns: list[int], modes) -> dict:
 
 
 def _choose_window(quick: bool, spent_s: float, overheads: list[dict], ns: list[int], modes, repeats: int,
-                   host_s: float) -> tuple[float, float]:
+                   host_s: float, budget_s: float) -> tuple[float, float]:
     """The training window per run that makes the estimated total fit the budget (within WINDOW_S), and the
     estimated total. overheads: per job, the fixed cost of a psrv run for each N; host_s: starting one job's
     plain-loop host (loading X, choosing the gather)."""
@@ -189,11 +189,11 @@ def _choose_window(quick: bool, spent_s: float, overheads: list[dict], ns: list[
     per_round = sum(len(modes_at(N, modes)) * 1.15 * o[N] + WARMUP_S[quick] + 0.5 for o in overheads for N in ns)
     fixed = repeats * per_round + len(overheads) * host_s
     per_window = repeats * len(overheads) * sum(len(modes_at(N, modes)) + 1 for N in ns)
-    window = min(max((BUDGET_S[quick] - spent_s - fixed) / per_window, lo), hi)
+    window = min(max((budget_s - spent_s - fixed) / per_window, lo), hi)
     return window, spent_s + fixed + per_window * window
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, budget_s: float | None = None) -> dict:
     t_start = time.monotonic()
     cores = proc.usable_cores()
     ns = worker_counts(len(cores), quick)
@@ -210,11 +210,18 @@ def run(quick: bool = False) -> dict:
             log(f"scaling: {job.key} data ({n:,} x {job.d}) and its optimum in {time.monotonic() - t:.1f} s")
         overheads = [_overhead(job, data[job.key], ns, modes) for job in JOBS]
         host_s = 2.0 + sum(data[j.key]["n"] * j.d * 8 for j in JOBS) / len(JOBS) / 1e9   # load at ~1 GB/s
-        window, estimate = _choose_window(quick, time.monotonic() - t_start, overheads, ns, modes, repeats, host_s)
+        budget_s = budget_s or BUDGET_S[quick]
+        while True:  # fewer rounds (never fewer than 1) rather than a run over the budget
+            window, estimate = _choose_window(quick, time.monotonic() - t_start, overheads, ns, modes, repeats,
+                                              host_s, budget_s)
+            if estimate <= budget_s + 30 or repeats == 1:
+                break
+            repeats -= 1
+            log(f"scaling: {repeats + 1} rounds would take {estimate / 60:.1f} min; {repeats} round(s) instead")
         log(f"scaling: fixed cost of a psrv run {', '.join(f'{o[ns[0]]:.1f}-{o[ns[-1]]:.1f} s' for o in overheads)}"
             f"; training window {window:.2f} s per run; estimated total {estimate / 60:.1f} min")
-        if estimate > BUDGET_S[quick] + 30:
-            log(f"scaling: WARNING: over the {BUDGET_S[quick] / 60:.0f} min budget even with the shortest window")
+        if estimate > budget_s + 30:
+            log(f"scaling: WARNING: over the {budget_s / 60:.1f} min budget even with the shortest window")
         results = {job.key: _measure(job, data[job.key], cores, ns, modes, repeats, window, quick)
                    for job in JOBS}
     return _report(results, data, cores, ns, modes, repeats, window, quick, time.monotonic() - t_start)
