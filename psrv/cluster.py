@@ -7,6 +7,7 @@ register with it again by themselves. Leaving the `with` block always stops and 
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing.connection as mpc
 import os
@@ -15,7 +16,7 @@ import time
 
 from . import config as config_mod
 from . import proc, signals
-from .errors import RunError
+from .errors import ConfigError, RunError
 from .spec import ServerSpec, WorkerSpec
 
 log = logging.getLogger("psrv")
@@ -23,7 +24,7 @@ log = logging.getLogger("psrv")
 SERVER_ENTRY = "psrv.server:main"  # named, not imported: the child imports it (proc.run_entry)
 SERVER_START_TIMEOUT_S = 60.0   # spawn + imports + bind (+ loading a checkpoint); generous for a loaded machine
 EXIT_GRACE_S = 5.0              # how long children get to leave on their own before SIGTERM, then SIGKILL
-OUTPUTS_TIMEOUT_S = 300.0       # how long a server that has stopped serving may take to write its outputs
+FINISH_NOTE_S = 60.0            # a server still writing its outputs after this long is waited for, with a note
 
 
 class Child:
@@ -31,6 +32,7 @@ class Child:
         self.name, self.process, self.conn, self.wid = name, process, conn, wid
         self.error: str | None = None
         self.error_kind = ""
+        self.started_wall = time.time()   # for telling this process's outputs from older ones
 
     def describe_exit(self) -> str:
         code = self.process.exitcode
@@ -54,10 +56,32 @@ class Cluster:
         self.progress = None
         self.finishing = False   # the server has stopped serving and is writing its outputs
         self.lost = 0        # workers that died with no restart left
+        self.lost_kinds: list[str] = []  # why each of them ended ("quarantined", "server_lost", "" ...)
         self.finished = 0    # workers that ended normally
-        cores = proc.usable_cores()
-        self.cores = cores
-        self.server_core = cores[cfg.train.workers % len(cores)] if cfg.train.pin else None
+        self.claim = self._claim_cores() if cfg.train.pin else None
+        self.cores = self.claim.cores if self.claim is not None else []
+        self.server_core = self._core(cfg.train.workers)
+
+    def _claim_cores(self) -> proc.CoreClaim:
+        """Cores for this launcher's children that no other live psrv run holds (proc.CoreClaim). When other runs
+        hold cores and too few are left for one per child, nothing is pinned (crowding this run's processes onto
+        the cores left would starve some of them, a server behind a spinning worker), and the log says so."""
+        t = self.cfg.train
+        wanted = max(1, (t.workers if not self.alone else 0) + (0 if self.address else 1))
+        claim = proc.CoreClaim(wanted)
+        if claim.held_elsewhere and len(claim.cores) < wanted:
+            if claim.cores:
+                log.warning("train.pin: cores %s are held by another psrv run on this machine, and the %d free "
+                            "one(s) are fewer than this run's %d processes; they are not pinned",
+                            _ranges(claim.held_elsewhere), len(claim.cores), wanted)
+            else:
+                log.warning("train.pin: every usable core (%s) is held by another psrv run on this machine; this "
+                            "run's processes are not pinned", _ranges(claim.usable))
+            claim.release()
+        return claim
+
+    def _core(self, slot: int) -> int | None:
+        return self.cores[slot % len(self.cores)] if self.cores else None
 
     # ------------------------------------------------------------------ starting children
     def _spawn(self, name: str, target, args: tuple, core: int | None, wid: int | None = None) -> Child:
@@ -86,6 +110,8 @@ class Cluster:
             signals.check()
             if self.server.conn.poll(0.2):
                 ev = proc.read_event(self.server.conn)
+                if ev is not None and ev["event"] == "error" and ev.get("kind") == "config":
+                    raise ConfigError(ev["message"])   # the job cannot run as configured (exit 2)
                 if ev is None or ev["event"] == "error":
                     raise RunError(ev.get("process", "server") if ev else "server",
                                    ev["message"] if ev else "exited during start-up")
@@ -98,7 +124,7 @@ class Cluster:
 
     def start_worker(self, wid: int, slot: int, local: bool = True) -> Child:
         """Worker `wid` (-1: the server picks an id) on the core of launch slot `slot`."""
-        core = self.cores[slot % len(self.cores)] if self.cfg.train.pin else None
+        core = self._core(slot)
         spec = WorkerSpec(address=self.address, wid=wid, server_timeout_s=self._server_timeout_s(), local=local,
                           prefix=self.prefix, keys=self.cfg.worker.keys or self.cfg.server.keys)
         child = self._spawn(f"worker-{wid if wid >= 0 else slot}", proc.run_entry, (self.cfg.worker.entry, spec),
@@ -143,6 +169,10 @@ class Cluster:
             return
         if c.error and c.error_kind not in ("server_lost", "declared_dead", "quarantined"):
             raise RunError(c.error.split(": ", 1)[0], c.error.split(": ", 1)[-1])  # a bug: stop the run
+        if c.error_kind == "server_lost" and self.server is None and c.wid is None:
+            # an attached worker that never heard from the server: nothing answers there, or a CURVE server dropped
+            # our handshake (it says nothing to a client it refuses, so the two look the same from here)
+            raise RunError(*self._never_answered(c))
         if c.error_kind == "server_lost" and (self.server is None or self.server.process.exitcode is not None):
             raise RunError("server", f"{c.error} (the server did not come back)")
         key = c.wid if c.wid is not None else -1 - c.slot
@@ -155,13 +185,44 @@ class Cluster:
             self.start_worker(c.wid if c.wid is not None else -1, c.slot, local=self.server is not None)
         else:
             self.lost += 1
+            self.lost_kinds.append(c.error_kind)
             log.warning("%s (pid %d) %s; no restarts left, the others take over its shards", who,
                         c.process.pid, c.describe_exit())
 
+    def _never_answered(self, c: Child) -> tuple[str, str]:
+        process, _, cause = (c.error or "client: no reply").partition(": ")
+        keys = self.cfg.worker.keys or self.cfg.server.keys
+        if keys:
+            why = (f"no psrv server runs at {self.address}, or it refused this client's CURVE key from {keys} "
+                   f"(the key must be in the server's authorized/ folder, and {keys}/server.key must be the "
+                   f"server's public key)")
+        else:
+            why = (f"no psrv server runs at {self.address}, or it requires CURVE keys and this client has none "
+                   f"(--keys DIR)")
+        return process, f"{cause}: {why}"
+
+    def _summary_on_disk(self, c: Child) -> dict | None:
+        """The summary a server wrote before exiting 0 when its "done" event never reached us (we were stopped, or
+        not reading, for longer than it waited): summary.json, if this server process wrote it."""
+        path = os.path.join(self.out_dir, "summary.json")
+        try:
+            if os.stat(path).st_mtime < c.started_wall - 1.0:
+                return None   # an earlier run's (a resumed run's folder)
+            with open(path) as fh:
+                summary = json.load(fh)
+        except (OSError, ValueError):
+            return None
+        log.warning("the server's result did not reach the launcher; read it from %s", path)
+        return summary
+
     def _server_ended(self) -> None:
         c = self.server
+        if c.process.exitcode == 0 and self.summary is None and not c.error and self.out_dir:
+            self.summary = self._summary_on_disk(c)
         if c.process.exitcode == 0 and self.summary is not None:
             return
+        if c.error and c.error_kind == "config":
+            raise ConfigError(c.error.split(": ", 1)[-1])
         if c.error or c.process.exitcode == 0:  # the server itself gave up (join timeout, bad checkpoint, ...)
             raise RunError("server", c.error.split(": ", 1)[-1] if c.error else "exited without a result")
         if self.server_restarts >= self.cfg.server.max_restarts:
@@ -178,7 +239,7 @@ class Cluster:
         """Follow the run until the server reports done and every worker has left (or, when attaching, until
         every worker has left); RunError on a failure nothing can repair."""
         self.progress = progress
-        done_at = idle_since = None
+        done_at = idle_since = finishing_since = None
         while True:
             children = self._children()
             waitables = [c.conn for c in children if not c.conn.closed]
@@ -197,20 +258,41 @@ class Cluster:
                 return self.summary
             if self.server is not None and not self.workers and not self.alone and self.summary is None:
                 if not self.finished:
-                    raise RunError("workers", "every worker died and none can be restarted (train.max_restarts = "
-                                              f"{self.cfg.train.max_restarts})")
-                idle_since = idle_since or time.monotonic()
-                # a server writing its outputs (a plot's first matplotlib import can take seconds) is not stuck
-                if time.monotonic() - idle_since > (OUTPUTS_TIMEOUT_S if self.finishing else 2 * EXIT_GRACE_S):
-                    raise RunError("server", f"no worker left ({self.lost} died) and the run is not finished")
+                    raise RunError("workers", self._all_lost())
+                now = time.monotonic()
+                if self.finishing:
+                    # the server has stopped serving and computes its outputs (the full-pass loss, the held-out
+                    # evaluation, the plot): how long that takes depends on the data, the model and the machine,
+                    # so no clock decides; the server process does, by ending with a summary or without one
+                    # (_server_ended says what then)
+                    finishing_since = finishing_since or now
+                    if now - finishing_since > FINISH_NOTE_S:
+                        log.warning("the server (pid %d) is still writing its outputs after %g s; waiting for it "
+                                    "(Ctrl-C stops the run)", self.server.process.pid, FINISH_NOTE_S)
+                        finishing_since = float("inf")   # said once
+                else:
+                    # every worker has left and the server still serves: it needs up to its heartbeat timeout to
+                    # declare the lost ones dead, then stops; one that does not is waiting for work nobody can do
+                    idle_since = idle_since or now
+                    limit = self.cfg.server.heartbeat_timeout_s + 2 * EXIT_GRACE_S
+                    if now - idle_since > limit:
+                        raise RunError("server", f"no worker left ({self.lost} died) and the server has not ended "
+                                                 f"the run {limit:g} s later")
             if done_at is not None and time.monotonic() - done_at > EXIT_GRACE_S:
                 late = [c.name for c in self.workers if c.process.exitcode is None]
                 if late:
                     log.warning("%s still running %g s after the run ended; stopping them", late, EXIT_GRACE_S)
                 return self.summary
 
+    def _all_lost(self) -> str:
+        if self.lost_kinds and all(k == "quarantined" for k in self.lost_kinds):
+            return (f"the server quarantined every worker (each pushed server.max_bad_pushes = "
+                    f"{self.cfg.server.max_bad_pushes} bad gradients in a row); none is left to train")
+        return f"every worker died and none can be restarted (train.max_restarts = {self.cfg.train.max_restarts})"
+
     def stop(self) -> None:
-        """SIGTERM every live child, then SIGKILL what is left after a grace period; reap all."""
+        """SIGTERM every live child, then SIGKILL what is left after a grace period; reap all; let go of the
+        cores."""
         children = self._children()
         for c in children:
             if c.process.is_alive():
@@ -224,9 +306,22 @@ class Cluster:
                 c.process.join(2.0)
             if not c.conn.closed:
                 c.conn.close()
+        if self.claim is not None:
+            self.claim.release()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _ranges(cores: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    out: list[str] = []
+    for c in sorted(cores):
+        if out and out[-1].split("-")[-1] == str(c - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{c}"
+        else:
+            out.append(str(c))
+    return ",".join(out) or "none"

@@ -117,16 +117,12 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
     os.makedirs(cfg.output.dir, exist_ok=True)
-    for name in blocks.sweep_stale():
-        log.warning("removed shared memory %s left by a run that is no longer running", name)
-    prefix = blocks.run_prefix()
-    try:
-        return _run_on_data(cfg, progress, log_level, prefix, role, ckpt)
-    finally:
-        # by name, not by handle: a signal may land after a segment exists but before anyone holds it, and a
-        # server killed -9 leaves its theta and gradient slots behind
-        blocks.unlink_name(prefix + "data")
-        blocks.unlink_prefix(prefix)
+    blocks.sweep_stale()  # it logs what it removes, and why
+    # the owner holds a lock on its prefix for the whole run: no other run's sweep removes these segments meanwhile
+    # (whatever PID namespace it runs in); leaving the block removes them by name, not by handle: a signal may land
+    # after a segment exists but before anyone holds it, and a server killed -9 leaves its theta and slots behind
+    with blocks.owned_prefix() as owner:
+        return _run_on_data(cfg, progress, log_level, owner.prefix, role, ckpt)
 
 
 def _run_on_data(cfg, progress, log_level, prefix, role, ckpt) -> Result:
@@ -176,15 +172,11 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
     cfg = config_mod.load(None, overrides)
     cfg.train.workers = workers
     blocks.sweep_stale()
-    prefix = blocks.run_prefix()
-    with signals.handled():
-        try:
-            with Cluster(cfg, "", log_level, address=address, prefix=prefix) as cluster:
-                for slot in range(workers):
-                    cluster.start_worker(-1, slot=slot, local=False)
-                cluster.wait()
-        finally:
-            blocks.unlink_prefix(prefix)
+    with signals.handled(), blocks.owned_prefix() as owner:
+        with Cluster(cfg, "", log_level, address=address, prefix=owner.prefix) as cluster:
+            for slot in range(workers):
+                cluster.start_worker(-1, slot=slot, local=False)
+            cluster.wait()
     return 0
 
 

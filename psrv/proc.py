@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib
 import json
 import logging
 import multiprocessing as mp
 import os
+import select
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -29,6 +32,59 @@ def usable_cores() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return list(range(os.cpu_count() or 1))
+
+
+CORE_LOCK_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class CoreClaim:
+    """The cores a launcher may pin its children to: cores no other live psrv run on this machine holds.
+
+    A run holds each core it pins to by an exclusive flock on CORE_LOCK_DIR/psrv_core_<N>.lock for as long as its
+    launcher lives (the kernel drops the lock when the launcher dies, in any PID namespace, and its children die
+    with it). A core another run holds is skipped; with none left, nothing is pinned. The lock files stay: removing
+    a file others may be about to lock is a race, and they are empty."""
+
+    def __init__(self, wanted: int, cores: list[int] | None = None, lock_dir: str = CORE_LOCK_DIR):
+        self.usable = cores if cores is not None else usable_cores()
+        self.wanted, self.held_elsewhere = wanted, []
+        self._fds: dict[int, int] = {}
+        for core in self.usable:
+            if len(self._fds) >= wanted:
+                break
+            fd = _lock_core(lock_dir, core)
+            if fd is None:
+                self.held_elsewhere.append(core)
+            elif fd >= 0:
+                self._fds[core] = fd
+        self.cores = sorted(self._fds)
+
+    def release(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self.cores = []
+
+
+def _lock_core(lock_dir: str, core: int) -> int | None:
+    """A descriptor holding the core's lock; None if another run holds it; -1 if there is no lock to take (the
+    file cannot be opened): the core is then treated as free, as before core locks."""
+    path = os.path.join(lock_dir, f"psrv_core_{core}.lock")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:
+        return -1
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o644)  # other users' runs must be able to open it to take the lock in turn
+    except OSError:
+        pass
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 @contextlib.contextmanager
@@ -142,19 +198,86 @@ def profiled(role: str):
         prof.dump_stats(os.path.join(out, f"{role}-{os.getpid()}.prof"))
 
 
+DROPPABLE = frozenset({"progress"})  # events that a newer one of the same kind replaces: dropped when the pipe is full
+REPORT_WAIT_S = 30.0     # how long any other event may wait for a launcher that does not read
+PIPE_BUF = getattr(select, "PIPE_BUF", 512)  # a pipe write of at most this many bytes is all or nothing
+
+
 class Reporter:
-    """A child's one-way line to the launcher: small JSON events over a multiprocessing pipe (never the data)."""
+    """A child's one-way line to the launcher: small JSON events over a multiprocessing pipe (never the data).
 
-    def __init__(self, conn):
-        self.conn = conn
+    Sending never blocks the child on its launcher (stopped, or not reading): a progress event is written only if
+    the pipe has room for all of it at once, and is dropped otherwise (the next one carries newer numbers); any
+    other event ("ready", "joined", "finishing", "done", "error") is never dropped for a full pipe: it is written
+    from a thread of its own, and the caller waits for it at most `wait_s` seconds. An event still unwritten then is
+    written if the launcher reads before this process exits; the server's summary is on disk either way."""
 
-    def send(self, event: str, **fields) -> None:
+    def __init__(self, conn, wait_s: float = REPORT_WAIT_S):
+        self.conn, self.wait_s = conn, wait_s
+        self.dropped = 0                            # progress events not sent because the pipe was full
+        self._lock = threading.Lock()
+        self._writer: threading.Thread | None = None  # the last blocking write, while it is still going
+
+    def send(self, event: str, **fields) -> bool:
+        """True if the event was written to the pipe."""
         if self.conn is None:
-            return
+            return False
+        data = json.dumps({"event": event, **fields}).encode()
+        with self._lock:
+            if event in DROPPABLE:
+                return self._send_now(data)
+            return self._send_waiting(event, data)
+
+    def _send_now(self, data: bytes) -> bool:
+        busy = self._writer is not None and self._writer.is_alive()
+        if busy or len(data) + 4 > PIPE_BUF:   # behind an unfinished message, or too big to write atomically
+            self.dropped += 1
+            return False
         try:
-            self.conn.send_bytes(json.dumps({"event": event, **fields}).encode())
+            fd = self.conn.fileno()
+            os.set_blocking(fd, False)
+        except (OSError, ValueError):  # closed
+            return False
+        try:
+            self.conn.send_bytes(data)  # the 4-byte length and the data in one write: all of it, or EAGAIN
+            return True
+        except BlockingIOError:
+            self.dropped += 1
+            return False
         except (OSError, ValueError):  # the launcher is gone; the parent watch ends us soon
-            pass
+            return False
+        finally:
+            try:
+                os.set_blocking(fd, True)
+            except OSError:
+                pass
+
+    def _send_waiting(self, event: str, data: bytes) -> bool:
+        deadline = time.monotonic() + self.wait_s
+        if self._writer is not None:
+            self._writer.join(max(0.0, deadline - time.monotonic()))
+            if self._writer.is_alive():
+                logging.getLogger("psrv").warning("the launcher has read nothing for %g s; event %r not sent",
+                                                  self.wait_s, event)
+                return False
+        sent = []
+
+        def write():
+            try:
+                self.conn.send_bytes(data)
+                sent.append(True)
+            except (OSError, ValueError):  # the launcher is gone
+                pass
+
+        self._writer = threading.Thread(target=write, name=f"report-{event}", daemon=True)
+        self._writer.start()
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        if self._writer.is_alive():
+            logging.getLogger("psrv").warning("the launcher has not read event %r for %g s; going on without "
+                                              "waiting for it", event, self.wait_s)
+            return False
+        self._writer = None
+        return bool(sent)
 
 
 def read_event(conn) -> dict | None:
