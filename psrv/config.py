@@ -135,8 +135,15 @@ class Server:
     keys: str = opt("", "CURVE: a key folder from `launch.py --keygen DIR`; only clients allowed there may talk to "
                         "the server, and traffic is encrypted")
     insecure: bool = opt(False, "allow a bind other machines can reach without server.keys (anyone could connect)")
-    max_bad_pushes: int = opt(3, "a worker that pushes this many non-finite gradients in a row is quarantined",
-                              lo=1)
+    max_bad_pushes: int = opt(3, "a worker whose pushes are refused this many times in a row (non-finite gradient or "
+                              "loss, an outlier norm, or a stall past server.progress_deadline_s) is quarantined", lo=1)
+    max_grad_ratio: float = opt(1000.0, "refuse a pushed gradient whose L2 norm is more than this many times the "
+                                "typical accepted one (the median over workers of their median of the last 16; from "
+                                "the run's 17th accepted push on): never applied, counted like a non-finite one; 0 "
+                                "turns it off", lo=0)
+    progress_deadline_s: float = opt(5.0, "a worker that holds a batch or the barrier this long without pushing "
+                                     "(or 10 x the median time a batch is held, if longer) while others wait is a "
+                                     "straggler: the others go on, its batch and shards move; 0 turns it off", lo=0)
     heartbeat_timeout_s: float = opt(5.0, "silence after which a worker is declared dead", lo=0.1, hi=3600)
     join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join "
                                 "(a server started alone with --role server waits as long as it takes)",
@@ -165,6 +172,8 @@ class Checkpoint:
                            lo=0)
     keep: int = opt(3, "newest checkpoints kept; older ones are deleted", lo=1)
     dir: str = opt("", 'where checkpoints go; "" means output.dir/checkpoints')
+    resume_force: bool = opt(False, "resume a checkpoint of another job (model.kind, data, train.consistency or "
+                             "train.optimizer changed) instead of refusing it; `launch.py --resume --force` sets it")
 
 
 @dataclass

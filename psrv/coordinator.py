@@ -5,17 +5,26 @@ Every reply, update and checkpoint is an instruction the shell carries out in or
 instruction that sends theta comes after the updates it must include. Transitions never call each other in a
 cycle: leaving, applying a step and stopping only change state, and one work loop (_settle) answers the parked
 pulls that the new state allows until none is left to answer.
+
+Split over a few modules, one state machine: who is in the run, joining at the first pull and stragglers
+(psrv/roster.py); refused pushes and a diverging run (psrv/sanctions.py, with the bounds of psrv/guard.py and the
+deadline of psrv/progress.py); its part of a checkpoint (psrv/resume.py).
 """
 from __future__ import annotations
 
 import logging
 
 from . import events as ev
+from . import resume
 from .consistency import APPLY, COMPLETE, LATE, Gate
 from .errors import ProtocolError
+from .guard import LossWatch, PushGuard
 from .membership import Membership, Peer
+from .progress import Progress
 from .protocol import VERSION, Op
 from .report import Record, Stats
+from .roster import Roster
+from .sanctions import Sanctions
 from .schedule import Schedule
 
 log = logging.getLogger("psrv.server")
@@ -27,11 +36,11 @@ def run_steps(cfg) -> int | None:
     return t.steps if (t.epochs == 0 or "train.steps" in cfg.explicit) else None
 
 
-class Coordinator:
+class Coordinator(Roster, Sanctions):
     def __init__(self, cfg, shard_sizes: list[int], store, server_id: str, now: float, alone: bool = False,
                  shm: bool = False, has_test: bool = False):
-        """cfg: a psrv.config.Config (read only). store: checks pushed gradients (check, finite); the shell applies
-        the updates this coordinator orders to it."""
+        """cfg: a psrv.config.Config (read only). store: checks and measures pushed gradients (check, measure); the
+        shell applies the updates this coordinator orders to it."""
         t = cfg.train
         self.cfg, self.store, self.server_id, self.alone, self.has_test = cfg, store, server_id, alone, has_test
         self.n_expected = t.workers
@@ -48,9 +57,15 @@ class Coordinator:
         self.step_records: list[tuple] = []       # BSP: pushes in the accumulator, accounted once their step applies
         self.applied_records: list[tuple] = []    # applied, accounted after the replies went out
         self.saved_clocks: dict[int, int] = {}    # wid -> clock at the checkpoint this run resumed from
+        self.rejoin_at: dict[int, int] = {}       # straggler -> the clock it resumes at when it pulls again
+        self.late: dict[int, tuple] = {}          # straggler -> (clock, count) of the batch it held: dropped as late
+        self.guard = PushGuard(cfg.server.max_grad_ratio)   # what a push may change (psrv/guard.py)
+        self.watch = LossWatch()                  # the run's own loss: divergence
+        self.progress = Progress(cfg.server.progress_deadline_s)  # stragglers (psrv/progress.py)
         self.stopping = ""                        # why the run is ending ("" while it is not)
         self.done = False
         self.finish_sent = False
+        self.failed = False                       # the run diverged: it ends with ev.Fail
         self.t0, self.started_s, self.elapsed_before_s = now, None, 0.0
         self.join_deadline_s = now + cfg.server.join_timeout_s
         self.resumed = False
@@ -106,15 +121,24 @@ class Coordinator:
             log.warning("worker %d re-registered from pid %d; incarnation %d replaces %d", p.wid, e.pid, p.inc,
                         replaced.inc)
             self._leave(replaced)
-        self._membership_changed()
-        log.info("worker %d joined (pid %d on %s, incarnation %d, shards %s)", p.wid, p.pid, p.host, p.inc,
-                 self.schedule.held_by(p.wid))
-        if not self.gate.open and len(self.members.live()) >= self.n_start:
-            self._open()
+        self.late.pop(p.wid, None)
+        self.rejoin_at.pop(p.wid, None)
+        # registered, not yet in the run: it takes shards and enters the gate at its first pull, when its rows are
+        # ready, so that nobody waits for a worker still loading (or one that only sends heartbeats)
+        log.info("worker %d said hello (pid %d on %s, incarnation %d)", p.wid, p.pid, p.host, p.inc)
         self._out.append(ev.Welcome(e.ident, p, e.rid))
 
     def _on_pull(self, e: ev.Pull) -> None:
         p = self.members.current(e.wid, e.inc)
+        if not p.ready:  # joining the run: the server gives it its clock
+            self.members.touch(p, e.ident, self._now)
+            closed = not self.gate.open
+            clock = self._take_part(p)
+            if closed and self.gate.open:  # it opened the gate: the waiting pulls are served in the order they came
+                self.parked[p.wid] = (clock, e.rid, self._now)
+            else:
+                self._pull(p, clock, e.rid)
+            return
         try:
             self.gate.check_pull(p.wid, e.clock)
         except ValueError as x:
@@ -140,46 +164,47 @@ class Coordinator:
         except ValueError as x:
             raise ProtocolError(f"push: {x}", "bad_shape") from None
         batch = self.batches.get(p.wid)
-        if batch is None or e.count != batch[3]:
+        late = self.late.get(p.wid) if batch is None else None   # a straggler's push, dropped as late
+        if late is not None and late != (e.clock, e.count):
+            late = None
+        if late is None and (batch is None or e.count != batch[3]):
             raise ProtocolError(f"push: count {e.count} is not the size of the batch served "
                                 f"({batch[3] if batch else 'none'})", "bad_field")
         if not 0 <= e.version <= self.version:
             raise ProtocolError(f"push: theta version {e.version} was never served (now {self.version})", "bad_field")
-        for key in ("loss", "compute_s", "request_s"):
+        for key in ("compute_s", "request_s"):
             v = getattr(e, key)
-            if not v == v or v in (float("inf"), float("-inf")) or (key != "loss" and not 0 <= v < 1e6):
+            if not 0 <= v < 1e6:  # NaN fails too
                 raise ProtocolError(f"push: {key} = {v!r} is not a plausible number", "bad_field")
         self.members.touch(p, e.ident, self._now)
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
             p.seq = e.seq
             self._finish(p, e.rid, self.stopping)
             return
-        finite = self.store.finite(e.grad)
+        # what a push may change (psrv/guard.py): never a non-finite gradient or loss, nor an outlier norm
+        finite, norm = self.store.measure(e.grad)
+        refused = self.guard.judge(norm, e.loss) if finite else "nonfinite"
+        if late is not None:
+            self._late_push(p, e, refused, norm)
+            return
         try:
             decision = self.gate.push(p.wid, e.clock)
         except ValueError as x:
             raise ProtocolError(f"push: {x}", "bad_clock") from None
         p.seq = e.seq
         del self.batches[p.wid]
-        if not finite:
+        self.progress.pushed(p.wid, self._now)
+        if refused:
             # counted as this worker's (missing) part of the step: theta never sees it; a BSP step goes on with
             # the others' gradients
-            self.stats.rejected["nonfinite"] = self.stats.rejected.get("nonfinite", 0) + 1
-            log.warning("worker %d pushed a gradient with NaN or Inf at clock %d; rejected (%d in a row)", p.wid,
-                        e.clock, p.bad_streak + 1)
             if decision == COMPLETE:
                 self._apply_step()
-            if self.members.bad_push(p):
-                log.error("worker %d quarantined: %d non-finite gradients in a row (pid %d on %s, clock %d)",
-                          p.wid, p.bad_streak, p.pid, p.host, e.clock)
-                self._send(p.ident, {"op": Op.ERROR.value, "code": "quarantined",
-                                     "reason": f"worker {p.wid} pushed {p.bad_streak} non-finite gradients in a row"},
-                           e.rid)
-                self._leave(p)
+            if self._refuse_push(p, refused, e, norm):
                 return
         else:
             p.bad_streak = 0
-        applied = decision != LATE and finite
+            self.guard.accept(p.wid, norm)
+        applied = decision != LATE and not refused
         if applied:
             # request_s is the worker's wait for the theta it computed this on: of that wait, the server held the
             # pull for held_s (the barrier or the staleness bound), at most all of it
@@ -203,10 +228,10 @@ class Coordinator:
         if e.pull:
             self._pull(p, e.clock + 1, e.rid)
         else:
-            reason = "" if applied else ("late" if finite else "nonfinite")
+            reason = "" if applied else (refused or "late")
             self._send(e.ident, {"op": Op.ACK.value, "applied": applied, "reason": reason}, e.rid)
         p.pushed(self._now)
-        if not applied and finite:
+        if not applied and not refused:
             self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
 
     def _on_heartbeat(self, e: ev.Heartbeat) -> None:
@@ -232,18 +257,21 @@ class Coordinator:
                       p.pid, p.host, self.clock_of(p.wid), now - p.last_seen_s, timeout_s)
             self._leave(p)
         if not self.gate.open and not self.alone and now > self.join_deadline_s:
-            joined = sorted(p.wid for p in self.members.live())
+            joined = sorted(p.wid for p in self.members.participants())
             if self.resumed and joined:  # a worker lost for good before the restart is not waited for
                 log.warning("resuming with %d of the %d workers that were training: %s", len(joined), self.n_start,
                             joined)
                 self._open()
             else:
-                missing = [w for w in range(self.n_expected) if w not in joined]
+                said = sorted(p.wid for p in self.members.live() if not p.ready)
+                missing = [w for w in range(self.n_expected) if w not in joined and w not in said]
                 self._out.append(ev.Fail(f"only {len(joined)} of {self.n_start} workers joined within "
-                                         f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing})"))
+                                         f"{self.cfg.server.join_timeout_s:g} s (missing worker ids: {missing}"
+                                         + (f"; said hello but never pulled: {said})" if said else ")")))
         limit_s = self.cfg.train.max_wall_s
         if self.started_s is not None and limit_s and self.elapsed_s(now) > limit_s:
             self._stop_all("max_wall_s")
+        self._check_progress(now)
 
     def _on_stop(self, e: ev.Stop) -> None:
         self._stop_all(e.reason)
@@ -296,6 +324,7 @@ class Coordinator:
             return
         clock = self.gate.serve(p.wid, clock)
         self.batches[p.wid] = batch
+        self.progress.served(p.wid, self._now)
         self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid))
 
     def _settle(self) -> None:
@@ -316,7 +345,7 @@ class Coordinator:
                     p.held_s = self._now - entry[2]
                     self._pull(p, entry[0], entry[1])
                     progressed = True
-        if self.stopping and not self.members.live():
+        if self.stopping and not self.members.participants():  # one only registered is not waited for
             self.done = True
 
     # ------------------------------------------------------------------ updates
@@ -353,8 +382,11 @@ class Coordinator:
             self.stats.account(r)
             self.loss_sum += r.loss * r.count
             self.loss_rows += r.count
+            self.watch.add(r.loss)
+        if self.applied_records and not self.stopping:
+            self._check_divergence()
         self.applied_records.clear()
-        if not self.updated:
+        if not self.updated or self.failed:
             return
         self.updated = False
         step = self.step
@@ -369,45 +401,7 @@ class Coordinator:
             self.checkpointed_step, self.checkpointed_version = step, self.version
             self._out.append(ev.Checkpoint(step))
 
-    # ------------------------------------------------------------------ membership and stopping
-    def _open(self) -> None:
-        self.gate.open = True
-        self.started_s = self._now
-        log.info("%d workers joined; training %s", len(self.members.live()),
-                 f"resumes at step {self.step}" if self.resumed else "starts")
-
-    def _membership_changed(self) -> None:
-        """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
-        member that lost its last lease and is not computing leaves it (it waits, parked, for a shard)."""
-        live = self.members.live()
-        self.schedule.rebalance([p.wid for p in live])
-        for p in live:
-            held = self.schedule.held_by(p.wid)
-            member = self.gate.members.get(p.wid)
-            if member is None and held:
-                self.gate.join(p.wid, self.saved_clocks.pop(p.wid, None))
-            elif member is not None and not held and member.serving is None:
-                self._gate_leave(p.wid)
-
-    def _gate_leave(self, wid: int) -> None:
-        """Take a worker out of the gate; if that completes the BSP step, apply it."""
-        if self.gate.leave(wid) and not self.stopping:
-            self._apply_step()
-
-    def _leave(self, p: Peer) -> None:
-        """p is gone (finished, left, dead, replaced or quarantined): its pull and its unpushed batch go back."""
-        self.parked.pop(p.wid, None)
-        batch = self.batches.pop(p.wid, None)
-        if batch is not None:  # never pushed: hand it out again
-            self.schedule.give_back(batch)
-        self._gate_leave(p.wid)
-        self._membership_changed()
-
-    def _finish(self, p: Peer, rid, reason: str) -> None:
-        p.finished = True
-        self._send(p.ident, {"op": Op.STOP.value, "reason": reason}, rid)
-        self._leave(p)
-
+    # ------------------------------------------------------------------ stopping (joining, leaving: psrv/roster.py)
     def _stop_all(self, reason: str) -> None:
         """End the run: every worker is told to stop at its next request; waiting ones are told by _settle."""
         if not self.stopping:
@@ -417,37 +411,10 @@ class Coordinator:
     def elapsed_s(self, now: float) -> float:
         return self.elapsed_before_s + now - (self.started_s if self.started_s is not None else self.t0)
 
-    # ------------------------------------------------------------------ checkpoints and status
+    # ------------------------------------------------------------------ checkpoints (psrv/resume.py)
     def state(self, now: float) -> dict:
-        """Plain values of everything a restarted server needs, with the batches in flight (and those of a BSP
-        step not applied yet) handed back to their shards, so that a restart serves them again."""
-        schedule = Schedule([c.size for c in self.schedule.cursors])
-        schedule.load_state(self.schedule.state())
-        for batch in [*self.batches.values(), *(r.batch for r in self.step_records)]:
-            if batch is not None:
-                schedule.give_back(batch)
-        return {"step": self.step, "version": self.version, "gate_step": self.gate.step,
-                # a BSP step not applied yet is redone: its pushers resume at that step, not after it
-                "clocks": [[w, min(m.pushed, self.gate.step) if self.gate.mode == "bsp" else m.pushed]
-                           for w, m in self.gate.members.items()],
-                "incarnations": [[w, i] for w, i in self.members.incarnations.items()],
-                "schedule": schedule.state(), "stats": self.stats.to_state(), "elapsed_s": self.elapsed_s(now),
-                "deaths": self.members.deaths, "worker_restarts": self.members.restarts,
-                "stale_pushes": self.members.stale_pushes, "quarantined": list(self.members.quarantined),
-                "loss": self.last_loss}
+        """Plain values of everything a restarted server needs (resume.state)."""
+        return resume.state(self, now)
 
     def restore(self, st: dict) -> None:
-        self.version, self.gate.step = st["version"], st["gate_step"]
-        self.saved_clocks = {w: c for w, c in st["clocks"]}
-        self.n_start = max(1, len(self.saved_clocks))  # the workers training at the checkpoint, not train.workers
-        self.members.incarnations = {w: i for w, i in st["incarnations"]}
-        self.schedule.load_state(st["schedule"])
-        self.stats = Stats.from_state(st["stats"])
-        m = self.members
-        m.deaths, m.restarts, m.stale_pushes = st["deaths"], st["worker_restarts"], st["stale_pushes"]
-        m.quarantined = list(st["quarantined"])
-        self.elapsed_before_s = st["elapsed_s"]
-        self.logged_step = self.checkpointed_step = self.evaluated_step = st["step"]
-        self.checkpointed_version = st["version"]
-        self.last_loss = st["loss"]
-        self.resumed = True
+        resume.restore(self, st)

@@ -18,6 +18,8 @@ BAD_PEERS_KEPT = 1024    # per-connection counts of malformed messages
 HOST_CHARS = 128
 RATE_WINDOW_S = 5.0      # push rate in status: pushes over about this many seconds
 RATE_MARK_S = 0.25
+QUARANTINE_WHY = "its pushes were refused server.max_bad_pushes times in a row: non-finite or outlier gradients or " \
+                 "losses, or stalls"
 
 
 @dataclass
@@ -39,7 +41,8 @@ class Peer:
     pushes: int = 0
     samples: int = 0
     last_staleness: int = 0
-    bad_streak: int = 0           # non-finite gradients in a row
+    bad_streak: int = 0           # refused pushes (non-finite, outlier) and stalls in a row
+    ready: bool = False           # in the run: it has pulled since its hello and is not a straggler since
     held_s: float = 0.0           # how long the server held (parked) the pull it answered last
     # (time, pushes) marks at most every RATE_MARK_S: the push rate over the last RATE_WINDOW_S in O(1) memory
     rate_marks: collections.deque = field(default_factory=lambda: collections.deque(maxlen=64))
@@ -47,6 +50,11 @@ class Peer:
     @property
     def live(self) -> bool:
         return self.alive and not self.finished
+
+    @property
+    def participates(self) -> bool:
+        """Live and ready: it holds leases and belongs to the consistency gate (a hello alone does neither)."""
+        return self.alive and not self.finished and self.ready
 
     def pushed(self, now: float) -> None:
         self.pushes += 1
@@ -95,7 +103,7 @@ class Membership:
             if len(self.peers) >= MAX_PEERS:
                 raise ProtocolError(f"{MAX_PEERS} workers are registered already", "too_many_workers")
         if old is not None and old.quarantined:
-            raise ProtocolError(f"worker {wid} is quarantined (it pushed non-finite gradients)", "quarantined")
+            raise ProtocolError(f"worker {wid} is quarantined ({QUARANTINE_WHY})", "quarantined")
         if old is not None and old.finished:
             raise ProtocolError(f"worker {wid} has already finished", "finished")
         replaced = None
@@ -119,7 +127,7 @@ class Membership:
         if p is None:
             raise ProtocolError(f"worker {wid} has not said hello to this server", "unknown_worker")
         if p.quarantined:
-            raise ProtocolError(f"worker {wid} is quarantined (it pushed non-finite gradients)", "quarantined")
+            raise ProtocolError(f"worker {wid} is quarantined ({QUARANTINE_WHY})", "quarantined")
         if p.inc != inc:
             self.stale_pushes += is_push
             raise ProtocolError(f"worker {wid} incarnation {inc} is stale (current: {p.inc})", "stale_incarnation")
@@ -153,7 +161,7 @@ class Membership:
         return dead
 
     def bad_push(self, p: Peer) -> bool:
-        """A non-finite gradient from p; True when that quarantines it (max_bad_pushes in a row)."""
+        """A refused push (or a stall) of p; True when that quarantines it (max_bad_pushes in a row)."""
         p.bad_streak += 1
         if p.bad_streak < self.max_bad_pushes:
             return False
@@ -169,3 +177,6 @@ class Membership:
 
     def live(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.live]
+
+    def participants(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.participates]

@@ -30,6 +30,7 @@ class Stats:
     dropped: dict = field(default_factory=dict)       # wid -> late gradients dropped (backup workers)
     duplicates: int = 0
     bad_messages: int = 0
+    straggles: int = 0            # members taken out of the gate for making no progress within the deadline
     staleness_hist: dict = field(default_factory=dict)
     version_lag_max: int = 0
     pushes: dict = field(default_factory=dict)        # wid -> gradients applied (every incarnation)
@@ -81,14 +82,17 @@ def status(c, now: float) -> dict:
     workers = [{"wid": p.wid, "inc": p.inc, "pid": p.pid, "host": p.host, "clock": c.clock_of(p.wid),
                 "last_seen_s": round(now - p.last_seen_s, 3), "alive": p.alive, "finished": p.finished,
                 "pushes": p.pushes, "push_rate": round(p.push_rate(now), 2), "staleness": p.last_staleness,
-                "shards": c.schedule.held_by(p.wid) if p.live else []} for p in peers[:STATUS_WORKERS]]
+                "ready": p.ready, "shards": c.schedule.held_by(p.wid) if p.participates else []}
+               for p in peers[:STATUS_WORKERS]]
     m, s = c.members, c.stats
     return {"step": c.step, "steps": c.max_steps or 0, "theta_version": c.version, "consistency": c.gate.mode,
             "schedule": c.cfg.train.schedule, "loss": c.last_loss, "started": c.gate.open, "stopping": c.stopping,
             "elapsed_s": round(c.elapsed_s(now), 3), "workers": workers, "workers_total": len(peers),
             "workers_live": len(m.live()), "deaths": m.deaths, "bad_messages": s.bad_messages,
             "rejected": s.rejected, "quarantined": m.quarantined[-STATUS_WORKERS:],
-            "worker_restarts": m.restarts, "rows_visited": [[e, k] for e, k in c.schedule.rows_visited().items()],
+            "worker_restarts": m.restarts, "straggles": s.straggles,
+            "progress_deadline_s": round(c.progress.deadline_s(), 3),
+            "rows_visited": [[e, k] for e, k in c.schedule.rows_visited().items()],
             "rows_visited_before": c.schedule.rows_visited_before()}
 
 
@@ -113,7 +117,7 @@ def summary(c, now: float) -> dict:
         "theta_version": c.version, "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected,
         "duplicates": s.duplicates, "stale_pushes": m.stale_pushes, "bad_messages": s.bad_messages,
         "bad_messages_by_peer": {k.hex(): v for k, v in noisy}, "quarantined": m.quarantined[-STATUS_WORKERS:],
-        "worker_deaths": m.deaths, "worker_restarts": m.restarts,
+        "worker_deaths": m.deaths, "worker_restarts": m.restarts, "straggles": s.straggles,
         "staleness_max": max(s.staleness_hist, default=0),
         "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
         "version_lag_max": s.version_lag_max,

@@ -7,8 +7,8 @@ gradient slots), files, and the launcher's pipe. A bad message gets an error rep
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -18,14 +18,15 @@ import uuid
 
 import numpy as np
 
-from . import checkpoint, data, models, optim, plot, protocol, proc, shmarray, transport
+from . import checkpoint, data, identity, models, optim, plot, protocol, proc, shmarray, transport
 from . import config as config_mod
 from . import events as ev
 from .blocks import DataBlock
 from . import report
 from .coordinator import Coordinator, run_steps
-from .errors import ProtocolError, RunError
+from .errors import ConfigError, ProtocolError, RunError
 from .metrics import Metrics
+from .outputs import num as _num, write_json as _write_json, writing as _writing
 from .protocol import Op
 from .shmarray import SeqlockArray, SharedArray
 from .spec import ServerSpec
@@ -73,6 +74,12 @@ class Server:
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
         self.checksums: dict[int, int] = {}      # shard -> CRC-32 of its rows, for workers that load their own
+        # the job a checkpoint belongs to (psrv/identity.py): every shard's checksum now, while nothing waits on us
+        spec = self.block.spec
+        self.identity = identity.job_identity(cfg, spec.n_train, spec.n_test, spec.d,
+                                              [s for _, s in self.layout.shards],
+                                              identity.data_checksum([self._checksum(s) for s in
+                                                                      range(len(self.layout.shards))]))
         self.resumed_from: str | None = None
         self.ckpt_dir = cfg.checkpoint.dir or os.path.join(out_dir, "checkpoints")
         os.makedirs(out_dir, exist_ok=True)
@@ -84,8 +91,9 @@ class Server:
             for path in checkpoint.checkpoints(self.ckpt_dir):
                 os.remove(path)
             log.warning("removed the checkpoints of an earlier run in %s", self.ckpt_dir)
-        self.metrics = Metrics(os.path.join(out_dir, "metrics.jsonl"), t.tol, t.tol_window,
-                               append=self.resumed_from is not None)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        with _writing("the metrics", self.metrics_path):
+            self.metrics = Metrics(self.metrics_path, t.tol, t.tol_window, append=self.resumed_from is not None)
         self.last_progress_s = 0.0
         self.terminate = False                   # SIGTERM: end the run now, keeping its results
         self.do = {ev.Send: self._send, ev.Theta: self._theta, ev.Welcome: self._welcome,
@@ -184,6 +192,8 @@ class Server:
         spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
         if not p.local:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
+            # to load before the first pull, which puts it in the run (the others wait for it from then on)
+            spec["expected_shards"] = self.coord.expected_shards(p.wid)
         if p.shm:
             if p.wid not in self.slots:  # kept across incarnations of the same worker id
                 self.slots[p.wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{p.wid}",
@@ -210,7 +220,8 @@ class Server:
         return self.checksums[shard]
 
     def _log(self, i: ev.Log) -> None:
-        self.metrics.log_train(i.step, i.elapsed_s, i.samples, i.loss)
+        with _writing("the metrics", self.metrics_path):
+            self.metrics.log_train(i.step, i.elapsed_s, i.samples, i.loss)
         if self.metrics.plateaued():
             self.execute(self.coord.handle(ev.Stop("tol"), time.monotonic()))
 
@@ -222,8 +233,17 @@ class Server:
             return None
         theta, X, y = self.store.theta, self.block.X_test, self.block.y_test
         loss, metric = self.model.loss(theta, X, y), self.model.metric(theta, X, y)
-        self.metrics.log_eval(step, self.coord.elapsed_s(time.monotonic()), loss, metric, self.model.metric_name)
+        self._finite_loss(step, loss, "the held-out loss")
+        with _writing("the metrics", self.metrics_path):
+            self.metrics.log_eval(step, self.coord.elapsed_s(time.monotonic()), loss, _num(metric),
+                                  self.model.metric_name)
         return loss, metric
+
+    def _finite_loss(self, step: int, loss: float, what: str) -> None:
+        """A loss over whole data that is not finite: theta diverged (the pushed losses did not show it first)."""
+        if not math.isfinite(loss):
+            raise RunError("server", f"loss diverged at step {step} with lr = {self.cfg.train.lr:g}; lower "
+                                     f"train.lr ({what} is {loss})")
 
     # ------------------------------------------------------------------ checkpoints
     def _data_id(self) -> dict:
@@ -239,8 +259,9 @@ class Server:
         meta, arrays = self.store.state()
         state = {"protocol": protocol.VERSION, "config": self.cfg.to_dict(), "explicit": sorted(self.cfg.explicit),
                  "step": c.step, "coordinator": c.state(time.monotonic()), "store": meta, "data": self._data_id(),
-                 "server_restarts": self.server_restarts}
-        path = checkpoint.save(self.ckpt_dir, c.step, state, arrays, keep=self.cfg.checkpoint.keep)
+                 "identity": self.identity, "server_restarts": self.server_restarts}
+        with _writing("a checkpoint in", self.ckpt_dir):
+            path = checkpoint.save(self.ckpt_dir, c.step, state, arrays, keep=self.cfg.checkpoint.keep)
         log.info("checkpoint at step %d: %s", c.step, path)
         return path
 
@@ -252,12 +273,23 @@ class Server:
         if state["protocol"] != protocol.VERSION:
             raise RunError("server", f"{path} was written by protocol v{state['protocol']}; this is "
                                      f"v{protocol.VERSION}")
+        saved = state.get("identity")
+        if saved is None:
+            log.warning("%s records no job identity (an older psrv wrote it): resuming without checking that it is "
+                        "this job", path)
         if state["data"] != self._data_id():
-            raise RunError("server", f"{path} is for data {state['data']}; this run's data is {self._data_id()}")
+            old, now = state["data"], self._data_id()
+            key = "data.shards" if (old["rows"], old["cols"]) == (now["rows"], now["cols"]) else "data.shape"
+            raise identity.ResumeMismatch(path, [(key, old, now)], forceable=False)
+        forced = identity.check(path, saved, self.identity, self.cfg.checkpoint.resume_force)
+        if forced:
+            log.warning("resuming %s as another job (checkpoint.resume_force): %s", path,
+                        "; ".join(f"{k} was {a!r}, now {b!r}" for k, a, b in forced))
+        same_optimizer = state["store"]["optimizer"]["name"] == self.store.opt.name
         try:
-            self.store.load(state["store"], arrays)
+            self.store.load(state["store"], arrays, optimizer=same_optimizer)
         except ValueError as e:
-            raise RunError("server", f"{path}: {e}") from None
+            raise identity.ResumeMismatch(path, [("theta", str(e), "")], forceable=False) from None
         self.coord.restore(state["coordinator"])
         self.resumed_from = path
         log.warning("resumed from %s at step %d", path, state["step"])
@@ -267,7 +299,7 @@ class Server:
         self.last_progress_s = now
         c = self.coord
         elapsed = c.elapsed_s(now)
-        self.reporter.send("progress", step=c.step, steps=c.max_steps or 0, loss=c.last_loss, elapsed_s=elapsed,
+        self.reporter.send("progress", step=c.step, steps=c.max_steps or 0, loss=_num(c.last_loss), elapsed_s=elapsed,
                            samples_per_s=c.stats.samples / elapsed if elapsed > 0 else 0.0)
 
     def status(self) -> dict:
@@ -278,13 +310,16 @@ class Server:
         c, now = self.coord, time.monotonic()
         wall, step = c.elapsed_s(now), c.step
         tail = c.flush_loss(now)  # the pushes since the last metrics line
-        if tail is not None:
-            self.metrics.log_train(tail.step, tail.elapsed_s, tail.samples, tail.loss)
         theta, X, y = self.store.theta, self.block.X, self.block.y
         final_loss, train_metric = self.model.loss(theta, X, y), self.model.metric(theta, X, y)
-        self.metrics.log_final(step, wall, final_loss, train_metric, self.model.metric_name)
+        self._finite_loss(step, final_loss, "the training loss at the end")
+        with _writing("the metrics", self.metrics_path):
+            if tail is not None:
+                self.metrics.log_train(tail.step, tail.elapsed_s, tail.samples, tail.loss)
+            self.metrics.log_final(step, wall, final_loss, _num(train_metric), self.model.metric_name)
         test = self.evaluate(step)
-        self.metrics.close()
+        with _writing("the metrics", self.metrics_path):
+            self.metrics.close()
         if c.checkpointed_version != c.version:
             self.save_checkpoint()
         if isinstance(self.model, models.Custom):
@@ -300,11 +335,17 @@ class Server:
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
         }
-        np.save(os.path.join(self.out_dir, "theta.npy"), theta_out)
-        _write_json(os.path.join(self.out_dir, "summary.json"), summary)
+        path = os.path.join(self.out_dir, "theta.npy")
+        with _writing("theta", path):
+            np.save(path, theta_out)
+        path = os.path.join(self.out_dir, "summary.json")
+        with _writing("the summary", path):
+            _write_json(path, summary)
         if self.cfg.output.plot:
-            plot.loss_curves(os.path.join(self.out_dir, "loss.png"), self.metrics.train, self.metrics.test,
-                             f"{self.cfg.model.kind}, {c.n_expected} workers, {c.gate.mode}")
+            path = os.path.join(self.out_dir, "loss.png")
+            with _writing("the plot", path):
+                plot.loss_curves(path, self.metrics.train, self.metrics.test,
+                                 f"{self.cfg.model.kind}, {c.n_expected} workers, {c.gate.mode}")
         log.info("done (%s): %d steps in %.2f s, final loss %.6g", c.stopping, step, wall, final_loss)
         return summary
 
@@ -313,7 +354,10 @@ class Server:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-        self.metrics.close()
+        try:
+            self.metrics.close()
+        except OSError:  # already reported (a full disk): closing must not hide that error
+            pass
         self.block.close()
         for seg in [self.theta_shm, *self.slots.values()]:
             if seg is not None:
@@ -322,14 +366,6 @@ class Server:
 
 def _rid(rid) -> dict:
     return {} if rid is None else {"rid": rid}
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
@@ -351,6 +387,10 @@ def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
         log.error("%s", e)
         reporter.send("error", process=e.process, message=e.cause)
         sys.exit(1)
+    except ConfigError as e:  # the job cannot run as configured (a checkpoint of another job): exit 2, not 1
+        log.error("%s", e)
+        reporter.send("error", process="server", message=str(e), kind="config")
+        sys.exit(2)
     except Exception as e:
         log.error("server failed:\n%s", traceback.format_exc())
         reporter.send("error", process="server", message=f"{type(e).__name__}: {e}")

@@ -55,6 +55,15 @@ class Store:
         out = self._finite if grad.shape == self._finite.shape else None  # a reused buffer: no allocation
         return bool(np.isfinite(grad, out=out).all())
 
+    def measure(self, grad: np.ndarray) -> tuple[bool, float]:
+        """(every entry finite, the L2 norm) in one pass when the norm is finite (a sum of squares holding a NaN or
+        Inf is not). A finite gradient with entries above about 1e154 (float64) has an infinite norm."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = float(np.linalg.norm(grad))
+        if np.isfinite(norm):
+            return True, norm
+        return self.finite(grad), norm
+
     # ------------------------------------------------------------------ updates
     def push(self, grad: np.ndarray, keys: np.ndarray | None = None) -> None:
         """BSP: add a (clipped) gradient to the step being collected."""
@@ -147,14 +156,16 @@ class Store:
                 "optimizer": {"name": opt["name"], "steps": opt["steps"]}}
         return meta, {"theta": self.theta, **{f"opt.{k}": v for k, v in opt["arrays"].items()}}
 
-    def load(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-        """Restore state(); ValueError (theta unchanged) when it does not fit this store."""
+    def load(self, meta: dict, arrays: dict[str, np.ndarray], optimizer: bool = True) -> None:
+        """Restore state(); ValueError (theta unchanged) when it does not fit this store. optimizer=False: theta
+        only, the optimizer starts afresh (a resume that deliberately changes train.optimizer)."""
         theta = arrays["theta"]
         if theta.shape != self.theta.shape or theta.dtype != self.theta.dtype:
             raise ValueError(f"theta is {theta.dtype} {theta.shape}; this model needs {self.theta.dtype} "
                              f"{self.theta.shape}")
-        self.opt.load_state_dict({**meta["optimizer"],
-                                  "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
+        if optimizer:
+            self.opt.load_state_dict({**meta["optimizer"],
+                                      "arrays": {k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
         if self.writer is not None:
             self.writer.begin_write()
         self.theta[...] = theta

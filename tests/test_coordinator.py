@@ -17,7 +17,8 @@ from psrv.membership import MAX_PEERS
 
 from .coord_harness import SID, H, ident
 
-WAIT = {"server__heartbeat_timeout_s": 1000.0}  # tests that move time without heartbeats
+# tests that move time without heartbeats (or without pushes: no progress deadline)
+WAIT = {"server__heartbeat_timeout_s": 1000.0, "server__progress_deadline_s": 1000.0}
 
 
 def snapshot(h: H) -> tuple:
@@ -29,19 +30,19 @@ def snapshot(h: H) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------- joining
-def test_join_welcomes_first_and_the_nth_hello_opens_the_gate_for_the_parked_pulls():
+def test_join_welcomes_and_the_nth_first_pull_opens_the_gate_for_the_parked_pulls():
     h = H(3)
     assert h.P(h.hello(0)) == [("Welcome", 0, 1, 1)]
     assert h.P(h.pull(0)) == []                      # parked: the gate is closed
     assert h.P(h.hello(1)) == [("Welcome", 1, 1, 3)]
     assert h.P(h.pull(1)) == []
     assert not h.c.gate.open and sorted(h.c.parked) == [0, 1]
-    out = h.hello(2)
-    assert out == [ev.Welcome(ident(2), h.c.members.peers[2], 5),
-                   ev.Theta(ident(0), 0, 0, [0, 0, 0, 4], False, 2),
-                   ev.Theta(ident(1), 0, 0, [1, 0, 0, 4], False, 4)]
+    # a hello registers; the worker enters the run (shards, the gate) at its first pull, when its rows are ready
+    assert h.hello(2) == [ev.Welcome(ident(2), h.c.members.peers[2], 5)]
+    assert not h.c.gate.open and sorted(h.c.gate.members) == [0, 1] and h.c.schedule.lease == {0: 0, 1: 1, 2: 0}
+    assert h.P(h.pull(2)) == [("Theta", 0, 0, 0, [0, 0, 0, 4], 2), ("Theta", 1, 0, 0, [1, 0, 0, 4], 4),
+                              ("Theta", 2, 0, 0, [2, 0, 0, 4], 6)]   # in the order they asked
     assert h.c.gate.open and h.c.started_s == 0.0 and not h.c.parked
-    assert h.P(h.pull(2)) == [("Theta", 2, 0, 0, [2, 0, 0, 4], 6)]
 
 
 def test_hellos_before_the_gate_opens_get_no_theta():
@@ -143,7 +144,7 @@ def test_update_carries_the_pushed_array_itself():
 
 
 def test_ssp_the_death_of_the_slowest_is_not_enough_when_another_lags():
-    h = H(3, train__consistency="ssp", train__staleness=1)
+    h = H(3, train__consistency="ssp", train__staleness=1, server__progress_deadline_s=100.0)
     h.start()
     h.push(0)
     assert h.P(h.push(0)) == [("Update", (0, 1), 0, 2, 1 / 3)]       # clock 2 is 2 ahead of workers 1 and 2
@@ -228,13 +229,16 @@ def test_a_hello_for_a_live_worker_replaces_it():
     h = H(2)
     h.start()
     assert h.P(h.push(0)) == [("Accumulate", (0, 0))]
-    # the old incarnation held the step back: its leaving completes it; its batch goes back to shard 1
-    assert h.P(h.hello(1)) == [("ApplyStep", 0, 1), ("Welcome", 1, 2, 6), ("Theta", 0, 1, 1, [0, 0, 4, 4], 5)]
+    # the old incarnation held the step back: its leaving completes it; its batch goes back to shard 1, which
+    # worker 0 holds until the new incarnation is in the run (its first pull), and reads first
+    assert h.P(h.hello(1)) == [("ApplyStep", 0, 1), ("Welcome", 1, 2, 6), ("Theta", 0, 1, 1, [1, 0, 0, 4], 5)]
     m = h.c.members
     assert (m.deaths, m.restarts, m.stale_pushes) == (0, 1, 0)
+    assert h.c.schedule.lease == {0: 0, 1: 0} and list(h.c.gate.members) == [0]
     assert h.P(h.push(1, inc=1, clock=0, count=4, version=0)) == [("Error", 1, "stale_incarnation", 7)]
     assert m.stale_pushes == 1
-    assert h.P(h.pull(1)) == [("Theta", 1, 1, 1, [1, 0, 0, 4], 8)]
+    assert h.P(h.pull(1)) == [("Theta", 1, 1, 1, [1, 0, 4, 4], 8)]    # shard 1 is its own again
+    assert h.c.schedule.lease == {0: 0, 1: 1} and sorted(h.c.gate.members) == [0, 1]
 
 
 def test_bye_hands_the_batch_back_and_releases_the_step():
@@ -288,8 +292,8 @@ ERRORS = [
     ("wrong count", lambda h: h.push(0, count=3, rid=700), "bad_field", 0),
     ("version never served", lambda h: h.push(0, version=1, rid=700), "bad_field", 0),
     ("negative version", lambda h: h.push(0, version=-1, rid=700), "bad_field", 0),
-    ("NaN loss", lambda h: h.push(0, loss=math.nan, rid=700), "bad_field", 0),
-    ("infinite loss", lambda h: h.push(0, loss=math.inf, rid=700), "bad_field", 0),
+    ("NaN compute_s", lambda h: h.push(0, compute_s=math.nan, rid=700), "bad_field", 0),
+    ("infinite request_s", lambda h: h.push(0, request_s=math.inf, rid=700), "bad_field", 0),
     ("negative compute_s", lambda h: h.push(0, compute_s=-1.0, rid=700), "bad_field", 0),
     ("negative request_s", lambda h: h.push(0, request_s=-0.5, rid=700), "bad_field", 0),
     ("huge compute_s", lambda h: h.push(0, compute_s=1e7, rid=700), "bad_field", 0),
@@ -533,14 +537,16 @@ def test_join_timeout_fails_naming_the_missing_ids():
     h = H(3, server__join_timeout_s=10.0, **WAIT)
     h.hello(0), h.hello(2), h.pull(0)
     assert h.P(h.tick(10.0)) == []
-    assert h.P(h.tick(10.5)) == [("Fail", "only 2 of 3 workers joined within 10 s (missing worker ids: [1])")]
+    assert h.P(h.tick(10.5)) == [("Fail", "only 1 of 3 workers joined within 10 s (missing worker ids: [1]; said "
+                                          "hello but never pulled: [2])")]
 
 
 def test_a_server_started_alone_waits_for_its_workers_as_long_as_it_takes():
     h = H(2, alone=True, server__join_timeout_s=10.0, **WAIT)
-    h.hello(0)
+    h.hello(0), h.pull(0)
     assert h.P(h.tick(500.0)) == []
-    assert h.P(h.hello(1)) == [("Welcome", 1, 1, 2)] and h.c.gate.open
+    assert h.P(h.hello(1)) == [("Welcome", 1, 1, 3)] and not h.c.gate.open
+    assert h.P(h.pull(1)) == [("Theta", 0, 0, 0, [0, 0, 0, 4], 2), ("Theta", 1, 0, 0, [1, 0, 0, 4], 4)]
 
 
 def test_finish_is_emitted_exactly_once():
@@ -630,8 +636,8 @@ def test_restore_serves_the_inflight_batches_again_first_and_resumes_the_clocks(
     h2.c.restore(st)
     assert h2.P(h2.hello(0)) == [("Welcome", 0, 2, 1)]
     assert h2.P(h2.pull(0, 0)) == []
-    assert h2.P(h2.hello(1)) == [("Welcome", 1, 2, 3), ("Theta", 0, 3, 3, [0, 0, 12, 4], 2)]
-    assert h2.P(h2.pull(1, 0)) == [("Theta", 1, 3, 3, [1, 0, 12, 4], 4)]
+    assert h2.P(h2.hello(1)) == [("Welcome", 1, 2, 3)]
+    assert h2.P(h2.pull(1, 0)) == [("Theta", 0, 3, 3, [0, 0, 12, 4], 2), ("Theta", 1, 3, 3, [1, 0, 12, 4], 4)]
     assert h2.P(h2.push(0)) == [("Accumulate", (0, 3))]
     assert h2.P(h2.push(1)) == [("Accumulate", (1, 3)), ("ApplyStep", 3, 4), ("Theta", 1, 4, 4, [1, 0, 16, 4], 6),
                                 ("Theta", 0, 4, 4, [0, 0, 16, 4], 5)]
@@ -646,7 +652,8 @@ def test_restore_opens_with_the_workers_that_were_training():
     h2.c.restore(st)
     assert h2.c.n_start == 2
     h2.hello(0), h2.pull(0)
-    assert h2.P(h2.hello(1)) == [("Welcome", 1, 2, 3), ("Theta", 0, 1, 1, [0, 0, 4, 4], 2)]
+    assert h2.P(h2.hello(1)) == [("Welcome", 1, 2, 3)]
+    assert h2.P(h2.pull(1)) == [("Theta", 0, 1, 1, [0, 0, 4, 4], 2), ("Theta", 1, 1, 1, [1, 0, 4, 4], 4)]
 
 
 def test_restore_join_timeout_opens_without_the_missing_workers():
@@ -680,8 +687,8 @@ def test_restore_in_the_middle_of_a_bsp_step_does_not_deadlock():
     h2.c.restore(st)
     h2.hellos([0, 1])
     # both batches of step 3 were handed back: each worker computes step 3 again
-    assert h2.P(h2.pull(0, 0)) == [("Theta", 0, 3, 3, [0, 0, 12, 4], 3)]
-    assert h2.P(h2.pull(1, 0)) == [("Theta", 1, 3, 3, [1, 0, 12, 4], 4)]
+    assert h2.P(h2.pull(0, 0)) == []
+    assert h2.P(h2.pull(1, 0)) == [("Theta", 0, 3, 3, [0, 0, 12, 4], 3), ("Theta", 1, 3, 3, [1, 0, 12, 4], 4)]
     h2.push(0)
     assert h2.P(h2.push(1))[:2] == [("Accumulate", (1, 3)), ("ApplyStep", 3, 4)]
 
@@ -695,7 +702,8 @@ def test_restore_at_train_steps_serves_no_more_steps(mode):
     h2 = H(2, now=100.0, train__steps=3, train__consistency=mode)
     h2.c.restore(h.c.state(h.now))
     h2.hellos([0, 1])
-    assert h2.P(h2.pull(0, 0)) == [("Stop", 0, "steps", 3)]
+    # worker 1 has only said hello: it is not in the run, and not waited for
+    assert h2.P(h2.pull(0, 0)) == [("Stop", 0, "steps", 3), ("Finish", "steps")]
 
 
 # ---------------------------------------------------------------------------------------------------- status, scale
