@@ -34,7 +34,8 @@ def usable_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
-CORE_LOCK_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+# not /dev/shm: that holds only shared-memory segments, and a listing of it is how a leaked one is found
+CORE_LOCK_DIR = os.path.join(tempfile.gettempdir(), "psrv-cores")
 
 
 class CoreClaim:
@@ -71,6 +72,9 @@ def _lock_core(lock_dir: str, core: int) -> int | None:
     file cannot be opened): the core is then treated as free, as before core locks."""
     path = os.path.join(lock_dir, f"psrv_core_{core}.lock")
     try:
+        if not os.path.isdir(lock_dir):
+            os.makedirs(lock_dir, exist_ok=True)
+            os.chmod(lock_dir, 0o1777)  # every user's runs lock here; the sticky bit keeps their files theirs
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError:
         return -1
