@@ -23,14 +23,8 @@ ZMQError = zmq.ZMQError
 
 
 def context() -> zmq.Context:
-    """A fresh context for this process. Never share one across fork (we only ever spawn).
-
-    Its I/O thread may run on any core: a pinned process's threads inherit its single core, and the I/O thread
-    then preempts the very thread that just sent (a small push cost 225 us pinned against 71 us here)."""
-    ctx = zmq.Context()
-    for core in range(os.cpu_count() or 1):
-        ctx.set(zmq.THREAD_AFFINITY_CPU_ADD, core)
-    return ctx
+    """A fresh context for this process. Never share one across fork (we only ever spawn)."""
+    return zmq.Context()
 
 
 def _common(sock: zmq.Socket) -> zmq.Socket:
