@@ -229,6 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("all", "server"), default="all",
                    help="server: start only the server; workers join with --attach")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest valid checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: continue as another job (model.kind, data, "
+                                                        "train.consistency or train.optimizer changed)")
     p.add_argument("--attach", metavar="ADDRESS", help="start --workers N workers that join the server at ADDRESS")
     p.add_argument("--status", metavar="ADDRESS", help="print the state of the server at ADDRESS and exit")
     p.add_argument("--json", action="store_true", help="with --status: print JSON")
@@ -272,6 +274,11 @@ def main(argv=None) -> int:
         overrides.append(("train", "workers", args.workers))
     if args.keys:
         overrides.append(("worker", "keys", args.keys))
+    if args.force:
+        if not args.resume:
+            print("psrv: error: --force only applies to --resume", file=sys.stderr)
+            return 2
+        overrides.append(("checkpoint", "resume_force", True))
     try:
         if args.keygen:
             from . import transport

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from collections import deque
 
+from .outputs import strict
+
 PLOT_POINTS = 2000  # points of each curve kept for loss.png; metrics.jsonl has every line
 
 
@@ -94,7 +96,8 @@ class Metrics:
         return before - recent <= self.tol * abs(before)
 
     def _write(self, rec: dict) -> None:
-        self.fh.write(json.dumps(rec) + "\n")
+        # strict JSON whatever reaches here: a number that is not finite is written as null
+        self.fh.write(json.dumps(strict(rec), allow_nan=False) + "\n")
 
     def close(self) -> None:
         if not self.fh.closed:

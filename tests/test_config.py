@@ -100,3 +100,9 @@ def test_to_toml_round_trips():
 def test_shipped_configs_load():
     for p in (ROOT / "configs").glob("*.toml"):
         config.load(p)
+
+
+def test_force_applies_only_to_resume(capsys):
+    from psrv.launch import main
+    assert main(["--force"]) == 2
+    assert "--force only applies to --resume" in capsys.readouterr().err

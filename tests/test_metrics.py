@@ -67,3 +67,12 @@ def test_thinned_keeps_first_last_and_at_most_cap(n):
     assert len(p) <= 8 and (p[0], p[-1]) == (0, n - 1) if n else p == []
     assert p == list(range(n)) if n < 8 else len(p) >= 4
     assert len({b - a for a, b in zip(p[:-1], p[1:-1])}) <= 1
+
+
+def test_lines_are_strict_json_even_for_a_number_that_is_not_finite(tmp_path):
+    m = Metrics(str(tmp_path / "m.jsonl"))
+    m.log_eval(3, 0.5, float("inf"), float("nan"), "r2")
+    m.close()
+    line = (tmp_path / "m.jsonl").read_text()
+    assert "Infinity" not in line and "NaN" not in line
+    assert json.loads(line)["test_loss"] is None

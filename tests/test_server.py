@@ -1,6 +1,7 @@
 """The server loop in one process (server and an honest worker on threads, real ZeroMQ sockets): malformed
 messages get error replies, and the honest worker trains to the end regardless."""
 import threading
+import time
 
 import msgpack
 import numpy as np
@@ -149,6 +150,53 @@ def test_status_reply(cluster):
         # a worker is in the run (in the gate, with a clock) from its first pull on; before it, its clock is -1
         assert w["pid"] > 0 and w["host"] and w["clock"] >= (0 if w["ready"] else -1) and w["last_seen_s"] >= 0 \
             and w["alive"] in (True, False)
+
+
+def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
+    """The test plays a server that stalls (a long checkpoint, say) with the worker's pull and heartbeats queued,
+    then answers the heartbeats in a burst before it reads the pull, which it answers right after: the worker
+    waits for that answer instead of calling its request lost (and registering again)."""
+    from psrv import transport
+    from workers.client import Heartbeat
+
+    ctx = zmq.Context()
+    router, address = transport.router(ctx, "tcp://127.0.0.1:0")
+    client = Client(address, timeout_s=30)
+    client.wid, client.inc, client.server_id = 0, 1, "srv"
+    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.05)
+    client.heartbeat.start()
+    stop = threading.Event()
+
+    def fake_server():
+        time.sleep(0.6)                                  # stalled: 12 heartbeat periods, everything queued
+        held = []
+        while router.poll(0):
+            held.append(router.recv_multipart())
+        for ident, *frames in held:                      # heartbeats first, in a burst
+            h, _ = protocol.decode(frames)
+            if h["op"] == "heartbeat":
+                router.send_multipart([ident, msgpack.packb({"op": "heartbeat", "server_id": "srv", "step": 0,
+                                                             "alive": True, "waiting": False})])
+        time.sleep(0.05)
+        for ident, *frames in held:                      # then the pull
+            h, _ = protocol.decode(frames)
+            if h["op"] == "pull":
+                router.send_multipart([ident, msgpack.packb({"op": "theta", "clock": 0, "version": 0,
+                                                             "batch": [0, 0, 0, 1], "rid": h["rid"]})])
+        while not stop.is_set():
+            if router.poll(20):
+                router.recv_multipart()
+    t = threading.Thread(target=fake_server, daemon=True)
+    t.start()
+    try:
+        h, _ = client.pull(0)
+        assert h["op"] == "theta"
+    finally:
+        stop.set()
+        t.join(5)
+        client.close()
+        router.close(linger=0)
+        ctx.term()
 
 
 def test_a_lost_request_is_noticed_while_the_server_is_alive():

@@ -143,12 +143,11 @@ def test_resume_with_another_model_kind_is_refused_naming_model_kind(launch, tmp
                  train__batch_size=16)
     la = launch(*again, "--set", "model.kind=logistic", "--resume", str(out))
     code, _, err = la.wait()
-    assert code != 0
+    assert code == 2
     assert "model.kind was 'linear', now 'logistic'" in err and "--force" in err and str(out) in err
     la.assert_no_leftovers()
     # the deliberate change: theta carries over
-    la = launch(*again, "--set", "model.kind=logistic", "--set", "checkpoint.resume_force=true", "--resume",
-                str(out), "-v")
+    la = launch(*again, "--set", "model.kind=logistic", "--force", "--resume", str(out), "-v")
     code, _, err = la.wait()
     assert code == 0, err
     assert "resuming" in err and "as another job (checkpoint.resume_force): model.kind was 'linear'" in err

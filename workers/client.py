@@ -6,6 +6,7 @@ server itself has gone quiet.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -50,6 +51,7 @@ class Heartbeat(threading.Thread):
         self.server_id: str | None = None
         self.declared_dead = False
         self.last_waiting_s = 0.0  # when the server last said it holds a pull of ours
+        self.heard: collections.deque = collections.deque(maxlen=4 * LOST_AFTER_BEATS)  # when replies came
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -69,6 +71,7 @@ class Heartbeat(threading.Thread):
                         continue
                     if h["op"] == Op.HEARTBEAT.value:
                         self.last_heard_s = time.monotonic()
+                        self.heard.append(self.last_heard_s)
                         self.server_id = h["server_id"]
                         self.declared_dead = not h["alive"]
                         if h["waiting"]:
@@ -134,9 +137,13 @@ class Client:
                     raise RemoteError("dead", f"the server declared worker {self.wid} (incarnation {self.inc}) "
                                               f"dead while it waited for {op}")
                 # the server has kept answering heartbeats for a while since the request (so it is alive) without
-                # holding a pull of ours, and no reply came: the request or its reply was lost
-                answering_idle_s = hb.last_heard_s - max(start, hb.last_waiting_s)
-                if op in ("pull", "push") and answering_idle_s > LOST_AFTER_BEATS * hb.interval_s:
+                # holding a pull of ours, and no reply came: the request or its reply was lost. Measured from the
+                # first such answer, over several: after a stall the server answers queued heartbeats (another
+                # connection) in a burst before it reads the request, and a burst is not a while.
+                since = max(start, hb.last_waiting_s)
+                idle = [t for t in list(hb.heard) if t > since]  # a copy: the heartbeat thread appends
+                if op in ("pull", "push") and len(idle) > LOST_AFTER_BEATS \
+                        and idle[-1] - idle[0] > LOST_AFTER_BEATS * hb.interval_s:
                     raise RemoteError("lost", f"no reply to {op} for {time.monotonic() - start:.1f} s while the "
                                               f"server, answering, holds nothing of worker {self.wid}: the request or "
                                               f"its reply was lost")

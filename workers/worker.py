@@ -158,6 +158,9 @@ class Worker:
         self.rejoin = train.get("rejoin", True)
         if self.rows is None:
             self.rows = Rows(welcome, self.local, self.prefix, self.wid)
+        if not self.local:  # load the rows it will read before its first pull: only then does it enter the run
+            for shard in welcome["data"].get("expected_shards", []):
+                self.rows.get(shard)
         plane = Plane(welcome)
         try:
             return self._steps(welcome, train, m, plane)
