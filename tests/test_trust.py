@@ -176,3 +176,47 @@ def test_a_full_disk_names_the_file(launch, tmp_path):
     assert code == 1
     assert f"cannot write the metrics {out / 'metrics.jsonl'}: No space left on device" in err, err
     la.assert_no_leftovers()
+
+
+def test_a_hello_with_the_highest_worker_id_does_not_block_later_attaches(launch, tmp_path):
+    """Finding 6: one hello asking for id 2^20 - 1 must not exhaust the ids the server hands out to --attach."""
+    from psrv.membership import MAX_WID
+    out = tmp_path / "out"
+    srv = launch(*sets(data__n=4000, data__d=5, train__workers=1, train__steps=200), *FAST, "--role", "server",
+                 "--set", f"output.dir={out}")
+    address = srv.proc.stdout.readline().split()[1]
+    squatter = Client(address, timeout_s=10)
+    try:
+        assert squatter.hello(MAX_WID - 1, local=False)["wid"] == MAX_WID - 1
+    finally:
+        squatter.close()
+    workers = launch("--attach", address, "--workers", "1")
+    assert workers.wait()[0] == 0
+    code, _, err = srv.wait()
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 200 and "1" in s["pushes_applied"]     # the attached worker got id 1 and trained
+    workers.assert_no_leftovers()
+    srv.assert_no_leftovers()
+
+
+def test_a_long_run_keeps_its_status_summary_and_checkpoint_small(launch, tmp_path):
+    """Finding 5: thousands of epochs on a tiny shard; what the server reports and saves does not grow with them."""
+    from psrv import protocol
+    import msgpack
+    out = tmp_path / "out"
+    la = launch(*sets(data__n=16, data__d=3, data__test_fraction=0, train__workers=1, train__batch_size=8,
+                      train__epochs=6000, train__log_every=1000, checkpoint__every_steps=4000), *FAST,
+                "--set", f"output.dir={out}")
+    address = address_of(out)
+    wait_for(lambda: step_of(address) >= 4000, 120, what="4,000 steps (2,000 epochs)")
+    st = status(address, timeout_s=10)
+    assert len(msgpack.packb(st)) < 4096 < protocol.HEADER_MAX_BYTES and len(st["rows_visited"]) <= 8
+    code, _, err = la.wait(timeout_s=180)
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stopped_by"] == "epochs" and len(s["rows_visited"]) <= 8
+    assert sum(s["rows_visited"].values()) + s["rows_visited_before"] == 16 * 6000   # every row of every epoch
+    assert (out / "summary.json").stat().st_size < 8192
+    assert max(p.stat().st_size for p in (out / "checkpoints").iterdir()) < 16384
+    la.assert_no_leftovers()
