@@ -142,8 +142,9 @@ class Server:
                                 "the run's 17th accepted push on): never applied, counted like a non-finite one; 0 "
                                 "turns it off", lo=0)
     progress_deadline_s: float = opt(5.0, "a worker that holds a batch or the barrier this long without pushing "
-                                     "(or 10 x the median time a batch is held, if longer) while others wait is a "
-                                     "straggler: the others go on, its batch and shards move; 0 turns it off", lo=0)
+                                     "(or 10 x the median time a batch is held, if longer) while others wait or "
+                                     "make progress is a straggler: the others go on, its batch and shards move; 0 "
+                                     "turns it off", lo=0)
     heartbeat_timeout_s: float = opt(5.0, "silence after which a worker is declared dead", lo=0.1, hi=3600)
     join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join "
                                 "(a server started alone with --role server waits as long as it takes)",
@@ -283,7 +284,7 @@ def check_combinations(cfg: Config) -> None:
                           f"got {t.backup_workers}")
     if t.local_steps > 1:
         other = {"train.optimizer": (t.optimizer, "sgd"), "train.lr_schedule": (t.lr_schedule, "constant"),
-                 "model.l2": (cfg.model.l2, 0.0)}
+                 "model.l2": (cfg.model.l2, 0.0), "train.clip_norm": (t.clip_norm, 0.0)}
         for key, (got, need) in other.items():
             if got != need:
                 raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "

@@ -185,8 +185,9 @@ def status(address: str, timeout_s: float = 5.0, keys: str = "") -> dict:
     socket of its own, not through workers.client: psrv never imports the workers package, which depends on it."""
     from . import protocol, transport
     ctx = transport.context()
-    sock = transport.dealer(ctx, address, keys)
+    sock = None
     try:
+        sock = transport.dealer(ctx, address, keys)
         transport.send(sock, protocol.encode({"op": protocol.Op.STATUS.value, "rid": 1}))
         frames = transport.recv(sock, int(timeout_s * 1000))
         if frames is None:
@@ -196,7 +197,8 @@ def status(address: str, timeout_s: float = 5.0, keys: str = "") -> dict:
             raise RunError("server", f"{h['code']}: {h['reason']}")
         return h["state"]
     finally:
-        sock.close(linger=0)
+        if sock is not None:
+            sock.close(linger=0)
         ctx.term()
 
 

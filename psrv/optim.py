@@ -87,6 +87,7 @@ class _Optimizer:
 
     def load_state_dict(self, d: dict) -> None:
         """Restore a state_dict() exactly; ValueError (and nothing changed) if it does not fit this optimizer."""
+        d = self._upgrade(d)
         if d.get("name") != self.name:
             raise ValueError(f"optimizer state is for {d.get('name')!r}, not {self.name!r}")
         steps = d.get("steps")
@@ -111,6 +112,10 @@ class _Optimizer:
 
     def _loaded(self) -> None:
         pass
+
+    def _upgrade(self, d: dict) -> dict:
+        """A state_dict() of an earlier version, in this version's form."""
+        return d
 
 
 class SGD(_Optimizer):
@@ -200,6 +205,13 @@ class Adam(_Optimizer):
 
     def _expected(self, key):
         return ((self.shape[0],), np.dtype(np.int64)) if key == "t" else (self.shape, self.dtype)
+
+    def _upgrade(self, d):
+        # before per-row counts every row had had every update: its count is the optimizer's step count
+        arrays, steps = d.get("arrays", {}), d.get("steps")
+        if "t" not in arrays and isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+            return {**d, "arrays": {**arrays, "t": np.full(self.shape[0], steps, np.int64)}}
+        return d
 
     def _loaded(self):
         t = self.state["t"]

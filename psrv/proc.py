@@ -56,13 +56,14 @@ class CoreClaim:
             fd = _lock_core(lock_dir, core)
             if fd is None:
                 self.held_elsewhere.append(core)
-            elif fd >= 0:
-                self._fds[core] = fd
+            else:
+                self._fds[core] = fd   # -1: no lock could be taken here; the core counts as free
         self.cores = sorted(self._fds)
 
     def release(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
         self.cores = []
 
@@ -221,6 +222,7 @@ class Reporter:
         self.dropped = 0                            # progress events not sent because the pipe was full
         self._lock = threading.Lock()
         self._writer: threading.Thread | None = None  # the last blocking write, while it is still going
+        self.gave_up = False   # an event went unread for wait_s: later ones do not wait again
 
     def send(self, event: str, **fields) -> bool:
         """True if the event was written to the pipe."""
@@ -259,7 +261,8 @@ class Reporter:
     def _send_waiting(self, event: str, data: bytes) -> bool:
         deadline = time.monotonic() + self.wait_s
         if self._writer is not None:
-            self._writer.join(max(0.0, deadline - time.monotonic()))
+            # a launcher that has already left one event unread for wait_s is not waited for again
+            self._writer.join(0.0 if self.gave_up else max(0.0, deadline - time.monotonic()))
             if self._writer.is_alive():
                 logging.getLogger("psrv").warning("the launcher has read nothing for %g s; event %r not sent",
                                                   self.wait_s, event)
@@ -279,6 +282,7 @@ class Reporter:
         if self._writer.is_alive():
             logging.getLogger("psrv").warning("the launcher has not read event %r for %g s; going on without "
                                               "waiting for it", event, self.wait_s)
+            self.gave_up = True
             return False
         self._writer = None
         return bool(sent)

@@ -30,8 +30,9 @@ class Sanctions:
             what = "a gradient with NaN or Inf" if norm != norm or norm == float("inf") else f"loss {e.loss!r}"
         log.warning("worker %d pushed %s at clock %d; refused (%s, %d in a row)", p.wid, what, e.clock, why,
                     p.bad_streak + 1)
-        if p.bad_streak + 1 >= self.members.max_bad_pushes and \
-                all(self.members.peers[w].bad_streak > 0 for w in self.gate.members if w != p.wid):
+        others = [w for w in self.gate.members if w != p.wid]
+        if p.bad_streak + 1 >= self.members.max_bad_pushes and others and \
+                all(self.members.peers[w].bad_streak > 0 for w in others):
             # not one peer misbehaving: nobody's pushes are accepted any more
             self._diverged(f"every worker's pushes are refused; the last: {what}")
             return True

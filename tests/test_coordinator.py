@@ -773,3 +773,11 @@ def test_summary_per_worker_counts_stay_bounded():
     out = report._per_worker(counts)
     assert len(out) == report.STATUS_WORKERS + 1 and sum(out.values()) == sum(counts.values())
     assert report._per_worker({3: 1, 1: 2}) == {"1": 2, "3": 1}
+
+
+def test_a_lone_worker_whose_pushes_are_refused_is_quarantined_not_called_diverged():
+    h = H(1, server__max_bad_pushes=2)
+    h.start()
+    h.push(0, value=np.nan)
+    out = h.P(h.push(0, value=np.nan))
+    assert out[0][:3] == ("Error", 0, "quarantined") and not any(i[0] == "Fail" for i in out)

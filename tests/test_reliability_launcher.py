@@ -11,7 +11,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 import uuid
 
 import pytest
@@ -186,14 +185,12 @@ def test_progress_never_blocks_on_a_launcher_that_does_not_read():
     rep = proc.Reporter(w)
     # 3,000 events of about 100 bytes: several times what a pipe holds (64 KiB)
     t = threading.Thread(target=lambda: [progress(rep, i) for i in range(3000)], daemon=True)
-    started = time.monotonic()
     t.start()
     t.join(20)
     blocked = t.is_alive()
     r.close()            # lets a blocked writer fail (EPIPE) and end
     w.close()
     assert not blocked, "Reporter.send blocked on a full pipe"
-    assert time.monotonic() - started < 20
     assert rep.dropped > 0
 
 
@@ -223,10 +220,9 @@ def test_an_event_that_matters_waits_a_bounded_time_for_a_launcher_that_never_re
     rep = proc.Reporter(w, wait_s=1.0)
     for i in range(3000):
         progress(rep, i)
-    started = time.monotonic()
     assert rep.send("done", summary={"note": "x" * 200_000}) is False
     assert rep.send("error", message="later") is False            # behind the unfinished one: not interleaved
-    assert time.monotonic() - started < 10
+    assert rep.gave_up                                            # ... and not waited for again
     r.close()
     w.close()
 
@@ -373,15 +369,15 @@ def test_two_concurrent_runs_do_not_pin_to_the_same_cores(launch, tmp_path):
 @pytest.mark.slow
 def test_a_final_evaluation_longer_than_the_old_grace_period_is_waited_for(launch, tmp_path):
     # the full-pass loss at the end of the run takes 12 s (the launcher used to give up after 10 s of no worker)
-    env = {"PYTHONPATH": str(ROOT), "PSRV_TEST_SLOW_ROWS": "4000", "PSRV_TEST_SLOW_S": "12"}
-    started = time.monotonic()
+    mark = tmp_path / "slept"
+    env = {"PYTHONPATH": str(ROOT), "PSRV_TEST_SLOW_ROWS": "4000", "PSRV_TEST_SLOW_S": "12",
+           "PSRV_TEST_SLOW_MARK": str(mark)}
     la = launch("-q", "--set", "model.kind=tests.slow_model:SlowFinish", "--set", "data.n=4000",
                 "--set", "data.d=5", "--set", "train.workers=1", "--set", "train.steps=50",
                 "--set", "train.lr=0.05", "--set", f"output.dir={tmp_path / 'out'}", env=env)
     code, out, err = la.wait(timeout_s=180)
     assert code == 0, err
-    assert time.monotonic() - started > 12          # the slow finish did happen
-    assert "done (steps): 50 steps" in out
+    assert "done (steps): 50 steps" in out and mark.read_text().startswith("slept")   # the slow finish happened
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 50
     la.assert_no_leftovers()
 

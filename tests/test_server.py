@@ -163,12 +163,12 @@ def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
     router, address = transport.router(ctx, "tcp://127.0.0.1:0")
     client = Client(address, timeout_s=30)
     client.wid, client.inc, client.server_id = 0, 1, "srv"
-    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.05)
+    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.1)
     client.heartbeat.start()
     stop = threading.Event()
 
     def fake_server():
-        time.sleep(0.6)                                  # stalled: 12 heartbeat periods, everything queued
+        time.sleep(1.2)                                  # stalled: 12 heartbeat periods, everything queued
         held = []
         while router.poll(0):
             held.append(router.recv_multipart())

@@ -172,3 +172,11 @@ def test_state_round_trips_and_later_updates_agree(name):
 def test_optimizers_without_row_state_keep_their_checkpoint_shape():
     theta = np.zeros((3, 2))
     assert optim.Adam(theta, beta1=0.9, beta2=0.99, eps=1e-8).state_dict()["arrays"]["t"].shape == (3,)
+
+
+def test_adam_state_from_before_per_row_counts_loads_with_every_row_at_the_step_count():
+    theta = np.zeros((3, 2))
+    old = {"name": "adam", "steps": 7, "arrays": {"m": np.ones((3, 2)), "v": np.ones((3, 2))}}
+    opt = optim.Adam(theta, beta1=0.9, beta2=0.99, eps=1e-8)
+    opt.load_state_dict(old)
+    np.testing.assert_array_equal(opt.state_dict()["arrays"]["t"], [7, 7, 7])
