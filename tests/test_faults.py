@@ -174,8 +174,10 @@ def test_workers_attach_mid_run_show_in_status_and_leave(launch, tmp_path):
     address = address_of(tmp_path / "out")
     reach_step(address, 100)
     attach = launch("--attach", address, "--workers", "1")
-    st = wait_for(lambda: (lambda s: s if len(s["workers"]) == 3 and all(w["alive"] for w in s["workers"])
-                           else None)(state(address)), 60, what="the attached worker in the status")
+    # it is in the status at its hello, and in the run (with shards) from its first pull, once its rows are loaded
+    st = wait_for(lambda: (lambda s: s if len(s["workers"]) == 3 and all(w["alive"] and w["shards"]
+                                                                          for w in s["workers"])
+                           else None)(state(address)), 60, what="the attached worker in the run")
     joined = next(w for w in st["workers"] if w["wid"] >= 2)
     assert len(joined["shards"]) == 2                           # 6 shards over 3 workers: it took 2
     wait_for(lambda: next(w for w in state(address)["workers"] if w["wid"] == joined["wid"])["pushes"] > 10, 60,
