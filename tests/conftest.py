@@ -26,6 +26,24 @@ def wait_for(cond, timeout_s: float = 30.0, interval_s: float = 0.05, what: str 
         time.sleep(interval_s)
 
 
+# fast fault detection for process tests, so that each takes seconds
+FAST = ["--set", "server.heartbeat_timeout_s=1.5", "--set", "worker.heartbeat_interval_s=0.2"]
+
+
+def sets(**kv) -> list[str]:
+    """--set arguments from keyword arguments: train__steps=5 -> ["--set", "train.steps=5"]."""
+    out = []
+    for k, v in kv.items():
+        out += ["--set", f"{k.replace('__', '.')}={v}"]
+    return out
+
+
+def address_of(out) -> str:
+    """The address a run writes into its output folder, once it has."""
+    path = out / "address"
+    return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Processes whose environment carries PSRV_TEST_TAG=tag: a launcher and every child it started."""
     needle = f"PSRV_TEST_TAG={tag}".encode()

@@ -16,25 +16,14 @@ from psrv import checkpoint
 from psrv.launch import status
 from workers import faults
 
-from .conftest import LAUNCH, shm_of, tagged_pids, wait_for
+from .conftest import FAST, LAUNCH, address_of, shm_of, tagged_pids, wait_for
+from .conftest import sets as args
 
 pytestmark = pytest.mark.slow
 
-# fast fault detection so that each test takes seconds
-FAST = ["--set", "server.heartbeat_timeout_s=1.5", "--set", "worker.heartbeat_interval_s=0.2"]
 DATA = ["--set", "data.n=20000", "--set", "data.d=10"]
 
 
-def args(**kv):
-    out = []
-    for k, v in kv.items():
-        out += ["--set", f"{k.replace('__', '.')}={v}"]
-    return out
-
-
-def address_of(out):
-    path = out / "address"
-    return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
 
 
 def state(address):

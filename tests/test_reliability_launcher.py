@@ -19,15 +19,11 @@ from psrv import blocks, proc
 from psrv.errors import ServerLost
 from psrv.launch import status
 
-from .conftest import LAUNCH, ROOT, shm_of, tagged_pids, wait_for
+from .conftest import LAUNCH, ROOT, address_of, shm_of, tagged_pids, wait_for
 
 SMALL = ["--set", "data.n=4000", "--set", "train.workers=2"]
 LONG = ["--set", "train.steps=1000000000"]
 
-
-def address_of(out):
-    path = out / "address"
-    return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
 
 
 def step_of(address):

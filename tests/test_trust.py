@@ -12,23 +12,12 @@ import pytest
 from psrv.launch import status
 from workers.client import Client
 
-from .conftest import ROOT, wait_for
+from .conftest import FAST, ROOT, address_of, sets, wait_for
 
 pytestmark = pytest.mark.slow
 
-FAST = ["--set", "server.heartbeat_timeout_s=1.5", "--set", "worker.heartbeat_interval_s=0.2"]
 
 
-def sets(**kv):
-    out = []
-    for k, v in kv.items():
-        out += ["--set", f"{k.replace('__', '.')}={v}"]
-    return out
-
-
-def address_of(out):
-    path = out / "address"
-    return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
 
 
 def step_of(address):
