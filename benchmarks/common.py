@@ -129,15 +129,12 @@ class CpuMeter:
 def psrv_server(overrides: list[str], workers: int = 1):
     """A psrv server process (no workers) for a benchmark to be the client of; yields its address."""
     cfg = resolve(config.load(None, overrides + [f"train.workers={workers}"]))
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, blocks.owned_prefix() as owner:
+        # owned: another run's start-up sweep leaves these segments alone while we live (and they go with us)
         cfg.output.dir = out
-        prefix = blocks.run_prefix()
-        try:
-            block, layout = data.build(cfg, workers, prefix + "data")
-            with block, Cluster(cfg, out, logging.WARNING, layout=layout, alone=True, prefix=prefix) as cluster:
-                yield cluster.start_server()
-        finally:
-            blocks.unlink_prefix(prefix)
+        block, layout = data.build(cfg, workers, owner.prefix + "data")
+        with block, Cluster(cfg, out, logging.WARNING, layout=layout, alone=True, prefix=owner.prefix) as cluster:
+            yield cluster.start_server()
 
 
 def server_core(workers: int = 1) -> int:
