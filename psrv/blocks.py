@@ -130,6 +130,17 @@ def _track(name: str, register: bool) -> None:
         pass
 
 
+def try_lock(fd: int) -> int | None:
+    """fd, now holding an exclusive lock on its file; None (fd closed) if another process holds one. The kernel
+    drops a lock when its holder dies, in any PID namespace: that is what ownership rests on here."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _owner_dead(lock_path: str) -> int | None:
     """An open descriptor holding the owner's lock when its owner is dead (the caller unlinks, then closes it);
     None while the owner lives (or the file went away)."""
@@ -137,12 +148,7 @@ def _owner_dead(lock_path: str) -> int | None:
         fd = os.open(lock_path, os.O_RDONLY)
     except OSError:
         return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(fd)
 
 
 def sweep_stale(shm_dir: str = SHM_DIR) -> list[str]:

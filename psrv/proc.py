@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import importlib
 import json
 import logging
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from .blocks import try_lock
 
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -84,12 +85,7 @@ def _lock_core(lock_dir: str, core: int) -> int | None:
             os.fchmod(fd, 0o644)  # other users' runs must be able to open it to take the lock in turn
     except OSError:
         pass
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+    return try_lock(fd)
 
 
 @contextlib.contextmanager

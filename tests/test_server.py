@@ -152,10 +152,9 @@ def test_status_reply(cluster):
             and w["alive"] in (True, False)
 
 
-def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
-    """The test plays a server that stalls (a long checkpoint, say) with the worker's pull and heartbeats queued,
-    then answers the heartbeats in a burst before it reads the pull, which it answers right after: the worker
-    waits for that answer instead of calling its request lost (and registering again)."""
+def played_server(interval_s: float):
+    """A ROUTER the test plays the server on, and a client registered with it as worker 0 of server "srv", its
+    heartbeat thread running every interval_s."""
     from psrv import transport
     from workers.client import Heartbeat
 
@@ -163,8 +162,16 @@ def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
     router, address = transport.router(ctx, "tcp://127.0.0.1:0")
     client = Client(address, timeout_s=30)
     client.wid, client.inc, client.server_id = 0, 1, "srv"
-    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.1)
+    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=interval_s)
     client.heartbeat.start()
+    return ctx, router, client
+
+
+def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
+    """The test plays a server that stalls (a long checkpoint, say) with the worker's pull and heartbeats queued,
+    then answers the heartbeats in a burst before it reads the pull, which it answers right after: the worker
+    waits for that answer instead of calling its request lost (and registering again)."""
+    ctx, router, client = played_server(interval_s=0.1)
     stop = threading.Event()
 
     def fake_server():
@@ -202,15 +209,7 @@ def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
 def test_a_lost_request_is_noticed_while_the_server_is_alive():
     """The test plays a server that answers heartbeats, saying it holds nothing of the worker, and never answers
     its pull: the client gives up on that request (and would register again) instead of waiting forever."""
-    from psrv import transport
-    from workers.client import Heartbeat
-
-    ctx = zmq.Context()
-    router, address = transport.router(ctx, "tcp://127.0.0.1:0")
-    client = Client(address, timeout_s=30)
-    client.wid, client.inc, client.server_id = 0, 1, "srv"
-    client.heartbeat = Heartbeat(client.ctx, address, 0, 1, interval_s=0.05)
-    client.heartbeat.start()
+    ctx, router, client = played_server(interval_s=0.05)
     stop = threading.Event()
 
     def fake_server():
