@@ -45,8 +45,10 @@ class Child:
 
 class Cluster:
     def __init__(self, cfg: config_mod.Config, out_dir: str, log_level: int, layout=None, address: str = "",
-                 resume: str | None = None, alone: bool = False, prefix: str = ""):
+                 resume: str | None = None, alone: bool = False, prefix: str = "", on_worker=None):
+        """on_worker(event): called with each worker's "joined" and "left" events (what --attach prints)."""
         self.cfg, self.out_dir, self.log_level, self.layout = cfg, out_dir, log_level, layout
+        self.on_worker = on_worker
         self.address, self.resume, self.alone, self.prefix = address, resume, alone, prefix
         self.server: Child | None = None
         self.workers: list[Child] = []
@@ -153,8 +155,10 @@ class Cluster:
                 self.summary = ev["summary"]
             elif ev["event"] == "finishing":
                 self.finishing = True
-            elif ev["event"] == "joined":
+            elif ev["event"] in ("joined", "left"):
                 child.wid = ev["wid"]
+                if self.on_worker is not None:
+                    self.on_worker(ev)
             elif ev["event"] == "error":
                 child.error, child.error_kind = f"{ev.get('process', child.name)}: {ev['message']}", ev.get("kind", "")
 

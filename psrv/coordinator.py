@@ -318,7 +318,7 @@ class Coordinator(Roster, Sanctions):
                 self._finish(p, rid, "epochs")
                 if self.schedule.all_done(self.cfg.train.epochs) and not self.batches:
                     self._stop_all("epochs")
-            else:  # no lease (more workers than shards): it waits, out of the gate, until a shard frees up
+            else:  # no shard to read (none left to share): it waits, out of the gate, until one frees up
                 self.parked[p.wid] = (clock, rid, self._now)
                 self._gate_leave(p.wid)
             return

@@ -172,12 +172,43 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
     cfg = config_mod.load(None, overrides)
     cfg.train.workers = workers
     blocks.sweep_stale()
+    left: list[dict] = []
+
+    def said(ev: dict) -> None:
+        if ev["event"] == "joined":
+            print(f"joined {address} as worker {ev['wid']} (shards {ev['shards']})", flush=True)
+        else:
+            left.append(ev)
+
     with signals.handled(), blocks.owned_prefix() as owner:
-        with Cluster(cfg, "", log_level, address=address, prefix=owner.prefix) as cluster:
-            for slot in range(workers):
-                cluster.start_worker(-1, slot=slot, local=False)
-            cluster.wait()
+        try:
+            with Cluster(cfg, "", log_level, address=address, prefix=owner.prefix, on_worker=said) as cluster:
+                for slot in range(workers):
+                    cluster.start_worker(-1, slot=slot, local=False)
+                cluster.wait()
+        finally:
+            if left:
+                print(f"left {address}: " + ", ".join(f"worker {e['wid']} after {e['steps']} steps"
+                                                      + (f" ({e['reason']})" if e["reason"] else "")
+                                                      for e in sorted(left, key=lambda e: e["wid"])), flush=True)
     return 0
+
+
+def server_address(where: str) -> str:
+    """The server address that `where` names: an address, a run folder (its `address` file) or that file.
+    ConfigError (a usage error) naming the forms allowed when it is none of them."""
+    from .protocol import ADDRESS_FORMS, check_address
+    path = os.path.join(where, "address") if os.path.isdir(where) else where
+    if os.path.isdir(where) and not os.path.isfile(path):
+        raise ConfigError(f"{where} is a folder without an address file (a run folder has one from the moment its "
+                          f"server listens); expected {ADDRESS_FORMS}, a run folder or its address file")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            where = fh.read().strip()
+    try:
+        return check_address(where)
+    except ValueError as e:
+        raise ConfigError(f"{e}, a run folder or its address file") from None
 
 
 def status(address: str, timeout_s: float = 5.0, keys: str = "") -> dict:
@@ -208,6 +239,8 @@ def format_status(st: dict) -> str:
              + f", theta version {st['theta_version']}, {st['consistency']}/{st['schedule']}, loss "
              + (f"{st['loss']:.6g}" if st["loss"] is not None else "-")
              + f", {st['elapsed_s']:.1f} s" + (f", stopping ({st['stopping']})" if st["stopping"] else ""),
+             *([f"waiting for {st['workers_expected'] - st['workers_in']} of {st['workers_expected']} workers to "
+                f"join (training starts when all have)"] if not st["started"] and "workers_expected" in st else []),
              f"deaths {st['deaths']}, worker restarts {st['worker_restarts']}, server restarts "
              f"{st['server_restarts']}",
              f"{'wid':>5} {'inc':>4} {'pid':>8} {'host':<16} {'clock':>8} {'seen':>7} {'push/s':>8} "
@@ -233,8 +266,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest valid checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: continue as another job (model.kind, data, "
                                                         "train.consistency or train.optimizer changed)")
-    p.add_argument("--attach", metavar="ADDRESS", help="start --workers N workers that join the server at ADDRESS")
-    p.add_argument("--status", metavar="ADDRESS", help="print the state of the server at ADDRESS and exit")
+    p.add_argument("--attach", metavar="ADDRESS", help="start --workers N workers that join the server at ADDRESS "
+                   "(tcp://HOST:PORT, ipc://PATH, a run folder or its address file)")
+    p.add_argument("--status", metavar="ADDRESS", help="print the state of the server at ADDRESS (tcp://HOST:PORT, "
+                   "ipc://PATH, a run folder or its address file) and exit")
     p.add_argument("--json", action="store_true", help="with --status: print JSON")
     p.add_argument("--keys", metavar="DIR", help="with --attach or --status: the CURVE key folder to present "
                    "(server.key and a client secret key); same as --set worker.keys=DIR")
@@ -290,11 +325,11 @@ def main(argv=None) -> int:
                   f"{args.keygen}/{args.name}.key_secret (--keys DIR)")
             return 0
         if args.status:
-            st = status(args.status, keys=args.keys or "")
+            st = status(server_address(args.status), keys=args.keys or "")
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
         if args.attach:
-            return attach(args.attach, args.workers or len(proc.usable_cores()), overrides, level)
+            return attach(server_address(args.attach), args.workers or len(proc.usable_cores()), overrides, level)
         path = args.config if args.config is not None else DEFAULT_CONFIG
         result = train(path, overrides, progress=not args.quiet and args.role == "all", log_level=level,
                        role=args.role, resume=args.resume)
@@ -315,3 +350,10 @@ def main(argv=None) -> int:
         return 1
     _print_summary(result)
     return 0
+
+
+def cli() -> int:
+    """The `psrv` command, `python launch.py` and `python -m psrv`: main(), in a process named "psrv launcher" (in
+    ps and top; main() itself also runs inside other programs, which keep their names)."""
+    proc.set_title("psrv launcher")
+    return main()

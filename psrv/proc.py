@@ -24,6 +24,8 @@ from .blocks import try_lock
 BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
             "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+TITLE_BYTES = 15  # the kernel keeps 15 bytes of a process name (16 with the NUL)
 
 SPAWN = mp.get_context("spawn")
 
@@ -160,6 +162,23 @@ def _die_with_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def set_title(title: str) -> bool:
+    """Name this process `title` where ps, top and pgrep look (Linux: the 15-byte comm, via prctl; `ps -f` and
+    `ps aux` still show the command line). False where the system has no such call: the name is a convenience, and
+    a dependency that rewrites argv (setproctitle) would cost a compiled package for what `ps -o comm` shows anyway."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_NAME, ctypes.c_char_p(title.encode()[:TITLE_BYTES]), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def name_process(role: str) -> None:
+    """The name this child logs under ("worker-3") and shows in ps and top ("psrv worker 3")."""
+    mp.current_process().name = role
+    set_title("psrv " + role.replace("-", " "))
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through `finally`: sockets closed, shared memory released
 
@@ -175,7 +194,7 @@ def child_setup(role: str, parent_pid: int, core: int | None, log_level: int) ->
             os.sched_setaffinity(0, {core})
         except (AttributeError, OSError):
             pass
-    mp.current_process().name = role
+    name_process(role)
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(processName)s %(levelname)s %(message)s", force=True)
 

@@ -66,6 +66,22 @@ REPLIES: dict[str, tuple[dict[str, type], int]] = {
 }
 
 
+ADDRESS_FORMS = "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc://PATH"
+
+
+def check_address(address: str) -> str:
+    """`address` if it is one a worker or --status can connect to; else ValueError naming the forms allowed (zmq's
+    own error, "Invalid argument", names neither the address's problem nor the fix)."""
+    scheme, sep, rest = address.strip().partition("://")
+    if scheme == "tcp" and sep:
+        host, colon, port = rest.rpartition(":")
+        if host and colon and port.isdigit() and 0 < int(port) < 65536:
+            return address.strip()
+    elif scheme == "ipc" and sep and rest:
+        return address.strip()
+    raise ValueError(f"{address!r} is not a server address: expected {ADDRESS_FORMS}")
+
+
 def is_local(address: str) -> bool:
     """True for addresses only this machine can reach: ipc://, inproc://, tcp on a loopback host."""
     scheme, _, rest = address.partition("://")

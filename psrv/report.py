@@ -87,6 +87,7 @@ def status(c, now: float) -> dict:
     m, s = c.members, c.stats
     return {"step": c.step, "steps": c.max_steps or 0, "theta_version": c.version, "consistency": c.gate.mode,
             "schedule": c.cfg.train.schedule, "loss": c.last_loss, "started": c.gate.open, "stopping": c.stopping,
+            "workers_expected": c.n_start, "workers_in": len(c.members.participants()),
             "elapsed_s": round(c.elapsed_s(now), 3), "workers": workers, "workers_total": len(peers),
             "workers_live": len(m.live()), "deaths": m.deaths, "bad_messages": s.bad_messages,
             "rejected": s.rejected, "quarantined": m.quarantined[-STATUS_WORKERS:],
@@ -111,7 +112,8 @@ def summary(c, now: float) -> dict:
     noisy = sorted(m.bad_by_conn.items(), key=lambda kv: -kv[1])[:SUMMARY_PEERS]
     return {
         "steps": c.step, "wall_s": wall, "samples_per_s": s.samples / wall if wall > 0 else None,
-        "stopped_by": c.stopping, "workers": c.n_expected, "consistency": c.gate.mode,
+        # every worker whose gradients were applied, attached ones included (the launcher's count if none was)
+        "stopped_by": c.stopping, "workers": len(s.pushes) or c.n_expected, "consistency": c.gate.mode,
         "staleness": t.staleness if c.gate.mode == "ssp" else None, "backup_workers": t.backup_workers,
         "schedule": t.schedule, "optimizer": t.optimizer, "batch_size": t.batch_size, "lr": t.lr,
         "theta_version": c.version, "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected,

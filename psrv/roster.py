@@ -16,7 +16,7 @@ import logging
 from . import events as ev
 from .membership import Peer
 from .protocol import Op
-from .schedule import assign
+from .schedule import assign, share
 
 log = logging.getLogger("psrv.server")
 
@@ -69,9 +69,11 @@ class Roster:
         then)."""
         if self.schedule.dynamic:
             return list(range(len(self.schedule.cursors)))
-        live = {p.wid for p in self.members.participants()} | {wid}
-        lease = assign(len(self.schedule.cursors), sorted(live), self.schedule.lease)
-        return sorted(s for s, w in lease.items() if w == wid)
+        live = sorted({p.wid for p in self.members.participants()} | {wid})
+        n = len(self.schedule.cursors)
+        lease = assign(n, live, self.schedule.lease)
+        held = sorted(s for s, w in lease.items() if w == wid)
+        return held or [s for w, s in share(n, live, lease).items() if w == wid]
 
     def _leave(self, p: Peer, straggler: bool = False) -> None:
         """p is gone (finished, left, dead, replaced or quarantined), or a straggler: its pull and its unpushed

@@ -3,8 +3,9 @@
 A mini-batch is named by (shard, epoch, start, count): rows epoch_order(seed, shard, epoch, size)[start:start+count]
 of that shard. The server owns the cursors, so a checkpoint records exactly where every shard stands, a batch lost
 with a dead worker goes back to its shard, and any process can turn a batch name into rows without asking.
-Under the static schedule each shard is leased to one live worker (assign() spreads them evenly); under the dynamic
-one any worker takes the next batch of the least-read shard.
+Under the static schedule each shard is leased to one live worker (assign() spreads them evenly), and a worker left
+without one (more workers than shards) reads a shard along with its holder (share()); under the dynamic one any
+worker takes the next batch of the least-read shard.
 """
 from __future__ import annotations
 
@@ -93,6 +94,26 @@ def assign(n_shards: int, live: list[int], current: dict[int, int]) -> dict[int,
     return new
 
 
+def share(n_shards: int, live: list[int], lease: dict[int, int]) -> dict[int, int]:
+    """wid -> the shard it reads along with that shard's holder, for each live worker assign() left without one
+    (more workers than shards: a worker attached to a run joins one). Each takes the shard fewest workers read, the
+    lowest index on a tie; the workers read it from its one cursor, so the shard's place in its epoch is kept and no
+    row is read twice in an epoch. A worker keeps the shard it shares while no worker below it comes or goes (ids
+    are handed out in increasing order, so a join never moves an earlier one)."""
+    if not n_shards:
+        return {}
+    holders = dict.fromkeys(range(n_shards), 0)
+    for s in lease:
+        holders[s] += 1
+    held = set(lease.values())
+    out: dict[int, int] = {}
+    for w in sorted(live):
+        if w not in held:
+            s = min(holders, key=lambda s: (holders[s], s))
+            out[w], holders[s] = s, holders[s] + 1
+    return out
+
+
 class Schedule:
     """The cursor of every shard and, under the static schedule, its lease (the worker that holds it)."""
 
@@ -100,6 +121,7 @@ class Schedule:
         self.cursors = [Cursor(size=int(s)) for s in sizes]
         self.dynamic = dynamic
         self.lease: dict[int, int] = {}  # shard -> wid (static schedule)
+        self.shared: dict[int, int] = {}  # wid -> the shard it reads with its holder (more workers than shards)
         # rows whose gradient was applied, over all shards: per epoch for the newest EPOCHS_KEPT epochs committed,
         # one total for all older ones. Every kept epoch is newer than every folded one, so a kept count is whole.
         self.visited: dict[int, int] = {}
@@ -109,6 +131,7 @@ class Schedule:
     def rebalance(self, live: list[int]) -> None:
         if not self.dynamic:
             self.lease = assign(len(self.cursors), live, self.lease)
+            self.shared = share(len(self.cursors), live, self.lease)
             self._held = {}
 
     def held_by(self, wid: int) -> list[int]:
@@ -116,7 +139,10 @@ class Schedule:
             return list(range(len(self.cursors)))
         held = self._held.get(wid)
         if held is None:
-            held = self._held[wid] = sorted(s for s, w in self.lease.items() if w == wid)
+            held = sorted(s for s, w in self.lease.items() if w == wid)
+            if not held and wid in self.shared:
+                held = [self.shared[wid]]
+            self._held[wid] = held
         return held
 
     def next_batch(self, wid: int, batch_size: int, epochs: int = 0) -> list[int] | None:

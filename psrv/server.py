@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 POLL_MS = 50
 DRAIN_MAX = 256          # messages handled per wake-up before the timers get a turn
 PROGRESS_INTERVAL_S = 0.5
+TERMINATE_GRACE_S = 1.0  # after SIGTERM: how long workers computing a step get to push it and hear "stop"
 
 
 class Server:
@@ -122,6 +123,7 @@ class Server:
         self.reporter.send("ready", address=self.address, pid=os.getpid(), resumed_from=self.resumed_from)
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.coord.n_expected)
         poller = transport.poller(self.sock)
+        terminated_s = None
         while not self.coord.done:
             if poller.poll(POLL_MS):
                 for _ in range(DRAIN_MAX):
@@ -129,7 +131,13 @@ class Server:
                         break
                     self.handle(transport.recv_now(self.sock))
             now = time.monotonic()
-            if self.terminate:  # no waiting for workers: whoever asks next is told to stop, or finds us gone
+            if self.terminate and terminated_s is None:
+                # every worker is told to stop at its next request (a waiting one at once), so none is left
+                # waiting for a server that is gone; the outputs wait at most TERMINATE_GRACE_S for them
+                terminated_s = now
+                self.execute(self.coord.handle(ev.Stop("terminated"), now))
+                continue
+            if terminated_s is not None and now - terminated_s > TERMINATE_GRACE_S:
                 self.execute(self.coord.handle(ev.Stop("terminated", at_once=True), now))
                 break
             self.execute(self.coord.handle(ev.Tick(), now))

@@ -112,14 +112,22 @@ def router(ctx: zmq.Context, bind: str, max_frame_bytes: int = -1, keys: str = "
 
 
 def dealer(ctx: zmq.Context, address: str, keys: str = "") -> zmq.Socket:
-    """A DEALER connected to `address`; with `keys`, a CURVE client of that server."""
+    """A DEALER connected to `address`; with `keys`, a CURVE client of that server. On any error the socket is
+    closed before raising: one left open would make ctx.term() wait for ever."""
     sock = _common(ctx.socket(zmq.DEALER))
-    if keys:
-        use_curve_client(sock, keys)
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-    sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
-    sock.connect(address)
+    try:
+        if keys:
+            use_curve_client(sock, keys)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)
+        sock.connect(address)
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise ConfigError(f"cannot connect to {address!r}: {e}") from None
+    except BaseException:
+        sock.close(linger=0)
+        raise
     return sock
 
 

@@ -399,17 +399,70 @@ def test_a_finite_push_resets_the_bad_streak():
 
 
 # ---------------------------------------------------------------------------------------------------- parking
-def test_a_worker_without_a_shard_parks_until_one_frees_up():
+def test_a_worker_without_a_shard_of_its_own_reads_one_with_its_holder():
+    """More workers than shards (a worker attached to a run): the extra one reads shard 0 from the same cursor as
+    its holder, so each takes the next rows of the epoch, none twice; when a shard frees up it takes it over."""
     h = H(3, shards=[40, 40])
     assert h.P(h.start()) == [("Welcome", 0, 1, 1), ("Welcome", 1, 1, 2), ("Welcome", 2, 1, 3),
-                              ("Theta", 0, 0, 0, [0, 0, 0, 4], 4), ("Theta", 1, 0, 0, [1, 0, 0, 4], 5)]
-    assert 2 not in h.c.gate.members
-    assert h.P(h.heartbeat(2)) == [("HB", 2, 0, True, True, 7)]
+                              ("Theta", 0, 0, 0, [0, 0, 0, 4], 4), ("Theta", 1, 0, 0, [1, 0, 0, 4], 5),
+                              ("Theta", 2, 0, 0, [0, 0, 4, 4], 6)]
+    assert h.c.schedule.lease == {0: 0, 1: 1} and h.c.schedule.held_by(2) == [0] and 2 in h.c.gate.members
     assert h.P(h.push(0)) == [("Accumulate", (0, 0))]
-    # worker 1 leaves holding [1, 0, 0, 4]: the step applies, worker 2 takes shard 1 and that batch, at clock 1
-    assert h.P(h.bye(1)) == [("ApplyStep", 0, 1), ("Bye", 1, 9), ("Theta", 2, 1, 1, [1, 0, 0, 4], 6),
-                             ("Theta", 0, 1, 1, [0, 0, 4, 4], 8)]
-    assert h.c.schedule.lease == {0: 0, 1: 2}
+    assert h.P(h.push(2)) == [("Accumulate", (2, 0))]
+    # worker 1 leaves holding [1, 0, 0, 4]: the step applies with the two gradients it has, worker 2 takes over
+    # shard 1 from that batch (handed back) on, and shard 0 goes on where it stood
+    assert h.P(h.bye(1)) == [("ApplyStep", 0, 1), ("Bye", 1, 9), ("Theta", 0, 1, 1, [0, 0, 8, 4], 7),
+                             ("Theta", 2, 1, 1, [1, 0, 0, 4], 8)]
+    assert h.c.schedule.lease == {0: 0, 1: 2} and h.c.schedule.shared == {}
+    assert h.P(h.push(2)) == [("Accumulate", (2, 1))]
+    assert h.P(h.push(0)) == [("Accumulate", (0, 1)), ("ApplyStep", 1, 2), ("Theta", 0, 2, 2, [0, 0, 12, 4], 11),
+                              ("Theta", 2, 2, 2, [1, 0, 4, 4], 10)]
+
+
+@pytest.mark.parametrize("mode", ["bsp", "ssp", "asp"])
+def test_a_worker_that_joins_a_running_static_run_trains_and_every_row_is_read_once_per_epoch(mode):
+    """The attach case: two launcher workers on two shards, a third joins after some steps. It trains at once
+    (on a shard it reads with that shard's holder), the shards keep their cursors, and every epoch still reads
+    every row exactly once."""
+    sizes = [24, 16]
+    h = H(2, shards=sizes, train__epochs=2, train__consistency=mode, train__staleness=1)
+    h.start()
+    for _ in range(3):                                       # a few steps with the launcher's two workers
+        h.push(0)
+        h.push(1)
+    before = {s: (c.epoch, c.pos) for s, c in enumerate(h.c.schedule.cursors)}
+    h.hello(2)
+    out = h.pull(2, 0)
+    assert {s: (c.epoch, c.pos) for s, c in enumerate(h.c.schedule.cursors)} != before   # it was served at once
+    served = [i for i in out if isinstance(i, ev.Theta)]
+    assert [i.batch[0] for i in served] == [0] and h.c.schedule.held_by(2) == [0]
+    h.drive()
+    batches = [i.batch for i in h.log if isinstance(i, ev.Theta)]
+    pushed = h.c.stats.pushes
+    assert pushed.get(2, 0) > 0                              # the joined worker's gradients were applied
+    for s, size in enumerate(sizes):                         # each shard, each epoch: its rows once
+        for epoch in range(2):
+            spans = sorted((b[2], b[3]) for b in batches if b[0] == s and b[1] == epoch)
+            assert [a for a, _ in spans] == [sum(c for _, c in spans[:k]) for k in range(len(spans))]
+            assert sum(c for _, c in spans) == size
+    assert h.c.schedule.rows_visited() == {0: 40, 1: 40} and h.c.done
+    assert report.summary(h.c, h.now)["workers"] == 3       # every worker that pushed, the joined one too
+
+
+def test_status_says_how_many_workers_a_server_still_waits_for():
+    from psrv.launch import format_status
+    h = H(3, alone=True)                                     # --role server: the gate waits for 3
+    h.hellos([0, 1])
+    h.pull(0)
+    st = report.status(h.c, h.now)
+    assert (st["started"], st["workers_expected"], st["workers_in"]) == (False, 3, 1)
+    shell = {"server_id": "s", "address": "tcp://127.0.0.1:1", "server_restarts": 0}   # what the server adds
+    assert "waiting for 2 of 3 workers to join" in format_status({**shell, **st})
+    h.pull(1)
+    h.hello(2)
+    h.pull(2)
+    st = report.status(h.c, h.now)
+    assert st["started"] and "waiting" not in format_status({**shell, **st})
 
 
 @pytest.mark.parametrize("mode", ["bsp", "ssp"])

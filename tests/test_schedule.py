@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from psrv.schedule import Cursor, Schedule, assign, epoch_order
+from psrv.schedule import Cursor, Schedule, assign, epoch_order, share
 
 from .test_e2e import epoch_order as epoch_order_py
 
@@ -39,6 +39,27 @@ def test_cursor_walks_epochs_with_a_short_last_batch():
 ])
 def test_assign(n, live, current, expected):
     assert assign(n, live, current) == expected
+
+
+@pytest.mark.parametrize("n,live,expected", [
+    (2, [0, 1], {}),                                   # a shard each: nobody shares
+    (2, [0, 1, 7], {7: 0}),                            # one more worker than shards: it reads shard 0 too
+    (2, [0, 1, 7, 8, 9], {7: 0, 8: 1, 9: 0}),          # spread: the shard fewest read, the lowest on a tie
+    (0, [0], {}),
+])
+def test_share(n, live, expected):
+    assert share(n, live, assign(n, live, {})) == expected
+
+
+def test_a_worker_sharing_a_shard_reads_on_from_its_cursor():
+    st = Schedule([8, 8])
+    st.rebalance([0, 1])
+    assert st.next_batch(0, 2) == [0, 0, 0, 2]
+    st.rebalance([0, 1, 2])                             # 2 joins: it shares shard 0, whose cursor stands at 2
+    assert st.held_by(2) == [0] and st.held_by(0) == [0]
+    assert [st.next_batch(w, 2) for w in (2, 0, 2)] == [[0, 0, 2, 2], [0, 0, 4, 2], [0, 0, 6, 2]]
+    st.rebalance([0, 2])                                # 1 leaves: 2 takes its shard, and shares no more
+    assert st.held_by(2) == [1] and st.shared == {}
 
 
 def test_assign_moves_little_when_a_worker_joins():

@@ -131,6 +131,7 @@ class Worker:
         self.rows: Rows | None = None
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (epoch, its order)
         self.steps_done = 0
+        self.stopped_by = ""   # the reason the server gave when it said stop
         self.sessions = 0
         self.rejoin = True
 
@@ -152,7 +153,8 @@ class Worker:
         self.sessions += 1
         welcome = self.client.hello(self.wid, local=self.local)
         if self.wid < 0:
-            self.reporter.send("joined", wid=welcome["wid"])
+            proc.name_process(f"worker-{welcome['wid']}")
+            self.reporter.send("joined", wid=welcome["wid"], shards=welcome["data"].get("expected_shards", []))
         self.wid = welcome["wid"]
         train, m = welcome["train"], welcome["model"]
         self.rejoin = train.get("rejoin", True)
@@ -214,6 +216,7 @@ class Worker:
             carried_s, request_s = t2 - t1, time.perf_counter() - t2
             self.steps_done += 1
         # the server has already counted us out when it says stop; no goodbye needed
+        self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
 
@@ -280,17 +283,17 @@ def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int, make=Wor
     """Entry point of a worker process started by a launcher ("workers.worker:main", the default worker.entry).
     `make`: the Worker class (or a factory with its arguments) another entry runs instead, e.g. workers.faults."""
     wid = spec.wid
-    proc.child_setup(f"worker-{wid}", parent_pid, core, log_level)
+    proc.child_setup(f"worker-{wid}" if wid >= 0 else "worker-?", parent_pid, core, log_level)  # ?: not known yet
     reporter = proc.Reporter(conn)
     worker = make(spec.address, wid, spec.server_timeout_s, spec.local, spec.prefix, reporter, spec.keys)
     code, leaving = 0, False
     try:
-        with proc.profiled(f"worker-{wid}"):
+        with proc.profiled(f"worker-{wid}" if wid >= 0 else "worker-attached"):
             worker.run()
     except SystemExit:  # SIGTERM: say goodbye, so the server counts a departure, not a death
         leaving = True
     except ServerLost as e:
-        log.error("%s", e)
+        log.info("%s", e)  # the launcher says it, once for all its workers
         reporter.send("error", process=e.process, message=e.cause, kind="server_lost")
         code = 1
     except DeclaredDead as e:
@@ -313,4 +316,7 @@ def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int, make=Wor
         code = 1
     finally:
         worker.close(bye=leaving)
+    if code == 0:
+        reporter.send("left", wid=worker.wid, steps=worker.steps_done,
+                      reason=worker.stopped_by or ("stopped" if leaving else ""))
     sys.exit(code)

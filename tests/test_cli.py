@@ -1,0 +1,90 @@
+"""The command line as a user meets it: addresses in plain words, attaching to a running job, what a finished or
+reused run folder does, process names."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from psrv import launch as launch_mod
+from psrv.launch import main, server_address
+
+from .conftest import FAST, LAUNCH, address_of, sets, wait_for
+
+
+# ---------------------------------------------------------------------------------------------- addresses
+@pytest.mark.parametrize("flag", ["--status", "--attach"])
+@pytest.mark.parametrize("bad", ["foo", "127.0.0.1:5555", "localhost:5555", "tcp://127.0.0.1", "tcp://h:0",
+                                 "tcp://h:70000", "ipc://", "http://127.0.0.1:80"])
+def test_a_bad_address_is_a_usage_error_naming_the_expected_form(flag, bad, capsys):
+    assert main([flag, bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{bad!r} is not a server address" in err and "tcp://HOST:PORT" in err and "run folder" in err
+
+
+def test_status_takes_an_address_a_run_folder_or_its_address_file(tmp_path):
+    assert server_address("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+    assert server_address("ipc:///tmp/x.sock") == "ipc:///tmp/x.sock"
+    (tmp_path / "address").write_text("tcp://127.0.0.1:4242\n")
+    assert server_address(str(tmp_path)) == "tcp://127.0.0.1:4242"
+    assert server_address(str(tmp_path / "address")) == "tcp://127.0.0.1:4242"
+    (tmp_path / "address").write_text("garbage\n")
+    with pytest.raises(launch_mod.ConfigError, match="'garbage' is not a server address"):
+        server_address(str(tmp_path))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(launch_mod.ConfigError, match="folder without an address file"):
+        server_address(str(empty))
+
+
+def test_status_of_a_folder_with_no_address_is_a_usage_error(tmp_path, capsys):
+    assert main(["--status", str(tmp_path)]) == 2
+    assert "without an address file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- attach
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as fh:
+        return fh.read().strip()
+
+
+@pytest.mark.slow
+def test_a_worker_attached_to_a_static_run_trains_and_everyone_stops_on_the_servers_sigterm(launch, tmp_path):
+    """The default schedule (static, one shard per launcher worker): a third worker attached to the run reads a
+    shard with its holder and trains; the attach launcher says what it joined and, when it leaves, after how many
+    steps and why. kill -TERM on the server ends the run with its results, and every worker hears "stop"
+    (none is left waiting for a server that is gone), so the summary counts the three that pushed."""
+    out = tmp_path / "out"
+    la = launch(*sets(data__n=20000, data__d=10, train__workers=2, train__steps=10**9), *FAST,
+                "--set", f"output.dir={out}", "-q")
+    address = address_of(out)
+    wait_for(lambda: launch_mod.status(address)["step"] >= 20, 60, what="the run to train")
+    attach = launch("--attach", str(out), "--workers", "1")               # the run folder names the server
+    joined = attach.proc.stdout.readline()
+    assert joined == f"joined {address} as worker 2 (shards [0])\n"
+    wait_for(lambda: next((w["pushes"] for w in launch_mod.status(address)["workers"] if w["wid"] == 2), 0) > 10,
+             60, what="the attached worker to train")
+    text = subprocess.run([sys.executable, LAUNCH, "--status", str(out / "address")], capture_output=True,
+                          text=True, timeout=30).stdout
+    assert f"at {address}" in text and "[0]" in text
+    # process names, as ps and top show them (Linux comm)
+    st = launch_mod.status(address)
+    server_pid = st["pid"]
+    assert comm(la.proc.pid) == comm(attach.proc.pid) == "psrv launcher" and comm(server_pid) == "psrv server"
+    assert {w["wid"]: comm(w["pid"]) for w in st["workers"]} == {w: f"psrv worker {w}" for w in (0, 1, 2)}
+    os.kill(server_pid, signal.SIGTERM)
+    code, out_a, err_a = attach.wait(timeout_s=60)
+    assert code == 0, err_a
+    assert out_a.startswith("left ") and "worker 2 after" in out_a and "(terminated)" in out_a
+    code, _, err = la.wait(timeout_s=60)
+    assert code == 0, err
+    assert "still running" not in err                                      # no worker was left to be killed
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stopped_by"] == "terminated" and s["workers"] == 3 and set(s["pushes_applied"]) == {"0", "1", "2"}
+    attach.assert_no_leftovers()
+    la.assert_no_leftovers()
