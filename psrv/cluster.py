@@ -129,8 +129,8 @@ class Cluster:
         core = self._core(slot)
         spec = WorkerSpec(address=self.address, wid=wid, server_timeout_s=self._server_timeout_s(), local=local,
                           prefix=self.prefix, keys=self.cfg.worker.keys or self.cfg.server.keys)
-        child = self._spawn(f"worker-{wid if wid >= 0 else slot}", proc.run_entry, (self.cfg.worker.entry, spec),
-                            core, wid if wid >= 0 else None)
+        name = f"worker-{wid}" if wid >= 0 else f"attached-{slot}"   # its id comes with the server's welcome
+        child = self._spawn(name, proc.run_entry, (self.cfg.worker.entry, spec), core, wid if wid >= 0 else None)
         child.slot = slot
         self.workers.append(child)
         return child

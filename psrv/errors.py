@@ -32,3 +32,7 @@ class RunError(PsrvError):
 
 class ServerLost(RunError):
     """A worker or client stopped hearing from the server for longer than its timeout."""
+
+
+class AlreadyFinished(PsrvError):
+    """--resume of a run that has already reached its step or epoch budget: nothing is changed (exit 0)."""

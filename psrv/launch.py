@@ -21,12 +21,10 @@ import numpy as np
 from . import config as config_mod
 from . import data, models, proc, blocks, signals
 from .cluster import Cluster
-from .errors import ConfigError, PsrvError, RunError, ServerLost
+from .errors import AlreadyFinished, ConfigError, PsrvError, RunError, ServerLost
 from .signals import Interrupted
 
 log = logging.getLogger("psrv")
-
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.toml")
 
 
 class Result(NamedTuple):
@@ -104,6 +102,50 @@ def _find_checkpoints(resume: str) -> str:
     raise ConfigError(f"--resume {resume}: no checkpoint there (looked in {resume}/checkpoints and {resume})")
 
 
+RESULTS = ("theta.npy", "summary.json", "metrics.jsonl")
+
+
+def _refuse_used(cfg: config_mod.Config) -> None:
+    """A new run must not silently replace an earlier run's results: ConfigError when output.dir holds some."""
+    from . import checkpoint
+    out = cfg.output.dir
+    found = [n for n in RESULTS if os.path.isfile(os.path.join(out, n)) and os.path.getsize(os.path.join(out, n))]
+    ckpt = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
+    if checkpoint.checkpoints(ckpt):
+        found.append(f"checkpoints in {ckpt}")
+    if found:
+        raise ConfigError(f"output.dir: {out} holds an earlier run's results ({', '.join(found)}); choose another "
+                          f"folder, continue that run with --resume {out}, or replace its results with --overwrite "
+                          f"(output.overwrite = true)")
+
+
+def _refuse_finished(cfg: config_mod.Config, ckpt: str) -> None:
+    """AlreadyFinished when the newest checkpoint in `ckpt` has already reached the step or epoch budget of `cfg`
+    (the resumed job's, overrides included): resuming would change nothing but a finished run's outputs."""
+    from . import checkpoint
+    from .coordinator import run_steps
+    found = checkpoint.load_latest(ckpt)
+    if found is None:
+        return  # the server says what is wrong with them
+    state, _, path = found
+    steps, epochs, step = run_steps(cfg), cfg.train.epochs, state["step"]
+    sched = state.get("coordinator", {}).get("schedule")
+    if steps is not None and step >= steps:
+        why = f"it is at step {step} and train.steps = {steps}; raise train.steps (--set train.steps=N)"
+    elif epochs and sched is not None and _epochs_done(sched, epochs):
+        why = f"every shard has had train.epochs = {epochs}; raise train.epochs"
+    else:
+        return
+    raise AlreadyFinished(f"the run in {cfg.output.dir} is finished ({path}): {why} to train on; nothing changed")
+
+
+def _epochs_done(sched: dict, epochs: int) -> bool:
+    from .schedule import Schedule
+    s = Schedule([c[0] for c in sched["cursors"]])
+    s.load_state(sched)
+    return s.all_done(epochs)
+
+
 def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int = logging.WARNING,
         role: str = "all", resume: str | None = None) -> Result:
     """One run: role "all" starts a server and train.workers workers; role "server" the server alone."""
@@ -116,6 +158,10 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
                               f"which sees the data as given")
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
+    if ckpt is not None:
+        _refuse_finished(cfg, ckpt)
+    elif not cfg.output.overwrite:
+        _refuse_used(cfg)
     os.makedirs(cfg.output.dir, exist_ok=True)
     blocks.sweep_stale()  # it logs what it removes, and why
     # the owner holds a lock on its prefix for the whole run: no other run's sweep removes these segments meanwhile
@@ -256,8 +302,10 @@ def format_status(st: dict) -> str:
 # ---------------------------------------------------------------------------------------------- CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description="Train a model with a parameter server and N "
-                                "worker processes. With no config, runs configs/default.toml.")
-    p.add_argument("config", nargs="?", help="a TOML config (default: configs/default.toml)")
+                                "worker processes. With no config, runs the defaults (configs/default.toml, "
+                                "psrv --defaults).")
+    p.add_argument("config", nargs="?", help="a TOML config (default: the built-in defaults, as listed in "
+                   "configs/default.toml)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (same as --set train.workers=N)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
                    help="override one config key; repeatable; the value is read as TOML, else as a string")
@@ -266,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest valid checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: continue as another job (model.kind, data, "
                                                         "train.consistency or train.optimizer changed)")
+    p.add_argument("--overwrite", action="store_true", help="start a new run in an output.dir that holds an "
+                   "earlier run's results, replacing them (same as --set output.overwrite=true)")
     p.add_argument("--attach", metavar="ADDRESS", help="start --workers N workers that join the server at ADDRESS "
                    "(tcp://HOST:PORT, ipc://PATH, a run folder or its address file)")
     p.add_argument("--status", metavar="ADDRESS", help="print the state of the server at ADDRESS (tcp://HOST:PORT, "
@@ -311,6 +361,8 @@ def main(argv=None) -> int:
         overrides.append(("train", "workers", args.workers))
     if args.keys:
         overrides.append(("worker", "keys", args.keys))
+    if args.overwrite:
+        overrides.append(("output", "overwrite", True))
     if args.force:
         if not args.resume:
             print("psrv: error: --force only applies to --resume", file=sys.stderr)
@@ -330,9 +382,13 @@ def main(argv=None) -> int:
             return 0
         if args.attach:
             return attach(server_address(args.attach), args.workers or len(proc.usable_cores()), overrides, level)
-        path = args.config if args.config is not None else DEFAULT_CONFIG
-        result = train(path, overrides, progress=not args.quiet and args.role == "all", log_level=level,
+        # no config: the built-in defaults (configs/default.toml is generated from them), so that an installed
+        # psrv, which has no configs/ folder, runs the same job as a checkout
+        result = train(args.config, overrides, progress=not args.quiet and args.role == "all", log_level=level,
                        role=args.role, resume=args.resume)
+    except AlreadyFinished as e:
+        print(f"psrv: {e}", file=sys.stderr)
+        return 0
     except ConfigError as e:
         print(f"psrv: error: {e}", file=sys.stderr)
         return 2

@@ -122,10 +122,21 @@ def main_hidden():
             setattr(main, k, v)
 
 
+INSTALLED_WORKERS = "psrv_workers"  # the name pip installs the repository's workers/ under (pyproject.toml)
+
+
 def load_entry(entry: str):
-    """The function named "package.module:function" (how config names a worker's entry, like model.kind)."""
+    """The function named "package.module:function" (how config names a worker's entry, like model.kind). A name
+    under `workers.` is the repository's workers/ package, found under its installed name when psrv runs from an
+    installed copy rather than a checkout."""
     module_name, _, name = entry.partition(":")
-    fn = getattr(importlib.import_module(module_name), name, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if module_name.split(".")[0] != "workers" or not (module_name + ".").startswith(f"{e.name}."):
+            raise  # a module inside the entry's package failed to import: that error is the one to show
+        module = importlib.import_module(INSTALLED_WORKERS + module_name[len("workers"):])
+    fn = getattr(module, name, None)
     if not callable(fn):
         raise ImportError(f"{entry!r}: {module_name} has no function {name!r}")
     return fn

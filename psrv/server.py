@@ -353,7 +353,8 @@ class Server:
             path = os.path.join(self.out_dir, "loss.png")
             with _writing("the plot", path):
                 plot.loss_curves(path, self.metrics.train, self.metrics.test,
-                                 f"{self.cfg.model.kind}, {c.n_expected} workers, {c.gate.mode}")
+                                 f"{self.cfg.model.kind}, {summary['workers']} workers, {c.gate.mode}",
+                                 self.model.metric_name)
         log.info("done (%s): %d steps in %.2f s, final loss %.6g", c.stopping, step, wall, final_loss)
         return summary
 

@@ -88,3 +88,44 @@ def test_a_worker_attached_to_a_static_run_trains_and_everyone_stops_on_the_serv
     assert s["stopped_by"] == "terminated" and s["workers"] == 3 and set(s["pushes_applied"]) == {"0", "1", "2"}
     attach.assert_no_leftovers()
     la.assert_no_leftovers()
+
+
+@pytest.mark.slow
+def test_attach_to_an_address_where_nothing_answers_fails_once_in_plain_words(launch):
+    la = launch("--attach", "tcp://127.0.0.1:9", "--workers", "2", "--set", "worker.server_timeout_s=1",
+                "--set", "train.pin=false")
+    code, out, err = la.wait(timeout_s=60)
+    assert code == 1 and out == ""
+    assert "Traceback" not in err and "restarting" not in err and "worker--1" not in err
+    assert err.splitlines() == ["psrv: run failed: client: no reply from tcp://127.0.0.1:9 to hello within 1 s: "
+                                "no psrv server runs at tcp://127.0.0.1:9, or it requires CURVE keys and this client "
+                                "has none (--keys DIR)"]
+    la.assert_no_leftovers()
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+@pytest.mark.slow
+def test_a_used_output_dir_is_refused_unless_overwrite_and_a_finished_run_is_not_resumed(tmp_path, capsys):
+    out = tmp_path / "run"
+    job = [*sets(data__n=2000, data__d=3, train__workers=1, train__steps=20), "--set", f"output.dir={out}", "-q"]
+    assert main(job) == 0
+    before = {n: (out / n).read_bytes() for n in ("theta.npy", "summary.json", "metrics.jsonl")}
+    capsys.readouterr()
+    # the same folder again: refused, naming what is there and the ways on; nothing touched
+    assert main(job) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds an earlier run's results (theta.npy, summary.json, metrics.jsonl, checkpoints" in err
+    assert "--resume" in err and "--overwrite" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # resuming the finished run: it says so, exits 0 and changes nothing
+    assert main([*job, "--resume", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "is finished" in err and "train.steps = 20" in err and "nothing changed" in err
+    assert {n: (out / n).read_bytes() for n in before} == before
+    # with a higher step budget it trains on
+    assert main([*job, "--set", "train.steps=30", "--resume", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    # --overwrite: a new run replaces the results
+    assert main([*job, "--overwrite"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 20 and s["resumed_from"] is None

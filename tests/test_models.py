@@ -190,3 +190,16 @@ def test_loss_plot_is_optional(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     assert plot.loss_curves(str(tmp_path / "b.png"), train, test, "t") is True
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def png_width(path) -> int:
+    with open(path, "rb") as fh:
+        return int.from_bytes(fh.read(24)[16:20], "big")   # the IHDR chunk's width
+
+
+def test_loss_plot_has_a_held_out_metric_panel_when_there_are_held_out_rows(tmp_path):
+    from psrv import plot
+    train = [(10, 0.1, 1.0), (20, 0.2, 0.5)]
+    assert plot.loss_curves(str(tmp_path / "a.png"), train, [], "t", "r2")
+    assert plot.loss_curves(str(tmp_path / "b.png"), train, [(10, 0.1, 0.7, 0.8), (20, 0.2, 0.6, 0.9)], "t", "r2")
+    assert (png_width(tmp_path / "a.png"), png_width(tmp_path / "b.png")) == (1000, 1500)   # 2 panels, then 3
