@@ -52,6 +52,9 @@ def test_the_wheel_installs_only_psrv_and_runs_a_job_from_outside_the_repository
     assert where == f"{site / 'psrv' / '__init__.py'} None\n"
     r = py("-m", "psrv", "--defaults")
     assert r.returncode == 0 and r.stdout == config.defaults_toml(), r.stderr
+    r = subprocess.run([str(site / "bin" / "psrv"), "--defaults"], capture_output=True, text=True, env=env,
+                       cwd=run_dir, timeout=60)                  # the console script
+    assert r.returncode == 0 and r.stdout == config.defaults_toml(), r.stderr
     r = py("-m", "psrv", "-q", "--set", "data.n=3000", "--set", "data.d=5", "--set", "train.workers=1",
            "--set", "train.steps=40", "--set", "data.test_fraction=0.2", "--set", "output.dir=out")
     assert r.returncode == 0, r.stderr
