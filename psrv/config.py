@@ -56,7 +56,8 @@ def _entry(v: str) -> str | None:
 @dataclass
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
-                                   '.csv or svmlight (.svm, .libsvm, .txt) file')
+                                   '.csv or svmlight (.svm, .libsvm, .txt) file; "arrays" records a run given '
+                                   'in-memory arrays (psrv.train(X=..., y=...)), which no config can reload')
     n: int = opt(200_000, "synthetic rows (for a file: checked against it when set to another value)", lo=1)
     d: int = opt(50, "feature columns (for a file: checked against it when set to another value)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
@@ -64,6 +65,8 @@ class Data:
     target: str = opt("", 'CSV column holding y; "" means the last column')
     labels: str = opt("", "for a .npy source: the .npy file holding y")
     test_fraction: float = opt(0.0, "share of rows held out (at random, by data.seed) for evaluation", lo=0, hi=0.9)
+    test_source: str = opt("", "a separate file of held-out rows, read like data.source (same columns), evaluated "
+                           "instead of data.test_fraction's rows (set one or the other); \"\" means none")
     nan_policy: str = opt("error", "rows with NaN or Inf: stop with an error naming the first, or drop them",
                           choices=("error", "drop"))
     standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
@@ -226,6 +229,15 @@ def _suggest(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _show(value: Any) -> str:
+    """A value for an error message: an array by its shape and dtype, never its elements; anything else by repr,
+    cut short."""
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {value.shape}, dtype {value.dtype}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _type_name(t) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[t]
 
@@ -237,7 +249,8 @@ def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise ConfigError(f"{key}: expected {_type_name(t)}, got {value!r} ({type(value).__name__})")
+        hint = " (pass arrays as psrv.train(config, X=..., y=...))" if key == "data.source" else ""
+        raise ConfigError(f"{key}: expected {_type_name(t)}, got {_show(value)} ({type(value).__name__}){hint}")
     if t is float and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     m = f.metadata
@@ -261,7 +274,7 @@ def _build(tree: Mapping, explicit: frozenset) -> Config:
             raise ConfigError(f"unknown section [{sname}]{_suggest(sname, sections)}; sections are "
                               + ", ".join(sections))
         if not isinstance(body, Mapping):
-            raise ConfigError(f"{sname}: expected a [{sname}] table, got {body!r}")
+            raise ConfigError(f"{sname}: expected a [{sname}] table, got {_show(body)}")
         fields = _section_fields(sname)
         values = {}
         for k, v in body.items():
@@ -291,6 +304,16 @@ def check_combinations(cfg: Config) -> None:
             if got != need:
                 raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "
                                   f"use plain SGD at a constant train.lr); got {got!r}")
+    dc = cfg.data
+    if dc.test_source:
+        if dc.test_fraction > 0:
+            raise ConfigError(f"data.test_source: the held-out rows come either from data.test_source or from "
+                              f"data.test_fraction ({dc.test_fraction:g}), not both; set one of them")
+        if dc.source == "synthetic":
+            raise ConfigError("data.test_source: needs a file data.source (synthetic data holds out rows with "
+                              "data.test_fraction)")
+        if dc.test_source.lower().endswith(".npy"):
+            raise ConfigError("data.test_source: a .npy file holds X only; use a .npz (X, y), .csv or svmlight file")
     if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
         raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
     if cfg.worker.heartbeat_interval_s * 2 > cfg.server.heartbeat_timeout_s:
@@ -335,7 +358,7 @@ def load(source: str | os.PathLike | Mapping | None = None, overrides=()) -> Con
         section, key, value = parse_override(o) if isinstance(o, str) else o
         body = tree.setdefault(section, {})
         if not isinstance(body, dict):
-            raise ConfigError(f"{section}: expected a [{section}] table, got {body!r}")
+            raise ConfigError(f"{section}: expected a [{section}] table, got {_show(body)}")
         body[key] = value
     cfg = _build(tree, frozenset())
     defaults = Config()

@@ -16,7 +16,7 @@ from . import partition
 from .errors import DataError
 from .blocks import BlockSpec, DataBlock
 # synthetic_truth is not used here: it stays importable as data.synthetic_truth, as are read_file and synthetic_rows
-from .sources import SYNTH_CHUNK_ROWS, SVM_KINDS, read_file, synthetic_rows, synthetic_truth  # noqa: F401
+from .sources import ARRAYS, SYNTH_CHUNK_ROWS, SVM_KINDS, read_file, synthetic_rows, synthetic_truth  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,9 @@ class Layout:
     source: str
     rows_dropped: int = 0
     extra: dict = field(default_factory=dict)
+    # indices of the held-out rows in the data as read (data.test_source's rows when it is set, else data.source's),
+    # before data.nan_policy drops any: kept by the launcher for heldout.npy, never sent to a child
+    heldout: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {"block": self.block, "shards": self.shards, "columns": self.columns, "source": self.source,
@@ -94,6 +97,17 @@ class Layout:
 def _explicit_d(dcfg, explicit) -> int:
     """data.d when the user set it (it then fixes an svmlight file's width), else 0."""
     return dcfg.d if "data.d" in explicit else 0
+
+
+def _read(dc, explicit, arrays) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """data.source's (X, y, columns) as given: the caller's in-memory arrays, or the file."""
+    if arrays is not None:
+        return arrays
+    if dc.source == ARRAYS:
+        raise DataError('data.source = "arrays": that run trained on in-memory arrays passed to psrv.train(X=..., '
+                        'y=...), which were never written to disk, so they cannot be loaded here; save them with '
+                        'numpy.savez(PATH, X=X, y=y) and set data.source = PATH')
+    return read_file(dc.source, dc.target, dc.labels, _explicit_d(dc, explicit))
 
 
 def load_arrays(dcfg, explicit: frozenset = frozenset()) -> tuple[np.ndarray, np.ndarray, list[str], int]:
@@ -128,16 +142,29 @@ class Plan:
     test_rows: np.ndarray
     X_all: np.ndarray | None = None
     y_all: np.ndarray | None = None
+    X_test_all: np.ndarray | None = None   # data.test_source's rows (test_rows index them), else None: X_all's
+    y_test_all: np.ndarray | None = None
 
 
-def plan(dc, explicit, n_shards: int) -> Plan:
+def _read_test_source(dc, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X, y, indices of the rows kept) of data.test_source, read like data.source and checked against its width."""
+    X, y, _ = read_file(dc.test_source, dc.target, "", d)
+    if X.shape[1] != d:
+        raise DataError(f"data.test_source: {dc.test_source} has {X.shape[1]} feature columns, data.source has {d}")
+    kept, _ = nan_rows(X, y, dc.nan_policy, dc.test_source)
+    return X, y, kept
+
+
+def plan(dc, explicit, n_shards: int, arrays=None) -> Plan:
     """Read (files) and split the data set: nan_policy, held-out rows, partition into n_shards shards. The same
-    function runs in the launcher and in every attached worker, so both agree on which rows form each shard."""
+    function runs in the launcher and in every attached worker, so both agree on which rows form each shard.
+    `arrays`: (X, y, columns) given in memory (sources.from_arrays) instead of data.source's file."""
+    X_test_all = y_test_all = None
     if dc.source == "synthetic":
         n, d, X_all, y_all, cols, dropped = dc.n, dc.d, None, None, [f"x{j}" for j in range(dc.d)], 0
         kept = np.arange(n, dtype=np.int64)
     else:
-        X_all, y_all, cols = read_file(dc.source, dc.target, dc.labels, _explicit_d(dc, explicit))
+        X_all, y_all, cols = _read(dc, explicit, arrays)
         # dropped rows are left out by index rather than copied away, so a memory-mapped X stays on disk
         kept, dropped = nan_rows(X_all, y_all, dc.nan_policy, dc.source)
         n, d = len(kept), X_all.shape[1]
@@ -149,6 +176,8 @@ def plan(dc, explicit, n_shards: int) -> Plan:
     is_test[test_pos] = True
     test_rows, train_rows = kept[test_pos], kept[~is_test]
     del kept, is_test
+    if dc.test_source:  # config.check_combinations allows it only with a file source and test_fraction = 0
+        X_test_all, y_test_all, test_rows = _read_test_source(dc, d)
     if dc.test_fraction > 0 and len(test_rows) == 0:
         raise DataError(f"data.test_fraction = {dc.test_fraction} holds out no row of {dc.source}'s {n} rows; "
                         f"raise it or set it to 0")
@@ -166,26 +195,26 @@ def plan(dc, explicit, n_shards: int) -> Plan:
     if empty:
         raise DataError(f"{dc.source}: shard {empty[0]} of {n_shards} is empty ({dc.partition} partition of "
                         f"{len(order)} rows); use fewer shards (data.shards, train.workers)")
-    return Plan(d, cols, dropped, order, blocks, test_rows, X_all, y_all)
+    return Plan(d, cols, dropped, order, blocks, test_rows, X_all, y_all, X_test_all, y_test_all)
 
 
-def build(cfg, n_shards: int, name: str) -> tuple[DataBlock, Layout]:
+def build(cfg, n_shards: int, name: str, arrays=None) -> tuple[DataBlock, Layout]:
     """Read or generate the data once into a new shared-memory block named `name`: training rows with shards
-    contiguous, then the held-out rows (data.test_fraction) in file order. The caller owns the block
-    (close + unlink). Raises DataError for unusable data."""
+    contiguous, then the held-out rows (data.test_fraction, or data.test_source's rows) in file order. The caller
+    owns the block (close + unlink). `arrays`: as for plan(). Raises DataError for unusable data."""
     dc = cfg.data
-    p = plan(dc, cfg.explicit, n_shards)
+    p = plan(dc, cfg.explicit, n_shards, arrays)
     spec = BlockSpec(name=name, dtype=dc.dtype, d=p.d, n_train=len(p.order), n_test=len(p.test_rows))
     block = DataBlock.create(spec)
     try:
-        _fill(block, p.order, p.test_rows, dc, p.X_all, p.y_all)
+        _fill(block, p, dc)
         _standardize(block, dc.standardize, cfg.model.fit_intercept)
     except BaseException:
         block.close()
         block.unlink()
         raise
     layout = Layout(block=spec.to_dict(), shards=[list(b) for b in p.blocks], columns=p.cols, source=dc.source,
-                    rows_dropped=p.dropped)
+                    rows_dropped=p.dropped, heldout=p.test_rows)
     return block, layout
 
 
@@ -220,10 +249,14 @@ def checksum(X: np.ndarray, y: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(y).data, zlib.crc32(np.ascontiguousarray(X).data))
 
 
-def _fill(block: DataBlock, order: np.ndarray, test_rows: np.ndarray, dc, X_all, y_all) -> None:
-    """Write file row order[i] to training position i and file row test_rows[j] to test position j."""
-    if X_all is not None:
-        for dst_X, dst_y, rows in ((block.X, block.y, order), (block.X_test, block.y_test, test_rows)):
+def _fill(block: DataBlock, p: Plan, dc) -> None:
+    """Write file row order[i] to training position i and file row test_rows[j] (of data.test_source's rows when
+    it is set) to test position j."""
+    order, test_rows = p.order, p.test_rows
+    if p.X_all is not None:
+        X_test, y_test = (p.X_all, p.y_all) if p.X_test_all is None else (p.X_test_all, p.y_test_all)
+        for dst_X, dst_y, rows, X_all, y_all in ((block.X, block.y, order, p.X_all, p.y_all),
+                                                 (block.X_test, block.y_test, test_rows, X_test, y_test)):
             for lo in range(0, len(rows), ROW_BLOCK):
                 idx = rows[lo:lo + ROW_BLOCK]
                 dst_X[lo:lo + len(idx)] = X_all[idx]
@@ -240,12 +273,12 @@ def _fill(block: DataBlock, order: np.ndarray, test_rows: np.ndarray, dc, X_all,
     for lo in range(0, n, SYNTH_CHUNK_ROWS):
         hi = min(lo + SYNTH_CHUNK_ROWS, n)
         X, y = synthetic_rows(dc.seed, dc.d, dc.noise, lo, hi, n)
-        t, p = is_test[lo:hi], pos[lo:hi]
-        block.X[p[~t]] = X[~t]
-        block.y[p[~t]] = y[~t]
+        t, at = is_test[lo:hi], pos[lo:hi]
+        block.X[at[~t]] = X[~t]
+        block.y[at[~t]] = y[~t]
         if t.any():
-            block.X_test[p[t]] = X[t]
-            block.y_test[p[t]] = y[t]
+            block.X_test[at[t]] = X[t]
+            block.y_test[at[t]] = y[t]
 
 
 def _standardize(block: DataBlock, on: bool, center: bool) -> None:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, models, proc, blocks, signals
+from . import data, models, proc, blocks, signals, sources
 from .cluster import Cluster
 from .errors import AlreadyFinished, ConfigError, PsrvError, RunError, ServerLost
 from .signals import Interrupted
@@ -147,8 +147,9 @@ def _epochs_done(sched: dict, epochs: int) -> bool:
 
 
 def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int = logging.WARNING,
-        role: str = "all", resume: str | None = None) -> Result:
-    """One run: role "all" starts a server and train.workers workers; role "server" the server alone."""
+        role: str = "all", resume: str | None = None, arrays=None) -> Result:
+    """One run: role "all" starts a server and train.workers workers; role "server" the server alone. `arrays`:
+    (X, y, columns) in memory (sources.from_arrays), with cfg.data.source = "arrays"."""
     ckpt = _find_checkpoints(resume) if resume else None
     cfg = resolve(cfg, resume)
     if cfg.model.kind not in config_mod.BUILTIN_MODELS:
@@ -168,20 +169,28 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
     # (whatever PID namespace it runs in); leaving the block removes them by name, not by handle: a signal may land
     # after a segment exists but before anyone holds it, and a server killed -9 leaves its theta and slots behind
     with blocks.owned_prefix() as owner:
-        return _run_on_data(cfg, progress, log_level, owner.prefix, role, ckpt)
+        return _run_on_data(cfg, progress, log_level, owner.prefix, role, ckpt, arrays)
 
 
-def _run_on_data(cfg, progress, log_level, prefix, role, ckpt) -> Result:
+ARRAYS_NOTE = """\
+# data.source = "arrays": this run trained on in-memory arrays passed to psrv.train(X=..., y=...). They were not
+# saved, so this file cannot rerun it as-is: save them with numpy.savez(PATH, X=X, y=y) and set data.source = PATH.
+"""
+
+
+def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None) -> Result:
     out = cfg.output.dir
     n_shards = cfg.data.shards or cfg.train.workers
-    block, layout = data.build(cfg, n_shards, prefix + "data")
+    block, layout = data.build(cfg, n_shards, prefix + "data", arrays)
     with block:
         signals.check()
         layout.extra["classes"] = check_model(cfg, block)
         # the effective config: what was asked, with the data's real size (so it reruns as-is)
         cfg.data.n, cfg.data.d = block.spec.n_train + block.spec.n_test, block.spec.d
         with open(os.path.join(out, "config.toml"), "w") as fh:
-            fh.write(config_mod.to_toml(cfg))
+            fh.write((ARRAYS_NOTE if arrays is not None else "") + config_mod.to_toml(cfg))
+        # which rows were held out, so the split and the held-out metric can be reproduced (README, Outputs)
+        np.save(os.path.join(out, "heldout.npy"), layout.heldout)
         with Cluster(cfg, out, log_level, layout=layout, resume=ckpt, alone=role == "server",
                      prefix=prefix) as cluster:
             address = cluster.start_server()
@@ -197,18 +206,38 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt) -> Result:
     return Result(summary, theta, out)
 
 
-def train(config=None, overrides=(), *, progress: bool = False, log_level: int = logging.WARNING,
+def train(config=None, overrides=(), *, X=None, y=None, progress: bool = False, log_level: int = logging.WARNING,
           role: str = "all", resume: str | None = None) -> Result:
     """Run one training job and return (summary, theta, out_dir). `config` is a TOML path, a nested dict or
-    None (the defaults); `overrides` are 'section.key=value' strings. Raises ConfigError or RunError."""
+    None (the defaults); `overrides` are 'section.key=value' strings. `X`, `y`: train on these arrays (rows x
+    columns, and one label per row) instead of data.source; their rows are copied once, straight into shared
+    memory. Raises ConfigError (DataError for unusable data) or RunError."""
     cfg = config_mod.load(config, overrides)
+    arrays = None
+    if X is not None or y is not None:
+        arrays = _in_memory(cfg, X, y, role)
     bar = Progress() if progress else None
     with signals.handled():
         try:
-            return run(cfg, bar, log_level, role, resume)
+            return run(cfg, bar, log_level, role, resume, arrays)
         finally:
             if bar is not None:
                 bar.close()
+
+
+def _in_memory(cfg: config_mod.Config, X, y, role: str):
+    """Check arrays given to train() and point data.source at them."""
+    if X is None or y is None:
+        raise ConfigError(f"psrv.train: pass both X and y (got only {'X' if y is None else 'y'})")
+    if cfg.data.source not in ("synthetic", data.ARRAYS):
+        raise ConfigError(f"psrv.train: X and y were given, and data.source = {cfg.data.source!r}; use one or the "
+                          f"other")
+    if role != "all":
+        raise ConfigError("psrv.train: arrays in memory need role 'all': workers attached from elsewhere could "
+                          "not load their rows")
+    cfg.data.source = data.ARRAYS
+    config_mod.check_combinations(cfg)
+    return sources.from_arrays(X, y)
 
 
 # ---------------------------------------------------------------------------------------------- attach and status
@@ -303,7 +332,8 @@ def format_status(st: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launch.py", description="Train a model with a parameter server and N "
                                 "worker processes. With no config, runs the defaults (configs/default.toml, "
-                                "psrv --defaults).")
+                                "psrv --defaults). `launch.py predict RUN_DIR --data FILE [--out FILE]` applies a "
+                                "finished run's model to new rows.")
     p.add_argument("config", nargs="?", help="a TOML config (default: the built-in defaults, as listed in "
                    "configs/default.toml)")
     p.add_argument("--workers", type=int, metavar="N", help="worker processes (same as --set train.workers=N)")
@@ -349,6 +379,10 @@ def _print_summary(r: Result, stream=sys.stdout) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["predict"]:  # a subcommand of its own; every other form is the training CLI, as before
+        from . import model
+        return model.predict_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.defaults:
         sys.stdout.write(config_mod.defaults_toml())

@@ -195,8 +195,10 @@ class Server:
         del spec["columns"]  # as long as the data is wide; no worker needs the names
         # what a worker that loads its own rows needs: the data config and a checksum of each shard it may read
         spec["config"] = dc = self.cfg.to_dict()["data"]
-        if dc["source"] != "synthetic":
+        if dc["source"] not in ("synthetic", data.ARRAYS):  # arrays: plan() tells such a worker why it cannot load them
             dc["source"] = os.path.abspath(dc["source"])  # a worker started elsewhere reads the same path
+        if dc["test_source"]:
+            dc["test_source"] = os.path.abspath(dc["test_source"])
         spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
         if not p.local:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
@@ -342,6 +344,7 @@ class Server:
             "cols": self.block.spec.d, "model": self.cfg.model.kind, "clipped": self.store.clipped,
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
+            "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,
         }
         path = os.path.join(self.out_dir, "theta.npy")
         with _writing("theta", path):

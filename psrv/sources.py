@@ -14,6 +14,7 @@ import numpy as np
 from .errors import DataError
 
 SYNTH_CHUNK_ROWS = 8192
+ARRAYS = "arrays"   # data.source of a run given in-memory arrays: psrv.train(config, X=..., y=...)
 SVM_KINDS = (".svm", ".libsvm", ".svmlight", ".txt")
 FILE_KINDS = (".npz", ".npy", ".csv") + SVM_KINDS
 _KINDS_TEXT = ("synthetic, .npz (arrays X and y), .npy (X; y in data.labels), .csv (with a header row), "
@@ -64,6 +65,37 @@ def _check_xy(path: str, X: np.ndarray, y: np.ndarray, y_path: str | None = None
     return y
 
 
+def _describe(a) -> str:
+    """An array named by its shape and dtype, never by its values (which may be millions)."""
+    shape, dtype = getattr(a, "shape", None), getattr(a, "dtype", None)
+    return f"shape {shape}, dtype {dtype}" if shape is not None else type(a).__name__
+
+
+def from_arrays(X, y) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(X, y, column names) of arrays given in memory (psrv.train(X=..., y=...)), checked like a .npz source's. They
+    are not copied here: the launcher copies their rows once, straight into shared memory. A pandas DataFrame's
+    column names are kept."""
+    cols = [str(c) for c in X.columns] if hasattr(X, "columns") else None
+    try:
+        X, y = np.asarray(X), np.asarray(y)
+    except (TypeError, ValueError) as e:  # ragged lists
+        raise DataError(f"X, y: cannot be read as numeric arrays: {e}") from None
+    if X.dtype.kind not in "fiub":
+        raise DataError(f"X: expected numbers, got an array of {_describe(X)}")
+    if y.dtype.kind not in "fiub":
+        raise DataError(f"y: expected numbers, got an array of {_describe(y)} (map class labels to 0..K-1, or "
+                        f"use psrv.sklearn.PSClassifier, which does)")
+    if X.ndim != 2:
+        raise DataError(f"X: expected a 2-D array (rows x columns), got {_describe(X)}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(X):
+        raise DataError(f"y: expected a vector with one value per row of X ({len(X)} rows), got {_describe(y)}")
+    if len(X) == 0 or X.shape[1] == 0:
+        raise DataError(f"X: no rows or no columns ({_describe(X)})")
+    return X, y, cols or [f"x{j}" for j in range(X.shape[1])]
+
+
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -97,7 +129,7 @@ def _read_npy(path: str, labels: str) -> tuple[np.ndarray, np.ndarray, list[str]
     return X, y, [f"x{j}" for j in range(X.shape[1])]
 
 
-def _read_csv(path: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_csv(path: str, target: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     with open(path, newline="") as fh:
         reader = csv.reader(fh)
         try:
@@ -105,9 +137,11 @@ def _read_csv(path: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]
         except StopIteration:
             raise DataError(f"{path}: empty file; expected a header row") from None
         header = [h.strip() for h in header]
-        if len(header) < 2:
+        if target is None:  # a file of inputs only (predictions): every column is a feature
+            t = None
+        elif len(header) < 2:
             raise DataError(f"{path}: need at least two columns (features and a target), header has {header}")
-        if target == "":
+        elif target == "":
             t = len(header) - 1
         elif target in header:
             t = header.index(target)
@@ -129,7 +163,7 @@ def _read_csv(path: str, target: str) -> tuple[np.ndarray, np.ndarray, list[str]
         raise DataError(f"{path}: no data rows after the header")
     A = np.asarray(rows, dtype=np.float64)
     keep = [j for j in range(len(header)) if j != t]
-    return A[:, keep], A[:, t], [header[j] for j in keep]
+    return A[:, keep], (None if t is None else A[:, t]), [header[j] for j in keep]
 
 
 def _is_float(v: str) -> bool:
@@ -278,10 +312,12 @@ def _read_svmlight(path: str, d_explicit: int = 0) -> tuple[np.ndarray, np.ndarr
     return X, y, [f"x{j + first}" for j in range(d)]  # named by the file's own indices
 
 
-def read_file(path: str, target: str = "", labels: str = "", d: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_file(path: str, target: str | None = "", labels: str = "", d: int = 0) -> tuple[np.ndarray, np.ndarray,
+                                                                                       list[str]]:
     """(X, y, column names) from a data file, as given (no standardization, no NaN policy). `target` is the CSV
-    column holding y ("" = the last); `labels` the .npy file holding y for a .npy source; `d`, when not 0, the
-    number of columns of an svmlight file (else its largest index). A .npy X and y are read-only memory maps."""
+    column holding y ("" = the last; None: a CSV of inputs only, whose y comes back None); `labels` the .npy file
+    holding y for a .npy source; `d`, when not 0, the number of columns of an svmlight file (else its largest
+    index). A .npy X and y are read-only memory maps."""
     if not os.path.exists(path):
         raise DataError(f"data.source: file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
