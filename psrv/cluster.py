@@ -309,6 +309,8 @@ class Cluster:
                 c.process.kill()
                 c.process.join(2.0)
             if not c.conn.closed:
+                self._drain(c)   # what they said on the way out (a worker's "left", with its step count)
+            if not c.conn.closed:
                 c.conn.close()
         if self.claim is not None:
             self.claim.release()

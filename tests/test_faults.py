@@ -173,7 +173,8 @@ def test_workers_attach_mid_run_show_in_status_and_leave(launch, tmp_path):
              what="the attached worker to train")
     step_before = state(address)["step"]
     attach.proc.send_signal(signal.SIGINT)                      # it leaves (saying bye)
-    assert attach.wait()[0] == 130
+    code, out, _ = attach.wait()
+    assert code == 130 and f"left {address}: worker {joined['wid']} after " in out and "(stopped)" in out
     attach.assert_no_leftovers()
     left = next(w for w in state(address)["workers"] if w["wid"] == joined["wid"])
     assert not left["alive"] and state(address)["deaths"] == 0   # it left, it did not die
