@@ -261,6 +261,10 @@ def attach(address: str, workers: int, overrides=(), log_level: int = logging.WA
                 for slot in range(workers):
                     cluster.start_worker(-1, slot=slot, local=False)
                 cluster.wait()
+                if cluster.lost:  # each one's end is in the log; the exit status must not call it a success
+                    raise RunError("workers", f"{cluster.lost} of the {workers} attached workers ended early and "
+                                              f"could not be restarted (train.max_restarts = "
+                                              f"{cfg.train.max_restarts})")
         finally:
             if left:
                 print(f"left {address}: " + ", ".join(f"worker {e['wid']} after {e['steps']} steps"

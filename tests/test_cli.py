@@ -103,6 +103,25 @@ def test_attach_to_an_address_where_nothing_answers_fails_once_in_plain_words(la
     la.assert_no_leftovers()
 
 
+@pytest.mark.slow
+def test_an_attach_whose_workers_die_for_good_exits_non_zero(launch, tmp_path):
+    out = tmp_path / "out"
+    la = launch(*sets(data__n=4000, data__d=3, train__workers=1, train__steps=10**9), *FAST,
+                "--set", f"output.dir={out}", "-q")
+    address = address_of(out)
+    attach = launch("--attach", address, "--workers", "1", "--set", "train.max_restarts=0")
+    assert attach.proc.stdout.readline().startswith(f"joined {address} as worker 1")
+    pid = wait_for(lambda: next((w["pid"] for w in launch_mod.status(address)["workers"] if w["wid"] == 1), None),
+                   30, what="the attached worker in the status")
+    os.kill(pid, signal.SIGKILL)
+    code, _, err = attach.wait(timeout_s=60)
+    assert code == 1 and "1 of the 1 attached workers ended early and could not be restarted" in err, err
+    attach.assert_no_leftovers()
+    la.proc.send_signal(signal.SIGINT)
+    assert la.wait(timeout_s=60)[0] == 130
+    la.assert_no_leftovers()
+
+
 # ---------------------------------------------------------------------------------------------- run folders
 @pytest.mark.slow
 def test_a_used_output_dir_is_refused_unless_overwrite_and_a_finished_run_is_not_resumed(tmp_path, capsys):
