@@ -92,3 +92,26 @@ def test_faulty_worker_hook_fails_slows_and_breaks_only_its_worker():
                 w.after_gradient(6, grad)
         finally:
             w.close()
+
+
+def test_a_workers_entry_resolves_to_the_installed_name_when_there_is_no_workers_package(tmp_path, monkeypatch):
+    """Installed from the wheel, the repository's workers/ is psrv_workers: `worker.entry = "workers.worker:main"`
+    (the default) must still load, and only when no `workers` package is importable."""
+    import sys
+
+    from psrv import proc
+    pkg = tmp_path / "psrv_workers"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "worker.py").write_text("def main():\n    return 'installed'\n")
+    (pkg / "broken.py").write_text("import no_such_module_here\ndef main():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert proc.load_entry("workers.worker:main") is sys.modules["workers.worker"].main   # a checkout: workers/
+    for name in [m for m in sys.modules if m == "workers" or m.startswith("workers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "workers", None)        # as if no `workers` package were importable
+    assert proc.load_entry("workers.worker:main")() == "installed"
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_here"):   # its own import errors show as such
+        proc.load_entry("workers.broken:main")
+    with pytest.raises(ModuleNotFoundError):                 # only names under workers. are mapped
+        proc.load_entry("workerz.worker:main")
