@@ -194,6 +194,9 @@ def test_role_server_with_attached_workers(launch, tmp_path):
     assert line.startswith("attach: tcp://127.0.0.1:")
     address = line.split()[1]
     assert (tmp_path / "out" / "address").read_text().strip() == address
+    text = subprocess.run([sys.executable, LAUNCH, "--status", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=30).stdout                 # the run folder names the server
+    assert "waiting for 2 of 2 workers to join" in text
     workers = launch("--attach", address, "--workers", "2")
     assert workers.wait()[0] == 0
     code, out, err = srv.wait()
