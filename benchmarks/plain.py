@@ -7,7 +7,10 @@ Linear least squares, no intercept, the loop of issue 10:
 
 with the row gather done whichever way is faster on this machine and data, measured at start-up: fancy indexing
 (`X[i]`), or `np.take(X, i, axis=0, out=buf, mode="clip")` into a preallocated buffer (with the default
-mode="raise", numpy's take with out= goes through a temporary buffer, which is slower). The loop also sums r @ r
+mode="raise", numpy's take with out= goes through a temporary buffer, which is slower). In block order (psrv's
+data.batch_order = "blocks", for comparison) the loop reads a random whole block of b consecutive rows instead,
+in place: `s = b * rng.integers(0, n // b); Xb = X[s:s + b]` (X's rows are already in random order here, as psrv
+shuffles them once at load). The loop also sums r @ r
 (the mini-batch loss, O(b) next to the O(b d) gather) so that its time to a target loss can be read, as psrv's
 workers compute their loss too.
 
@@ -33,13 +36,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ---------------------------------------------------------------------------------------------- the loop (host side)
 def _gather_steps(X, y, batch: int, lr: float, method: str, rng, th, bufs):
-    """One step function for `method` ("take": np.take(mode="clip") into buffers; "fancy": X[i]). Returns the
-    step's sum of squared residuals."""
+    """One step function for `method` ("take": np.take(mode="clip") into buffers; "fancy": X[i]; "blocks": a
+    random block of consecutive rows, in place). Returns the step's sum of squared residuals."""
     import numpy as np
     n = len(X)
     Xb, yb = bufs
     scale = 2.0 / batch
-    if method == "take":
+    if method == "blocks":
+        blocks = n // batch
+
+        def step():
+            s = batch * int(rng.integers(0, blocks))
+            xb = X[s:s + batch]
+            r = xb @ th - y[s:s + batch]
+            th.__isub__(lr * (scale * (xb.T @ r)))
+            return r @ r
+    elif method == "take":
         def step():
             i = rng.integers(0, n, batch)
             np.take(X, i, axis=0, out=Xb, mode="clip")
@@ -154,6 +166,7 @@ def host(argv=None) -> int:
         if cmd.get("quit"):
             break
         cores, warmup_s, window_s = cmd["cores"], float(cmd["warmup_s"]), float(cmd["window_s"])
+        how = "blocks" if cmd.get("order") == "blocks" else method
         cpu0 = os.times()
         ready = fork.Barrier(len(cores) + 1)
         go = fork.Event()
@@ -161,7 +174,7 @@ def host(argv=None) -> int:
         pipes, procs = [], []
         for j, core in enumerate(cores):
             r, w = fork.Pipe(duplex=False)
-            pr = fork.Process(target=_copy, args=(X, y, a.batch, a.lr, method, int(cmd.get("seed", 0)) * 1000 + j,
+            pr = fork.Process(target=_copy, args=(X, y, a.batch, a.lr, how, int(cmd.get("seed", 0)) * 1000 + j,
                                                   core, ready, go, times, int(cmd.get("log_every", 10)), w),
                               daemon=True)
             pr.start()
@@ -210,11 +223,13 @@ class PlainLoops:
             raise RuntimeError(f"the plain-loop host exited ({rc}) without an answer; see its stderr above")
         return json.loads(line)
 
-    def run(self, cores: list[int], warmup_s: float, window_s: float, log_every: int = 10, seed: int = 0) -> dict:
+    def run(self, cores: list[int], warmup_s: float, window_s: float, log_every: int = 10, seed: int = 0,
+            order: str = "rows") -> dict:
         """{"samples_per_s": the sum of the copies' rates over the common window, "copies": each copy's steps,
-        samples, seconds and (copy 0's) loss lines, "cpu_s": CPU the host and the copies used}."""
+        samples, seconds and (copy 0's) loss lines, "cpu_s": CPU the host and the copies used}. order: "rows"
+        (random rows, the calibrated gather) or "blocks" (a random block of consecutive rows)."""
         self.p.stdin.write(json.dumps({"cores": list(cores), "warmup_s": warmup_s, "window_s": window_s,
-                                       "log_every": log_every, "seed": seed}) + "\n")
+                                       "log_every": log_every, "seed": seed, "order": order}) + "\n")
         self.p.stdin.flush()
         return self._read()
 

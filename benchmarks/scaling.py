@@ -30,6 +30,12 @@ same arithmetic on the same rows.
   at LR_CAP_FACTOR x the plain lr; local SGD runs at the plain lr (each worker's local steps are plain SGD steps).
   The "steps" shown are psrv's steps (BSP: synchronized steps; SSP/ASP: gradients applied / N; localH: rounds of
   H local batches per worker).
+- **Batch order**: psrv's default reads each batch as random rows of its shard (a gather), as the plain loop does.
+  The "+blocks" modes use data.batch_order = "blocks" (rows shuffled once at load; a batch is a random block of
+  consecutive rows, read in place). So that a gain from the order is never shown as a gain from parallelism, the
+  plain loop and its N-copy ceiling are also measured in block order (benchmarks/plain.py), and each "+blocks"
+  mode is reported against both: the usual columns (row-order loop) and "x same-order loop / its ceiling"; its
+  time to target is compared with the block-order loop's.
 
 Every measurement is repeated (3 times in full, once with --quick) in rounds: each round measures, for every N, the
 ceiling and then each psrv mode; figures are medians over the rounds and ratios are ratios of medians. The window
@@ -104,7 +110,19 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
     if "train.local_steps" in config.keys():
         # H comes from the job (Job.local_steps) when the run starts
         modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
+    if "data.batch_order" in config.keys():  # the same modes reading batches as blocks of consecutive rows
+        modes += [(f"{m}+blocks", o + ["data.batch_order=blocks"]) for m, o in list(modes)
+                  if m in ("bsp", "asp", "localH")]
     return modes
+
+
+def order_of(mode: str) -> str:
+    """The batch order a mode reads in: the plain loop it is compared with reads in the same order."""
+    return "blocks" if mode.endswith("+blocks") else "rows"
+
+
+def orders(modes) -> list[str]:
+    return sorted({order_of(m) for m, _ in modes}, key=("rows", "blocks").index)
 
 
 def _dataset(tmp: str, job: Job, n: int) -> dict:
@@ -152,9 +170,9 @@ def _psrv(job: Job, paths: dict, n_workers: int, overrides: list[str], window_s:
 
 
 def _plain(loops: PlainLoops, cores: list[int], warmup_s: float, window_s: float, log_every: int, seed: int,
-           target: float) -> dict:
+           target: float, order: str = "rows") -> dict:
     meter = CpuMeter()
-    r = loops.run(cores, warmup_s, window_s, log_every, seed)
+    r = loops.run(cores, warmup_s, window_s, log_every, seed, order)
     lines = [{"step": k, "loss": loss, "elapsed_s": el} for k, loss, el in r["copies"][0]["lines"]]
     hit = next((x for x in lines if x["loss"] <= target), None)
     return {"samples_per_s": r["samples_per_s"], "per_copy": [c["samples"] / c["seconds"] for c in r["copies"]],
@@ -163,7 +181,7 @@ def _plain(loops: PlainLoops, cores: list[int], warmup_s: float, window_s: float
 
 
 def modes_at(N: int, modes: list) -> list:
-    return [(m, o) for m, o in modes if not (N == 1 and m in SAME_AT_ONE)]
+    return [(m, o) for m, o in modes if not (N == 1 and m.split("+")[0] in SAME_AT_ONE)]
 
 
 def _overhead(job: Job, paths: dict, ns: list[int], modes) -> dict:
@@ -188,7 +206,7 @@ def _choose_window(quick: bool, spent_s: float, overheads: list[dict], ns: list[
     lo, hi = WINDOW_S[quick]
     per_round = sum(len(modes_at(N, modes)) * 1.15 * o[N] + WARMUP_S[quick] + 0.5 for o in overheads for N in ns)
     fixed = repeats * per_round + len(overheads) * host_s
-    per_window = repeats * len(overheads) * sum(len(modes_at(N, modes)) + 1 for N in ns)
+    per_window = repeats * len(overheads) * sum(len(modes_at(N, modes)) + len(orders(modes)) for N in ns)
     window = min(max((budget_s - spent_s - fixed) / per_window, lo), hi)
     return window, spent_s + fixed + per_window * window
 
@@ -235,13 +253,14 @@ def _measure(job: Job, paths: dict, cores: list[int], ns: list[int], modes, repe
         info = loops.info
         # a bound on psrv's steps in case max_wall_s did not stop it: 5 windows at the plain loop's step rate
         steps = max(100, math.ceil(5 * window / info["step_s"]))
-        plain = {N: [] for N in ns}
+        plain = {(N, o): [] for N in ns for o in orders(modes)}
         runs = {(N, m): [] for N in ns for m, _ in modes_at(N, modes)}
         for rnd in range(repeats):
             for N in ns:
                 log(f"scaling: {job.key}, round {rnd + 1}/{repeats}, N = {N}")
                 use = [cores[i % len(cores)] for i in range(N)]
-                plain[N].append(_plain(loops, use, WARMUP_S[quick], window, job.log_every, rnd, target))
+                for o in orders(modes):
+                    plain[N, o].append(_plain(loops, use, WARMUP_S[quick], window, job.log_every, rnd, target, o))
                 for m, overrides in modes_at(N, modes):
                     runs[N, m].append(_psrv(job, paths, N, overrides, window, steps, rnd, target))
     return {"plain": plain, "runs": runs, "target": target, "info": info, "steps": steps, "cpu": meter.stop()}
@@ -288,17 +307,30 @@ def _report(results: dict, data: dict, cores: list[int], ns: list[int], modes, r
     mode_names = [m for m, _ in modes]
     for job in JOBS:
         res = results[job.key]
-        one = _med(res["plain"][1], "samples_per_s")
-        one_ttt = _med(res["plain"][1], "ttt")
+        ords = orders(modes)
+        one = _med(res["plain"][1, "rows"], "samples_per_s")
+        # time to target: against the plain loop in the mode's own batch order, so the order's gain is not
+        # counted as parallelism's
+        one_ttt_of = {o: _med(res["plain"][1, o], "ttt") for o in ords}
+        one_same = {o: _med(res["plain"][1, o], "samples_per_s") for o in ords}
         series = {"ceiling (N plain loops)": [], "N x one plain loop": []}
+        if "blocks" in ords:
+            series["ceiling, block order"] = []
         series.update({f"psrv {m}": [] for m in mode_names})
         for N in ns:
             shared = " (server shares a core)" if N >= len(cores) else ""
-            ceiling = _med(res["plain"][N], "samples_per_s")
-            label = "plain loop, alone" if N == 1 else f"ceiling: {N} plain loops together"
-            rows.append([job.title, N, label, f"{ceiling:,.0f}", _spread(res["plain"][N], "samples_per_s"),
-                         f"{ceiling / one:.2f}", "1.00", _ttt(res["plain"][N]) if N == 1 else "", "", "",
-                         _others(res["plain"][N])])
+            ceiling_of = {}
+            for o in ords:
+                ceiling_of[o] = c = _med(res["plain"][N, o], "samples_per_s")
+                what = "plain loop" + (", block order" if o == "blocks" else "")
+                label = f"{what}, alone" if N == 1 else f"ceiling: {N} copies of the {what} together"
+                rows.append([job.title, N, label, f"{c:,.0f}", _spread(res["plain"][N, o], "samples_per_s"),
+                             f"{c / one:.2f}", "1.00" if o == "rows" else f"{c / ceiling_of['rows']:.2f}",
+                             "" if o == "rows" else f"{c / one_same[o]:.2f} / 1.00",
+                             _ttt(res["plain"][N, o]) if N == 1 else "", "", "", _others(res["plain"][N, o])])
+                if o == "blocks":
+                    series["ceiling, block order"].append(c)
+            ceiling = ceiling_of["rows"]
             series["ceiling (N plain loops)"].append(ceiling)
             series["N x one plain loop"].append(N * one)
             best_ttt = None
@@ -310,26 +342,32 @@ def _report(results: dict, data: dict, cores: list[int], ns: list[int], modes, r
                 ok = [r for r in rs if "error" not in r]
                 if not ok:
                     rows.append([job.title, N, f"psrv {m}{shared}", f"failed: {rs[0]['error'][:120]}", "", "", "",
-                                 "", "", "", ""])
+                                 "", "", "", "", ""])
                     series[f"psrv {m}"].append(None)
                     continue
                 sps = _med(ok, "samples_per_s")
                 ttt = _med(ok, "ttt") if N <= TTT_MAX_N else None
+                one_ttt = one_ttt_of[order_of(m)]
                 speedup = f"{one_ttt / ttt:.2f}" if ttt and one_ttt else ""
+                o = order_of(m)
+                same = f"{sps / one_same[o]:.2f} / {sps / ceiling_of[o]:.2f}"
                 rows.append([job.title, N, f"psrv {m}{shared}", f"{sps:,.0f}", _spread(ok, "samples_per_s"),
-                             f"{sps / one:.2f}", f"{sps / ceiling:.2f}", _ttt(ok) if N <= TTT_MAX_N else "",
+                             f"{sps / one:.2f}", f"{sps / ceiling:.2f}", same, _ttt(ok) if N <= TTT_MAX_N else "",
                              speedup, _split(ok), _others(ok)])
                 series[f"psrv {m}"].append(sps)
                 key = f"scaling_{job.key}_n{N}_{m}"
                 ratios[f"{key}_vs_plain"] = sps / one
                 ratios[f"{key}_vs_ceiling"] = sps / ceiling
+                if o != "rows":  # against the plain loop in the same batch order, and its ceiling
+                    ratios[f"{key}_vs_plain_same_order"] = sps / one_same[o]
+                    ratios[f"{key}_vs_ceiling_same_order"] = sps / ceiling_of[o]
                 if ttt and one_ttt:
                     ratios[f"{key}_ttt_speedup"] = one_ttt / ttt
                     if best_ttt is None or one_ttt / ttt > best_ttt[1]:
                         best_ttt = (m, one_ttt / ttt)
             if N == top:
                 for m in mode_names:
-                    for kind in ("vs_plain", "vs_ceiling"):
+                    for kind in ("vs_plain", "vs_ceiling", "vs_plain_same_order", "vs_ceiling_same_order"):
                         if f"scaling_{job.key}_n{N}_{m}_{kind}" in ratios:
                             ratios[f"scaling_{job.key}_top_{m}_{kind}"] = ratios[f"scaling_{job.key}_n{N}_{m}_{kind}"]
             if N <= TTT_MAX_N and best_ttt:
@@ -340,10 +378,14 @@ def _report(results: dict, data: dict, cores: list[int], ns: list[int], modes, r
         plots.append({"file": f"scaling_{job.key}.png",
                       "title": f"{job.title}: d = {job.d}, batch {job.batch}, {data[job.key]['n']:,} rows",
                       "x": ns, "xlabel": "workers / copies (N)", "ylabel": "samples/s", "series": series,
-                      "styles": {"ceiling (N plain loops)": "ko--", "N x one plain loop": "k:"}, "xticks": True})
+                      "styles": {"ceiling (N plain loops)": "ko--", "N x one plain loop": "k:",
+                                 "ceiling, block order": "kx-."}, "xticks": True})
     for job in JOBS:
         targets.append(_target(f"{job.title}: one worker (BSP) / the plain loop, samples/s",
                                f"scaling_{job.key}_n1_bsp_vs_plain", 0.9, ratios))
+        if "bsp+blocks" in mode_names:
+            targets.append(_target(f"{job.title}: one worker (BSP, block order) / the plain loop in block order",
+                                   f"scaling_{job.key}_n1_bsp+blocks_vs_plain_same_order", 0.9, ratios))
     if 2 in ns:
         targets.append(_target("compute-bound, N = 2: BSP / one plain loop", "scaling_compute_n2_bsp_vs_plain", 1.7,
                                ratios))
@@ -368,7 +410,7 @@ def _report(results: dict, data: dict, cores: list[int], ns: list[int], modes, r
         "name": "scaling", "title": "Data-parallel scaling: psrv with N workers against the plain loop and N cores",
         "method": __doc__,
         "columns": ["job", "N", "run", "samples/s", "spread (min-max)", "x one plain loop", "x ceiling (N loops)",
-                    "time to target s (step)", "speed-up to target (goal >= 0.7 N)", "time per push ms",
+                    "x same-order loop / its ceiling", "time to target s (step)", "speed-up to target (goal >= 0.7 N)", "time per push ms",
                     "others' CPU %"],
         "rows": rows, "ratios": ratios, "targets": targets, "notes": notes, "plots": plots,
         "raw": {"worker_counts": ns, "modes": mode_names, "window_s": window, "repeats": repeats,
@@ -387,7 +429,7 @@ def _raw(res: dict, paths: dict) -> dict:
         return {k: v for k, v in r.items() if k != "lines"}
     return {"optimum_loss": paths["optimum"], "target_loss": res["target"], "steps_cap": res["steps"],
             "plain_host": res["info"], "cpu": res["cpu"],
-            "plain": {str(N): [strip(r) for r in rs] for N, rs in res["plain"].items()},
+            "plain": {f"{N}/{o}": [strip(r) for r in rs] for (N, o), rs in res["plain"].items()},
             "psrv": {f"{N}/{m}": [strip(r) for r in rs] for (N, m), rs in res["runs"].items()}}
 
 

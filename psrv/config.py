@@ -72,6 +72,9 @@ class Data:
     standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
     partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
                          choices=("range", "hash"))
+    batch_order: str = opt("rows", "rows: a batch gathers random rows of its shard; blocks: rows are shuffled once "
+                           "at load and a batch is a random block of consecutive rows, read in place (faster)",
+                           choices=("rows", "blocks"))
     shards: int = opt(0, "shards the training rows are cut into; 0 means one per worker (train.workers)",
                       lo=0, hi=1024)
     dtype: str = opt("float64", "dtype of X, y and theta in shared memory and on the wire",

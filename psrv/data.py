@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import partition
+from . import partition, schedule
 from .errors import DataError
 from .blocks import BlockSpec, DataBlock
 # synthetic_truth is not used here: it stays importable as data.synthetic_truth, as are read_file and synthetic_rows
@@ -195,6 +195,9 @@ def plan(dc, explicit, n_shards: int, arrays=None) -> Plan:
     if empty:
         raise DataError(f"{dc.source}: shard {empty[0]} of {n_shards} is empty ({dc.partition} partition of "
                         f"{len(order)} rows); use fewer shards (data.shards, train.workers)")
+    if dc.batch_order == "blocks":  # batches are then runs of consecutive rows: those must be a random sample
+        for s, (off, size) in enumerate(blocks):
+            order[off:off + size] = order[off:off + size][schedule.storage_order(dc.seed, s, size)]
     return Plan(d, cols, dropped, order, blocks, test_rows, X_all, y_all, X_test_all, y_test_all)
 
 

@@ -1,7 +1,7 @@
 """Which rows each step reads: shard cursors, the per-epoch row order, and which worker holds which shard (pure).
 
-A mini-batch is named by (shard, epoch, start, count): rows epoch_order(seed, shard, epoch, size)[start:start+count]
-of that shard. The server owns the cursors, so a checkpoint records exactly where every shard stands, a batch lost
+A mini-batch is named by (shard, epoch, start, count): rows order[start:start+count] of that shard, where order is
+epoch_order(seed, shard, epoch, size) (data.batch_order = "rows") or block_order(..., batch_size) ("blocks"). The server owns the cursors, so a checkpoint records exactly where every shard stands, a batch lost
 with a dead worker goes back to its shard, and any process can turn a batch name into rows without asking.
 Under the static schedule each shard is leased to one live worker (assign() spreads them evenly), and a worker left
 without one (more workers than shards) reads a shard along with its holder (share()); under the dynamic one any
@@ -35,6 +35,29 @@ def epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         h = splitmix64(np.uint64(epoch_key(seed, shard, epoch)) + np.arange(size, dtype=np.uint64))
     return np.argsort(h, kind="stable")
+
+
+def block_order(seed: int, shard: int, epoch: int, size: int, batch_size: int) -> np.ndarray:
+    """The epoch order of data.batch_order = "blocks": the shard's whole batch_size-row blocks (rows
+    [k*batch_size, (k+1)*batch_size)) in the order epoch_order(seed, shard, epoch, size // batch_size), then the
+    short tail block, always last. A cursor takes batch_size rows at a time from position 0, so every batch is one
+    block: consecutive rows, a view of shared memory rather than a gather. The rows were shuffled once when the
+    data was loaded (storage_order), so a block is still a random sample of its shard."""
+    full = size // batch_size
+    blocks = epoch_order(seed, shard, epoch, full) * batch_size
+    head = (blocks[:, None] + np.arange(batch_size)).ravel()
+    return np.concatenate([head, np.arange(full * batch_size, size)])
+
+
+# the epoch number that names the shuffle done once at load time (data.batch_order = "blocks"): no training epoch
+# reaches it, so the shuffle never equals an epoch's order
+LOAD_EPOCH = (1 << 64) - 1
+
+
+def storage_order(seed: int, shard: int, size: int) -> np.ndarray:
+    """How data.batch_order = "blocks" stores a shard's rows: its rows in file order, permuted once by
+    epoch_order(data.seed, shard, 2**64 - 1, size)."""
+    return epoch_order(seed, shard, LOAD_EPOCH, size)
 
 
 @dataclass

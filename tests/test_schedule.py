@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from psrv.schedule import Cursor, Schedule, assign, epoch_order, share
+from psrv.schedule import Cursor, Schedule, assign, block_order, epoch_order, share, storage_order
 
-from .test_e2e import epoch_order as epoch_order_py
+from .test_e2e import M64, block_order as block_order_py, epoch_order as epoch_order_py
 
 
 @pytest.mark.parametrize("seed,shard,epoch,size", [(0, 0, 0, 10), (7, 3, 2, 1000), (2**40, 1, 9, 1)])
@@ -11,6 +11,20 @@ def test_epoch_order_matches_the_documented_rule(seed, shard, epoch, size):
     got = epoch_order(seed, shard, epoch, size)
     assert got.tolist() == epoch_order_py(seed, shard, epoch, size)
     assert sorted(got.tolist()) == list(range(size))
+
+
+@pytest.mark.parametrize("seed,shard,epoch,size,batch", [(0, 0, 0, 10, 3), (7, 3, 2, 1000, 32), (5, 1, 0, 7, 10),
+                                                        (1, 0, 4, 64, 16)])
+def test_block_order_matches_the_documented_rule(seed, shard, epoch, size, batch):
+    got = block_order(seed, shard, epoch, size, batch)
+    assert got.tolist() == block_order_py(seed, shard, epoch, size, batch)
+    assert sorted(got.tolist()) == list(range(size))
+    c = Cursor(size=size)
+    for _ in range(-(-size // batch)):  # every batch a cursor serves is one run of consecutive rows
+        _, start, count = c.take(batch)
+        rows = got[start:start + count]
+        assert (np.diff(rows) == 1).all() and (start + count < size or rows[-1] == size - 1 or count == batch)
+    assert storage_order(seed, shard, size).tolist() == epoch_order_py(seed, shard, M64, size)
 
 
 def test_epoch_orders_differ_between_epochs_and_shards():

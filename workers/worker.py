@@ -19,7 +19,7 @@ from psrv import config as config_mod
 from psrv import data, models, proc, blocks
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
-from psrv.schedule import Cursor, epoch_order
+from psrv.schedule import Cursor, block_order, epoch_order
 from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
 from psrv.shmarray import SeqlockArray, SharedArray
@@ -130,6 +130,7 @@ class Worker:
         self.client = Client(address, timeout_s=server_timeout_s, keys=keys)
         self.rows: Rows | None = None
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (epoch, its order)
+        self.block_rows = 0  # data.batch_order = "blocks": the block size (batch_size), else 0
         self.steps_done = 0
         self.stopped_by = ""   # the reason the server gave when it said stop
         self.sessions = 0
@@ -173,6 +174,8 @@ class Worker:
         d, dtype = self.rows.d, self.rows.dtype
         model = models.make(m["kind"], d, m["fit_intercept"], dtype, m.get("classes", 0))
         b = train["batch_size"]
+        blocks = self.rows.spec["config"].get("batch_order") == "blocks"
+        self.block_rows = b if blocks else 0
         Xb = np.empty((b, d), dtype=dtype)
         yb = np.empty(b, dtype=dtype)
         request_s = 0.0
@@ -199,16 +202,20 @@ class Worker:
                     hits, misses = (hits + 1, misses) if batch == ready else (hits, misses + 1)
                     if hits + misses >= 64:  # forget slowly: leases change when workers come and go
                         hits, misses = hits // 2, misses // 2
-                if batch != ready:
-                    self._gather(X, y, batch, train["seed"], Xb, yb)
-                loss = model.loss_grad(theta, Xb[:count], yb[:count], plane.grad)
+                if blocks:  # one block of consecutive rows: read in place
+                    Xr, yr = self._rows(X, y, batch, train["seed"], Xb, yb)
+                else:
+                    if batch != ready:
+                        self._gather(X, y, batch, train["seed"], Xb, yb)
+                    Xr, yr = Xb[:count], yb[:count]
+                loss = model.loss_grad(theta, Xr, yr, plane.grad)
             self.after_gradient(clock, plane.grad)
             t1 = time.perf_counter()
             self.client.push(clock, plane.grad_frame(), loss, count, version, t1 - t0 + carried_s, request_s,
                              wait=False)
             # while the server answers, gather the rows of the batch that most likely comes next: the rest of the
             # same shard in its epoch order. A wrong guess costs one gather; a right one hides the round trip.
-            ready = _next_batch(batch, len(X), b) if work is None and misses <= hits + 1 else None
+            ready = _next_batch(batch, len(X), b) if not blocks and work is None and misses <= hits + 1 else None
             if ready is not None:
                 self._gather(X, y, ready, train["seed"], Xb, yb)
             t2 = time.perf_counter()
@@ -229,6 +236,12 @@ class Worker:
         shard, epoch, start, count = batch
         _take(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb)
 
+    def _rows(self, X, y, batch, seed: int, Xb, yb):
+        """A batch's rows: a view when they are consecutive (always, under data.batch_order = "blocks"), else
+        gathered into the buffers."""
+        shard, epoch, start, count = batch
+        return _rows(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb)
+
     def _local_steps(self, model, theta, X, y, batch, seed: int, b: int, lr: float, Xb, yb, work, g, out) -> float:
         """Local SGD: plain SGD steps at `lr` on a copy of theta over the batch's rows, b at a time, in the batch
         order; `out` gets the sum of their gradients (theta - lr * out is the local model). Returns the mean loss
@@ -240,8 +253,8 @@ class Worker:
         total = 0.0
         for lo in range(0, count, b):
             k = min(b, count - lo)
-            _take(X, y, idx[lo:lo + k], Xb, yb)
-            total += model.loss_grad(work, Xb[:k], yb[:k], g) * k
+            Xr, yr = _rows(X, y, idx[lo:lo + k], Xb, yb)
+            total += model.loss_grad(work, Xr, yr, g) * k
             out += g
             g *= lr
             work -= g
@@ -252,7 +265,9 @@ class Worker:
         sort per step would cost more than the gradient)."""
         cached = self._orders.get(shard)
         if cached is None or cached[0] != epoch:
-            cached = self._orders[shard] = (epoch, epoch_order(seed, shard, epoch, size))
+            order = (block_order(seed, shard, epoch, size, self.block_rows) if self.block_rows
+                     else epoch_order(seed, shard, epoch, size))
+            cached = self._orders[shard] = (epoch, order)
         return cached[1]
 
     def close(self, bye: bool = False) -> None:
@@ -269,6 +284,16 @@ def _take(X, y, idx, Xb, yb) -> None:
     k = len(idx)
     np.take(X, idx, axis=0, out=Xb[:k], mode="clip")
     np.take(y, idx, out=yb[:k], mode="clip")
+
+
+def _rows(X, y, idx, Xb, yb):
+    """(X[idx], y[idx]): views when idx is a run of consecutive positions, else copies into Xb, yb."""
+    k = len(idx)
+    first = int(idx[0])
+    if int(idx[-1]) - first == k - 1 and (k < 3 or (np.diff(idx) == 1).all()):
+        return X[first:first + k], y[first:first + k]
+    _take(X, y, idx, Xb, yb)
+    return Xb[:k], yb[:k]
 
 
 def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
