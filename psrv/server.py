@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from . import checkpoint, data, identity, models, optim, plot, protocol, proc, shmarray, transport
+from . import checkpoint, data, identity, mailbox, models, optim, plot, protocol, proc, shmarray, transport
 from . import config as config_mod
 from . import events as ev
 from .blocks import DataBlock
@@ -43,7 +43,7 @@ TERMINATE_GRACE_S = 1.0  # after SIGTERM: how long workers computing a step get 
 class Server:
     def __init__(self, cfg: config_mod.Config, layout: dict, out_dir: str, reporter: proc.Reporter | None = None,
                  bind: str | None = None, resume: str | None = None, server_restarts: int = 0,
-                 alone: bool = False, shm_prefix: str = ""):
+                 alone: bool = False, shm_prefix: str = "", own_core: bool = False):
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
         self.server_restarts = server_restarts
         self.layout = data.Layout.from_dict(layout)
@@ -58,6 +58,12 @@ class Server:
         self.shm_prefix = shm_prefix if cfg.worker.shm and shmarray.ORDERED_STORES else ""
         self.theta_shm = None
         self.slots: dict[int, SharedArray] = {}
+        # requests of local workers through shared memory while the server polls for them (psrv/mailbox.py); only
+        # on a core of its own: polling on a core a worker needs would slow that worker more than it saves
+        self.spin_s = cfg.server.spin_s if self.shm_prefix and own_core else 0.0
+        self.mailboxes: dict[int, mailbox.Mailbox] = {}
+        self.by_token: dict[bytes, mailbox.Mailbox] = {}
+        self.mailbox_requests = 0  # requests that came through a mailbox rather than the socket
         if self.shm_prefix:
             self.theta_shm = SeqlockArray.create(f"{self.shm_prefix}theta_{self.server_id}", theta0.shape,
                                                  theta0.dtype)
@@ -124,13 +130,31 @@ class Server:
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.coord.n_expected)
         poller = transport.poller(self.sock)
         terminated_s = None
+        last_request_s = last_tick_s = 0.0
+        awake = False
         while not self.coord.done:
-            if poller.poll(POLL_MS):
-                for _ in range(DRAIN_MAX):
-                    if not transport.readable(self.sock):
-                        break
-                    self.handle(transport.recv_now(self.sock))
+            # polling: the mailboxes, then the socket without waiting, for spin_s after the last request; then
+            # sleeping in the socket's poll, with the mailboxes marked so that workers send over ZeroMQ instead
             now = time.monotonic()
+            spinning = bool(self.mailboxes) and now - last_request_s < self.spin_s
+            if spinning != awake:
+                awake = spinning
+                for box in self.mailboxes.values():
+                    box.set_awake(awake)
+            handled = self._drain_mailboxes()  # also once after clearing AWAKE: a request posted just before
+            if spinning or handled:
+                if transport.readable(self.sock):
+                    handled += self._drain_socket()
+                elif not handled:
+                    os.sched_yield()  # a worker that shares this core gets it
+            elif poller.poll(POLL_MS):
+                handled = self._drain_socket()
+            now = time.monotonic()
+            if handled:
+                last_request_s = now
+            elif spinning and now - last_tick_s < POLL_MS / 1000 and not self.terminate:
+                continue  # the timers need no look after every empty poll
+            last_tick_s = now
             if self.terminate and terminated_s is None:
                 # every worker is told to stop at its next request (a waiting one at once), so none is left
                 # waiting for a server that is gone; the outputs wait at most TERMINATE_GRACE_S for them
@@ -143,6 +167,31 @@ class Server:
             self.execute(self.coord.handle(ev.Tick(), now))
             if self.coord.started_s is not None and now - self.last_progress_s >= PROGRESS_INTERVAL_S:
                 self.report_progress(now)
+
+    def _drain_socket(self) -> int:
+        n = 0
+        while n < DRAIN_MAX and transport.readable(self.sock):
+            self.handle(transport.recv_now(self.sock))
+            n += 1
+        return n
+
+    def _drain_mailboxes(self) -> int:
+        n = 0
+        for wid, box in list(self.mailboxes.items()):  # handling may add a mailbox (a hello)
+            req = box.request()
+            if req is not None:
+                self.handle([mailbox.Ident(box.token(wid)), req])
+                n += 1
+        self.mailbox_requests += n
+        return n
+
+    def _out(self, frames: list, ident: bytes) -> None:
+        """A reply: into the mailbox the request came from, else over the socket (never blocking)."""
+        box = self.by_token.get(ident)
+        if box is None:
+            transport.send(self.sock, frames, ident, block=False)
+        elif not box.answer(frames):
+            log.error("a reply of %d bytes does not fit a mailbox; it is dropped", sum(len(f) for f in frames))
 
     def handle(self, frames: list) -> None:
         """One message: decode it into an event for the coordinator (a status request is answered here)."""
@@ -181,13 +230,12 @@ class Server:
 
     # ------------------------------------------------------------------ instructions
     def _send(self, i: ev.Send) -> None:
-        transport.send(self.sock, protocol.encode(i.header), i.ident, block=False)
+        self._out(protocol.encode(i.header), i.ident)
 
     def _theta(self, i: ev.Theta) -> None:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         header = {"op": Op.THETA.value, "clock": i.clock, "version": i.version, "batch": i.batch, **_rid(i.rid)}
-        transport.send(self.sock, protocol.encode(header, () if i.shm else (self.store.snapshot(),)), i.ident,
-                       block=False)
+        self._out(protocol.encode(header, () if i.shm else (self.store.snapshot(),)), i.ident)
 
     def _welcome(self, i: ev.Welcome) -> None:
         p, t, m = i.peer, self.cfg.train, self.cfg.model
@@ -209,6 +257,11 @@ class Server:
                 self.slots[p.wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{p.wid}",
                                                        self.store.theta.shape, self.store.theta.dtype)
             spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
+            if self.spin_s > 0:
+                if p.wid not in self.mailboxes:
+                    box = mailbox.Mailbox.create(f"{self.shm_prefix}mail_{self.server_id}_{p.wid}")
+                    self.mailboxes[p.wid] = self.by_token[box.token(p.wid)] = box
+                spec["shm"]["mailbox"] = self.mailboxes[p.wid].name
         theta = self.store.theta
         header = {
             "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": p.wid, "inc": p.inc,
@@ -345,6 +398,7 @@ class Server:
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
             "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,
+            "mailbox_requests": self.mailbox_requests,
         }
         path = os.path.join(self.out_dir, "theta.npy")
         with _writing("theta", path):
@@ -371,7 +425,7 @@ class Server:
         except OSError:  # already reported (a full disk): closing must not hide that error
             pass
         self.block.close()
-        for seg in [self.theta_shm, *self.slots.values()]:
+        for seg in [self.theta_shm, *self.slots.values(), *self.mailboxes.values()]:
             if seg is not None:
                 seg.close()  # the creator unlinks
 
@@ -388,7 +442,8 @@ def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
     try:
         cfg = config_mod.Config.from_dict(spec.cfg, frozenset(spec.explicit))
         server = Server(cfg, spec.layout, spec.out_dir, reporter, bind=spec.bind, resume=spec.resume,
-                        server_restarts=spec.server_restarts, alone=spec.alone, shm_prefix=spec.shm_prefix)
+                        server_restarts=spec.server_restarts, alone=spec.alone, shm_prefix=spec.shm_prefix,
+                        own_core=spec.own_core)
         # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
         with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs

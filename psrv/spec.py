@@ -16,6 +16,7 @@ class ServerSpec:
     server_restarts: int = 0  # how many times the launcher has restarted the server before this one
     alone: bool = False       # --role server: workers come from elsewhere (--attach)
     shm_prefix: str = ""      # names of this run's shared-memory segments start with it
+    own_core: bool = False    # pinned to a core no worker of this launcher uses: it may busy-poll (server.spin_s)
 
 
 @dataclass(frozen=True)

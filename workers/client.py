@@ -15,13 +15,16 @@ import time
 
 import numpy as np
 
-from psrv import protocol, transport
+from psrv import mailbox, protocol, transport
 from psrv.errors import ProtocolError, RunError, ServerLost
 from psrv.protocol import Op
 
 log = logging.getLogger(__name__)
 
 SLICE_MS = 100
+SPIN_S = 0.002  # a reply through the mailbox is polled for without sleeping this long, then every POLL_SLEEP_S
+POLL_SLEEP_S = 50e-6
+MAILBOX_OPS = (Op.PULL.value, Op.PUSH.value)
 LOST_AFTER_BEATS = 4  # heartbeat periods of "the server holds nothing of ours" before a request counts as lost
 
 
@@ -102,6 +105,7 @@ class Client:
         self.heartbeat: Heartbeat | None = None
         self.wid, self.inc, self.seq = -1, 0, 0
         self.server_id = ""
+        self.mailbox: mailbox.Mailbox | None = None  # pulls and pushes through shared memory (psrv/mailbox.py)
 
     def request(self, header: dict, arrays=(), timeout_s: float | None = None) -> tuple[dict, list[np.ndarray]]:
         """Send a request and wait for its reply (see send() and wait())."""
@@ -111,18 +115,23 @@ class Client:
     def send(self, header: dict, arrays=(), timeout_s: float | None = None) -> None:
         """Send a request without waiting, so the caller can work until it needs the reply (wait())."""
         self.rid += 1
-        transport.send(self.sock, protocol.encode({**header, "rid": self.rid}, arrays))
-        self._pending = (header["op"], time.monotonic(), timeout_s)
+        frames = protocol.encode({**header, "rid": self.rid}, arrays)
+        # through the mailbox only while the server polls it; else ZeroMQ, which also wakes the server
+        box = self.mailbox
+        by_mail = (box is not None and header["op"] in MAILBOX_OPS and box.server_awake() and box.post(frames))
+        if not by_mail:
+            transport.send(self.sock, frames)
+        self._pending = (header["op"], time.monotonic(), timeout_s, by_mail)
 
     def wait(self) -> tuple[dict, list[np.ndarray]]:
         """The reply to the request sent last. While a heartbeat thread runs, the wait lasts as long as the server
         keeps answering heartbeats (a BSP barrier may legitimately take long) and is the same server; with an
         explicit timeout_s, or without heartbeats, at most that long."""
-        op, start, timeout_s = self._pending
+        op, start, timeout_s, by_mail = self._pending
         hb = self.heartbeat if timeout_s is None else None  # an explicit timeout is a hard one
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         while True:
-            frames = transport.recv(self.sock, SLICE_MS)
+            frames = self._mail_reply(start) if by_mail else transport.recv(self.sock, SLICE_MS)
             if frames is not None:
                 h, out = protocol.decode(frames, protocol.REPLIES)
                 if h.get("rid") not in (None, self.rid):
@@ -155,6 +164,22 @@ class Client:
                 raise ServerLost(f"worker {self.wid}" if self.wid >= 0 else "client",
                                  f"no reply from {self.address} to {op} within {timeout_s:g} s")
 
+    def _mail_reply(self, start: float) -> list | None:
+        """The reply in the mailbox, waiting up to SLICE_MS: polling without a pause for the first SPIN_S of the
+        request (a reply usually comes within microseconds), then with short sleeps (a BSP barrier may last)."""
+        end = time.monotonic() + SLICE_MS / 1000
+        while True:
+            reply = self.mailbox.reply()
+            if reply is not None:
+                return [reply]
+            now = time.monotonic()
+            if now >= end:
+                return None
+            if now - start < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(POLL_SLEEP_S)
+
     def hello(self, wid: int, local: bool = True) -> dict:
         """Register (again) as worker `wid` (-1: let the server choose). Returns the welcome header, with the
         standardization arrays added as h["mean"] and h["scale"]; starts this incarnation's heartbeat thread."""
@@ -163,6 +188,13 @@ class Client:
                                   "pid": os.getpid(), "host": socket.gethostname(), "local": local})
         self.wid, self.inc, self.server_id, self.seq = h["wid"], h["inc"], h["server_id"], 0
         h["mean"], h["scale"] = (a.copy() for a in arrays)
+        self._close_mailbox()
+        name = (h["data"].get("shm") or {}).get("mailbox")
+        if name:
+            try:
+                self.mailbox = mailbox.Mailbox.attach(name)
+            except (OSError, ValueError) as e:  # then ZeroMQ, as for a worker elsewhere
+                log.warning("worker %d: cannot use the mailbox %s (%s); requests go over ZeroMQ", self.wid, name, e)
         if not self.timeout_fixed:
             self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
         self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"],
@@ -203,8 +235,14 @@ class Client:
             self.heartbeat.join(timeout=2.0)
             self.heartbeat = None
 
+    def _close_mailbox(self) -> None:
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
+
     def close(self) -> None:
         self._stop_heartbeat()
+        self._close_mailbox()
         self.sock.close(linger=0)
         if self._own_ctx:
             self.ctx.term()

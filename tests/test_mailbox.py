@@ -1,0 +1,128 @@
+"""The shared-memory mailbox of a local worker (psrv/mailbox.py): unit tests in milliseconds, then a run that uses
+it against the serial oracle."""
+import numpy as np
+import pytest
+
+import psrv
+from psrv import blocks, config, data, protocol
+from psrv.mailbox import AREA_BYTES, REQ_LEN, TOKEN_PREFIX, Mailbox
+
+from .test_e2e import cosine, serial_bsp, shard_rows
+
+
+@pytest.fixture
+def pair():
+    server = Mailbox.create(blocks.run_prefix() + "mbtest")
+    worker = Mailbox.attach(server.name)
+    yield server, worker
+    worker.close()
+    server.close()
+
+
+def test_request_and_reply_round_trip_in_order(pair):
+    server, worker = pair
+    assert server.request() is None and worker.reply() is None
+    for k in range(3):
+        req = protocol.encode({"op": "pull", "wid": 0, "inc": 1, "clock": k, "rid": k + 1})
+        assert worker.post(req)
+        got = server.request()
+        assert got == bytes(req[0]) and server.request() is None     # each request is seen once
+        h, arrays = protocol.decode([got], protocol.REQUESTS)
+        assert h["clock"] == k and arrays == []
+        assert server.answer(protocol.encode({"op": "stop", "reason": "x", "rid": k + 1}))
+        h, _ = protocol.decode([worker.reply()], protocol.REPLIES)
+        assert h["rid"] == k + 1 and worker.reply() is None
+
+
+def test_what_does_not_fit_goes_the_other_way(pair):
+    server, worker = pair
+    assert not worker.post([b"x" * (AREA_BYTES + 1)])
+    assert not worker.post([b"header", b"an array frame"])        # arrays never go through a mailbox
+    assert not server.answer([b"header", np.zeros(3)])
+    assert server.request() is None                                 # nothing was rung
+
+
+def test_a_length_beyond_the_area_is_cut_and_then_refused_by_the_decoder(pair):
+    server, worker = pair
+    worker.post([b"\x81\xa2op\xa4pull"])
+    worker.ctl[REQ_LEN] = 10 * AREA_BYTES                         # a worker gone wrong
+    got = server.request()
+    assert len(got) == AREA_BYTES
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode([got], protocol.REQUESTS)
+
+
+def test_awake_flag_and_token(pair):
+    server, worker = pair
+    assert not worker.server_awake()
+    server.set_awake(True)
+    assert worker.server_awake()
+    assert server.token(3).startswith(TOKEN_PREFIX) and TOKEN_PREFIX[0] == 0   # no ZeroMQ peer can choose it
+
+
+def test_server_and_worker_in_one_process_through_the_mailbox(tmp_path):
+    """The server loop on a thread with a core "of its own" and a local worker on another: every pull and push
+    after the hello goes through the mailbox (the server polls throughout), and the result is the serial oracle's."""
+    import threading
+
+    from psrv.server import Server
+    from workers.worker import Worker
+    n, d, batch, steps, lr = 800, 3, 20, 40, 0.05
+    cfg = config.load({"data": {"n": n, "d": d, "seed": 2},
+                       "train": {"workers": 1, "steps": steps, "batch_size": batch, "lr": lr, "seed": 5,
+                                 "lr_schedule": "cosine"},
+                       "server": {"spin_s": 1.0}})
+    import sys
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # two threads that poll share one interpreter lock: hand it over often
+    with blocks.owned_prefix() as owner:
+        block, layout = data.build(cfg, 1, owner.prefix + "data")
+        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=True)
+        result = {}
+        st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)
+        st.start()
+        worker = Worker(server.address, 0, local=True, prefix=owner.prefix)
+        try:
+            assert worker.run() == 0
+            st.join(30)
+        finally:
+            worker.close()
+            server.close()
+            block.close()
+            block.unlink()
+            sys.setswitchinterval(switch)
+    s = result["summary"]
+    assert s["steps"] == steps and s["mailbox_requests"] >= steps - 1
+    X, y, _, _ = data.load_arrays(cfg.data)
+    expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=5)
+    theta = np.load(tmp_path / "theta.npy")
+    assert np.abs(theta - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+def test_a_worker_on_the_servers_machine_trains_through_its_mailbox(tmp_path):
+    """One worker, so the server has a core of its own and polls the mailbox: the run equals the serial oracle
+    and its pulls and pushes went through the mailbox (unless no core was free to pin to, where it must not)."""
+    n, d, batch, steps, lr = 1000, 4, 25, 60, 0.05
+    r = psrv.train({"data": {"n": n, "d": d, "seed": 6},
+                    "train": {"workers": 1, "batch_size": batch, "steps": steps, "lr": lr, "seed": 3,
+                              "lr_schedule": "cosine"},
+                    "server": {"spin_s": 1.0},
+                    "output": {"dir": str(tmp_path)}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 6}}).data)
+    expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=3)
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    if len(__import__("os").sched_getaffinity(0)) >= 2 and r.summary["mailbox_requests"] == 0:
+        pytest.skip("the server was not given a core of its own (another psrv run holds the cores)")
+    assert r.summary["mailbox_requests"] >= steps // 2
+
+
+@pytest.mark.slow
+def test_no_mailbox_when_the_server_shares_a_core_or_spin_is_off(tmp_path):
+    import os
+    for i, over in enumerate([{"train": {"workers": len(os.sched_getaffinity(0))}},
+                              {"train": {"workers": 1}, "server": {"spin_s": 0.0}}]):
+        r = psrv.train({"data": {"n": 600, "d": 3}, **over,
+                        "train": {**over["train"], "steps": 20, "batch_size": 10},
+                        "output": {"dir": str(tmp_path / str(i))}})
+        assert r.summary["mailbox_requests"] == 0
