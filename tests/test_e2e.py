@@ -113,16 +113,21 @@ def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm
     assert s["samples"] == sum(int(v) for v in s["rows_visited"].values())
 
 
-def test_local_sgd_equals_serial_model_averaging(tmp_path):
+@pytest.mark.parametrize("order", ["rows", "blocks"])
+def test_local_sgd_equals_serial_model_averaging(tmp_path, order):
     """train.local_steps = 4: each worker takes 4 SGD steps on its own copy between pushes; a BSP step then
-    averages the workers' models (their summed gradients, applied at the same lr)."""
+    averages the workers' models (their summed gradients, applied at the same lr). Under data.batch_order =
+    "blocks" each local step reads one block in place."""
     n, d, batch, steps, lr, workers = 3000, 4, 25, 20, 0.02, 3   # 20 steps of 100 rows cross an epoch of each shard
-    r = psrv.train({"data": {"n": n, "d": d, "seed": 2},
+    r = psrv.train({"data": {"n": n, "d": d, "seed": 2, "batch_order": order},
                     "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 5,
                               "lr_schedule": "constant", "local_steps": 4},
                     "output": {"dir": str(tmp_path)}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 2}}).data)
-    expected = serial_bsp(X, y, shard_rows(n, workers, "range"), batch, steps, lambda t: lr, seed=5, local_steps=4)
+    shards = shard_rows(n, workers, "range")
+    if order == "blocks":
+        shards = stored(shards, data_seed=2)
+    expected = serial_bsp(X, y, shards, batch, steps, lambda t: lr, seed=5, local_steps=4, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["samples"] == steps * workers * 4 * batch
 

@@ -237,10 +237,10 @@ class Worker:
         _take(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb)
 
     def _rows(self, X, y, batch, seed: int, Xb, yb):
-        """A batch's rows: a view when they are consecutive (always, under data.batch_order = "blocks"), else
-        gathered into the buffers."""
+        """A batch's rows: a view under data.batch_order = "blocks", else gathered into the buffers."""
         shard, epoch, start, count = batch
-        return _rows(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb)
+        return _rows(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb,
+                     self.block_rows > 0)
 
     def _local_steps(self, model, theta, X, y, batch, seed: int, b: int, lr: float, Xb, yb, work, g, out) -> float:
         """Local SGD: plain SGD steps at `lr` on a copy of theta over the batch's rows, b at a time, in the batch
@@ -253,7 +253,7 @@ class Worker:
         total = 0.0
         for lo in range(0, count, b):
             k = min(b, count - lo)
-            Xr, yr = _rows(X, y, idx[lo:lo + k], Xb, yb)
+            Xr, yr = _rows(X, y, idx[lo:lo + k], Xb, yb, self.block_rows > 0)
             total += model.loss_grad(work, Xr, yr, g) * k
             out += g
             g *= lr
@@ -286,11 +286,13 @@ def _take(X, y, idx, Xb, yb) -> None:
     np.take(y, idx, out=yb[:k], mode="clip")
 
 
-def _rows(X, y, idx, Xb, yb):
-    """(X[idx], y[idx]): views when idx is a run of consecutive positions, else copies into Xb, yb."""
+def _rows(X, y, idx, Xb, yb, blocks: bool):
+    """(X[idx], y[idx]): under data.batch_order = "blocks" a view, since a batch (or a local step's part of one)
+    starts at a multiple of the block size in block_order and so is a run of consecutive positions; else copies
+    into Xb, yb."""
     k = len(idx)
     first = int(idx[0])
-    if int(idx[-1]) - first == k - 1 and (k < 3 or (np.diff(idx) == 1).all()):
+    if blocks and int(idx[-1]) - first == k - 1:
         return X[first:first + k], y[first:first + k]
     _take(X, y, idx, Xb, yb)
     return Xb[:k], yb[:k]
