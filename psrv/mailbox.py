@@ -7,7 +7,8 @@ shared flag answer each other in about 5 µs (docs/design notes in ../shared/ref
 requests keep coming, the server polls its local workers' mailboxes in a loop instead of sleeping, and each
 worker polls for its reply.
 
-One segment per worker: eight u64 control words, then a request area and a reply area of AREA_BYTES each.
+One segment per worker incarnation (a new one gets a new mailbox, so no reply meant for its predecessor reaches it):
+eight u64 control words, then a request area and a reply area of AREA_BYTES each.
 
     REQ_SEQ, REQ_LEN: the worker writes a request's bytes, then REQ_LEN, then bumps REQ_SEQ;
     REP_SEQ, REP_LEN: the server does the same with the reply;
@@ -40,9 +41,14 @@ TOKEN_PREFIX = b"\x00mailbox:"  # a ZeroMQ peer cannot choose a routing id that 
 Ident = collections.namedtuple("Ident", "bytes")
 
 
+def token(wid: int, inc: int) -> bytes:
+    """What stands for a mailbox where a ZeroMQ routing id would: one per worker incarnation."""
+    return TOKEN_PREFIX + b"%d:%d" % (wid, inc)
+
+
 class Mailbox:
-    def __init__(self, seg: SharedArray):
-        self.seg = seg
+    def __init__(self, seg: SharedArray, token: bytes = b""):
+        self.seg, self.token = seg, token
         raw = seg.array
         self.ctl = raw[:CONTROL_BYTES].view(np.uint64)
         self.req = raw[CONTROL_BYTES:CONTROL_BYTES + AREA_BYTES]
@@ -51,8 +57,8 @@ class Mailbox:
         self.seen_rep = int(self.ctl[REP_SEQ])
 
     @classmethod
-    def create(cls, name: str) -> "Mailbox":
-        return cls(SharedArray.create(name, (CONTROL_BYTES + 2 * AREA_BYTES,), np.uint8))
+    def create(cls, name: str, token: bytes = b"") -> "Mailbox":
+        return cls(SharedArray.create(name, (CONTROL_BYTES + 2 * AREA_BYTES,), np.uint8), token)
 
     @classmethod
     def attach(cls, name: str) -> "Mailbox":
@@ -61,9 +67,6 @@ class Mailbox:
     @property
     def name(self) -> str:
         return self.seg.name
-
-    def token(self, wid: int) -> bytes:
-        return TOKEN_PREFIX + str(wid).encode()
 
     def _put(self, area: np.ndarray, seq: int, length: int, frames: list) -> bool:
         """One header frame into `area`, then its length, then the bumped sequence number (the other side reads

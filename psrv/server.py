@@ -61,7 +61,7 @@ class Server:
         # requests of local workers through shared memory while the server polls for them (psrv/mailbox.py); only
         # on a core of its own: polling on a core a worker needs would slow that worker more than it saves
         self.spin_s = cfg.server.spin_s if self.shm_prefix and own_core else 0.0
-        self.mailboxes: dict[int, mailbox.Mailbox] = {}
+        self.mailboxes: dict[int, mailbox.Mailbox] = {}   # wid -> its current incarnation's mailbox
         self.by_token: dict[bytes, mailbox.Mailbox] = {}
         self.mailbox_requests = 0  # requests that came through a mailbox rather than the socket
         if self.shm_prefix:
@@ -177,10 +177,10 @@ class Server:
 
     def _drain_mailboxes(self) -> int:
         n = 0
-        for wid, box in list(self.mailboxes.items()):  # handling may add a mailbox (a hello)
+        for box in list(self.mailboxes.values()):  # handling may replace a mailbox (a hello)
             req = box.request()
             if req is not None:
-                self.handle([mailbox.Ident(box.token(wid)), req])
+                self.handle([mailbox.Ident(box.token), req])
                 n += 1
         self.mailbox_requests += n
         return n
@@ -258,10 +258,16 @@ class Server:
                                                        self.store.theta.shape, self.store.theta.dtype)
             spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
             if self.spin_s > 0:
-                if p.wid not in self.mailboxes:
-                    box = mailbox.Mailbox.create(f"{self.shm_prefix}mail_{self.server_id}_{p.wid}")
-                    self.mailboxes[p.wid] = self.by_token[box.token(p.wid)] = box
-                spec["shm"]["mailbox"] = self.mailboxes[p.wid].name
+                # one per incarnation: a reply to the previous one's last request (an error, by now) must never
+                # reach the new one, whose request ids may start again from 1 (a restarted process)
+                old = self.mailboxes.pop(p.wid, None)
+                if old is not None:
+                    del self.by_token[old.token]
+                    old.close()
+                box = mailbox.Mailbox.create(f"{self.shm_prefix}mail_{self.server_id}_{p.wid}_{p.inc}",
+                                             mailbox.token(p.wid, p.inc))
+                self.mailboxes[p.wid] = self.by_token[box.token] = box
+                spec["shm"]["mailbox"] = box.name
         theta = self.store.theta
         header = {
             "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": p.wid, "inc": p.inc,

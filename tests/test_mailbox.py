@@ -5,7 +5,7 @@ import pytest
 
 import psrv
 from psrv import blocks, config, data, protocol
-from psrv.mailbox import AREA_BYTES, REQ_LEN, TOKEN_PREFIX, Mailbox
+from psrv.mailbox import AREA_BYTES, REQ_LEN, TOKEN_PREFIX, Mailbox, token
 
 from .test_e2e import cosine, serial_bsp, shard_rows
 
@@ -57,7 +57,8 @@ def test_awake_flag_and_token(pair):
     assert not worker.server_awake()
     server.set_awake(True)
     assert worker.server_awake()
-    assert server.token(3).startswith(TOKEN_PREFIX) and TOKEN_PREFIX[0] == 0   # no ZeroMQ peer can choose it
+    assert token(3, 1).startswith(TOKEN_PREFIX) and TOKEN_PREFIX[0] == 0   # no ZeroMQ peer can choose it
+    assert token(3, 1) != token(3, 2) != token(31, 2)
 
 
 def test_server_and_worker_in_one_process_through_the_mailbox(tmp_path):
@@ -126,3 +127,37 @@ def test_no_mailbox_when_the_server_shares_a_core_or_spin_is_off(tmp_path):
                         "train": {**over["train"], "steps": 20, "batch_size": 10},
                         "output": {"dir": str(tmp_path / str(i))}})
         assert r.summary["mailbox_requests"] == 0
+
+
+def test_each_incarnation_gets_its_own_mailbox_and_the_old_one_goes(tmp_path):
+    """A worker that registers again (a restarted process, whose request ids start again from 1) gets a fresh
+    mailbox; its predecessor's is removed, so a late reply meant for the old one can never be read as its own."""
+    import os
+    import threading
+
+    from psrv.server import Server
+    from workers.client import Client
+    cfg = config.load({"data": {"n": 400, "d": 3}, "train": {"workers": 1, "steps": 5, "batch_size": 10},
+                       "server": {"spin_s": 1.0, "join_timeout_s": 5.0}})
+    with blocks.owned_prefix() as owner:
+        block, layout = data.build(cfg, 1, owner.prefix + "data")
+        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=True)
+        st = threading.Thread(target=server.run, daemon=True)
+        st.start()
+        first, second = Client(server.address, timeout_s=10), Client(server.address, timeout_s=10)
+        try:
+            w1 = first.hello(0)
+            name1 = w1["data"]["shm"]["mailbox"]
+            assert first.mailbox is not None and os.path.exists(f"/dev/shm/{name1}")
+            w2 = second.hello(0)                       # the same worker id, registering again
+            name2 = w2["data"]["shm"]["mailbox"]
+            assert w2["inc"] > w1["inc"] and name2 != name1
+            assert not os.path.exists(f"/dev/shm/{name1}") and os.path.exists(f"/dev/shm/{name2}")
+        finally:
+            for c in (first, second):
+                c.close()
+            server.terminate = True
+            st.join(20)
+            server.close()
+            block.close()
+            block.unlink()
