@@ -147,9 +147,12 @@ def _epochs_done(sched: dict, epochs: int) -> bool:
 
 
 def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int = logging.WARNING,
-        role: str = "all", resume: str | None = None, arrays=None) -> Result:
+        role: str = "all", resume: str | None = None, arrays=None, local: int | None = None,
+        on_address=None) -> Result:
     """One run: role "all" starts a server and train.workers workers; role "server" the server alone. `arrays`:
-    (X, y, columns) in memory (sources.from_arrays), with cfg.data.source = "arrays"."""
+    (X, y, columns) in memory (sources.from_arrays), with cfg.data.source = "arrays". `local`: start only this many
+    of the train.workers workers here (the others attach from other hosts: psrv/ranks.py); on_address(address):
+    called once the server listens."""
     ckpt = _find_checkpoints(resume) if resume else None
     cfg = resolve(cfg, resume)
     if cfg.model.kind not in config_mod.BUILTIN_MODELS:
@@ -169,7 +172,7 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
     # (whatever PID namespace it runs in); leaving the block removes them by name, not by handle: a signal may land
     # after a segment exists but before anyone holds it, and a server killed -9 leaves its theta and slots behind
     with blocks.owned_prefix() as owner:
-        return _run_on_data(cfg, progress, log_level, owner.prefix, role, ckpt, arrays)
+        return _run_on_data(cfg, progress, log_level, owner.prefix, role, ckpt, arrays, local, on_address)
 
 
 ARRAYS_NOTE = """\
@@ -178,7 +181,7 @@ ARRAYS_NOTE = """\
 """
 
 
-def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None) -> Result:
+def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None, local=None, on_address=None) -> Result:
     out = cfg.output.dir
     n_shards = cfg.data.shards or cfg.train.workers
     block, layout = data.build(cfg, n_shards, prefix + "data", arrays)
@@ -196,10 +199,12 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None) -> R
             address = cluster.start_server()
             with open(os.path.join(out, "address"), "w") as fh:
                 fh.write(address + "\n")
+            if on_address is not None:
+                on_address(address)
             if role == "server":
                 print(f"attach: {address}", flush=True)
             else:
-                for wid in range(cfg.train.workers):
+                for wid in range(cfg.train.workers if local is None else local):
                     cluster.start_worker(wid, slot=wid)
             summary = cluster.wait(progress)
     theta = np.load(os.path.join(out, "theta.npy"))
@@ -207,7 +212,7 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None) -> R
 
 
 def train(config=None, overrides=(), *, X=None, y=None, progress: bool = False, log_level: int = logging.WARNING,
-          role: str = "all", resume: str | None = None) -> Result:
+          role: str = "all", resume: str | None = None, local: int | None = None, on_address=None) -> Result:
     """Run one training job and return (summary, theta, out_dir). `config` is a TOML path, a nested dict or
     None (the defaults); `overrides` are 'section.key=value' strings. `X`, `y`: train on these arrays (rows x
     columns, and one label per row) instead of data.source; their rows are copied once, straight into shared
@@ -219,7 +224,7 @@ def train(config=None, overrides=(), *, X=None, y=None, progress: bool = False, 
     bar = Progress() if progress else None
     with signals.handled():
         try:
-            return run(cfg, bar, log_level, role, resume, arrays)
+            return run(cfg, bar, log_level, role, resume, arrays, local, on_address)
         finally:
             if bar is not None:
                 bar.close()
@@ -345,6 +350,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one config key; repeatable; the value is read as TOML, else as a string")
     p.add_argument("--role", choices=("all", "server"), default="all",
                    help="server: start only the server; workers join with --attach")
+    p.add_argument("--cluster", choices=("slurm", "mpirun"), help="run as one rank of a job started by srun/sbatch "
+                   "or mpirun: rank 0 runs the server and --workers N workers (default 1), every other rank attaches N "
+                   "workers to it (README, More than one machine)")
+    p.add_argument("--rendezvous", metavar="PATH", help="with --cluster: a file on a shared path where rank 0 "
+                   "publishes the server's address (default with slurm: the first host of the job, on a port from "
+                   "the job id)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest valid checkpoint")
     p.add_argument("--force", action="store_true", help="with --resume: continue as another job (model.kind, data, "
                                                         "train.consistency or train.optimizer changed)")
@@ -418,6 +429,9 @@ def main(argv=None) -> int:
             st = status(server_address(args.status), keys=args.keys or "")
             print(json.dumps(st, indent=2) if args.json else format_status(st))
             return 0
+        if args.cluster:
+            from . import ranks
+            return ranks.run_rank(args.cluster, args.config, overrides, args.workers, args.rendezvous, level)
         if args.attach:
             return attach(server_address(args.attach), args.workers or len(proc.usable_cores()), overrides, level)
         # no config: the built-in defaults (configs/default.toml is generated from them), so that an installed

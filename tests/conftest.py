@@ -70,11 +70,13 @@ def shm_of(pid: int) -> list[str]:
 class Launch:
     """launch.py as a subprocess, tagged so that its children can be found afterwards."""
 
-    def __init__(self, args, tmp_path: Path, env=None):
+    def __init__(self, args, tmp_path: Path, env=None, prefix=()):
+        """prefix: a command that runs the launcher, e.g. in a network namespace (`ip netns exec NS`: it execs
+        in the same process, so the launcher's pid, which its shared-memory names carry, is still proc.pid)."""
         self.tag = uuid.uuid4().hex
         e = {**os.environ, "PSRV_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.out = tmp_path / "out"
-        self.proc = subprocess.Popen([sys.executable, LAUNCH, *args], cwd=tmp_path, env=e,
+        self.proc = subprocess.Popen([*prefix, sys.executable, LAUNCH, *args], cwd=tmp_path, env=e,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait(self, timeout_s: float = 120.0):
