@@ -343,7 +343,7 @@ def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int, make=Wor
         code = 1
     finally:
         worker.close(bye=leaving)
-    if code == 0:
+    if code == 0 and worker.wid >= 0:  # it was in the run (a worker stopped before its welcome never joined)
         reporter.send("left", wid=worker.wid, steps=worker.steps_done,
                       reason=worker.stopped_by or ("stopped" if leaving else ""))
     sys.exit(code)
