@@ -193,6 +193,9 @@ class Output:
     plot: bool = opt(True, "also write loss.png (training and held-out loss, held-out metric)")
     overwrite: bool = opt(False, "start a new run in an output.dir that holds an earlier run's results, replacing "
                           "them; otherwise that is refused (exit 2); `launch.py --overwrite` sets it")
+    live_view: bool = opt(True, "serve a read-only web page of the run (curves, progress, workers, events) on "
+                          "127.0.0.1 while it lasts; its address is printed at start")
+    live_port: int = opt(0, "port of the live view; 0 picks a free one", lo=0, hi=65535)
 
 
 @dataclass

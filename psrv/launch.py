@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 failure at run time (the message names the process), 2 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, models, proc, blocks, signals, sources
+from . import data, livestate, models, proc, blocks, signals, sources
+from .liveview import LiveView
 from .cluster import Cluster
 from .errors import AlreadyFinished, ConfigError, PsrvError, RunError, ServerLost
 from .signals import Interrupted
@@ -37,8 +39,10 @@ class Result(NamedTuple):
 class Progress:
     """The progress line: rewritten in place on a terminal (4 times a second), one line a second otherwise."""
 
-    def __init__(self, stream=sys.stdout):
-        self.stream = stream
+    def __init__(self, stream=sys.stdout, epochs: int = 0, max_wall_s: float = 0.0):
+        """epochs, max_wall_s: the run's train.epochs and train.max_wall_s, for the percentage and the ETA (the
+        step budget comes with each event)."""
+        self.stream, self.epochs, self.max_wall_s = stream, epochs, max_wall_s
         self.tty = stream.isatty()
         self.every_s = 0.25 if self.tty else 1.0
         self.last_s = time.monotonic()
@@ -50,9 +54,11 @@ class Progress:
             return
         self.last_s, self.shown = now, True
         of = f"/{ev['steps']}" if ev["steps"] else ""
+        fraction, eta_s = livestate.progress_of(ev, self.epochs, self.max_wall_s)
         line = (f"step {ev['step']:>7}{of}  loss {ev['loss']:<11.6g} {ev['samples_per_s']:>12,.0f} "
-                f"samples/s  {ev['elapsed_s']:7.1f} s")
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+                f"samples/s  {ev['elapsed_s']:7.1f} s  {livestate.format_percent(fraction):>4}  "
+                f"ETA {livestate.format_eta(eta_s):<8}")
+        self.stream.write(("\r" + line) if self.tty else (line.rstrip() + "\n"))  # padded only to overwrite
         self.stream.flush()
 
     def close(self) -> None:
@@ -202,13 +208,36 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None, loca
             if on_address is not None:
                 on_address(address)
             if role == "server":
-                print(f"attach: {address}", flush=True)
-            else:
-                for wid in range(cfg.train.workers if local is None else local):
-                    cluster.start_worker(wid, slot=wid)
-            summary = cluster.wait(progress)
+                print(f"attach: {address}", flush=True)   # the first line, for whoever reads it
+            with _live_view(cfg, address, progress) as view:
+                if role != "server":
+                    for wid in range(cfg.train.workers if local is None else local):
+                        cluster.start_worker(wid, slot=wid)
+                summary = cluster.wait(view or progress)
     theta = np.load(os.path.join(out, "theta.npy"))
     return Result(summary, theta, out)
+
+
+@contextlib.contextmanager
+def _live_view(cfg: config_mod.Config, address: str, progress: Progress | None):
+    """The live view of this run (psrv/liveview.py) while the block lasts, its address printed; None when
+    output.live_view is off or its port cannot be had (the run goes on without it)."""
+    o, t = cfg.output, cfg.train
+    if not o.live_view:
+        yield None
+        return
+    keys = cfg.worker.keys or cfg.server.keys
+    try:
+        view = LiveView(o.dir, lambda: status(address, LiveView.STATUS_TIMEOUT_S, keys), t.epochs, t.max_wall_s,
+                        o.live_port, forward=progress)
+    except OSError as e:
+        log.warning("output.live_view: cannot listen on 127.0.0.1:%d (%s); no live view for this run",
+                    o.live_port, e.strerror or e)
+        yield None
+        return
+    print(f"live view: {view.url}", flush=True)
+    with view:
+        yield view
 
 
 def train(config=None, overrides=(), *, X=None, y=None, progress: bool = False, log_level: int = logging.WARNING,
@@ -221,7 +250,7 @@ def train(config=None, overrides=(), *, X=None, y=None, progress: bool = False, 
     arrays = None
     if X is not None or y is not None:
         arrays = _in_memory(cfg, X, y, role)
-    bar = Progress() if progress else None
+    bar = Progress(epochs=cfg.train.epochs, max_wall_s=cfg.train.max_wall_s) if progress else None
     with signals.handled():
         try:
             return run(cfg, bar, log_level, role, resume, arrays, local, on_address)

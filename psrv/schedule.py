@@ -206,6 +206,11 @@ class Schedule:
         epochs (all of them in a run of at most EPOCHS_KEPT epochs)."""
         return dict(sorted(self.visited.items()))
 
+    def epochs_read(self) -> float:
+        """Rows whose gradient was applied, in epochs of the whole training set (how far train.epochs has come)."""
+        rows = sum(c.size for c in self.cursors)
+        return (sum(self.visited.values()) + self.visited_before) / rows if rows else 0.0
+
     def rows_visited_before(self) -> int:
         """Rows whose gradient was applied in the epochs older than those rows_visited() lists."""
         return self.visited_before

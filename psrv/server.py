@@ -369,7 +369,8 @@ class Server:
         c = self.coord
         elapsed = c.elapsed_s(now)
         self.reporter.send("progress", step=c.step, steps=c.max_steps or 0, loss=_num(c.last_loss), elapsed_s=elapsed,
-                           samples_per_s=c.stats.samples / elapsed if elapsed > 0 else 0.0)
+                           samples_per_s=c.stats.samples / elapsed if elapsed > 0 else 0.0,
+                           epochs_read=c.schedule.epochs_read())
 
     def status(self) -> dict:
         return {"server_id": self.server_id, "address": self.address, "pid": os.getpid(),

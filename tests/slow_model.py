@@ -32,3 +32,12 @@ class SlowFinish:
 
     def metric(self, theta, X, y):  # without one, psrv would call loss (and sleep) again
         return float(np.mean(self._residual(theta, X, y) ** 2))
+
+
+class SlowSteps(SlowFinish):
+    """SlowFinish whose every gradient first sleeps PSRV_TEST_GRAD_S seconds: a run that lasts at least steps x that
+    long whatever the machine, at little CPU cost (for tests that look at a run while it goes on)."""
+
+    def grad(self, theta, X, y):
+        time.sleep(float(os.environ.get("PSRV_TEST_GRAD_S", "0")))
+        return super().grad(theta, X, y)
