@@ -43,7 +43,7 @@ class LiveView:
         self._status_error = ""
         self._status_at = float("-inf")
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)   # OSError: the port is taken
-        self.httpd.daemon_threads = True
+        self.httpd.daemon_threads = False   # so that closing joins every handler thread: none outlives the run
         self.httpd.view = self
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -104,6 +104,9 @@ class _Warnings(logging.Handler):
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "psrv-live-view"
+    # a connection that sends nothing (a browser's preconnect, or anyone's idle socket) holds its thread this long
+    # at most: closing the view waits for every handler thread, so this bounds how long a run's exit can be held
+    timeout = 2.0
 
     def do_GET(self) -> None:   # noqa: N802 -- the name http.server calls
         view: LiveView = self.server.view

@@ -44,6 +44,14 @@ def address_of(out) -> str:
     return wait_for(lambda: path.exists() and path.read_text().strip(), 60, what="the server's address")
 
 
+def tcp_listeners(port: int) -> list[str]:
+    """The kernel's own view: local addresses (hex, as /proc/net/tcp writes them: 0100007F is 127.0.0.1) of the
+    IPv4 sockets listening on `port`."""
+    with open("/proc/net/tcp") as fh:
+        listening = [ln.split()[1] for ln in fh.readlines()[1:] if ln.split()[3] == "0A"]
+    return [x.split(":")[0] for x in listening if x.endswith(f":{port:04X}")]
+
+
 def tagged_pids(tag: str) -> list[int]:
     """Processes whose environment carries PSRV_TEST_TAG=tag: a launcher and every child it started."""
     needle = f"PSRV_TEST_TAG={tag}".encode()
@@ -88,6 +96,17 @@ class Launch:
             raise AssertionError(f"launch.py did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}")
         return self.proc.returncode, out, err
 
+    def kill(self) -> None:
+        """Whatever the test did, leave nothing running: the launcher and every child it started."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in tagged_pids(self.tag):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
     def assert_no_leftovers(self, timeout_s: float = 15.0):
         wait_for(lambda: not tagged_pids(self.tag), timeout_s, what="every process of the run to exit")
         wait_for(lambda: not shm_of(self.proc.pid), timeout_s, what="the run's shared memory to be unlinked")
@@ -103,12 +122,5 @@ def launch(tmp_path):
         return la
 
     yield start
-    for la in started:  # whatever the test did, leave nothing running
-        if la.proc.poll() is None:
-            la.proc.kill()
-            la.proc.wait()
-        for pid in tagged_pids(la.tag):
-            try:
-                os.kill(pid, 9)
-            except OSError:
-                pass
+    for la in started:
+        la.kill()

@@ -19,7 +19,7 @@ from psrv.errors import ConfigError, ProtocolError
 from psrv.launch import status
 from workers import faults
 
-from .conftest import LAUNCH, ROOT, wait_for
+from .conftest import LAUNCH, ROOT, tcp_listeners, wait_for
 from .test_e2e import cosine, serial_bsp, shard_rows
 
 
@@ -56,10 +56,7 @@ def test_default_config_listens_on_loopback_only(launch, tmp_path):
     assert address.startswith("tcp://127.0.0.1:")
     port = int(address.rsplit(":", 1)[1])
     # the kernel's own view: the listening socket is bound to 127.0.0.1, not to 0.0.0.0
-    with open("/proc/net/tcp") as fh:
-        listening = [ln.split()[1] for ln in fh.readlines()[1:] if ln.split()[3] == "0A"]
-    assert f"0100007F:{port:04X}" in listening
-    assert not any(x.endswith(f":{port:04X}") and not x.startswith("0100007F") for x in listening)
+    assert tcp_listeners(port) == ["0100007F"]
     la.proc.send_signal(2)
     la.wait()
     la.assert_no_leftovers()
