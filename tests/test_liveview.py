@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -297,6 +299,11 @@ def test_a_run_serves_its_live_state(run):
     later = wait_for(lambda: (s := run.state())["step"] > first["step"] and s, 60, what="the step to advance")
     assert later["fraction"] > first["fraction"] and later["train"][-1][0] >= first["train"][-1][0]
     assert all(math.isfinite(p[1]) for p in later["train"])
+    # a fault shows among the events: worker 1 killed, the launcher restarts it and the page says so
+    os.kill(next(w["pid"] for w in later["workers"] if w["wid"] == 1), signal.SIGKILL)
+    told = wait_for(lambda: [e for e in run.state()["events"] if "worker 1" in e[1] and "restarting it" in e[1]],
+                    60, what="the restart among the page's events")
+    assert "killed by SIGKILL" in told[0][1]
 
 
 def _port(url: str) -> int:
