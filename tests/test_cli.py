@@ -101,6 +101,12 @@ def test_attach_to_an_address_where_nothing_answers_fails_once_in_plain_words(la
                                 "no psrv server runs at tcp://127.0.0.1:9, or it requires CURVE keys and this client "
                                 "has none (--keys DIR)"]
     la.assert_no_leftovers()
+    # with -v the workers' own log lines show; one without its id yet is "worker-?", not "worker--1"
+    la = launch("--attach", "tcp://127.0.0.1:9", "--workers", "1", "--set", "worker.server_timeout_s=1",
+                "--set", "train.pin=false", "-v")
+    code, _, err = la.wait(timeout_s=60)
+    assert code == 1 and " worker-? INFO client: no reply from tcp://127.0.0.1:9" in err and "worker--1" not in err
+    la.assert_no_leftovers()
 
 
 @pytest.mark.slow
