@@ -143,8 +143,9 @@ def measure(size: int, repeats: int, budget_s: float) -> dict:
             res["raw_pull_s"] = [_time(raw.pull, budget_s) for _ in range(repeats)]
         finally:
             raw.close()
+        # a negligible rate (0 is refused): theta stays as it is, while every update is still carried out
         overrides = ["data.n=2", f"data.d={size - 1}", "data.dtype=float32", "data.standardize=false",
-                     "train.consistency=asp", "train.steps=1000000000", "train.lr=0", "train.lr_schedule=constant"]
+                     "train.consistency=asp", "train.steps=1000000000", "train.lr=1e-30", "train.lr_schedule=constant"]
         for local, path in ((False, "zmq"), (True, "shm")):
             with psrv_server(overrides) as address:
                 peer = PsrvPeer(address, local)
@@ -167,7 +168,7 @@ def profile_pulls(size: int, local: bool, pulls: int = 20) -> str:
         os.environ["PSRV_PROFILE_DIR"] = prof
         try:
             overrides = ["data.n=2", f"data.d={size - 1}", "data.dtype=float32", "data.standardize=false",
-                         "train.consistency=asp", "train.steps=1000000000", "train.lr=0"]
+                         "train.consistency=asp", "train.steps=1000000000", "train.lr=1e-30"]
             with psrv_server(overrides) as address:
                 peer = PsrvPeer(address, local)
                 with Timer() as t:

@@ -39,6 +39,10 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else f"must be > 0; got {v!r}"
 
 
+def _lr(v: float) -> str | None:
+    return None if v > 0 else f"must be > 0 (at {v!r} theta would never move); got {v!r}"
+
+
 def _model_kind(v: str) -> str | None:
     if v in BUILTIN_MODELS or (":" in v and all(p.strip() for p in v.split(":", 1))):
         return None
@@ -53,6 +57,31 @@ def _entry(v: str) -> str | None:
     return f"must name a function as 'package.module:function'; got {v!r}"
 
 
+def _column_key(v) -> str | None:
+    if isinstance(v, int) and v < 0:
+        return f"a column index is 0-based, >= 0; got {v!r}"
+    return None
+
+
+def _column_list(v: list) -> str | None:
+    for k in v:
+        if isinstance(k, bool) or not isinstance(k, (str, int)) or k == "":
+            return f"expected a list of column names (strings) or 0-based indices; got {k!r} in {v!r}"
+        if (problem := _column_key(k)):
+            return problem
+    return None
+
+
+def _header(v) -> str | None:
+    return None if isinstance(v, bool) or v == "auto" else f'must be true, false or "auto"; got {v!r}'
+
+
+def _delimiter(v: str) -> str | None:
+    if v == "" or (len(v) == 1 and v not in "\r\n\"'"):
+        return None
+    return f'must be one character (e.g. ";" or "\\t"), or "" to sniff it; got {v!r}'
+
+
 @dataclass
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
@@ -62,13 +91,23 @@ class Data:
     d: int = opt(50, "feature columns (for a file: checked against it when set to another value)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
     seed: int = opt(0, "seed of the synthetic generator", lo=0)
-    target: str = opt("", 'CSV column holding y; "" means the last column')
+    target: str | int = opt("", 'CSV column holding y: its name, or its 0-based index as an integer; "" means the '
+                            'last column', check=_column_key)
+    header: bool | str = opt("auto", 'CSV: whether the first row names the columns; "auto": it does when it has text '
+                             'over a column of numbers (else columns are named by index, "0", "1", ...)',
+                             check=_header)
+    delimiter: str = opt("", 'CSV field delimiter; "" sniffs it among , ; tab | (else ",")', check=_delimiter)
+    columns: list = opt([], 'CSV input columns, by name or 0-based index, in this order; [] means every column but '
+                        'the target and data.drop_columns', check=_column_list)
+    drop_columns: list = opt([], "CSV columns never read (an id, free text), by name or 0-based index",
+                             check=_column_list)
     labels: str = opt("", "for a .npy source: the .npy file holding y")
     test_fraction: float = opt(0.0, "share of rows held out (at random, by data.seed) for evaluation", lo=0, hi=0.9)
     test_source: str = opt("", "a separate file of held-out rows, read like data.source (same columns), evaluated "
                            "instead of data.test_fraction's rows (set one or the other); \"\" means none")
-    nan_policy: str = opt("error", "rows with NaN or Inf: stop with an error naming the first, or drop them",
-                          choices=("error", "drop"))
+    nan_policy: str = opt("error", "rows with NaN or Inf (a CSV's missing fields): stop with an error naming the "
+                          "first, drop them, or impute: replace inputs by their mean over the training rows (rows "
+                          "without a target are dropped)", choices=("error", "drop", "impute"))
     standardize: bool = opt(True, "scale features internally for SGD; outputs still apply to the data as given")
     partition: str = opt("range", "rows -> shards: contiguous blocks, or a stable hash of the row index",
                          choices=("range", "hash"))
@@ -94,7 +133,7 @@ class Model:
 class Train:
     workers: int = opt(0, "worker processes; 0 means one per usable CPU core", lo=0, hi=1024)
     batch_size: int = opt(512, "rows per mini-batch per worker (a batch never spans two epochs of a shard)", lo=1)
-    lr: float = opt(0.05, "learning rate (peak rate when a schedule is set)", lo=0)
+    lr: float = opt(0.05, "learning rate (peak rate when a schedule is set), > 0", check=_lr)
     lr_schedule: str = opt("cosine", "how lr changes with the step: constant, step decay, 1/sqrt(1+step), cosine",
                            choices=("constant", "step", "inv_sqrt", "cosine"))
     lr_decay: float = opt(0.5, '"step" schedule: lr is multiplied by this every lr_decay_every steps', lo=0, hi=1)
@@ -252,15 +291,20 @@ def _type_name(t) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[t]
 
 
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
+
+
 def _check_value(key: str, f: dataclasses.Field, value: Any) -> Any:
-    t = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[f.type] if isinstance(f.type, str) \
-        else f.type
-    ok = isinstance(value, t) and not (t is int and isinstance(value, bool))
+    # a field may allow more than one type ("str | int": a column's name or index)
+    types = [_TYPES[n.strip()] for n in f.type.split("|")] if isinstance(f.type, str) else [f.type]
+    ok = any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in types)
+    t = types[0]
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
         hint = " (pass arrays as psrv.train(config, X=..., y=...))" if key == "data.source" else ""
-        raise ConfigError(f"{key}: expected {_type_name(t)}, got {_show(value)} ({type(value).__name__}){hint}")
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(t) for t in types)}, got {_show(value)} "
+                          f"({type(value).__name__}){hint}")
     if t is float and not math.isfinite(value):
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     m = f.metadata
@@ -324,6 +368,10 @@ def check_combinations(cfg: Config) -> None:
                               "data.test_fraction)")
         if dc.test_source.lower().endswith(".npy"):
             raise ConfigError("data.test_source: a .npy file holds X only; use a .npz (X, y), .csv or svmlight file")
+    csv_only = [k for k in ("header", "delimiter", "columns", "drop_columns")
+                if getattr(cfg.data, k) != getattr(Data(), k)]
+    if csv_only and not dc.source.lower().endswith(".csv"):
+        raise ConfigError(f"data.{csv_only[0]}: only applies to a .csv data.source (got {dc.source!r})")
     if cfg.data.source.lower().endswith(".npy") and not cfg.data.labels:
         raise ConfigError("data.labels: a .npy source holds X only; name the .npy file holding y in data.labels")
     if cfg.worker.heartbeat_interval_s * 2 > cfg.server.heartbeat_timeout_s:

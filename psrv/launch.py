@@ -20,10 +20,10 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, livestate, models, proc, blocks, signals, sources
+from . import data, livestate, models, outputs, proc, blocks, report, signals, sources
 from .liveview import LiveView
 from .cluster import Cluster
-from .errors import AlreadyFinished, ConfigError, PsrvError, RunError, ServerLost
+from .errors import AlreadyFinished, ConfigError, DataError, PsrvError, RunError, ServerLost
 from .signals import Interrupted
 
 log = logging.getLogger("psrv")
@@ -87,17 +87,46 @@ def resolve(cfg: config_mod.Config, resume: str | None = None) -> config_mod.Con
     return cfg
 
 
-def check_model(cfg: config_mod.Config, block: blocks.DataBlock) -> int:
+def check_model(cfg: config_mod.Config, block: blocks.DataBlock, layout: data.Layout | None = None) -> int:
     """Load the model once here, so a bad model.kind or labels that do not fit it fail before any process starts.
     Returns the number of classes (softmax) or 0."""
     kind, source = cfg.model.kind, cfg.data.source
+    if layout is not None and layout.classes is not None and kind == "linear":
+        raise DataError(f"{source}: the target column holds text labels ({_few(layout.classes)}); model.kind = "
+                        f"'linear' needs numbers: set model.kind = 'logistic' (2 classes) or 'softmax'")
     classes = 0
     if kind == "softmax":
         classes = cfg.model.classes or models.infer_classes(block.y, source)
     model = models.make(kind, block.spec.d, cfg.model.fit_intercept, block.spec.dtype, classes)
     model.check_labels(block.y, source)
     model.check_labels(block.y_test, source)
+    if kind == "softmax":
+        gaps = models.missing_classes(block.y, classes)
+        if gaps:
+            log.warning("%s: softmax with %d classes, but no training row has label %s: those classes are learned "
+                        "from no example and never predicted. If the labels start at 1 (or skip values), relabel "
+                        "them 0..K-1, or write them as text labels in a CSV, which psrv maps to 0..K-1", source,
+                        classes, _few(gaps))
     return classes
+
+
+def check_batch(cfg: config_mod.Config, layout: data.Layout) -> None:
+    """Warn when train.batch_size is larger than a shard: a batch never spans two epochs of a shard, so such a shard
+    gives batches of its own size (summary.json's batch_size is the size actually used)."""
+    b, sizes = cfg.train.batch_size, [size for _, size in layout.shards]
+    small = [s for s in sizes if s < b]
+    if not small:
+        return
+    used = report.batch_used(b, sizes)
+    every = "every shard" if len(small) == len(sizes) else f"{len(small)} of {len(sizes)} shards"
+    log.warning("train.batch_size = %d is larger than %s (the smallest has %d rows): a batch never spans two epochs "
+                "of a shard, so each batch there is the whole shard (%d rows at most are used per batch) and every "
+                "step is a full pass over it; lower train.batch_size, or use fewer shards (data.shards, "
+                "train.workers) for the batch size you asked for", b, every, min(sizes), used)
+
+
+def _few(items: list, k: int = 5) -> str:
+    return ", ".join(repr(v) for v in items[:k]) + (f", ... ({len(items)} in all)" if len(items) > k else "")
 
 
 def _find_checkpoints(resume: str) -> str:
@@ -193,7 +222,11 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None, loca
     block, layout = data.build(cfg, n_shards, prefix + "data", arrays)
     with block:
         signals.check()
-        layout.extra["classes"] = check_model(cfg, block)
+        layout.extra["classes"] = check_model(cfg, block, layout)
+        check_batch(cfg, layout)
+        path = os.path.join(out, "data.json")
+        with outputs.writing("data.json", path):
+            outputs.write_json(path, data.saved(layout))
         # the effective config: what was asked, with the data's real size (so it reruns as-is)
         cfg.data.n, cfg.data.d = block.spec.n_train + block.spec.n_test, block.spec.d
         with open(os.path.join(out, "config.toml"), "w") as fh:

@@ -4,7 +4,8 @@
 data.json, when the run wrote one, says how the run's rows were made from the file (written by the CSV reader):
     {"classes": [original labels, in the order of 0..K-1] or null,
      "impute_means": [one per input column] or null,     (data.nan_policy = "impute": NaN -> the training mean)
-     "columns": [names of the input columns used, in order] or null}
+     "columns": [names of the input columns used, in order] or null,
+     "fields": [every column of the CSV, by name (or index, without a header)] or null}
 A missing file, or a null or missing key, means: labels are 0..K-1 as given, no imputation, columns as in the file.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import numpy as np
 
 from . import config as config_mod
-from . import models, sources
+from . import data, models, sources
 from .errors import ConfigError, DataError, PsrvError
 
 
@@ -133,8 +134,8 @@ class Model:
 
 
 def read_data_json(run_dir: str) -> dict:
-    """data.json's three keys, each None when the file or the key is missing; DataError when it is unreadable."""
-    out = {"classes": None, "impute_means": None, "columns": None}
+    """data.json's keys, each None when the file or the key is missing; DataError when it is unreadable."""
+    out = {"classes": None, "impute_means": None, "columns": None, "fields": None}
     path = os.path.join(run_dir, "data.json")
     if not os.path.exists(path):
         return out
@@ -188,7 +189,7 @@ def read_rows(path: str, run_dir: str, model: Model) -> tuple[np.ndarray, np.nda
         raise DataError(f"--data: file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
-        return sources._load_npy(path, "--data"), None
+        return sources.load_npy(path, "--data"), None
     if ext == ".npz":
         with np.load(path, allow_pickle=False) as f:
             if "X" not in f:
@@ -197,21 +198,13 @@ def read_rows(path: str, run_dir: str, model: Model) -> tuple[np.ndarray, np.nda
     if ext != ".csv":
         X, y, _ = sources.read_file(path, "", "", max(model.d, 0))
         return X, y
-    with open(path, newline="") as fh:
-        header = [h.strip() for h in next(csv.reader(fh), [])]
-    target = cfg.data.target
-    if target:
-        has_y = target in header
-    elif model.columns:
-        has_y = bool(header) and header[-1] not in model.columns
-    else:
-        has_y = len(header) == model.d + 1
-    X, y, cols = sources.read_file(path, target if has_y else None)
-    if model.columns:  # the run's input columns, by name, in the run's order
-        missing = [c for c in model.columns if c not in cols]
-        if missing:
-            raise DataError(f"{path}: lacks the input columns {missing} that the run trained on")
-        X = X[:, [cols.index(c) for c in model.columns]]
+    # the run's CSV options and data.json: its input columns by name (or position), its text labels, its delimiter
+    X, y = data.read_new(cfg.data, read_data_json(run_dir), path)
+    if y is not None and model.classes is not None and model.classes.dtype.kind not in "fiub":
+        # read_new gives the run's class indices; score() takes the labels as the file writes them
+        if np.isnan(y).any():
+            raise DataError(f"{path}: {int(np.isnan(y).sum())} rows have no label; leave them out to score")
+        y = model.classes[y.astype(np.intp)]
     return X, y
 
 

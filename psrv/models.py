@@ -111,9 +111,8 @@ class Logistic(_Glm):
         bad = (y != 0) & (y != 1)
         if bad.any():
             i = int(np.argmax(bad))
-            hint = " (map -1 to 0)" if set(np.unique(y).tolist()) <= {-1.0, 1.0} else ""
             raise DataError(f"{source}: model.kind = 'logistic' needs labels 0 or 1; {int(bad.sum())} rows have "
-                            f"others, the first is row {i} with {float(y[i]):g}{hint}")
+                            f"others, the first is row {i} with {float(y[i]):g}{_label_hint(y, 2)}")
 
 
 class Softmax(_Glm):
@@ -150,14 +149,38 @@ class Softmax(_Glm):
         if bad.any():
             i = int(np.argmax(bad))
             raise DataError(f"{source}: model.kind = 'softmax' with {self.k} classes needs integer labels 0..{self.k - 1};"
-                            f" {int(bad.sum())} rows have others, the first is row {i} with {float(y[i]):g}")
+                            f" {int(bad.sum())} rows have others, the first is row {i} with {float(y[i]):g}"
+                            f"{_label_hint(y, self.k)}")
+
+
+def _label_hint(y: np.ndarray, k: int) -> str:
+    """What to do about labels a classifier cannot take, in words."""
+    if not np.all(y == np.round(y)):
+        return " (the target looks continuous: use model.kind = 'linear' for regression)"
+    labels = np.unique(y)
+    if k == 2 and set(labels.tolist()) <= {-1.0, 1.0}:
+        return " (map -1 to 0)"
+    if len(labels) and labels.min() >= 1 and len(labels) <= k:
+        return (f" (labels start at {labels.min():g}, not 0: subtract {labels.min():g}, or write them as text labels "
+                f"in a CSV, which psrv maps to 0..K-1)")
+    return ""
 
 
 def infer_classes(y: np.ndarray, source: str) -> int:
     """K = 1 + the largest label, for softmax when model.classes is 0."""
-    if len(y) == 0 or not np.all(y == np.round(y)) or y.min() < 0:
-        raise DataError(f"{source}: model.kind = 'softmax' needs integer labels 0..K-1")
+    if len(y) == 0:
+        raise DataError(f"{source}: no training rows to take softmax classes from")
+    bad = (y != np.round(y)) | (y < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{source}: model.kind = 'softmax' needs integer labels 0..K-1; {int(bad.sum())} rows have "
+                        f"others, the first is row {i} with {float(y[i]):g}{_label_hint(y, 0)}")
     return int(y.max()) + 1
+
+
+def missing_classes(y: np.ndarray, k: int) -> list[int]:
+    """The classes 0..k-1 that no label in y names (softmax then learns them from no example)."""
+    return sorted(set(range(k)) - set(np.unique(y).astype(np.int64).tolist()))
 
 
 class Custom:

@@ -105,6 +105,12 @@ def _per_worker(counts: dict) -> dict:
     return {**{str(k): v for k, v in sorted(top)}, "others": sum(counts.values()) - sum(v for _, v in top)}
 
 
+def batch_used(batch_size: int, shard_sizes: list[int]) -> int:
+    """The rows a batch actually holds: a batch never spans two epochs of a shard, so one larger than every shard is
+    the largest shard, whole."""
+    return min(batch_size, max(shard_sizes, default=batch_size))
+
+
 def summary(c, now: float) -> dict:
     """The coordinator's part of summary.json."""
     s, m, t = c.stats, c.members, c.cfg.train
@@ -115,7 +121,8 @@ def summary(c, now: float) -> dict:
         # every worker whose gradients were applied, attached ones included (the launcher's count if none was)
         "stopped_by": c.stopping, "workers": len(s.pushes) or c.n_expected, "consistency": c.gate.mode,
         "staleness": t.staleness if c.gate.mode == "ssp" else None, "backup_workers": t.backup_workers,
-        "schedule": t.schedule, "optimizer": t.optimizer, "batch_size": t.batch_size, "lr": t.lr,
+        "schedule": t.schedule, "optimizer": t.optimizer, "lr": t.lr,
+        "batch_size": batch_used(t.batch_size, [cur.size for cur in c.schedule.cursors]),
         "theta_version": c.version, "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected,
         "duplicates": s.duplicates, "stale_pushes": m.stale_pushes, "bad_messages": s.bad_messages,
         "bad_messages_by_peer": {k.hex(): v for k, v in noisy}, "quarantined": m.quarantined[-STATUS_WORKERS:],

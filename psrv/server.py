@@ -240,7 +240,8 @@ class Server:
     def _welcome(self, i: ev.Welcome) -> None:
         p, t, m = i.peer, self.cfg.train, self.cfg.model
         spec = self.layout.to_dict()
-        del spec["columns"]  # as long as the data is wide; no worker needs the names
+        for k in ("columns", "fields", "impute_means", "classes"):
+            del spec[k]  # as long as the data is wide (or as many as its classes); no worker needs them
         # what a worker that loads its own rows needs: the data config and a checksum of each shard it may read
         spec["config"] = dc = self.cfg.to_dict()["data"]
         if dc["source"] not in ("synthetic", data.ARRAYS):  # arrays: plan() tells such a worker why it cannot load them

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import array
 import csv
+import itertools
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,7 +19,7 @@ SYNTH_CHUNK_ROWS = 8192
 ARRAYS = "arrays"   # data.source of a run given in-memory arrays: psrv.train(config, X=..., y=...)
 SVM_KINDS = (".svm", ".libsvm", ".svmlight", ".txt")
 FILE_KINDS = (".npz", ".npy", ".csv") + SVM_KINDS
-_KINDS_TEXT = ("synthetic, .npz (arrays X and y), .npy (X; y in data.labels), .csv (with a header row), "
+_KINDS_TEXT = ("synthetic, .npz (arrays X and y), .npy (X; y in data.labels), .csv, "
                "svmlight/libsvm (" + ", ".join(SVM_KINDS) + ")")
 
 
@@ -110,7 +112,7 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return X, y, [f"x{j}" for j in range(X.shape[1])]
 
 
-def _load_npy(path: str, key: str) -> np.ndarray:
+def load_npy(path: str, key: str) -> np.ndarray:
     if not os.path.exists(path):
         raise DataError(f"{key}: file not found: {path}")
     try:
@@ -124,54 +126,293 @@ def _read_npy(path: str, labels: str) -> tuple[np.ndarray, np.ndarray, list[str]
     if not labels:
         raise DataError(f"data.labels: {path} is a .npy source, which holds X only; name the .npy file holding y "
                         f"in data.labels")
-    X, y = _load_npy(path, "data.source"), _load_npy(labels, "data.labels")
+    X, y = load_npy(path, "data.source"), load_npy(labels, "data.labels")
     y = _check_xy(path, X, y, labels)
     return X, y, [f"x{j}" for j in range(X.shape[1])]
 
 
-def _read_csv(path: str, target: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    with open(path, newline="") as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError(f"{path}: empty file; expected a header row") from None
-        header = [h.strip() for h in header]
-        if target is None:  # a file of inputs only (predictions): every column is a feature
-            t = None
-        elif len(header) < 2:
-            raise DataError(f"{path}: need at least two columns (features and a target), header has {header}")
-        elif target == "":
-            t = len(header) - 1
-        elif target in header:
-            t = header.index(target)
-        else:
-            raise DataError(f"data.target: column {target!r} is not in {path}; columns are {header}")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}: line {line_no} has {len(row)} fields, the header has {len(header)}")
-            try:
-                rows.append([float(v) for v in row])
-            except ValueError:
-                col = next(j for j, v in enumerate(row) if not _is_float(v))
-                raise DataError(f"{path}: line {line_no}, column {header[col]!r}: {row[col]!r} is not a number") \
-                    from None
-    if not rows:
-        raise DataError(f"{path}: no data rows after the header")
-    A = np.asarray(rows, dtype=np.float64)
-    keep = [j for j in range(len(header)) if j != t]
-    return A[:, keep], (None if t is None else A[:, t]), [header[j] for j in keep]
+# ---------------------------------------------------------------------------------------------- CSV
+# A field is missing when, stripped of spaces and lower-cased, it is one of these: pandas writes NaN as an empty
+# field, R writes NA, JSON-minded tools write null. float() itself reads "nan" and "inf" (any case).
+NA_MARKERS = frozenset({"", "na", "n/a", "nan", "null"})
+# every spelling of a marker in any case, without spaces: one dict lookup per field finds them
+_NA_EXACT = {"".join(cs): "nan" for m in NA_MARKERS for cs in itertools.product(*({c.lower(), c.upper()} for c in m))}
+CSV_DELIMITERS = ",;\t|"      # what the sniffer chooses among when data.delimiter is ""
+SNIFF_BYTES = 65536
+CSV_CHUNK_ROWS = 65536        # rows parsed per chunk: numpy converts a chunk's column at a time
+CSV_PROBE_ROWS = 1000         # the first chunk: it decides the header, the labels' kind and whether numpy can read
 
 
-def _is_float(v: str) -> bool:
+@dataclass
+class CsvOptions:
+    """How to read a CSV file: the [data] keys that concern it, and, to read a new file like a run's (predict),
+    what the run saved."""
+    target: str | int = ""                 # name, 0-based index, or "" for the last column
+    delimiter: str = ""                    # "" sniffs among CSV_DELIMITERS
+    header: bool | str = "auto"
+    columns: list = field(default_factory=list)        # input columns to use (names or indices); [] = all others
+    drop_columns: list = field(default_factory=list)   # columns never used (an id, free text)
+    classes: list | None = None            # a run's string labels in order 0..K-1: map with these, refuse others
+    fields: list | None = None             # a run's file columns: a header-less new file may lack the target
+    need_target: bool = True               # False: a file without the target column gives y = None
+
+    @classmethod
+    def of(cls, dc) -> "CsvOptions":
+        return cls(dc.target, dc.delimiter, dc.header, list(dc.columns), list(dc.drop_columns))
+
+
+@dataclass
+class Table:
+    """What a data file holds, as given: X (float64; NaN where a CSV field is missing), y (None when a new file for
+    predict has no target), the names of X's columns, and for a CSV its string labels and every column's name."""
+    X: np.ndarray
+    y: np.ndarray | None
+    columns: list
+    classes: list | None = None
+    fields: list | None = None
+    lines: np.ndarray | None = None        # CSV: the file line of each row (1-based), for error messages
+
+
+def sniff_delimiter(sample: str) -> str:
+    """The delimiter of a CSV sample, chosen by csv.Sniffer among CSV_DELIMITERS; "," when it cannot tell."""
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:
+        return ","
+
+
+def _number(v: str) -> bool:
     try:
         float(v)
         return True
     except ValueError:
         return False
+
+
+def _missing(v: str) -> bool:
+    return v.strip().lower() in NA_MARKERS
+
+
+def looks_like_header(first: list[str], rest: list[list[str]]) -> bool:
+    """data.header = "auto": the first row is a header when one of its fields is text (neither a number nor a missing
+    marker) in a column whose later fields are numbers (or missing), at least one of them a number. A first row with
+    nothing after it is a header when it holds any text."""
+    for j, v in enumerate(first):
+        if _number(v) or _missing(v):
+            continue
+        later = [r[j] for r in rest if j < len(r)]
+        if not rest or (any(_number(x) for x in later) and all(_number(x) or _missing(x) for x in later)):
+            return True
+    return False
+
+
+def _parse(values) -> tuple[np.ndarray, int]:
+    """(floats with NaN where missing, index of the first field that is text, or -1)."""
+    try:
+        return np.array(values, dtype=np.float64), -1   # the common case: every field a number, converted in C
+    except ValueError:
+        pass
+    try:  # missing markers made "nan", the rest converted as above: several times as fast as a loop over the fields
+        return np.array([_NA_EXACT.get(v, v) for v in values], dtype=np.float64), -1
+    except ValueError:  # text, or a marker with spaces around it
+        pass
+    out = np.empty(len(values))  # a field is text: find the first
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v)
+        except ValueError:
+            if not _missing(v):
+                return out, i
+            out[i] = np.nan
+    return out, -1
+
+
+def _column(key, names: list[str], what: str, path: str, has_header: bool) -> int:
+    """The index of the column named (str) or numbered (int, 0-based) by `key`."""
+    if isinstance(key, int):
+        if 0 <= key < len(names):
+            return key
+        raise DataError(f"{what}: column index {key} is out of range; {path} has {len(names)} columns "
+                        f"(0..{len(names) - 1})")
+    if names.count(key) == 1:
+        return names.index(key)
+    if key in names:
+        raise DataError(f"{what}: column {key!r} appears {names.count(key)} times in {path}'s header; name it "
+                        f"by index instead")
+    shown = names if len(names) <= 30 else names[:30] + [f"... ({len(names)} in all)"]
+    hint = "" if has_header else (" (no header row was found, so columns are named by their index; set "
+                                  "data.header = true if the first row is one)")
+    raise DataError(f"{what}: column {key!r} is not in {path}; columns are {shown}{hint}")
+
+
+def _csv_names(path: str, first: list[str], rest: list[list[str]], opt: CsvOptions) -> tuple[list[str], bool]:
+    """(column names, whether the first row is the header)."""
+    header = opt.header
+    if header == "auto":
+        header = looks_like_header(first, rest)
+    if header:
+        return [h.strip() for h in first], True
+    n = len(first)
+    if opt.fields is not None and n != len(opt.fields):
+        # a new header-less file for predict: the run's columns, or those less the target
+        t = _column(opt.target, list(opt.fields), "data.target", path, False) if opt.target != "" \
+            else len(opt.fields) - 1
+        if n == len(opt.fields) - 1 and not opt.need_target:
+            return [f for j, f in enumerate(opt.fields) if j != t], False
+        raise DataError(f"{path}: {n} columns and no header row; the run's file had {len(opt.fields)}")
+    return list(opt.fields) if opt.fields is not None else [str(j) for j in range(n)], False
+
+
+def _rows(reader, path: str):
+    """(line number, fields) of each non-blank row."""
+    for row in reader:
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        yield reader.line_num, row
+
+
+def read_csv(path: str, opt: CsvOptions | None = None) -> Table:
+    """A CSV file as a Table: missing fields (NA_MARKERS) as NaN, the target's string labels mapped to 0..K-1 in
+    sorted order (numeric labels stay as they are), only the chosen input columns read.
+
+    The first CSV_PROBE_ROWS rows are read with the csv module (they decide the header, and whether the labels are
+    text). When they hold nothing but finite numbers, the whole file is read again by np.loadtxt, numpy's C reader:
+    several times as fast and a fraction of the memory on a large file (benchmarks/csvread.py). A file it cannot
+    read (a missing field, text, a ragged row) or that holds a non-finite value is then read on, chunk by chunk of
+    CSV_CHUNK_ROWS rows, with the csv module, numpy converting a chunk's column at a time."""
+    opt = opt or CsvOptions()
+    with open(path, newline="") as fh:
+        sample = fh.read(SNIFF_BYTES)
+        fh.seek(0)
+        delimiter = opt.delimiter or sniff_delimiter(sample[:sample.rfind("\n") + 1] or sample)
+        rows = _rows(csv.reader(fh, delimiter=delimiter), path)
+        chunk = [r for _, r in zip(range(CSV_PROBE_ROWS + 1), rows)]
+        if not chunk:
+            raise DataError(f"{path}: empty file; expected a header row or data rows")
+        head_line, first = chunk[0]
+        names, has_header = _csv_names(path, first, [r for _, r in chunk[1:]], opt)
+        if has_header:
+            chunk = chunk[1:]
+        if len(names) < 2 and opt.need_target:
+            raise DataError(f"{path}: need at least two columns (features and a target), the first row has {names} "
+                            f"(delimiter {delimiter!r}; set data.delimiter if that is wrong)")
+        t = _target(path, names, opt, has_header)
+        use = _inputs(path, names, t, opt, has_header)
+        xs, ys, lines = [], [], []
+        while chunk:
+            xs.append(_chunk(path, chunk, names, use, has_header))
+            if t is not None:
+                ys.extend(r[t] for _, r in chunk)
+            lines.append(np.fromiter((ln for ln, _ in chunk), np.int64, len(chunk)))
+            if len(xs) == 1 and len(chunk) == CSV_PROBE_ROWS + 1 - has_header:   # more rows than the probe
+                fast = _loadtxt(path, delimiter, head_line if has_header else 0, use, t, xs[0], ys, opt)
+                if fast is not None:
+                    return Table(*fast, [names[j] for j in use], opt.classes if t is None else None, names)
+            chunk = [r for _, r in zip(range(CSV_CHUNK_ROWS), rows)]
+    if not xs:
+        raise DataError(f"{path}: no data rows after the header")
+    line_of = np.concatenate(lines)
+    y, classes = (None, opt.classes) if t is None else _labels(path, names[t], ys, opt.classes, line_of)
+    return Table(np.concatenate(xs), y, [names[j] for j in use], classes, names, line_of)
+
+
+def _chunk(path: str, chunk: list, names: list[str], use: list[int], has_header: bool) -> np.ndarray:
+    """The input columns of a chunk of (line, fields) rows as floats, NaN where missing."""
+    for line_no, row in chunk:
+        if len(row) != len(names):
+            what = "the header has" if has_header else "the first row has"
+            raise DataError(f"{path}: line {line_no} has {len(row)} fields, {what} {len(names)}")
+    cols = list(zip(*(r for _, r in chunk)))
+    X = np.empty((len(chunk), len(use)))
+    for k, j in enumerate(use):
+        X[:, k], bad = _parse(cols[j])
+        if bad >= 0:
+            raise DataError(f"{path}: line {chunk[bad][0]}, column {names[j]!r}: {cols[j][bad]!r} is not a number; "
+                            f"leave a text column out with data.drop_columns = [{names[j]!r}] (or list the input "
+                            f"columns in data.columns)")
+    return X
+
+
+def _loadtxt(path, delimiter, skip_lines, use, t, X0, y0, opt) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """(X, y) of the whole file by np.loadtxt when the first chunk (X0, y0's strings) is all finite numbers and so
+    is the rest of the file; None to read it chunk by chunk instead."""
+    y_first = None
+    if t is not None:
+        if opt.classes is not None:
+            return None                       # labels are the run's text classes
+        y_first, bad = _parse(y0)
+        if bad >= 0 or not np.isfinite(y_first).all():
+            return None
+    if not np.isfinite(X0).all():
+        return None
+    cols = use + ([t] if t is not None else [])
+    try:
+        A = np.loadtxt(path, delimiter=delimiter, skiprows=skip_lines, usecols=cols, dtype=np.float64, ndmin=2,
+                       comments=None, quotechar='"', encoding="utf-8")
+    except ValueError:                        # a missing field, text, a ragged row: read chunk by chunk
+        return None
+    X = A[:, :len(use)]
+    y = A[:, len(use)] if t is not None else None
+    # the same rows as the csv module read (a header both agree on), and nothing to impute or drop
+    if len(A) < len(X0) or not np.array_equal(X[:len(X0)], X0) or (y is not None and
+                                                                     not np.array_equal(y[:len(X0)], y_first)):
+        return None
+    if not np.isfinite(A).all():
+        return None
+    return X, y
+
+
+def _target(path: str, names: list[str], opt: CsvOptions, has_header: bool) -> int | None:
+    if opt.target == "":
+        if opt.fields is not None and not opt.need_target and len(names) == len(opt.fields) - 1 and not has_header:
+            return None
+        return len(names) - 1
+    if not opt.need_target and isinstance(opt.target, str) and opt.target not in names:
+        return None
+    return _column(opt.target, names, "data.target", path, has_header)
+
+
+def _inputs(path: str, names: list[str], t: int | None, opt: CsvOptions, has_header: bool) -> list[int]:
+    """The input columns: data.columns in their order (else every column but the target), less data.drop_columns."""
+    drop = {_column(k, names, "data.drop_columns", path, has_header) for k in opt.drop_columns}
+    if t is not None and t in drop:
+        raise DataError(f"data.drop_columns: {names[t]!r} is the target column (data.target)")
+    if opt.columns:
+        use = [_column(k, names, "data.columns", path, has_header) for k in opt.columns]
+        if t is not None and t in use:
+            raise DataError(f"data.columns: {names[t]!r} is the target column (data.target); list only inputs")
+        if len(set(use)) != len(use):
+            raise DataError(f"data.columns: a column is listed twice: {opt.columns}")
+    else:
+        # a new file for predict without the target: its last column is an input, not a target
+        use = [j for j in range(len(names)) if j != t]
+    use = [j for j in use if j not in drop]
+    if not use:
+        raise DataError(f"{path}: no input column left (data.columns, data.drop_columns); columns are {names}")
+    return use
+
+
+def _labels(path: str, name: str, values: list[str], classes, line_of) -> tuple[np.ndarray, list | None]:
+    """(y, string classes): numbers as given; otherwise each distinct label (spaces stripped) -> its index in the
+    sorted labels, or in the run's own `classes` when given. Missing labels are NaN."""
+    if classes is None:
+        y, bad = _parse(values)
+        if bad < 0:
+            return y, None
+    labels = [v.strip() for v in values]
+    if classes is None:
+        classes = sorted({v for v in labels if v.lower() not in NA_MARKERS})
+    index = {c: float(i) for i, c in enumerate(classes)}
+    y = np.empty(len(labels))
+    for i, v in enumerate(labels):
+        k = index.get(v)
+        if k is None:
+            if v.lower() not in NA_MARKERS:
+                raise DataError(f"{path}: line {int(line_of[i])}, column {name!r}: label {v!r} is not one of the "
+                                f"run's classes {classes}")
+            k = np.nan
+        y[i] = k
+    return y, list(classes)
 
 
 # svmlight / libsvm: "label idx:val idx:val ... [# comment]", an optional qid:N token, blank lines skipped.
@@ -312,24 +553,28 @@ def _read_svmlight(path: str, d_explicit: int = 0) -> tuple[np.ndarray, np.ndarr
     return X, y, [f"x{j + first}" for j in range(d)]  # named by the file's own indices
 
 
-def read_file(path: str, target: str | None = "", labels: str = "", d: int = 0) -> tuple[np.ndarray, np.ndarray,
-                                                                                       list[str]]:
-    """(X, y, column names) from a data file, as given (no standardization, no NaN policy). `target` is the CSV
-    column holding y ("" = the last; None: a CSV of inputs only, whose y comes back None); `labels` the .npy file
-    holding y for a .npy source; `d`, when not 0, the number of columns of an svmlight file (else its largest
-    index). A .npy X and y are read-only memory maps."""
+def read_table(path: str, labels: str = "", d: int = 0, csv_options: CsvOptions | None = None) -> Table:
+    """A data file as given (no standardization, no NaN policy): `labels` the .npy file holding y for a .npy source;
+    `d`, when not 0, the number of columns of an svmlight file (else its largest index); `csv_options` how to read a
+    CSV. A .npy X and y are read-only memory maps."""
     if not os.path.exists(path):
         raise DataError(f"data.source: file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if labels and ext != ".npy":
         raise DataError(f"data.labels: only a .npy data.source takes its y from another file; {path} holds y "
                         f"itself (leave data.labels empty)")
-    if ext == ".npz":
-        return _read_npz(path)
-    if ext == ".npy":
-        return _read_npy(path, labels)
     if ext == ".csv":
-        return _read_csv(path, target)
+        return read_csv(path, csv_options)
+    if ext == ".npz":
+        return Table(*_read_npz(path))
+    if ext == ".npy":
+        return Table(*_read_npy(path, labels))
     if ext in SVM_KINDS:
-        return _read_svmlight(path, d)
+        return Table(*_read_svmlight(path, d))
     raise DataError(f"data.source: {path}: unknown file type {ext!r}; supported: {_KINDS_TEXT}")
+
+
+def read_file(path: str, target: str | int = "", labels: str = "", d: int = 0) -> tuple[np.ndarray, np.ndarray, list]:
+    """(X, y, column names) of read_table(); `target` is the CSV column holding y ("" = the last)."""
+    t = read_table(path, labels, d, CsvOptions(target=target))
+    return t.X, t.y, t.columns

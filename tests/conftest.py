@@ -124,3 +124,21 @@ def launch(tmp_path):
     yield start
     for la in started:
         la.kill()
+
+
+@pytest.fixture
+def made():
+    """Data blocks a test built (build() appends them): closed and unlinked after it."""
+    made = []
+    yield made
+    for b in made:
+        b.close()
+        b.unlink()
+
+
+def build(c, k, made, tag: str = "t"):
+    """data.build() of config c into k shards, the block kept in `made` for cleanup."""
+    from psrv import blocks, data
+    b, layout = data.build(c, k, blocks.run_prefix() + tag)
+    made.append(b)
+    return b, layout

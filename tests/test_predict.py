@@ -189,4 +189,5 @@ def test_test_source_with_test_fraction_or_synthetic_data_is_refused():
 
 
 def test_model_module_does_not_need_a_run_to_read_data_json(tmp_path):
-    assert model_mod.read_data_json(str(tmp_path)) == {"classes": None, "impute_means": None, "columns": None}
+    assert model_mod.read_data_json(str(tmp_path)) == {"classes": None, "impute_means": None, "columns": None,
+                                                       "fields": None}
