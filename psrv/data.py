@@ -64,9 +64,11 @@ def nan_rows(X: np.ndarray, y: np.ndarray, policy: str, source: str,
         where += f", line {int(lines[first])} of the file"
     elif ext in SVM_KINDS:
         where += ", not counting blank and comment lines"
-    raise DataError(f"{source}: {n_bad} of {len(X)} rows have NaN or Inf (a CSV's missing fields are NaN); the "
-                    f"first is row {first} ({where}); set data.nan_policy = \"drop\" to drop them, or \"impute\" to "
-                    f"replace missing inputs by their training mean")
+    if ext == ".csv":
+        where += "; a missing field reads as NaN"
+    raise DataError(f"{source}: {n_bad} of {len(X)} rows have NaN or Inf; the first is row {first} ({where}); set "
+                    f"data.nan_policy = \"drop\" to drop them, or \"impute\" to replace missing inputs by their "
+                    f"training mean")
 
 
 def impute_means(X: np.ndarray, rows: np.ndarray, columns: list, source: str) -> np.ndarray:

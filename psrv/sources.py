@@ -363,9 +363,16 @@ def _loadtxt(path, delimiter, skip_lines, use, t, X0, y0, opt) -> tuple[np.ndarr
 
 
 def _target(path: str, names: list[str], opt: CsvOptions, has_header: bool) -> int | None:
+    """The target's column, or None for a new file (predict, need_target false) that does not hold it."""
+    if not opt.need_target and opt.fields is not None and not has_header and len(names) == len(opt.fields) - 1:
+        return None                                   # _csv_names named its columns: the run's, less the target
     if opt.target == "":
-        if opt.fields is not None and not opt.need_target and len(names) == len(opt.fields) - 1 and not has_header:
-            return None
+        if not opt.need_target:
+            # the run's target was the last column of its file: is it in this one?
+            if opt.fields is not None and has_header:
+                return names.index(opt.fields[-1]) if opt.fields[-1] in names else None
+            if opt.columns and names[-1] in opt.columns:
+                return None
         return len(names) - 1
     if not opt.need_target and isinstance(opt.target, str) and opt.target not in names:
         return None

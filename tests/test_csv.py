@@ -138,8 +138,8 @@ def test_numpy_fast_path_reads_what_the_chunked_reader_reads(tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------- nan_policy
 def test_error_policy_names_file_count_and_line(tmp_path, made):
     p = write(tmp_path, "a,b,y\n1,2,0\n\n3,,1\n4,NA,1\n")
-    with pytest.raises(DataError, match=r"d.csv: 2 of 3 rows have NaN or Inf.*the first is row 1 \(0-based, "
-                                        r"line 4 of the file\).*\"impute\""):
+    with pytest.raises(DataError, match=r"d.csv: 2 of 3 rows have NaN or Inf; the first is row 1 \(0-based, line 4 "
+                                        r"of the file; a missing field reads as NaN\).*\"impute\""):
         build(cfg(source=p), 1, made)
 
 
