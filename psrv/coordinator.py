@@ -153,7 +153,7 @@ class Coordinator(Roster, Sanctions):
             raise ProtocolError(f"push for server {e.sid}, but this is server {self.server_id}; say hello again",
                                 "stale_server")
         p = self.members.current(e.wid, e.inc, is_push=True)
-        if e.seq <= p.seq:
+        if e.seq <= p.seq or self._pushed_before(p, e):
             self.stats.duplicates += 1
             self._send(e.ident, {"op": Op.ACK.value, "applied": False, "reason": "duplicate"}, e.rid)
             return
@@ -161,6 +161,8 @@ class Coordinator(Roster, Sanctions):
             raise ProtocolError(f"push: no gradient frame, and worker {p.wid} has no shared-memory slot", "bad_frames")
         try:
             self.store.check(e.grad, e.keys)
+        except TypeError as x:
+            raise ProtocolError(f"push: {x}", "bad_dtype") from None
         except ValueError as x:
             raise ProtocolError(f"push: {x}", "bad_shape") from None
         batch = self.batches.get(p.wid)
@@ -233,6 +235,13 @@ class Coordinator(Roster, Sanctions):
         p.pushed(self._now)
         if not applied and not refused:
             self.stats.dropped[p.wid] = self.stats.dropped.get(p.wid, 0) + 1
+
+    def _pushed_before(self, p: Peer, e: ev.Push) -> bool:
+        """A push (with a new seq) for a clock this worker has pushed already, or was moved past: a repeat, not a
+        gradient for a batch it holds (a straggler's push for the batch it held is dropped as late instead)."""
+        m = self.gate.members.get(p.wid)
+        held = self.late.get(p.wid)
+        return m is not None and e.clock < m.pushed and (held is None or held[0] != e.clock)
 
     def _on_heartbeat(self, e: ev.Heartbeat) -> None:
         live = self.members.heartbeat(e.wid, e.inc, self._now)

@@ -19,6 +19,7 @@ class ProtocolError(PsrvError):
     def __init__(self, reason: str, code: str = "bad_message"):
         super().__init__(reason)
         self.code = code
+        self.rid: int | None = None   # the request id of the message refused, once its header was read
 
 
 class RunError(PsrvError):

@@ -144,10 +144,14 @@ class Membership:
         p.ident, p.last_seen_s = ident, now
 
     def heartbeat(self, wid: int, inc: int, now: float) -> bool:
-        """A heartbeat from (wid, inc); True when that incarnation is alive (False tells a paused worker it was
-        declared dead while it waited)."""
+        """A heartbeat from (wid, inc); True when that incarnation is alive, False when it is the current one but
+        was declared dead (a paused worker learns it while it waits), or when the worker id is unknown (a restarted
+        server: the reply's server_id tells the worker). Another incarnation of a known id is refused
+        (stale_incarnation), like its other requests."""
         p = self.peers.get(wid)
-        live = p is not None and p.inc == inc and p.alive
+        if p is not None and p.inc != inc:
+            raise ProtocolError(f"worker {wid} incarnation {inc} is stale (current: {p.inc})", "stale_incarnation")
+        live = p is not None and p.alive
         if live:
             p.last_seen_s = now
         return live

@@ -54,7 +54,7 @@ REQUESTS: dict[str, tuple[dict[str, type], int]] = {
     Op.STATUS: ({}, (0,)),
 }
 REPLIES: dict[str, tuple[dict[str, type], int]] = {
-    Op.WELCOME: ({"version": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
+    Op.WELCOME: ({"version": _I, "protocol": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
                   "data": _M, "train": _M, "model": _M}, (2,)),
     Op.THETA: ({"clock": _I, "version": _I, "batch": _L}, (0, 1)),
     Op.ACK: ({"applied": _B, "reason": _S}, (0,)),
@@ -131,9 +131,10 @@ def _fast_spec(table: dict, op: str):
     return _FAST[key]
 
 
-def _check_fields(op: str, header: dict, spec: dict[str, type]) -> None:
+def _check_fields(op: str, header: dict, spec: dict[str, type], strict: bool = True) -> None:
     """Every listed field present with its type (an int is accepted for a float), no other field but `op`,
-    `arrays` and an integer `rid`. Python ints cannot overflow, so no range is checked here."""
+    `arrays` and an integer `rid` (unless not strict: a reply may carry keys a newer server added, which a client
+    ignores). Python ints cannot overflow, so no range is checked here."""
     for name, t in spec.items():
         v = header.get(name, _MISSING)
         tv = type(v)
@@ -141,8 +142,9 @@ def _check_fields(op: str, header: dict, spec: dict[str, type]) -> None:
             continue
         if v is _MISSING:
             raise ProtocolError(f"{op}: missing field '{name}'", "bad_field")
-        raise ProtocolError(f"{op}: field '{name}' must be {t.__name__}, got {tv.__name__}", "bad_field")
-    if len(header) != len(spec) + 1 + ("arrays" in header) + ("rid" in header):
+        got = "bin (strings are msgpack str, UTF-8, never bin)" if tv is bytes else tv.__name__
+        raise ProtocolError(f"{op}: field '{name}' must be {t.__name__}, got {got}", "bad_field")
+    if strict and len(header) != len(spec) + 1 + ("arrays" in header) + ("rid" in header):
         extra = set(header) - set(spec) - {"op", "arrays", "rid"}
         raise ProtocolError(f"{op}: unknown field(s) {sorted(extra)}", "bad_field")
     if "rid" in header and type(header["rid"]) is not int:
@@ -185,29 +187,55 @@ def _array(op: str, i: int, descr, frame) -> np.ndarray:
 
 
 def decode(frames: Sequence, table: dict = REQUESTS) -> tuple[dict, list[np.ndarray]]:
-    """(header, arrays) from the frames of one message, or ProtocolError saying what is wrong.
+    """(header, arrays) from the frames of one message, or ProtocolError saying what is wrong. Once the header is a
+    map with a valid integer `rid`, the error carries it (e.rid), so that the reply names the request it refuses.
     Arrays are read-only views of the frames (zero-copy)."""
-    if not 1 <= len(frames) <= MAX_FRAMES:
-        raise ProtocolError(f"a message has 1 to {MAX_FRAMES} frames, got {len(frames)}", "bad_frames")
-    raw = _buffer(frames[0])
+    if not frames:
+        raise ProtocolError(f"a message has 1 to {MAX_FRAMES} frames, got 0", "bad_frames")
+    header = _header(frames[0])
+    rid = header.get("rid")
+    try:
+        return _check(header, frames, table)
+    except ProtocolError as e:
+        if type(rid) is int:
+            e.rid = rid
+        raise
+
+
+def _header(frame) -> dict:
+    raw = _buffer(frame)
+    if raw.nbytes == 0:
+        # a REQ socket sends an empty delimiter frame first; this protocol is spoken from a DEALER
+        raise ProtocolError("frame 0 is empty: the header must be the first frame (use a DEALER socket, not REQ, "
+                            "and send no empty delimiter)", "empty_header")
     if raw.nbytes > HEADER_MAX_BYTES:
         raise ProtocolError(f"header of {raw.nbytes} bytes exceeds {HEADER_MAX_BYTES}", "too_large")
     try:
-        header = safepack.unpack(raw, max_items=4096, max_str=HEADER_MAX_BYTES, max_bin=0)
+        # bin is decoded (as bytes) so that a bin where a str belongs is named as such by the field checks
+        header = safepack.unpack(raw, max_items=4096, max_str=HEADER_MAX_BYTES, max_bin=HEADER_MAX_BYTES)
     except safepack.UnpackError as e:
         raise ProtocolError(f"header is not valid msgpack: {e}", "bad_header") from None
     if type(header) is not dict:
         raise ProtocolError(f"header must be a map, got {type(header).__name__}", "bad_header")
     op = header.get("op")
     if type(op) is not str:
-        raise ProtocolError("header has no string 'op'", "bad_header")
+        got = "bin: strings are msgpack str (UTF-8), never bin" if type(op) is bytes else "none"
+        raise ProtocolError(f"header has no string 'op' ({got})", "bad_header")
+    return header
+
+
+def _check(header: dict, frames: Sequence, table: dict) -> tuple[dict, list[np.ndarray]]:
+    op = header["op"]
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(f"a message has 1 to {MAX_FRAMES} frames, got {len(frames)}", "bad_frames")
     entry = table.get(op)
     if entry is None:
         known = ", ".join(sorted(str(o.value) for o in table))
         raise ProtocolError(f"unknown op {op!r}; known ops: {known}", "unknown_op")
     spec, n_arrays = entry
     if not _fields_ok(table, op, header):
-        _check_fields(op, header, spec)  # the slow path: accepts ints for floats, or says exactly what is wrong
+        # the slow path: accepts ints for floats (and, in replies, keys it does not know), or says what is wrong
+        _check_fields(op, header, spec, strict=table is not REPLIES)
     descr = header.get("arrays", [])
     n = len(frames) - 1
     if type(descr) is not list or len(descr) != n or n not in n_arrays:

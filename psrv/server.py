@@ -248,6 +248,8 @@ class Server:
             dc["source"] = os.path.abspath(dc["source"])  # a worker started elsewhere reads the same path
         if dc["test_source"]:
             dc["test_source"] = os.path.abspath(dc["test_source"])
+        if dc["labels"]:
+            dc["labels"] = os.path.abspath(dc["labels"])  # relative to the launcher's directory, like source
         spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
         if not p.local:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
@@ -271,10 +273,11 @@ class Server:
                 spec["shm"]["mailbox"] = box.name
         theta = self.store.theta
         header = {
-            "op": Op.WELCOME.value, "version": protocol.VERSION, "wid": p.wid, "inc": p.inc,
+            "op": Op.WELCOME.value, "version": protocol.VERSION, "protocol": protocol.VERSION, "wid": p.wid,
+            "inc": p.inc,
             "server_id": self.server_id, "theta_shape": list(theta.shape), "theta_dtype": theta.dtype.str,
             "data": spec,
-            "train": {"batch_size": t.batch_size, "seed": t.seed, "steps": t.steps, "local_steps": t.local_steps,
+            "train": {"workers": t.workers, "batch_size": t.batch_size, "seed": t.seed, "steps": t.steps, "local_steps": t.local_steps,
                       "lr": t.lr,
                       "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
                       "server_timeout_s": self.cfg.worker.server_timeout_s, "rejoin": self.cfg.worker.rejoin},
@@ -374,7 +377,7 @@ class Server:
                            epochs_read=c.schedule.epochs_read())
 
     def status(self) -> dict:
-        return {"server_id": self.server_id, "address": self.address, "pid": os.getpid(),
+        return {"protocol": protocol.VERSION, "server_id": self.server_id, "address": self.address, "pid": os.getpid(),
                 "server_restarts": self.server_restarts, **report.status(self.coord, time.monotonic())}
 
     def finish(self) -> dict:

@@ -39,7 +39,8 @@ class Store:
 
     # ------------------------------------------------------------------ checks
     def check(self, grad: np.ndarray, keys: np.ndarray | None = None) -> None:
-        """ValueError unless grad fits theta (all rows, or the rows `keys` names, increasing and in range)."""
+        """TypeError unless grad has theta's dtype; ValueError unless it fits theta's shape (all rows, or the rows
+        `keys` names, increasing and in range)."""
         t = self.theta
         if keys is not None:
             if keys.ndim != 1 or keys.dtype.kind not in "iu":
@@ -47,7 +48,9 @@ class Store:
             if len(keys) and (keys[0] < 0 or keys[-1] >= t.shape[0] or (np.diff(keys) <= 0).any()):
                 raise ValueError(f"keys must be increasing row numbers below {t.shape[0]}")
         shape = t.shape if keys is None else (len(keys), *t.shape[1:])
-        if grad.dtype != t.dtype or grad.shape != shape:
+        if grad.dtype != t.dtype:  # TypeError: the wire says bad_dtype, not bad_shape
+            raise TypeError(f"gradient dtype {grad.dtype.str} does not match theta's {t.dtype.str}")
+        if grad.shape != shape:
             raise ValueError(f"gradient {grad.dtype.str} {list(grad.shape)} does not match theta "
                              f"{t.dtype.str} {list(shape)}")
 

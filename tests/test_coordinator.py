@@ -302,7 +302,7 @@ ERRORS = [
     ("unknown worker push", lambda h: h.push(9, clock=0, count=4, version=0, rid=700), "unknown_worker", 9),
     ("stale incarnation push", lambda h: h.push(0, inc=7, rid=700), "stale_incarnation", 0),
     ("wrong gradient shape", lambda h: h.push(0, grad=np.zeros(4), rid=700), "bad_shape", 0),
-    ("wrong gradient dtype", lambda h: h.push(0, grad=np.zeros(3, np.float32), rid=700), "bad_shape", 0),
+    ("wrong gradient dtype", lambda h: h.push(0, grad=np.zeros(3, np.float32), rid=700), "bad_dtype", 0),
     ("no frame and no slot", lambda h: h.push(0, framed=False, rid=700), "bad_frames", 0),
     ("pull ahead of its pushes", lambda h: h.pull(0, 1, rid=700), "bad_clock", 0),
     ("pull of an unknown worker", lambda h: h.pull(9, 0, inc=1, rid=700), "unknown_worker", 9),
@@ -834,3 +834,20 @@ def test_a_lone_worker_whose_pushes_are_refused_is_quarantined_not_called_diverg
     h.push(0, value=np.nan)
     out = h.P(h.push(0, value=np.nan))
     assert out[0][:3] == ("Error", 0, "quarantined") and not any(i[0] == "Fail" for i in out)
+
+
+def test_a_second_push_for_a_clock_already_pushed_is_a_duplicate_and_changes_nothing():
+    """Issue 13, point 5: a push with a new seq for a clock this worker pushed already (a client retrying with a
+    fresh seq) is acknowledged as a duplicate, like a repeated seq, and never applied; a push for a clock it was
+    never served is still bad_clock."""
+    h = H(1, train__consistency="asp")
+    h.start()
+    served = h.served[0]
+    out = h.P(h.push(0, pull=False))
+    assert out[-1][:4] == ("Ack", 0, True, "")
+    version = h.c.version
+    again = h.P(h.push(0, clock=served[0], pull=True, rid=900))    # a new seq, the same clock
+    assert again == [("Ack", 0, False, "duplicate", 900)]
+    assert h.c.version == version and h.c.stats.duplicates == 1
+    assert h.P(h.push(0, clock=served[0] + 5, rid=901)) == [("Error", 0, "bad_field", 901)]  # no batch held
+    assert h.P(h.pull(0, served[0] + 1))[0][:3] == ("Theta", 0, served[0] + 1)

@@ -183,7 +183,10 @@ def test_expired_with_an_injected_clock():
     assert [p.wid for p in m.expired(9.5, 5.0)] == [1] and m.peers[1].ident == b"new-conn"
     assert m.deaths == 3 and [p.wid for p in m.live()] == []
     assert m.heartbeat(0, 1, 10.0) is False and not m.peers[0].alive   # no coming back without a hello
-    assert m.heartbeat(0, 2, 10.0) is False and m.heartbeat(42, 1, 10.0) is False
+    assert m.heartbeat(42, 1, 10.0) is False            # unknown id (a restarted server): alive false
+    with pytest.raises(ProtocolError) as e:             # another incarnation of a known id: refused, like a pull
+        m.heartbeat(0, 2, 10.0)
+    assert e.value.code == "stale_incarnation"
 
 
 def test_heartbeats_keep_a_worker_alive_forever():

@@ -149,3 +149,48 @@ def test_safepack_refuses_with_one_error_type(raw, limits, needle):
     with pytest.raises(safepack.UnpackError, match=needle):
         safepack.unpack(raw, **limits)
     assert safepack.unpack(msgpack.packb({"a": [1, b"x"]}, use_bin_type=True)) == {"a": [1, b"x"]}
+
+
+# ---------------------------------------------------------------------------------------------- issue 13
+@pytest.mark.parametrize("frames,code", [
+    (raw({"op": "launch", "rid": 5}), "unknown_op"),
+    (raw({"op": "pull", "wid": "0", "inc": 1, "clock": 0, "rid": 5}), "bad_field"),
+    (raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0, "rid": 5}, G), "bad_frames"),
+    ([msgpack.packb({"op": "pull", "wid": 0, "inc": 1, "clock": 0, "rid": 5})] + [b""] * 4, "bad_frames"),
+    (raw({**push(), "rid": 5, "arrays": [["<i8", [3]]]}, G), "bad_dtype"),
+    (raw({**push(), "rid": 5, "arrays": [["<f8", [4]]]}, G), "bad_size"),
+    (raw({**push(), "rid": 5, "arrays": [["<f8", [-1]]]}, G), "bad_shape"),
+    (raw({**push(), "rid": 5, "arrays": [["<f8"]]}, G), "bad_array"),
+])
+def test_every_error_after_the_header_carries_its_rid(frames, code):
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode(frames)
+    assert (e.value.code, e.value.rid) == (code, 5)
+
+
+def test_errors_before_a_valid_rid_carry_none():
+    for frames in ([b"\xc1"], raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0, "rid": "5"}),
+                   [b"", msgpack.packb({"op": "status", "rid": 5})]):
+        with pytest.raises(ProtocolError) as e:
+            protocol.decode(frames)
+        assert e.value.rid is None
+
+
+def test_bin_where_a_string_belongs_and_a_req_delimiter_are_named():
+    with pytest.raises(ProtocolError, match="'host' must be str, got bin") as e:
+        protocol.decode([msgpack.packb({"op": "hello", "version": 1, "role": "worker", "wid": 0, "pid": 1,
+                                        "host": b"h", "local": True, "rid": 3}, use_bin_type=True)])
+    assert (e.value.code, e.value.rid) == ("bad_field", 3)
+    with pytest.raises(ProtocolError, match="no string 'op' \\(bin") as e:
+        protocol.decode([msgpack.packb({"op": b"status"}, use_bin_type=True)])
+    assert e.value.code == "bad_header"
+    with pytest.raises(ProtocolError, match="DEALER socket, not REQ") as e:
+        protocol.decode([b"", msgpack.packb({"op": "status"})])     # what a REQ socket sends
+    assert e.value.code == "empty_header"
+
+
+def test_replies_may_carry_keys_a_client_does_not_know_requests_may_not():
+    h, _ = protocol.decode(raw({"op": "ack", "applied": True, "reason": "", "future": 1}), protocol.REPLIES)
+    assert h["future"] == 1
+    with pytest.raises(ProtocolError, match="unknown field"):
+        protocol.decode(raw({"op": "status", "future": 1}))

@@ -86,7 +86,7 @@ def test_malformed_messages_get_error_replies_and_training_goes_on(cluster):
     shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
     h, arrays = me.pull(0)
     bad_pushes = [
-        (np.zeros(shape, np.float32), "bad_shape"),                    # wrong dtype
+        (np.zeros(shape, np.float32), "bad_dtype"),                    # wrong dtype
         (np.zeros((shape[0] + 1,), dtype), "bad_shape"),                # wrong shape
     ]
     nan_sent = False

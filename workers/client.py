@@ -72,7 +72,11 @@ class Heartbeat(threading.Thread):
                         h, _ = protocol.decode(reply, protocol.REPLIES)
                     except ProtocolError:
                         continue
-                    if h["op"] == Op.HEARTBEAT.value:
+                    if h["op"] == Op.ERROR.value and h["code"] == "stale_incarnation":
+                        # another incarnation took this worker's id: this one is as good as dead
+                        self.last_heard_s = time.monotonic()
+                        self.declared_dead = True
+                    elif h["op"] == Op.HEARTBEAT.value:
                         self.last_heard_s = time.monotonic()
                         self.heard.append(self.last_heard_s)
                         self.server_id = h["server_id"]
@@ -142,7 +146,7 @@ class Client:
             if hb is not None and hb.is_alive():
                 if hb.server_id not in (None, self.server_id):
                     raise ServerRestarted(self.server_id, hb.server_id)
-                if hb.declared_dead and hb.server_id == self.server_id:
+                if hb.declared_dead and hb.server_id in (None, self.server_id):
                     raise RemoteError("dead", f"the server declared worker {self.wid} (incarnation {self.inc}) "
                                               f"dead while it waited for {op}")
                 # the server has kept answering heartbeats for a while since the request (so it is alive) without
