@@ -170,7 +170,8 @@ class Server:
 
     def _drain_socket(self) -> int:
         n = 0
-        while n < DRAIN_MAX and transport.readable(self.sock):
+        # once the run is over nothing more is answered (docs/protocol.md, after stop)
+        while n < DRAIN_MAX and not self.coord.done and transport.readable(self.sock):
             self.handle(transport.recv_now(self.sock))
             n += 1
         return n
