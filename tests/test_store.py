@@ -130,8 +130,9 @@ def test_check_refuses_what_does_not_fit():
     s = store(np.zeros((4, 2)))
     s.check(np.zeros((4, 2)))
     s.check(np.zeros((2, 2)), keys=np.array([1, 3]))
-    for grad, keys, match in [(np.zeros((4, 3)), None, "does not match"), (np.zeros((4, 2), np.float32), None,
-                              "does not match"), (np.zeros((2, 2)), np.array([3, 1]), "increasing"),
+    with pytest.raises(TypeError, match="dtype <f4 does not match"):   # the wire's bad_dtype, not bad_shape
+        s.check(np.zeros((4, 2), np.float32))
+    for grad, keys, match in [(np.zeros((4, 3)), None, "does not match"), (np.zeros((2, 2)), np.array([3, 1]), "increasing"),
                               (np.zeros((1, 2)), np.array([4]), "increasing"), (np.zeros((2, 2)), np.array([0.0, 1]),
                                                                                   "integers")]:
         with pytest.raises(ValueError, match=match):
