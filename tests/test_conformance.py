@@ -273,6 +273,13 @@ def sm(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def doc_epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
+    """Positions 0..size-1 sorted by sm(key + position), ties by position; key = sm(sm(sm(seed) + shard) + epoch)."""
+    with np.errstate(over="ignore"):
+        key = sm(sm(sm(np.array([seed], np.uint64)) + np.uint64(shard)) + np.uint64(epoch))
+        return np.argsort(sm(key + np.arange(size, dtype=np.uint64)), kind="stable")
+
+
 def doc_synthetic(seed: int, n: int, d: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([seed, 0x5EED])
     w = rng.standard_normal(d)
@@ -349,7 +356,9 @@ def doc_shards(welcome: dict, mean: np.ndarray, scale: np.ndarray) -> list[tuple
         parts = [np.flatnonzero(owner == np.uint64(s)) for s in range(n_shards)]
     dtype = np.dtype(welcome["data"]["block"]["dtype"])
     out = []
-    for rows in parts:
+    for s, rows in enumerate(parts):
+        if cfg["batch_order"] == "blocks":                                       # 4b. stored permuted once
+            rows = rows[doc_epoch_order(cfg["seed"], s, (1 << 64) - 1, len(rows))]
         Xs, ys = X[rows].astype(dtype), y[rows].astype(dtype)                   # 5. convert
         Xs = (Xs - mean) / scale                                                 # 6. standardize, in dtype
         out.append((Xs, ys))
@@ -392,6 +401,9 @@ SOURCES = {
         "data.source=rows.csv", "data.target=label", "data.nan_policy=drop", "data.test_fraction=0.2",
         "data.shards=2", "data.partition=hash", "model.fit_intercept=false"],
     "svmlight, 1-based, qid and comments": ["data.source=rows.svm", "data.shards=3"],
+    "csv in block order, held-out rows from data.test_source": [
+        "data.source=rows.csv", "data.target=label", "data.nan_policy=drop", "data.test_source=rows.csv",
+        "data.batch_order=blocks", "data.shards=2", "data.seed=9"],
     "npy with a labels path relative to the launcher": [
         "data.source=X.npy", "data.labels=y.npy", "data.dtype=float32", "data.shards=2"],
 }
