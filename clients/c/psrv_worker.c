@@ -3,9 +3,9 @@
  *   psrv_worker ADDRESS            (build: make -C clients/c, or the gcc line in clients/c/Makefile)
  *
  * It says hello with wid -1 and local false, rebuilds every shard of a CSV source by the document's rules (no quoted
- * fields; data.test_fraction 0: held-out rows need NumPy's generator), checks each against the server's CRC-32,
- * then trains the linear model: pull, gradient of the batch's mean squared error (2 X^T r / m), push with pull true,
- * until the server says stop. Heartbeats go on the same socket while it waits for a reply. Prints "wid W", one
+ * fields; data.test_fraction 0: held-out rows need NumPy's generator; data.batch_order "rows"), checks each against
+ * the server's CRC-32, then trains the linear model: pull, gradient of the batch's mean squared error (2 X^T r / m),
+ * push with pull true, until the server says stop. Heartbeats go on the same socket while it waits for a reply. Prints "wid W", one
  * "push CLOCK LOSS" line per push and "stop REASON pushes N"; exits 0 on stop, 1 on any failure.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -291,8 +291,9 @@ int main(int argc, char **argv) {
     hb_interval_s = real(train, "heartbeat_interval_s"), timeout_s = real(train, "server_timeout_s");
     int64_t seed = num(train, "seed"), d = num(get(data, "block"), "d"), fit_b = num(model, "fit_intercept");
     if (!is(get(model, "kind"), "linear") || !is(get(&header, "theta_dtype"), "<f8") || shape->n != 1
-        || num(train, "local_steps") != 1 || real(cfg, "test_fraction") != 0 || nframes != 3)
-        die("this client does: linear model, float64, no local steps, data.test_fraction 0", NULL);
+        || num(train, "local_steps") != 1 || real(cfg, "test_fraction") != 0 || nframes != 3
+        || (get(cfg, "batch_order") && !is(get(cfg, "batch_order"), "rows")))
+        die("this client does: linear model, float64, no local steps, data.test_fraction 0, batch_order rows", NULL);
     int64_t p = shape->kids[0].i, k = get(data, "shards")->n;
     double *mean = (double *)frames[1], *scale = (double *)frames[2];
     frames[1] = frames[2] = NULL;                   /* keep them: later replies reuse the frame slots */
