@@ -302,7 +302,9 @@ def doc_csv(path: str, target: str) -> tuple[np.ndarray, np.ndarray]:
         rows = list(csv.reader(fh))
     header = [h.strip() for h in rows[0]]
     t = len(header) - 1 if target == "" else header.index(target)
-    data = [[float(v) for v in r] for r in rows[1:] if r and not (len(r) == 1 and not r[0].strip())]
+    missing = {"", "na", "n/a", "nan", "null"}
+    data = [[math.nan if v.strip().lower() in missing else float(v) for v in r]
+            for r in rows[1:] if r and not (len(r) == 1 and not r[0].strip())]
     A = np.array(data, dtype=np.float64)
     return np.delete(A, t, axis=1), A[:, t]
 
@@ -340,8 +342,8 @@ def doc_shards(welcome: dict, mean: np.ndarray, scale: np.ndarray) -> list[tuple
     cfg, explicit = welcome["data"]["config"], welcome["data"]["explicit"]
     X, y = doc_rows(cfg, explicit)                                               # 1. read
     file_index = np.arange(len(X))
-    if cfg["nan_policy"] == "drop":                                              # 2. drop
-        keep = np.isfinite(X).all(axis=1) & np.isfinite(y)
+    if cfg["nan_policy"] in ("drop", "impute"):                                  # 2. drop
+        keep = np.isfinite(y) & (np.isfinite(X).all(axis=1) | (cfg["nan_policy"] == "impute"))
         X, y, file_index = X[keep], y[keep], file_index[keep]
     k = round(len(X) * cfg["test_fraction"])                                     # 3. hold out
     test = np.zeros(len(X), bool)
@@ -355,11 +357,17 @@ def doc_shards(welcome: dict, mean: np.ndarray, scale: np.ndarray) -> list[tuple
         owner = sm(file_index.astype(np.uint64)) % np.uint64(n_shards)
         parts = [np.flatnonzero(owner == np.uint64(s)) for s in range(n_shards)]
     dtype = np.dtype(welcome["data"]["block"]["dtype"])
+    if cfg["nan_policy"] == "impute":     # each column's mean over its finite training values (one 65536-row block)
+        assert len(X) <= 65536
+        ok = np.isfinite(X)
+        impute = np.where(ok, X, 0.0).sum(axis=0) / ok.sum(axis=0)
     out = []
     for s, rows in enumerate(parts):
         if cfg["batch_order"] == "blocks":                                       # 4b. stored permuted once
             rows = rows[doc_epoch_order(cfg["seed"], s, (1 << 64) - 1, len(rows))]
-        Xs, ys = X[rows].astype(dtype), y[rows].astype(dtype)                   # 5. convert
+        Xs, ys = X[rows].astype(dtype), y[rows].astype(dtype)                   # 5. convert (and impute)
+        if cfg["nan_policy"] == "impute":
+            Xs = np.where(np.isfinite(Xs), Xs, impute.astype(dtype))
         Xs = (Xs - mean) / scale                                                 # 6. standardize, in dtype
         out.append((Xs, ys))
     return out
@@ -380,7 +388,9 @@ def write_sources(tmp_path) -> None:
         x = [repr(float(v)) for v in X[i]]
         vals = [x[0], repr(float(y[i])), x[1], f'"{x[2]}"', f" {x[3]} "]     # quoted, padded: still numbers
         if i == 11:
-            vals[2] = "nan"                                    # dropped with nan_policy = "drop"
+            vals[2] = "nan"                                    # dropped with nan_policy = "drop", else imputed
+        if i == 12:
+            vals[0] = "NA"
         lines.append(",".join(vals))
     (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
     svm = ["# a comment line", ""]
@@ -401,6 +411,9 @@ SOURCES = {
         "data.source=rows.csv", "data.target=label", "data.nan_policy=drop", "data.test_fraction=0.2",
         "data.shards=2", "data.partition=hash", "model.fit_intercept=false"],
     "svmlight, 1-based, qid and comments": ["data.source=rows.svm", "data.shards=3"],
+    "csv, missing inputs imputed, float32": [
+        "data.source=rows.csv", "data.target=label", "data.nan_policy=impute", "data.test_fraction=0.1",
+        "data.dtype=float32", "data.shards=2"],
     "csv in block order, held-out rows from data.test_source": [
         "data.source=rows.csv", "data.target=label", "data.nan_policy=drop", "data.test_source=rows.csv",
         "data.batch_order=blocks", "data.shards=2", "data.seed=9"],
@@ -439,18 +452,21 @@ def test_a_remote_worker_rebuilds_every_shard_from_the_document(case, launch, tm
 # ---------------------------------------------------------------------------------------------- CSV examples
 def test_the_csv_examples_of_the_document_are_what_the_reader_does(tmp_path):
     """The document's CSV rules, tied to the reader on main: each ```csv-example is parsed by psrv.sources."""
-    from psrv.sources import read_file
+    from psrv.sources import CsvOptions, read_table
     examples = fenced("csv-example")
-    assert len(examples) >= 2
+    assert len(examples) >= 4
     for i, (info, lines) in enumerate(examples):
-        target = dict(kv.split("=", 1) for kv in info.split()).get("target", "")
+        keys = dict(kv.split("=", 1) for kv in info.split())
+        opt = CsvOptions(target=keys.get("target", ""), delimiter=keys.get("delimiter", ""),
+                         drop_columns=keys["drop_columns"].split(",") if "drop_columns" in keys else [])
         arrow = next(j for j, line in enumerate(lines) if line.startswith("-> "))
         path = tmp_path / f"example{i}.csv"
         path.write_text("\n".join(lines[:arrow]) + "\n")
         m = re.match(r"^-> X (.*); y (.*)$", lines[arrow])
-        X, y, _ = read_file(str(path), target)
-        np.testing.assert_array_equal(X, np.array(json.loads(m.group(1)), dtype=float), err_msg=f"example {i}")
-        np.testing.assert_array_equal(y, np.array(json.loads(m.group(2)), dtype=float), err_msg=f"example {i}")
+        table = read_table(str(path), "", 0, opt)
+        want_X, want_y = (np.array(json.loads(g), dtype=float) for g in m.groups())
+        np.testing.assert_array_equal(table.X, want_X, err_msg=f"example {i}")
+        np.testing.assert_array_equal(table.y, want_y, err_msg=f"example {i}")
 
 
 # ---------------------------------------------------------------------------------------------- the models
