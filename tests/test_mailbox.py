@@ -161,3 +161,15 @@ def test_each_incarnation_gets_its_own_mailbox_and_the_old_one_goes(tmp_path):
             server.close()
             block.close()
             block.unlink()
+
+
+def test_the_protocol_document_states_the_mailbox_layout_the_code_uses():
+    from psrv import mailbox, server
+
+    from .conftest import ROOT
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    assert f"a {mailbox.AREA_BYTES:,}-byte request area, a {mailbox.AREA_BYTES:,}-byte reply area" in doc
+    assert "(REQ_SEQ, REQ_LEN, REP_SEQ, REP_LEN, AWAKE, then 3" in doc
+    assert (mailbox.REQ_SEQ, mailbox.REQ_LEN, mailbox.REP_SEQ, mailbox.REP_LEN, mailbox.AWAKE) == tuple(range(5))
+    assert mailbox.CONTROL_BYTES == 8 * 8
+    assert f"when its socket poll times out ({server.POLL_MS} ms)" in doc
