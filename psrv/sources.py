@@ -423,8 +423,9 @@ def _labels(path: str, name: str, values: list[str], classes, line_of) -> tuple[
 
 
 # svmlight / libsvm: "label idx:val idx:val ... [# comment]", an optional qid:N token, blank lines skipped.
-# Two passes over the bytes: the first checks every token and finds the size, the second densifies. Between them
-# only scalars are kept, and the second pass buffers (row, col, value) in typed arrays, never Python objects.
+# Two passes over the bytes: the first checks every token and finds the size, the second densifies (or, in
+# psrv.sparse, fills CSR arrays). Between them only scalars are kept, and the second pass buffers (row, col, value)
+# in typed arrays, never Python objects.
 _SVM_FLUSH = 1 << 20  # values buffered before they are scattered into X
 
 
@@ -522,16 +523,34 @@ def _svm_scan(path: str, d_explicit: int) -> tuple[int, int, bool]:
     return n, d, zero_based
 
 
+def _svm_rows(path: str, n: int, zero_based: bool):
+    """Second pass over a file _svm_scan has checked: (row, label, columns, values) of each data line, columns
+    counted from 0 whatever the file's base, qid tokens skipped. Shared by the dense and the sparse (CSR) reader."""
+    off = 0 if zero_based else 1
+    i = -1
+    for i, (_, toks) in enumerate(_svm_lines(path)):
+        if i >= n:
+            break
+        cols, vals = [], []
+        for tok in toks[1:]:
+            key, _, val = tok.partition(b":")
+            if key != b"qid":
+                cols.append(int(key) - off)
+                vals.append(float(val))
+        yield i, float(toks[0]), cols, vals
+    if i + 1 != n:
+        raise DataError(f"{path}: changed while it was being read ({n} data lines, then {i + 1})")
+
+
 def _read_svmlight(path: str, d_explicit: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
     n, d, zero_based = _svm_scan(path, d_explicit)
     need = n * d * 8 + n * 8
     avail = available_memory_bytes()
     if avail is not None and need > avail:
         raise DataError(f"svmlight file {path} would need {_gib(need)} GiB dense ({n} rows x {d} columns of "
-                        f"float64); {_gib(avail)} GiB available")
+                        f"float64); {_gib(avail)} GiB available (psrv.sparse.read_svmlight_csr reads it as CSR)")
     X = np.zeros((n, d), dtype=np.float64)
     y = np.empty(n, dtype=np.float64)
-    off = 0 if zero_based else 1
     rows, cols, vals = array.array("q"), array.array("q"), array.array("d")
 
     def flush():
@@ -540,22 +559,14 @@ def _read_svmlight(path: str, d_explicit: int = 0) -> tuple[np.ndarray, np.ndarr
                 np.frombuffer(vals, dtype=np.float64)
             del rows[:], cols[:], vals[:]
 
-    i = -1
-    for i, (_, toks) in enumerate(_svm_lines(path)):
-        if i >= n:
-            break
-        y[i] = float(toks[0])
-        for tok in toks[1:]:
-            key, _, val = tok.partition(b":")
-            if key != b"qid":
-                rows.append(i)
-                cols.append(int(key) - off)
-                vals.append(float(val))
+    for i, label, row_cols, row_vals in _svm_rows(path, n, zero_based):
+        y[i] = label
+        rows.extend([i] * len(row_cols))
+        cols.extend(row_cols)
+        vals.extend(row_vals)
         if len(vals) >= _SVM_FLUSH:
             flush()
     flush()
-    if i + 1 != n:
-        raise DataError(f"{path}: changed while it was being read ({n} data lines, then {i + 1})")
     first = 0 if zero_based else 1
     return X, y, [f"x{j + first}" for j in range(d)]  # named by the file's own indices
 
