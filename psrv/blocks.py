@@ -241,7 +241,33 @@ class BlockSpec:
         return out, max(pos, _ALIGN)
 
 
-class DataBlock:
+class Segment:
+    """The lifetime shared by the blocks over one segment (self._shm, self.owner): close() unmaps (the subclass
+    drops its views first), unlink() removes the name (owner only), and `with` does both."""
+
+    _shm: shared_memory.SharedMemory
+    owner: bool
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def unlink(self) -> None:
+        """Remove the segment's name (owner only); the memory is freed once every process has unmapped it."""
+        if self.owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        self.unlink()
+
+
+class DataBlock(Segment):
     """Numpy views over one shared-memory block: X, y, X_test, y_test, mean, scale."""
 
     def __init__(self, spec: BlockSpec, shm: shared_memory.SharedMemory, owner: bool):
@@ -272,18 +298,3 @@ class DataBlock:
         for key, _ in self.spec._parts():
             self.__dict__.pop(key, None)
         release(self._shm, owner=False)
-
-    def unlink(self) -> None:
-        """Remove the segment's name (owner only); the memory is freed once every process has unmapped it."""
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        self.unlink()

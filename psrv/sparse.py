@@ -14,7 +14,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from . import sources
-from .blocks import _ALIGN
+from .blocks import _ALIGN, Segment
 from .partition import layout
 from .shmarray import release
 
@@ -90,7 +90,7 @@ class CSRSpec:
         return out, max(pos, _ALIGN)
 
 
-class CSRBlock:
+class CSRBlock(Segment):
     """CSR arrays over one shared-memory segment. `csr` sees the stored rows; `shard(s, k)` a row range of them."""
 
     def __init__(self, spec: CSRSpec, shm: shared_memory.SharedMemory, owner: bool):
@@ -159,21 +159,6 @@ class CSRBlock:
     def close(self) -> None:
         self.arrays = {}
         release(self._shm, owner=False)
-
-    def unlink(self) -> None:
-        """Remove the segment's name (owner only); the memory is freed once every process has unmapped it."""
-        if self.owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "CSRBlock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-        self.unlink()
 
 
 def read_svmlight_csr(path: str, d: int = 0) -> tuple[CSR, int]:
