@@ -141,7 +141,8 @@ class KeyedStore:
 
     def pull(self, keys) -> np.ndarray:
         """The rows of `keys` (a copy, len(keys) x width); a key never seen gets a new zero row."""
-        return self.theta[self._rows(keys)]
+        rows = self._rows(keys)   # first: it may replace self.theta with a larger array
+        return self.theta[rows]
 
     def push(self, keys, grad: np.ndarray, lr: float) -> None:
         """One optimizer step on the rows of `keys` (distinct) with gradient rows `grad` (len(keys) x width)."""

@@ -102,3 +102,35 @@ def test_state_round_trips_and_bad_hyper_parameters_are_refused():
     with pytest.raises(ValueError, match="alpha"):
         opt.step(theta, np.zeros(4), 0.0)
     assert FTRL.name not in optim.OPTIMIZERS   # not a config choice until the sparse worker loop exists
+
+
+def test_ftrl_on_a_keyed_store_learns_the_generators_planted_model():
+    """Sparse logistic regression end to end in one process: batches of generated rows, each batch's buckets
+    deduplicated into keys, the store's rows pulled, the gradient summed per key and pushed. Held out, the model
+    ranks nearly as well as the planted weights themselves and beats the base rate's log loss; its weights
+    correlate with the planted ones."""
+    from psrv.criteo import Criteo
+    from psrv.keyed import KeyedStore
+    from psrv.metrics_binary import auc, log_loss_logits
+
+    gen = Criteo(seed=5, log2_buckets=12)
+    n, n_test, batch = 60_000, 10_000, 200
+    data = gen.rows(0, n + n_test, n + n_test)
+    store = KeyedStore(1, lambda t: FTRL(t, ftrl_beta=1.0, l1=5.0, l2=1.0), capacity=64)
+    for lo in range(0, n, batch):
+        X = data.rows(lo, lo + batch)
+        keys, local = np.unique(X.indices, return_inverse=True)      # sorted, deduplicated; compact columns
+        w = store.pull(keys.astype(np.uint64))[:, 0]
+        z = np.bincount(X.row_of_entry(), weights=X.values * w[local], minlength=X.n)
+        r = 1 / (1 + np.exp(-z)) - X.y
+        g = np.bincount(local, weights=X.values * np.repeat(r, np.diff(X.indptr)), minlength=len(keys))
+        store.push(keys.astype(np.uint64), g[:, None], 0.1)
+    w = np.zeros(gen.d)
+    w[store.index.keys[:len(store)].astype(np.int64)] = store.theta[:len(store), 0]
+    test = data.rows(n, n + n_test)
+    z_model, z_true = test.dot(w), gen.logits(test)   # no intercept: the 13 numeric buckets, always on, act as one
+    assert auc(test.y, z_model) > auc(test.y, z_true) - 0.04   # measured: 0.735 against the truth's 0.757
+    base = np.full(n_test, np.log(test.y.mean() / (1 - test.y.mean())))   # the best constant, known in advance
+    assert log_loss_logits(test.y, z_model) < log_loss_logits(test.y, base) - 0.05
+    assert np.corrcoef(w, gen.weights)[0, 1] > 0.5
+    assert (w == 0).mean() > 0.6                         # L1: most buckets stay at exact 0 (measured 0.77)

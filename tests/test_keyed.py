@@ -63,8 +63,8 @@ def test_keyed_store_equals_a_dense_optimizer_on_the_touched_rows():
 
 
 def test_pull_creates_zero_rows_and_push_checks_its_arguments():
-    store = KeyedStore(3, lambda t: optim.SGD(t), capacity=2)
-    np.testing.assert_array_equal(store.pull(np.array([7, 9, 7], dtype=np.uint64)), np.zeros((3, 3)))
+    store = KeyedStore(3, lambda t: optim.SGD(t), capacity=1)
+    np.testing.assert_array_equal(store.pull(np.array([7, 9, 7], dtype=np.uint64)), np.zeros((3, 3)))  # grows
     assert len(store) == 2
     store.push(np.array([9], dtype=np.uint64), np.ones((1, 3)), 0.5)
     np.testing.assert_array_equal(store.pull(np.array([9, 7], dtype=np.uint64)), [[-0.5] * 3, [0] * 3])
