@@ -74,7 +74,7 @@ class Criteo:
         self._cat_keys = _field_keys(np.arange(NUMERIC, FIELDS))
         # the planted model: a `density` share of the buckets carry a weight ~ N(0, weight_std^2), the rest 0.
         # With the defaults the true logits rank their own labels with an AUC of about 0.8 (real click logs give
-        # models about that), and about 27% of the labels are 1 (the bias alone would give ctr).
+        # models about that), and a quarter to two fifths of the labels are 1 (the bias alone would give ctr).
         self.weights = rng.standard_normal(self.d) * weight_std * (rng.random(self.d) < density)
         self.bias = float(np.log(ctr / (1.0 - ctr)))
 
