@@ -223,10 +223,16 @@ def run_rank(scheduler: str, config, overrides: list, workers: int | None, rende
     per_rank = 1 if workers is None else workers
     if per_rank < 1:
         raise ConfigError(f"--workers: {per_rank} workers on this rank; with --cluster each rank needs at least 1")
+    # one key folder serves both sides (the server's key pair and a client's): --keys, which sets worker.keys, is
+    # the server's too, before the config is checked (a server bound off loopback without keys is an error)
+    named = [config_mod.parse_override(o) if isinstance(o, str) else o for o in overrides]
+    given = [v for s, k, v in named if (s, k) == ("worker", "keys")]
+    if given:
+        overrides = [*overrides, ("server", "keys", given[-1])]
     cfg = config_mod.load(config, overrides)
     keys = cfg.server.keys or cfg.worker.keys
     extra = [("train", "workers", per_rank * me.world)]
-    if keys:   # one folder serves both sides: the server's key pair and the clients' keys
+    if keys:
         extra += [("server", "keys", keys), ("worker", "keys", keys)]
     if me.world > 1 and not rendezvous and not me.first_host:
         raise ConfigError(f"--cluster {scheduler}: the scheduler does not say where rank 0 runs; pass "
