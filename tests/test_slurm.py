@@ -125,3 +125,30 @@ def test_a_killed_rank_is_declared_dead_and_scancel_ends_the_job_leaving_nothing
     assert s["stopped_by"] == "terminated" and s["worker_deaths"] == 1 and s["steps"] >= after + 100
     wait_for(lambda: not tagged_pids(job.tag), 20, what="every process of the job to exit")
     wait_for(lambda: no_psrv_shm_of(seen), 20, what="every node's shared memory to be unlinked")
+
+
+def test_the_example_batch_script_runs_a_job(slurm, keys, tmp_path):
+    script = ROOT / "examples" / "slurm" / "job.sbatch"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]])}
+    config = tmp_path / "job.toml"
+    config.write_text("[train]\nconsistency = \"bsp\"\n")
+    # the nodes have fewer CPUs than the script asks for; the rest as in the README
+    r = subprocess.run([str(slurm / "run"), "sbatch", "--parsable", "--cpus-per-task=1", "-D", str(tmp_path),
+                        str(script), str(config), str(keys), "--rendezvous", str(tmp_path / "rv"), "--set",
+                        f"server.bind=tcp://{NODE1}:0", *JOB, "--set", "train.steps=100"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    log = tmp_path / f"slurm-{job}.out"
+
+    def finished():
+        q = subprocess.run([str(slurm / "run"), "squeue", "-h", "-j", job], capture_output=True, text=True,
+                           timeout=30)
+        return q.returncode == 0 and not q.stdout.strip()
+
+    wait_for(finished, 120, interval_s=0.5, what=f"batch job {job} to end")
+    text = log.read_text()
+    s = json.loads((tmp_path / "runs" / f"slurm-{job}" / "summary.json").read_text())
+    assert s["workers"] == 3 and s["steps"] == 100, text
+    assert text.count("after 100 steps (steps)") == 2
