@@ -20,7 +20,7 @@ from psrv import config, data
 from .cluster import netns
 from .conftest import LAUNCH, Launch, ROOT, tagged_pids, wait_for
 from .test_e2e import lstsq_loss
-from .test_multihost import FAST, JOB, _steps_logged
+from .test_multihost import JOB, _steps_logged
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +68,12 @@ def pids_on(slurm, node: str, tag: str) -> list[int]:
     return [p for p in tagged_pids(tag) if p in inside]
 
 
-def state(slurm, out, keys) -> dict:
-    """The server's status, asked from the control host (the server listens on node1's address only)."""
+def deaths(slurm, out, keys) -> int:
+    """Workers the server has declared dead, asked from the control host (the server listens on node1's address
+    only); -1 when it does not answer in time (a loaded machine: the caller asks again)."""
     r = subprocess.run([str(slurm / "run"), sys.executable, LAUNCH, "--status", str(out), "--keys", str(keys),
-                        "--json"], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+                        "--json"], capture_output=True, text=True, timeout=60)
+    return json.loads(r.stdout)["deaths"] if r.returncode == 0 else -1
 
 
 def no_psrv_shm_of(pids) -> bool:
@@ -97,7 +97,9 @@ def test_a_three_node_slurm_job_equals_the_same_job_on_one_node(slurm, keys, tmp
 
 
 def test_a_killed_rank_is_declared_dead_and_scancel_ends_the_job_leaving_nothing(slurm, keys, tmp_path):
-    job = srun(slurm, tmp_path, *job_args(tmp_path, keys, *FAST, "--set", "train.steps=1000000000"))
+    # a heartbeat timeout short enough for a quick test, long enough that no live worker misses it on a loaded machine
+    beats = ["--set", "server.heartbeat_timeout_s=3", "--set", "worker.heartbeat_interval_s=0.3"]
+    job = srun(slurm, tmp_path, *job_args(tmp_path, keys, *beats, "--set", "train.steps=1000000000"))
     out = tmp_path / "out"
     wait_for(lambda: _steps_logged(out) >= 100, 90, what="the 3-node job to train")
     seen = set(tagged_pids(job.tag))   # every launcher and worker (and srun): their shared memory is checked below
@@ -107,7 +109,7 @@ def test_a_killed_rank_is_declared_dead_and_scancel_ends_the_job_leaving_nothing
     assert len(victims) >= 2, victims   # its launcher and worker (and a multiprocessing helper)
     for p in victims:
         os.kill(p, signal.SIGKILL)
-    wait_for(lambda: state(slurm, out, keys)["deaths"] == 1, 30, what="the killed rank's worker to be declared dead")
+    wait_for(lambda: deaths(slurm, out, keys) >= 1, 60, what="the killed rank's worker to be declared dead")
     after = _steps_logged(out)
     wait_for(lambda: _steps_logged(out) >= after + 100, 60, what="the run to go on with 2 nodes")
     # scancel: SIGTERM to every process of the job; rank 0's server writes its results and stops the workers
@@ -117,7 +119,7 @@ def test_a_killed_rank_is_declared_dead_and_scancel_ends_the_job_leaving_nothing
     subprocess.run([str(slurm / "run"), "scancel", squeue[0]], check=True, timeout=30)
     code, text, err = job.wait(60)
     assert code != 0   # srun reports the killed and the cancelled tasks
-    assert re.search(r"worker \d+ declared dead: pid (\d+) .*\(timeout 1.5 s\)", err), err
+    assert re.search(r"worker \d+ declared dead: pid (\d+) .*\(timeout 3 s\)", err), err
     dead_pid = int(re.search(r"worker \d+ declared dead: pid (\d+)", err).group(1))
     assert dead_pid in victims
     assert (out / "summary.json").exists(), err
