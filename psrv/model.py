@@ -48,6 +48,7 @@ class Model:
         self.classes = None if classes is None else np.asarray(classes)
         self.impute_means = None if impute_means is None else np.asarray(impute_means, dtype=np.float64)
         self.columns = columns
+        self.data_config, self.saved = None, {}   # the run's [data] config and data.json (load() sets them): read()
 
     # ------------------------------------------------------------------ the rows
     def _inputs(self, X) -> np.ndarray:
@@ -132,6 +133,34 @@ class Model:
             return float(f(self.theta, X, y))
         return float(self._glm.metric(self.theta, X, self._labels_to_index(y)))
 
+    def read(self, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(X, y or None) of a file of new rows, read with the run's reader, data options (its config.toml) and
+        data.json: a CSV's input columns by name (or position), its text labels, its delimiter, missing inputs
+        imputed as the run did. y, in the run's original labels, is there when the file holds the target: a CSV
+        with the target column, any svmlight file, a .npz with an array 'y'. Rows are never dropped."""
+        if self.data_config is None:
+            raise PsrvError("read: this model did not come from psrv.load(run_dir), so it has no data options")
+        if not os.path.exists(path):
+            raise DataError(f"file not found: {path}")
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npy":
+            return sources.load_npy(path, "data"), None
+        if ext == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                if "X" not in f:
+                    raise DataError(f"{path}: a .npz of rows to predict must hold an array 'X' (and 'y' to score)")
+                return f["X"], (f["y"] if "y" in f else None)
+        if ext != ".csv":
+            X, y, _ = sources.read_file(path, "", "", max(self.d, 0))
+            return X, y
+        X, y = data.read_new(self.data_config, self.saved, path)
+        if y is not None and self.classes is not None and self.classes.dtype.kind not in "fiub":
+            # read_new gives the run's class indices; score() takes the labels as the file writes them
+            if np.isnan(y).any():
+                raise DataError(f"{path}: {int(np.isnan(y).sum())} rows have no label; leave them out to score")
+            y = self.classes[y.astype(np.intp)]
+        return X, y
+
 
 def read_data_json(run_dir: str) -> dict:
     """data.json's keys, each None when the file or the key is missing; DataError when it is unreadable."""
@@ -175,39 +204,12 @@ def load(run_dir: str) -> Model:
             cfg.model.fit_intercept):
         raise DataError(f"{run_dir}: data.json names {len(meta['columns'])} input columns; theta.npy has "
                         f"{len(theta)} rows")
-    return Model(kind, theta, cfg.model.fit_intercept, meta["classes"], meta["impute_means"], meta["columns"],
-                 custom)
+    m = Model(kind, theta, cfg.model.fit_intercept, meta["classes"], meta["impute_means"], meta["columns"], custom)
+    m.data_config, m.saved = cfg.data, meta
+    return m
 
 
 # ---------------------------------------------------------------------------------------------- predict from the CLI
-def read_rows(path: str, run_dir: str, model: Model) -> tuple[np.ndarray, np.ndarray | None]:
-    """(X, y or None) of a file of new rows, read with the reader and data options of the run in run_dir. y is
-    there when the file holds the target: a CSV with the data.target column (or, with data.target = "", one column
-    more than the model's inputs), any svmlight file, a .npz with an array 'y'."""
-    cfg = config_mod.load(os.path.join(run_dir, "config.toml"))
-    if not os.path.exists(path):
-        raise DataError(f"--data: file not found: {path}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".npy":
-        return sources.load_npy(path, "--data"), None
-    if ext == ".npz":
-        with np.load(path, allow_pickle=False) as f:
-            if "X" not in f:
-                raise DataError(f"{path}: a .npz of rows to predict must hold an array 'X' (and 'y' to score)")
-            return f["X"], (f["y"] if "y" in f else None)
-    if ext != ".csv":
-        X, y, _ = sources.read_file(path, "", "", max(model.d, 0))
-        return X, y
-    # the run's CSV options and data.json: its input columns by name (or position), its text labels, its delimiter
-    X, y = data.read_new(cfg.data, read_data_json(run_dir), path)
-    if y is not None and model.classes is not None and model.classes.dtype.kind not in "fiub":
-        # read_new gives the run's class indices; score() takes the labels as the file writes them
-        if np.isnan(y).any():
-            raise DataError(f"{path}: {int(np.isnan(y).sum())} rows have no label; leave them out to score")
-        y = model.classes[y.astype(np.intp)]
-    return X, y
-
-
 def _write_predictions(pred: np.ndarray, out: str | None) -> None:
     if out and out.lower().endswith(".npy"):
         np.save(out, pred)
@@ -233,7 +235,7 @@ def predict_main(argv) -> int:
     args = p.parse_args(argv)
     try:
         m = load(args.run_dir)
-        X, y = read_rows(args.data, args.run_dir, m)
+        X, y = m.read(args.data)
         pred = m.predict(X)
         _write_predictions(pred, args.out)
         if y is not None:

@@ -157,6 +157,10 @@ def test_test_source_is_the_held_out_set_and_predict_cli_scores_it(tmp_path):
     np.testing.assert_array_equal(np.load(out / "heldout.npy"), np.arange(len(X) - 400))
     m = psrv.load(str(out))
     assert m.score(X[400:], y[400:]) == pytest.approx(r.summary["test_metric"], abs=1e-12)
+    Xr, yr = m.read(str(tmp_path / "test.csv"))   # the run's reader: the same rows
+    np.testing.assert_array_equal(Xr, X[400:])
+    np.testing.assert_array_equal(yr, y[400:])
+    assert m.read(str(tmp_path / "new.csv"))[1] is None
 
     # the CLI: with the target, predictions to a file and the score on stdout
     p = subprocess.run([sys.executable, LAUNCH, "predict", str(out), "--data", str(tmp_path / "test.csv"),
