@@ -52,8 +52,8 @@ class _PSEstimator(BaseEstimator):
                      ("train", "seed", self.seed), ("data", "seed", self.seed), ("model", "l2", self.l2),
                      ("model", "fit_intercept", self.fit_intercept), ("model", "kind", kind),
                      ("model", "classes", classes), ("output", "dir", out)]
-        if self.output_dir is None:
-            overrides.append(("output", "plot", False))   # nobody would see it
+        if self.output_dir is None:   # nobody would see them; a grid search would print a live-view address per fit
+            overrides += [("output", "plot", False), ("output", "live_view", False)]
         try:
             result = train(self.config, overrides, X=X, y=y)
             self.model_ = load(out)
