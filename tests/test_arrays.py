@@ -1,5 +1,7 @@
 """psrv.train(config, X=..., y=...): arrays in memory go straight into shared memory, are checked like a file's,
 and the run says where its data came from."""
+import json
+
 import numpy as np
 import pytest
 
@@ -67,3 +69,17 @@ def test_an_array_in_the_config_is_named_by_shape_not_printed():
         psrv.train({"data": {"source": X}})
     msg = str(e.value)
     assert "shape (240, 4), dtype float64" in msg and "psrv.train(config, X=..., y=...)" in msg and len(msg) < 200
+
+
+@pytest.mark.slow
+def test_arrays_with_missing_inputs_are_imputed_by_nan_policy(tmp_path):
+    """nan_policy applies to arrays as to a file: "impute" fills a NaN input with its column's training mean
+    (data.json records the means, computed here independently), "drop" leaves the row out."""
+    Xn = X.copy()
+    Xn[[3, 50, 51], [0, 2, 2]] = np.nan
+    r = psrv.train(job(tmp_path, "imp", nan_policy="impute", test_fraction=0.0), X=Xn, y=Y)
+    saved = json.loads((tmp_path / "imp" / "data.json").read_text())
+    np.testing.assert_allclose(saved["impute_means"], np.nanmean(Xn, axis=0), rtol=1e-12)
+    assert r.summary["rows"] == 240 and r.summary["train_metric"] > 0.99
+    d = psrv.train(job(tmp_path, "drop", nan_policy="drop", test_fraction=0.0), X=Xn, y=Y)
+    assert d.summary["rows"] == 237 and d.summary["rows_dropped"] == 3
