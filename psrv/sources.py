@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import array
 import csv
+import io
 import itertools
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,7 +143,8 @@ _NA_EXACT = {"".join(cs): "nan" for m in NA_MARKERS for cs in itertools.product(
 CSV_DELIMITERS = ",;\t|"      # what the sniffer chooses among when data.delimiter is ""
 SNIFF_BYTES = 65536
 CSV_CHUNK_ROWS = 65536        # rows parsed per chunk: numpy converts a chunk's column at a time
-CSV_PROBE_ROWS = 1000         # the first chunk: it decides the header, the labels' kind and whether numpy can read
+CSV_PROBE_ROWS = 1000         # the first chunk: it decides the header and the labels' kind
+CSV_BLOCK_CHARS = 1 << 22     # text np.loadtxt reads at a time
 
 
 @dataclass
@@ -275,11 +279,13 @@ def read_csv(path: str, opt: CsvOptions | None = None) -> Table:
     """A CSV file as a Table: missing fields (NA_MARKERS) as NaN, the target's string labels mapped to 0..K-1 in
     sorted order (numeric labels stay as they are), only the chosen input columns read.
 
-    The first CSV_PROBE_ROWS rows are read with the csv module (they decide the header, and whether the labels are
-    text). When they hold nothing but finite numbers, the whole file is read again by np.loadtxt, numpy's C reader:
-    several times as fast and a fraction of the memory on a large file (benchmarks/csvread.py). A file it cannot
-    read (a missing field, text, a ragged row) or that holds a non-finite value is then read on, chunk by chunk of
-    CSV_CHUNK_ROWS rows, with the csv module, numpy converting a chunk's column at a time."""
+    The first CSV_PROBE_ROWS rows are read with the csv module: they decide the header, the kind of labels (numbers
+    or text) and any error in them. The whole file is then read by np.loadtxt, numpy's C reader, a few MiB of text at
+    a time, with every missing field first written as "nan" (str.replace, or a regular expression when the text
+    holds letters): several times as fast as the csv module, and a fraction of its memory (benchmarks/csvread.py).
+    What numpy cannot read (text in an input column, a ragged row, a quoted field, an unknown label) is read on,
+    chunk by chunk of CSV_CHUNK_ROWS rows, with the csv module, numpy converting a chunk's column at a time; that
+    path also names the line of any error."""
     opt = opt or CsvOptions()
     with open(path, newline="") as fh:
         sample = fh.read(SNIFF_BYTES)
@@ -305,9 +311,10 @@ def read_csv(path: str, opt: CsvOptions | None = None) -> Table:
                 ys.extend(r[t] for _, r in chunk)
             lines.append(np.fromiter((ln for ln, _ in chunk), np.int64, len(chunk)))
             if len(xs) == 1 and len(chunk) == CSV_PROBE_ROWS + 1 - has_header:   # more rows than the probe
-                fast = _loadtxt(path, delimiter, head_line if has_header else 0, use, t, xs[0], ys, opt)
+                fast = _numpy_read(path, delimiter, head_line if has_header else 0, use, t, xs[0], ys, opt)
                 if fast is not None:
-                    return Table(*fast, [names[j] for j in use], opt.classes if t is None else None, names)
+                    X, y, classes, line_of = fast
+                    return Table(X, y, [names[j] for j in use], classes, names, line_of)
             chunk = [r for _, r in zip(range(CSV_CHUNK_ROWS), rows)]
     if not xs:
         raise DataError(f"{path}: no data rows after the header")
@@ -333,33 +340,97 @@ def _chunk(path: str, chunk: list, names: list[str], use: list[int], has_header:
     return X
 
 
-def _loadtxt(path, delimiter, skip_lines, use, t, X0, y0, opt) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(X, y) of the whole file by np.loadtxt when the first chunk (X0, y0's strings) is all finite numbers and so
-    is the rest of the file; None to read it chunk by chunk instead."""
-    y_first = None
+def _missing_to_nan(d: str):
+    """A function that writes "nan" into every missing field of a text of whole lines (delimiter d). Without the
+    letter n in the text, only empty fields can be missing, and str.replace finds them at memory speed; otherwise
+    a regular expression finds the markers too (an empty or marker field between delimiters or line ends; a blank
+    line stays blank)."""
+    ws = " " if d == "\t" else " \t"
+    e = re.escape(d)
+    marker = re.compile(rf"({e}|\n(?![\r\n]))[{ws}]*(?:na|n/a|nan|null)?[{ws}]*(?=[{e}\r\n])", re.IGNORECASE)
+
+    def fill(text: str) -> str:
+        text = "\n" + text   # every line, the first too, starts after a line end
+        if "n" in text or "N" in text:
+            return marker.sub(r"\g<1>nan", text)[1:]
+        while d + d in text:   # twice for ",,,": replacements do not overlap
+            text = text.replace(d + d, d + "nan" + d)
+        text = text.replace("\n" + d, "\nnan" + d).replace(d + "\n", d + "nan\n")
+        return text.replace(d + "\r\n", d + "nan\r\n")[1:]
+    return fill
+
+
+def _text_blocks(path: str, skip_lines: int):
+    """The file after its first skip_lines lines, in blocks of about CSV_BLOCK_CHARS that end at a line end."""
+    with open(path, newline="") as fh:
+        for _ in range(skip_lines):
+            fh.readline()
+        while text := fh.read(CSV_BLOCK_CHARS):
+            text += fh.readline()
+            yield text if text.endswith("\n") else text + "\n"
+
+
+def _numpy_read(path, delimiter, skip_lines, use, t, X0, y0, opt):
+    """(X, y, classes, file line of each row or None) of the whole file read by np.loadtxt, or None when numpy
+    cannot read it as the csv module did (see read_csv). X0 and y0 are the first rows as the csv module read them."""
+    text_labels = False
     if t is not None:
-        if opt.classes is not None:
-            return None                       # labels are the run's text classes
         y_first, bad = _parse(y0)
-        if bad >= 0 or not np.isfinite(y_first).all():
-            return None
-    if not np.isfinite(X0).all():
-        return None
-    cols = use + ([t] if t is not None else [])
+        text_labels = bad >= 0 or opt.classes is not None
+    fill = _missing_to_nan(delimiter)
+    kw = {"delimiter": delimiter, "comments": None, "quotechar": '"', "encoding": None}
+    numbers = use + ([t] if t is not None and not text_labels else [])
+    blocks, labels, n_lines = [], [], 0
     try:
-        A = np.loadtxt(path, delimiter=delimiter, skiprows=skip_lines, usecols=cols, dtype=np.float64, ndmin=2,
-                       comments=None, quotechar='"', encoding="utf-8")
-    except ValueError:                        # a missing field, text, a ragged row: read chunk by chunk
+        with warnings.catch_warnings():
+            # numpy >= 1.23 warns at a blank line that it no longer counts it as a row: it is skipped, as the csv module
+            # skips it
+            warnings.filterwarnings("ignore", "Input line", UserWarning)
+            for text in _text_blocks(path, skip_lines):
+                if '"' in text:
+                    return None   # a quoted field may hold a delimiter or a line end: the csv module reads it
+                n_lines += text.count("\n")
+                text = fill(text)
+                blocks.append(np.loadtxt(io.StringIO(text), usecols=numbers, dtype=np.float64, ndmin=2, **kw))
+                if text_labels:
+                    labels.append(np.loadtxt(io.StringIO(text), usecols=[t], dtype=str, ndmin=1, **kw))
+    except ValueError:   # text in an input column, a ragged row: the csv module says where
         return None
+    A = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     X = A[:, :len(use)]
-    y = A[:, len(use)] if t is not None else None
-    # the same rows as the csv module read (a header both agree on), and nothing to impute or drop
-    if len(A) < len(X0) or not np.array_equal(X[:len(X0)], X0) or (y is not None and
-                                                                     not np.array_equal(y[:len(X0)], y_first)):
+    classes = opt.classes
+    if t is None:
+        y = None
+    elif text_labels:
+        mapped = _text_labels(np.concatenate(labels), opt.classes)
+        if mapped is None:
+            return None
+        y, classes = mapped
+    else:
+        y = A[:, len(use)]
+    # the rows the csv module read first must come out the same (a header both agree on)
+    if len(X) < len(X0) or not np.array_equal(X[:len(X0)], X0, equal_nan=True):
         return None
-    if not np.isfinite(A).all():
+    if y is not None and not text_labels and not np.array_equal(y[:len(X0)], y_first, equal_nan=True):
         return None
-    return X, y
+    # a row's line in the file is known when no blank line was skipped
+    line_of = skip_lines + 1 + np.arange(len(X), dtype=np.int64) if n_lines == len(X) else None
+    return X, y, classes, line_of
+
+
+def _text_labels(values: np.ndarray, classes) -> tuple[np.ndarray, list] | None:
+    """(y, classes) of text labels as _labels() maps them, from a numpy array of the labels; None when one is not
+    among the run's `classes` (the csv module then names it and its line)."""
+    u, inv = np.unique(np.strings.strip(values), return_inverse=True)   # sorted as Python sorts str
+    u = u.tolist()
+    missing = [v.lower() in NA_MARKERS for v in u]
+    if classes is None:
+        classes = [v for v, m in zip(u, missing) if not m]
+    index = {c: i for i, c in enumerate(classes)}
+    if any(v not in index for v, m in zip(u, missing) if not m):
+        return None
+    code = np.array([np.nan if m else index[v] for v, m in zip(u, missing)], dtype=np.float64)
+    return code[inv.reshape(-1)], list(classes)
 
 
 def _target(path: str, names: list[str], opt: CsvOptions, has_header: bool) -> int | None:

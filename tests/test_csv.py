@@ -112,27 +112,84 @@ def test_header_false_and_true_are_obeyed(tmp_path):
         sources.read_csv(p, sources.CsvOptions(target="price"))
 
 
-def test_numpy_fast_path_reads_what_the_chunked_reader_reads(tmp_path, monkeypatch):
+def test_numpy_path_reads_a_large_clean_file(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     A = rng.standard_normal((300, 4))
     lines = ["a,b,c,y"] + [",".join(repr(float(v)) for v in r) for r in A]
     p = write(tmp_path, "\n".join(lines) + "\n")
     monkeypatch.setattr(sources, "CSV_PROBE_ROWS", 50)   # so the first chunk ends before the file does
-    monkeypatch.setattr(sources, "CSV_CHUNK_ROWS", 70)   # and the chunked reader takes several chunks
     calls = []
     real = np.loadtxt
     monkeypatch.setattr(np, "loadtxt", lambda *a, **k: calls.append(1) or real(*a, **k))
     t = sources.read_csv(p)
-    assert calls and t.lines is None
+    assert calls
     np.testing.assert_array_equal(t.X, A[:, :3])
     np.testing.assert_array_equal(t.y, A[:, 3])
-    # a missing field after the first chunk: numpy gives up, the chunked reader reads it (line numbers and all)
-    lines[200] = lines[200].replace(lines[200].split(",")[1], "NA", 1)
-    p = write(tmp_path, "\n".join(lines) + "\n", "m.csv")
-    t = sources.read_csv(p)
-    assert t.lines is not None and t.lines[199] == 201 and np.isnan(t.X[199, 1])
-    np.testing.assert_array_equal(np.delete(t.X, 199, 0), np.delete(A[:, :3], 199, 0))
-    np.testing.assert_array_equal(t.y, A[:, 3])
+    np.testing.assert_array_equal(t.lines, np.arange(2, 302))
+
+
+def _messy(path, rng, n, sep, header, crlf, text_labels, blanks, idcol):
+    """A CSV with missing fields of every marker, optionally an id column, text labels, blank lines, CRLF."""
+    lines = [sep.join((["id"] if idcol else []) + ["x0", "x1", "x2", "y"])] if header else []
+    for i in range(n):
+        f = [repr(float(rng.normal())) if rng.random() > 0.1 else str(rng.choice(MARKERS)) for _ in range(3)]
+        label = str(rng.choice(["cat", "dog", "emu", "NA"])) if text_labels else str(rng.choice(["0", "1", "2", ""]))
+        lines.append(sep.join(([f"r{i}"] if idcol else []) + f + [label]))
+        if blanks and rng.random() < 0.05:
+            lines.append("")
+    nl = "\r\n" if crlf else "\n"
+    with open(path, "w", newline="") as fh:
+        fh.write(nl.join(lines) + nl)
+
+
+MARKERS = ["", "NA", "na", "N/A", "NaN", "nan", "null", "NULL", " NA ", "  "]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_numpy_path_reads_what_the_csv_module_reads(tmp_path, monkeypatch, seed):
+    # the chunked csv-module reader is the oracle: numpy must give the same values, labels, classes and lines
+    rng = np.random.default_rng(seed)
+    kw = dict(n=int(rng.integers(8, 60)), sep=str(rng.choice([",", ";", "\t", "|"])), header=bool(rng.random() < .7),
+              crlf=bool(rng.random() < .3), text_labels=bool(rng.random() < .5), blanks=bool(rng.random() < .3),
+              idcol=bool(rng.random() < .5))
+    p = str(tmp_path / "m.csv")
+    _messy(p, rng, **kw)
+    opt = sources.CsvOptions(header=kw["header"], drop_columns=[0] if kw["idcol"] else [])
+    monkeypatch.setattr(sources, "CSV_PROBE_ROWS", 5)    # so that numpy reads most of the file
+    monkeypatch.setattr(sources, "CSV_CHUNK_ROWS", 7)    # and the oracle reads it in several chunks
+    got = []
+    real = sources._numpy_read
+    monkeypatch.setattr(sources, "_numpy_read", lambda *a: got.append(real(*a)) or got[-1])
+    fast = sources.read_csv(p, opt)
+    assert got[0] is not None    # numpy read it
+    monkeypatch.setattr(sources, "_numpy_read", lambda *a: None)
+    slow = sources.read_csv(p, opt)
+    np.testing.assert_array_equal(fast.X, slow.X)
+    np.testing.assert_array_equal(fast.y, slow.y)
+    assert (fast.classes, fast.columns) == (slow.classes, slow.columns)
+    assert fast.lines is not None or kw["blanks"]   # a row's line is known unless a blank line was skipped
+    if fast.lines is not None:
+        np.testing.assert_array_equal(fast.lines, slow.lines)
+
+
+def test_numpy_path_hands_over_what_it_cannot_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "CSV_PROBE_ROWS", 3)
+    rows = ["a,b,y"] + [f"{i},{i + 1},{i % 2}" for i in range(10)]
+    got = []
+    real = sources._numpy_read
+    monkeypatch.setattr(sources, "_numpy_read", lambda *a: got.append(real(*a)) or got[-1])
+    # text in an input column after the probe: the csv module names the line and the column
+    bad = rows[:8] + ["7,x,1"] + rows[9:]
+    with pytest.raises(DataError, match="line 9, column 'b': 'x' is not a number"):
+        sources.read_csv(write(tmp_path, "\n".join(bad) + "\n"))
+    # a quoted field: the csv module reads it
+    quoted = rows[:8] + ['7,"8",1'] + rows[9:]
+    t = sources.read_csv(write(tmp_path, "\n".join(quoted) + "\n", "q.csv"))
+    assert got[-1] is None and t.X[7].tolist() == [7, 8]
+    # a label the run does not know: the csv module names it and its line
+    with pytest.raises(DataError, match="line 10, column 'y': label '9' is not one of the run's classes"):
+        sources.read_csv(write(tmp_path, "\n".join(rows[:9] + ["8,9,9"] + rows[10:]) + "\n", "l.csv"),
+                         sources.CsvOptions(classes=["0", "1"]))
 
 
 # ---------------------------------------------------------------------------------------------- nan_policy
