@@ -370,6 +370,15 @@ def _text_blocks(path: str, skip_lines: int):
             yield text if text.endswith("\n") else text + "\n"
 
 
+def _count_lines(path: str, skip_lines: int) -> int:
+    """Lines of the file after its first skip_lines (a last line without a line end counts)."""
+    n, last = 0, b"\n"
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            n, last = n + chunk.count(b"\n"), chunk[-1:]
+    return n - skip_lines + (last != b"\n")
+
+
 def _numpy_read(path, delimiter, skip_lines, use, t, X0, y0, opt):
     """(X, y, classes, file line of each row or None) of the whole file read by np.loadtxt, or None when numpy
     cannot read it as the csv module did (see read_csv). X0 and y0 are the first rows as the csv module read them."""
@@ -380,13 +389,21 @@ def _numpy_read(path, delimiter, skip_lines, use, t, X0, y0, opt):
     fill = _missing_to_nan(delimiter)
     kw = {"delimiter": delimiter, "comments": None, "quotechar": '"', "encoding": None}
     numbers = use + ([t] if t is not None and not text_labels else [])
+    clean = not text_labels and np.isfinite(X0).all() and (t is None or np.isfinite(y_first).all())
     blocks, labels, n_lines = [], [], 0
     try:
         with warnings.catch_warnings():
             # numpy >= 1.23 warns at a blank line that it no longer counts it as a row: it is skipped, as the csv module
             # skips it
             warnings.filterwarnings("ignore", "Input line", UserWarning)
-            for text in _text_blocks(path, skip_lines):
+            if clean:  # numbers so far: the file as it is, in one call (half the time of the blocks below)
+                try:
+                    blocks.append(np.loadtxt(path, skiprows=skip_lines, usecols=numbers, dtype=np.float64, ndmin=2,
+                                             **kw))
+                    n_lines = _count_lines(path, skip_lines)
+                except ValueError:  # a missing field further down
+                    pass
+            for text in _text_blocks(path, skip_lines) if not blocks else ():
                 if '"' in text:
                     return None   # a quoted field may hold a delimiter or a line end: the csv module reads it
                 n_lines += text.count("\n")
