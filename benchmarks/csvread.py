@@ -5,8 +5,8 @@ memory (VmHWM, less the process's own before it reads) is its alone; the time is
 X and y in memory. One run each (the bigger readers take tens of seconds), on a shared machine: expect noise.
 
 - psrv: psrv.sources.read_file, the reader psrv uses: the first 1,000 rows with the standard csv module (header,
-  labels); when they are all numbers, the whole file with np.loadtxt; where numpy cannot read it (missing fields,
-  text labels), chunk by chunk with the csv module, numpy converting each column of a chunk;
+  kind of labels), then the whole file with np.loadtxt, 4 MiB of text at a time, missing fields first written as
+  "nan" (str.replace; a regular expression when the text has letters), text labels by a second loadtxt pass;
 - csv + float(): the standard csv module and float() on every field, row by row (psrv's reader before, which knew
   neither missing values nor string labels);
 - np.loadtxt: numpy's C reader (numpy >= 1.23); no missing values (an empty field is an error), no strings;
