@@ -142,7 +142,7 @@ def measure(d: int, clients: int, window_s: float, repeats: int) -> dict:
             p.terminate()
             p.join(10)
         overrides = ["data.n=4096", f"data.d={d - 1}", "data.standardize=false", "train.consistency=asp",
-                     "train.steps=1000000000", "train.lr=0", "train.lr_schedule=constant", "train.batch_size=1"]
+                     "train.steps=1000000000", "train.lr=1e-30", "train.lr_schedule=constant", "train.batch_size=1"]
         for local, path in ((False, "zmq"), (True, "shm")):
             with psrv_server(overrides, workers=clients) as address:
                 c = Client(address, timeout_s=30)

@@ -106,7 +106,8 @@ class Cluster:
         spec = ServerSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit), layout=self.layout.to_dict(),
                           out_dir=self.out_dir, bind=self.address or None, resume=resume,
                           server_restarts=self.server_restarts, alone=self.alone, shm_prefix=self.prefix,
-                          own_core=self.server_core is not None and len(self.cores) > self.cfg.train.workers)
+                          own_core=self.server_core is not None and (self.alone or
+                                                                     len(self.cores) > self.cfg.train.workers))
         self.server = self._spawn("server", proc.run_entry, (SERVER_ENTRY, spec), self.server_core)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
