@@ -83,7 +83,7 @@ def test_a_run_that_diverges_by_itself_stops_with_a_plain_message(launch, tmp_pa
 def test_a_heartbeat_only_peer_and_a_stalled_peer_do_not_hold_bsp(launch, tmp_path):
     out = tmp_path / "out"
     la = launch(*sets(data__n=20000, data__d=10, data__shards=4, train__workers=2, train__steps=10**9,
-                      train__max_wall_s=40, server__progress_deadline_s=1), *FAST,
+                      train__max_wall_s=20, server__progress_deadline_s=1), *FAST,
                 "--set", f"output.dir={out}")
     address = address_of(out)
     wait_for(lambda: step_of(address) >= 20, 60, what="training to start")
