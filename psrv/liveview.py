@@ -24,6 +24,8 @@ log = logging.getLogger("psrv")
 
 
 
+SHUTDOWN_POLL_S = 0.02
+
 class LiveView:
     STATUS_EVERY_S = 1.0    # the most often the server is asked for its status, however many pages are open
     STATUS_TIMEOUT_S = 1.0  # a server that does not answer (restarting, writing its outputs) holds a page this long
@@ -49,7 +51,8 @@ class LiveView:
         self.url = f"http://127.0.0.1:{self.port}/"
         self._warnings = _Warnings(self)
         logging.getLogger("psrv").addHandler(self._warnings)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
+        # the serving loop checks for shutdown this often: closing (at every run's end) waits up to this long
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": SHUTDOWN_POLL_S},
                                        name="psrv-live-view", daemon=True)
         self.thread.start()
 
@@ -64,7 +67,7 @@ class LiveView:
         logging.getLogger("psrv").removeHandler(self._warnings)
         self.httpd.shutdown()       # waits for serve_forever to return
         self.httpd.server_close()
-        self.thread.join()
+        self.thread.join(timeout=5.0)   # serve_forever has returned by now; a bound, never a hang
 
     def __enter__(self):
         return self
