@@ -126,6 +126,17 @@ def launch(tmp_path):
         la.kill()
 
 
+def curve_server(launch, tmp_path, steps: int):
+    """A --role server for one worker that requires CURVE keys (tmp_path/keys), and a second key folder it does not
+    allow (tmp_path/other). Returns (keys, other, the server's Launch, its address)."""
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    for d in (keys, other):
+        subprocess.run([sys.executable, LAUNCH, "--keygen", str(d)], check=True, capture_output=True, timeout=60)
+    srv = launch("--role", "server", "--set", f"server.keys={keys}", "--set", "train.workers=1",
+                 "--set", "data.n=2000", "--set", f"train.steps={steps}", "--set", f"output.dir={tmp_path / 'out'}")
+    return keys, other, srv, srv.proc.stdout.readline().split()[1]
+
+
 @pytest.fixture
 def made():
     """Data blocks a test built (build() appends them): closed and unlinked after it."""

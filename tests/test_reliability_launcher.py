@@ -19,7 +19,7 @@ from psrv import blocks, proc
 from psrv.errors import ServerLost
 from psrv.launch import status
 
-from .conftest import LAUNCH, ROOT, address_of, shm_of, tagged_pids, wait_for
+from .conftest import LAUNCH, ROOT, address_of, curve_server, shm_of, tagged_pids, wait_for
 
 SMALL = ["--set", "data.n=4000", "--set", "train.workers=2"]
 LONG = ["--set", "train.steps=1000000000"]
@@ -381,12 +381,7 @@ def test_a_final_evaluation_longer_than_the_old_grace_period_is_waited_for(launc
 # ---------------------------------------------------------------------------------------------- item 9
 @pytest.mark.slow
 def test_an_attach_no_server_answers_names_the_likely_causes_not_a_restart(launch, tmp_path):
-    keys, other = tmp_path / "keys", tmp_path / "other"
-    for d in (keys, other):
-        subprocess.run([sys.executable, LAUNCH, "--keygen", str(d)], check=True, capture_output=True, timeout=60)
-    srv = launch("--role", "server", "--set", f"server.keys={keys}", "--set", "train.workers=1",
-                 "--set", "data.n=2000", "--set", "train.steps=50", "--set", f"output.dir={tmp_path / 'out'}")
-    address = srv.proc.stdout.readline().split()[1]
+    keys, other, srv, address = curve_server(launch, tmp_path, steps=50)
     # a key the server does not allow: CURVE drops the handshake without a word
     w = launch("--attach", address, "--workers", "1", "--keys", str(other), "--set", "worker.server_timeout_s=2")
     code, _, err = w.wait(timeout_s=60)

@@ -19,7 +19,7 @@ from psrv.errors import ConfigError, ProtocolError
 from psrv.launch import status
 from workers import faults
 
-from .conftest import LAUNCH, ROOT, tcp_listeners, wait_for
+from .conftest import LAUNCH, ROOT, curve_server, tcp_listeners, wait_for
 from .test_e2e import cosine, serial_bsp, shard_rows
 
 
@@ -90,12 +90,7 @@ def test_keygen_writes_owner_only_secrets(tmp_path):
 
 @pytest.mark.slow
 def test_curve_refuses_unknown_clients_and_admits_allowed_ones(launch, tmp_path):
-    keys, other = tmp_path / "keys", tmp_path / "other"
-    for d in (keys, other):
-        subprocess.run([sys.executable, LAUNCH, "--keygen", str(d)], check=True, capture_output=True, timeout=60)
-    srv = launch("--role", "server", "--set", f"server.keys={keys}", "--set", "train.workers=1",
-                 "--set", "data.n=2000", "--set", "train.steps=200", "--set", f"output.dir={tmp_path / 'out'}")
-    address = srv.proc.stdout.readline().split()[1]
+    keys, other, srv, address = curve_server(launch, tmp_path, steps=200)
     ctx = zmq.Context()
 
     def attempt(client_dir):
