@@ -28,7 +28,9 @@ def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None
     return field(default=default, metadata=meta)
 
 
-BUILTIN_MODELS = ("linear", "logistic", "softmax")
+SPARSE_MODELS = ("sparse_logistic",)
+BUILTIN_MODELS = ("linear", "logistic", "softmax") + SPARSE_MODELS
+SPARSE_SOURCES = ("criteo",)   # generators of sparse rows (psrv/criteo.py); svmlight files are read sparse too
 
 
 def _below_one(v: float) -> str | None:
@@ -86,11 +88,15 @@ def _delimiter(v: str) -> str | None:
 class Data:
     source: str = opt("synthetic", 'where rows come from: "synthetic", or a .npz (X, y), .npy (X; y in data.labels), '
                                    '.csv or svmlight (.svm, .libsvm, .txt) file; "arrays" records a run given '
-                                   'in-memory arrays (psrv.train(X=..., y=...)), which no config can reload')
-    n: int = opt(200_000, "synthetic rows (for a file: checked against it when set to another value)", lo=1)
+                                   'in-memory arrays (psrv.train(X=..., y=...)), which no config can reload; '
+                                   '"criteo": seeded Criteo-like sparse rows (model.kind = "sparse_logistic")')
+    n: int = opt(200_000, "synthetic (and criteo) rows (for a file: checked against it when set to another value)",
+                 lo=1)
     d: int = opt(50, "feature columns (for a file: checked against it when set to another value)", lo=1)
     noise: float = opt(0.5, "synthetic label noise: standard deviation added to y = X.w + b", lo=0)
-    seed: int = opt(0, "seed of the synthetic generator", lo=0)
+    seed: int = opt(0, "seed of the synthetic (and criteo) generator", lo=0)
+    log2_buckets: int = opt(20, 'criteo: features are hashed into 2^log2_buckets columns (theta has that many rows '
+                            'and one more, the bias)', lo=1, hi=40)
     target: str | int = opt("", 'CSV column holding y: its name, or its 0-based index as an integer; "" means the '
                             'last column', check=_column_key)
     header: bool | str = opt("auto", 'CSV: whether the first row names the columns; "auto": it does when it has text '
@@ -122,10 +128,12 @@ class Data:
 
 @dataclass
 class Model:
-    kind: str = opt("linear", 'linear (squared loss), logistic (labels 0/1), softmax (labels 0..K-1), or '
-                    '"package.module:Name" (docs/models.md)', check=_model_kind)
+    kind: str = opt("linear", 'linear (squared loss), logistic (labels 0/1), softmax (labels 0..K-1), '
+                    'sparse_logistic (labels 0/1 over sparse rows: data.source "criteo" or an svmlight file; '
+                    'docs/sparse.md), or "package.module:Name" (docs/models.md)', check=_model_kind)
     fit_intercept: bool = opt(True, "learn an intercept (stored last in theta.npy)")
-    l2: float = opt(0.0, "L2 penalty: adds l2/2 * |w|^2 to the mean loss (the intercept is not penalized)", lo=0)
+    l2: float = opt(0.0, "L2 penalty: adds l2/2 * |w|^2 to the mean loss (the intercept is not penalized; "
+                    "train.optimizer = \"ftrl\": FTRL's own L2, on every key)", lo=0)
     classes: int = opt(0, "softmax: number of classes; 0 means 1 + the largest training label", lo=0, hi=100_000)
 
 
@@ -153,7 +161,8 @@ class Train:
                          lo=0, hi=1_000_000)
     backup_workers: int = opt(0, "bsp: apply each step with the first workers - k gradients; later ones are "
                               "dropped and counted", lo=0)
-    optimizer: str = opt("sgd", "server-side optimizer", choices=("sgd", "momentum", "adagrad", "adam"))
+    optimizer: str = opt("sgd", "server-side optimizer (ftrl: FTRL-Proximal, train.lr is its alpha)",
+                         choices=("sgd", "momentum", "adagrad", "adam", "ftrl"))
     local_steps: int = opt(1, "local SGD: each worker takes this many plain SGD steps (one batch_size batch each, at "
                            "train.lr) on its own copy of theta between pushes, and pushes their summed gradient, so "
                            "a BSP step averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
@@ -162,6 +171,8 @@ class Train:
     beta1: float = opt(0.9, "adam: decay of the first-moment average, in [0, 1)", check=_below_one)
     beta2: float = opt(0.999, "adam: decay of the second-moment average, in [0, 1)", check=_below_one)
     eps: float = opt(1e-8, "adagrad and adam: added to the denominator, > 0", check=_positive)
+    ftrl_beta: float = opt(1.0, "ftrl: beta of the per-coordinate rate alpha / (beta + sqrt(n))", lo=0)
+    l1: float = opt(0.0, "ftrl: L1 penalty (weights stay exactly 0 until their evidence outweighs it)", lo=0)
     clip_norm: float = opt(0.0, "scale each pushed gradient down to at most this L2 norm; 0 turns it off", lo=0)
     eval_every: int = opt(0, "steps between held-out evaluations (data.test_fraction > 0); 0: only at the end",
                           lo=0)
@@ -368,6 +379,7 @@ def check_combinations(cfg: Config) -> None:
                               "data.test_fraction)")
         if dc.test_source.lower().endswith(".npy"):
             raise ConfigError("data.test_source: a .npy file holds X only; use a .npz (X, y), .csv or svmlight file")
+    _check_sparse(cfg)
     csv_only = [k for k in ("header", "delimiter", "columns", "drop_columns")
                 if getattr(cfg.data, k) != getattr(Data(), k)]
     if csv_only and not dc.source.lower().endswith(".csv"):
@@ -381,6 +393,30 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(f"server.bind: {cfg.server.bind} can be reached from other machines; make keys with "
                           f"`python launch.py --keygen DIR` and set server.keys = DIR (CURVE), or set "
                           f"server.insecure = true to let anyone connect")
+
+
+def _check_sparse(cfg: Config) -> None:
+    """A sparse model needs sparse rows, and sparse rows a sparse model; what the sparse path does not do."""
+    dc, t, m = cfg.data, cfg.train, cfg.model
+    if t.optimizer != "ftrl" and t.l1 != 0:
+        raise ConfigError(f"train.l1: only applies to train.optimizer = 'ftrl' (got {t.optimizer!r})")
+    sparse = m.kind in SPARSE_MODELS
+    if dc.source in SPARSE_SOURCES and not sparse:
+        raise ConfigError(f"data.source: {dc.source!r} makes sparse rows; they need model.kind = 'sparse_logistic' "
+                          f"(got {m.kind!r})")
+    if not sparse:
+        return
+    svm = dc.source.lower().endswith((".svm", ".libsvm", ".svmlight", ".txt"))
+    if dc.source not in SPARSE_SOURCES and not svm:
+        raise ConfigError(f"model.kind: 'sparse_logistic' reads sparse rows: data.source must be 'criteo' or an "
+                          f"svmlight/libsvm file (.svm, .libsvm, .svmlight, .txt); got {dc.source!r}")
+    refused = {"data.test_source": (dc.test_source, ""), "data.partition": (dc.partition, "range"),
+               "data.batch_order": (dc.batch_order, "rows"), "data.dtype": (dc.dtype, "float64"),
+               "model.fit_intercept": (m.fit_intercept, True), "train.local_steps": (t.local_steps, 1)}
+    for key, (got, need) in refused.items():
+        if got != need:
+            raise ConfigError(f"{key}: model.kind = 'sparse_logistic' needs {key} = {need!r} (docs/sparse.md); "
+                              f"got {got!r}")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

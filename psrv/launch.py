@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import config as config_mod
-from . import data, livestate, models, outputs, proc, blocks, report, signals, sources
+from . import data, livestate, models, outputs, proc, blocks, report, signals, sources, sparse_data
 from .liveview import LiveView
 from .cluster import Cluster
 from .errors import AlreadyFinished, ConfigError, DataError, PsrvError, RunError, ServerLost
@@ -197,6 +197,12 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
                               f"which sees the data as given")
         cfg.data.standardize = False
         models.load_custom(cfg.model.kind)
+    elif cfg.model.kind in config_mod.SPARSE_MODELS:
+        # sparse values are used as given: centring would make every row dense
+        if cfg.data.standardize and "data.standardize" in cfg.explicit:
+            raise ConfigError("data.standardize: must be false for model.kind = 'sparse_logistic' (values are used "
+                              "as given; centring would make every row dense)")
+        cfg.data.standardize = False
     if ckpt is not None:
         _refuse_finished(cfg, ckpt)
     elif not cfg.output.overwrite:
@@ -219,16 +225,24 @@ ARRAYS_NOTE = """\
 def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None, local=None, on_address=None) -> Result:
     out = cfg.output.dir
     n_shards = cfg.data.shards or cfg.train.workers
-    block, layout = data.build(cfg, n_shards, prefix + "data", arrays)
+    sparse = cfg.model.kind in config_mod.SPARSE_MODELS
+    if sparse:
+        if arrays is not None:
+            raise ConfigError("model.kind = 'sparse_logistic' reads data.source ('criteo' or an svmlight file), not "
+                              "in-memory arrays")
+        block, layout = sparse_data.build(cfg, n_shards, prefix + "data")
+    else:
+        block, layout = data.build(cfg, n_shards, prefix + "data", arrays)
     with block:
         signals.check()
-        layout.extra["classes"] = check_model(cfg, block, layout)
+        layout.extra["classes"] = 0 if sparse else check_model(cfg, block, layout)
         check_batch(cfg, layout)
         path = os.path.join(out, "data.json")
         with outputs.writing("data.json", path):
             outputs.write_json(path, data.saved(layout))
         # the effective config: what was asked, with the data's real size (so it reruns as-is)
-        cfg.data.n, cfg.data.d = block.spec.n_train + block.spec.n_test, block.spec.d
+        cfg.data.n, cfg.data.d = (block.spec.n, block.spec.d) if sparse else \
+            (block.spec.n_train + block.spec.n_test, block.spec.d)
         with open(os.path.join(out, "config.toml"), "w") as fh:
             fh.write((ARRAYS_NOTE if arrays is not None else "") + config_mod.to_toml(cfg))
         # which rows were held out, so the split and the held-out metric can be reproduced (README, Outputs)

@@ -267,9 +267,13 @@ class Adam(_Optimizer):
 OPTIMIZERS = {cls.name: cls for cls in (SGD, Momentum, Adagrad, Adam)}
 
 
-def make(name: str, theta: np.ndarray, train_cfg) -> _Optimizer:
-    """The optimizer `name` for theta, with its hyper-parameters read from a psrv.config.Train."""
+def make(name: str, theta: np.ndarray, train_cfg, l2: float = 0.0) -> _Optimizer:
+    """The optimizer `name` for theta, with its hyper-parameters read from a psrv.config.Train; `l2` (model.l2) is
+    FTRL's own L2 term (the other optimizers get it from the store, as a gradient term)."""
+    if name == "ftrl":
+        from .ftrl import FTRL   # ftrl.py builds on this module
+        return FTRL(theta, ftrl_beta=train_cfg.ftrl_beta, l1=train_cfg.l1, l2=l2)
     cls = OPTIMIZERS.get(name)
     if cls is None:
-        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join([*OPTIMIZERS, 'ftrl'])}")
     return cls(theta, **{k: getattr(train_cfg, k) for k in cls.hyper})

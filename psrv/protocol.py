@@ -22,6 +22,8 @@ MAX_FRAMES = 4                     # header + at most 3 arrays; no message needs
 MAX_NDIM = 4
 MAX_ARRAY_BYTES = 1 << 34          # 16 GiB: a sanity cap; the server's per-socket cap is theta's own size
 DTYPES = safepack.dtypes("<f8", "<f4")   # the wire allow-list: the floats theta and gradients travel as
+KEY_DTYPES = safepack.dtypes("<u8")      # a keys frame's only dtype (and the only place it is allowed)
+MAX_KEYS = 1 << 26                       # keys in one frame: a sanity cap; the server's is theta's row count
 
 
 class Op(str, Enum):
@@ -32,12 +34,14 @@ class Op(str, Enum):
     HEARTBEAT = "heartbeat"
     BYE = "bye"
     STATUS = "status"
+    GET = "get"
     # replies (server -> client)
     WELCOME = "welcome"
     THETA = "theta"
     ACK = "ack"
     STOP = "stop"
     ERROR = "error"
+    VALUES = "values"
 
 
 # Per op: the header fields (name -> type) and how many array frames may follow. Every field is required, except
@@ -48,11 +52,15 @@ REQUESTS: dict[str, tuple[dict[str, type], int]] = {
     Op.HELLO: ({"version": _I, "role": _S, "wid": _I, "pid": _I, "host": _S, "local": _B}, (0,)),
     Op.PULL: ({"wid": _I, "inc": _I, "clock": _I}, (0,)),
     Op.PUSH: ({"wid": _I, "inc": _I, "sid": _S, "seq": _I, "clock": _I, "version": _I, "loss": _F, "count": _I,
-               "pull": _B, "compute_s": _F, "request_s": _F}, (0, 1)),
+               "pull": _B, "compute_s": _F, "request_s": _F}, (0, 1, 2)),
     Op.HEARTBEAT: ({"wid": _I, "inc": _I}, (0,)),
     Op.BYE: ({"wid": _I, "inc": _I}, (0,)),
     Op.STATUS: ({}, (0,)),
+    Op.GET: ({"wid": _I, "inc": _I}, (1,)),
 }
+# With this many array frames, an op's first array is a keys frame: sorted, distinct "<u8" keys (rows of theta).
+# A keyed push carries keys and the gradient's values on them; a get carries the keys whose values it asks for.
+KEY_FRAMES = {Op.PUSH: 2, Op.GET: 1}
 REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.WELCOME: ({"version": _I, "protocol": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
                   "data": _M, "train": _M, "model": _M}, (2,)),
@@ -63,6 +71,7 @@ REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.BYE: ({}, (0,)),
     Op.STATUS: ({"state": _M}, (0,)),
     Op.ERROR: ({"code": _S, "reason": _S}, (0,)),
+    Op.VALUES: ({"version": _I}, (1,)),
 }
 
 
@@ -105,8 +114,8 @@ def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
     for a in arrays:
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
-        if a.dtype.str not in DTYPES:
-            raise ValueError(f"dtype {a.dtype} is not on the wire allow-list {sorted(DTYPES)}")
+        if a.dtype.str not in DTYPES and a.dtype.str not in KEY_DTYPES:
+            raise ValueError(f"dtype {a.dtype} is not on the wire allow-list {sorted(DTYPES | KEY_DTYPES)}")
         descr.append([a.dtype.str, list(a.shape)])
         frames.append(a)
     if descr:
@@ -165,13 +174,15 @@ def _fields_ok(table: dict, op: str, header: dict) -> bool:
     return ok
 
 
-def _array(op: str, i: int, descr, frame) -> np.ndarray:
+def _array(op: str, i: int, descr, frame, keys: bool = False) -> np.ndarray:
     if not (type(descr) is list and len(descr) == 2 and type(descr[0]) is str and type(descr[1]) is list):
         raise ProtocolError(f"{op}: arrays[{i}] must be [dtype, shape]", "bad_array")
     dtype_str, shape = descr
-    dtype = DTYPES.get(dtype_str)
+    allowed = KEY_DTYPES if keys else DTYPES
+    dtype = allowed.get(dtype_str)
     if dtype is None:
-        raise ProtocolError(f"{op}: arrays[{i}] dtype {dtype_str!r} not allowed; allowed: {sorted(DTYPES)}",
+        what = "a keys frame" if keys else f"arrays[{i}]"
+        raise ProtocolError(f"{op}: {what} dtype {dtype_str!r} not allowed; allowed: {sorted(allowed)}",
                             "bad_dtype")
     if len(shape) > MAX_NDIM or not all(type(x) is int and 0 <= x < 2**40 for x in shape):
         raise ProtocolError(f"{op}: arrays[{i}] shape {shape!r} is not a list of at most {MAX_NDIM} sizes",
@@ -183,7 +194,21 @@ def _array(op: str, i: int, descr, frame) -> np.ndarray:
     if buf.nbytes != nbytes:
         raise ProtocolError(f"{op}: arrays[{i}] is {buf.nbytes} bytes but {dtype_str} x {shape} needs {nbytes}",
                             "bad_size")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape)
+    a = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    if keys:
+        check_keys(op, a)
+    return a
+
+
+def check_keys(op: str, keys: np.ndarray) -> None:
+    """ProtocolError bad_keys unless `keys` is a vector of at most MAX_KEYS strictly increasing keys (the range is
+    the server's to check: theta's rows)."""
+    if keys.ndim != 1:
+        raise ProtocolError(f"{op}: the keys frame must be 1-D, got shape {list(keys.shape)}", "bad_keys")
+    if len(keys) > MAX_KEYS:
+        raise ProtocolError(f"{op}: {len(keys)} keys, over the cap of {MAX_KEYS}", "bad_keys")
+    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        raise ProtocolError(f"{op}: keys must be strictly increasing (sorted, distinct)", "bad_keys")
 
 
 def decode(frames: Sequence, table: dict = REQUESTS) -> tuple[dict, list[np.ndarray]]:
@@ -242,7 +267,8 @@ def _check(header: dict, frames: Sequence, table: dict) -> tuple[dict, list[np.n
         allowed = " or ".join(str(k) for k in n_arrays)
         raise ProtocolError(f"{op} carries {allowed} array frame(s); got {n} frame(s) and "
                             f"{len(descr) if type(descr) is list else '?'} descriptor(s)", "bad_frames")
-    arrays = [_array(op, i, d, f) for i, (d, f) in enumerate(zip(descr, frames[1:]))] if n else []
+    keyed = KEY_FRAMES.get(op) == n and table is REQUESTS
+    arrays = [_array(op, i, d, f, keyed and i == 0) for i, (d, f) in enumerate(zip(descr, frames[1:]))] if n else []
     return header, arrays
 
 

@@ -18,7 +18,7 @@ import uuid
 
 import numpy as np
 
-from . import checkpoint, data, identity, mailbox, models, optim, plot, protocol, proc, shmarray, transport
+from . import checkpoint, data, identity, mailbox, models, optim, plot, protocol, proc, shmarray, sparse_data, transport
 from . import config as config_mod
 from . import events as ev
 from .blocks import DataBlock
@@ -29,6 +29,7 @@ from .metrics import Metrics
 from .outputs import num as _num, write_json as _write_json, writing as _writing
 from .protocol import Op
 from .shmarray import SeqlockArray, SharedArray
+from .sparse_model import SparseLogistic
 from .spec import ServerSpec
 from .store import Store
 
@@ -47,10 +48,13 @@ class Server:
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
         self.server_restarts = server_restarts
         self.layout = data.Layout.from_dict(layout)
-        self.block = DataBlock.attach(self.layout.block)
+        # a sparse model's rows are CSR (psrv/sparse_data.py): its theta is read and pushed by keys
+        self.sparse = sparse_data.is_sparse_layout(layout)
+        self.block = sparse_data.SparseData(layout) if self.sparse else DataBlock.attach(self.layout.block)
         t = cfg.train
-        self.model = models.make(cfg.model.kind, self.block.spec.d, cfg.model.fit_intercept, self.block.spec.dtype,
-                                 self.layout.extra.get("classes", 0))
+        self.model = SparseLogistic(self.block.spec.d) if self.sparse else models.make(
+            cfg.model.kind, self.block.spec.d, cfg.model.fit_intercept, self.block.spec.dtype,
+            self.layout.extra.get("classes", 0))
         self.server_id = uuid.uuid4().hex[:12]
         theta0 = self.model.init_theta()
         # local workers read theta from shared memory (a seqlock) and write gradients into slots there; theta then
@@ -73,10 +77,12 @@ class Server:
             theta = theta0
         total_steps = run_steps(cfg) or t.steps
         l2_mask = np.arange(theta.shape[0]) < self.model.l2_rows
-        self.store = Store(theta, optim.make(t.optimizer, theta, t),
+        ftrl = t.optimizer == "ftrl"   # FTRL's L2 is part of its closed form, not a gradient term
+        self.store = Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
                            lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay,
                                                     t.lr_decay_every, t.lr_min),
-                           clip_norm=t.clip_norm, l2=cfg.model.l2, l2_mask=l2_mask, writer=self.theta_shm)
+                           clip_norm=t.clip_norm, l2=0.0 if ftrl else cfg.model.l2, l2_mask=l2_mask,
+                           writer=self.theta_shm)
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
@@ -207,11 +213,16 @@ class Server:
             return
         op, rid = h["op"], h.get("rid")
         if op == Op.PUSH:
+            try:
+                keys = self._push_keys(arrays)
+            except ProtocolError as e:
+                self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), rid), now))
+                return
             framed = bool(arrays)
             slot = self.slots.get(h["wid"])
-            grad = arrays[0] if framed else (slot.array if slot is not None else None)
+            grad = arrays[-1] if framed else (slot.array if slot is not None else None)
             event = ev.Push(ident, h["wid"], h["inc"], h["sid"], h["seq"], h["clock"], h["version"], h["loss"],
-                            h["count"], h["pull"], h["compute_s"], h["request_s"], grad, framed, None, rid)
+                            h["count"], h["pull"], h["compute_s"], h["request_s"], grad, framed, keys, rid)
         elif op == Op.PULL:
             event = ev.Pull(ident, h["wid"], h["inc"], h["clock"], rid)
         elif op == Op.HEARTBEAT:
@@ -220,10 +231,38 @@ class Server:
             event = ev.Hello(ident, h["wid"], h["version"], h["role"], h["pid"], h["host"], h["local"], rid)
         elif op == Op.BYE:
             event = ev.Bye(ident, h["wid"], h["inc"], rid)
+        elif op == Op.GET:  # a read of some rows of theta, never held by the gate
+            try:
+                self.coord.members.current(h["wid"], h["inc"])
+                keys = self._check_keys(arrays[0])
+            except ProtocolError as e:
+                self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), rid), now))
+                return
+            self._out(protocol.encode({"op": Op.VALUES.value, "version": self.store.version, **_rid(rid)},
+                                      (self.store.theta[keys],)), ident)   # a gather: a copy of this version
+            return
         else:  # status: a read, not a transition
             self._send(ev.Send(ident, {"op": Op.STATUS.value, "state": self.status(), **_rid(rid)}))
             return
         self.execute(self.coord.handle(event, now))
+
+    def _check_keys(self, keys: np.ndarray) -> np.ndarray:
+        """A decoded keys frame (sorted, distinct) whose keys are all rows of theta."""
+        rows = self.store.theta.shape[0]
+        if len(keys) and int(keys[-1]) >= rows:
+            raise ProtocolError(f"key {int(keys[-1])} is not a row of theta (keys are 0 .. {rows - 1})", "bad_keys")
+        return keys
+
+    def _push_keys(self, arrays: list) -> np.ndarray | None:
+        """The keys of a push: a sparse model's push carries a keys frame and a values frame, a dense model's one
+        gradient frame (or none: the slot)."""
+        if self.sparse and len(arrays) != 2:
+            raise ProtocolError(f"push: a sparse model's push carries 2 array frames (keys, values); got "
+                                f"{len(arrays)}", "bad_frames")
+        if not self.sparse and len(arrays) == 2:
+            raise ProtocolError("push: a keys frame is only for a sparse model (model.kind = 'sparse_logistic')",
+                                "bad_frames")
+        return self._check_keys(arrays[0]) if self.sparse else None
 
     def execute(self, instructions: list) -> None:
         for i in instructions:
@@ -236,7 +275,8 @@ class Server:
     def _theta(self, i: ev.Theta) -> None:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         header = {"op": Op.THETA.value, "clock": i.clock, "version": i.version, "batch": i.batch, **_rid(i.rid)}
-        self._out(protocol.encode(header, () if i.shm else (self.store.snapshot(),)), i.ident)
+        # a sparse model's worker reads only its batch's rows (shared memory, or a get)
+        self._out(protocol.encode(header, () if i.shm or self.sparse else (self.store.snapshot(),)), i.ident)
 
     def _welcome(self, i: ev.Welcome) -> None:
         p, t, m = i.peer, self.cfg.train, self.cfg.model
@@ -245,7 +285,7 @@ class Server:
             del spec[k]  # as long as the data is wide (or as many as its classes); no worker needs them
         # what a worker that loads its own rows needs: the data config and a checksum of each shard it may read
         spec["config"] = dc = self.cfg.to_dict()["data"]
-        if dc["source"] not in ("synthetic", data.ARRAYS):  # arrays: plan() tells such a worker why it cannot load them
+        if dc["source"] not in ("synthetic", data.ARRAYS, sparse_data.CRITEO):  # arrays: plan() tells such a worker why it cannot load them
             dc["source"] = os.path.abspath(dc["source"])  # a worker started elsewhere reads the same path
         if dc["test_source"]:
             dc["test_source"] = os.path.abspath(dc["test_source"])
@@ -256,7 +296,9 @@ class Server:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
             # to load before the first pull, which puts it in the run (the others wait for it from then on)
             spec["expected_shards"] = self.coord.expected_shards(p.wid)
-        if p.shm:
+        if p.shm and self.sparse:  # keyed reads of theta; pushes carry their keys and values as frames
+            spec["shm"] = {"theta": self.theta_shm.name}
+        elif p.shm:
             if p.wid not in self.slots:  # kept across incarnations of the same worker id
                 self.slots[p.wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{p.wid}",
                                                        self.store.theta.shape, self.store.theta.dtype)
@@ -288,6 +330,8 @@ class Server:
         transport.send(self.sock, protocol.encode(header, [self.block.mean, self.block.scale]), i.ident, block=False)
 
     def _checksum(self, shard: int) -> int:
+        if shard not in self.checksums and self.sparse:
+            self.checksums[shard] = self.block.shard(*self.layout.shards[shard]).checksum()
         if shard not in self.checksums:
             off, size = self.layout.shards[shard]
             self.checksums[shard] = data.checksum(self.block.X[off:off + size], self.block.y[off:off + size])
@@ -397,7 +441,7 @@ class Server:
             self.metrics.close()
         if c.checkpointed_version != c.version:
             self.save_checkpoint()
-        if isinstance(self.model, models.Custom):
+        if isinstance(self.model, (models.Custom, SparseLogistic)):  # theta as learned: no scaling to undo
             theta_out = theta.astype(np.float64)
         else:
             theta_out = data.unscale(theta, self.block.mean, self.block.scale, self.cfg.model.fit_intercept)

@@ -83,12 +83,21 @@ class SeqlockArray(SharedArray):
     def read_into(self, out: np.ndarray, timeout_s: float = 10.0) -> int:
         """Copy a consistent theta into `out`; return its version. Retries while a write overlaps the copy (a write
         takes microseconds to milliseconds); gives up with TimeoutError after timeout_s."""
+        return self._consistent(lambda: np.copyto(out, self.array), timeout_s)
+
+    def read_rows(self, rows: np.ndarray, out: np.ndarray, timeout_s: float = 10.0) -> int:
+        """Copy theta[rows] (one version's) into `out`; return that version. A keyed read: a sparse worker gathers
+        the rows of its batch's keys, O(keys), instead of copying all of theta. rows must be below theta's size."""
+        return self._consistent(lambda: np.take(self.array, rows, axis=0, out=out, mode="clip"), timeout_s)
+
+    def _consistent(self, copy, timeout_s: float) -> int:
+        """Run copy() until no write overlapped it; the version it saw."""
         deadline = None
         while True:
             seq = int(self.header[0])
             if not seq & 1:
                 version = int(self.header[1])
-                np.copyto(out, self.array)
+                copy()
                 if int(self.header[0]) == seq:
                     return version
             if deadline is None:

@@ -50,7 +50,7 @@ EXCHANGES = [lines for _, lines in fenced("exchange")]
 def test_the_document_has_the_examples_the_suite_runs():
     """Every request op, every error code of the table and the life of a worker appear in an exchange."""
     text = "\n".join("\n".join(b) for b in EXCHANGES)
-    ops = {"hello", "pull", "push", "heartbeat", "bye", "status"}
+    ops = {"hello", "pull", "push", "heartbeat", "bye", "status", "get"}
     sent = set(re.findall(r'> \{"op": "(\w+)"', text))
     assert ops <= sent
     table = DOC.read_text().split("### Error codes", 1)[1].split("\n\n", 2)[2]
@@ -58,7 +58,7 @@ def test_the_document_has_the_examples_the_suite_runs():
     assert len(codes) >= 20
     shown = set(re.findall(r'"code": "(\w+)"', text))
     assert codes - shown == set(), f"error codes with no example: {sorted(codes - shown)}"
-    assert {"welcome", "theta", "ack", "stop", "heartbeat", "bye", "status", "error"} <= \
+    assert {"welcome", "theta", "ack", "stop", "heartbeat", "bye", "status", "error", "values"} <= \
         set(re.findall(r'< \{"op": "(\w+)"', text))
 
 
@@ -133,18 +133,25 @@ def request_frames(rest: str, bound: dict, theta: dict) -> list[bytes]:
     """The frames of one `X> ...` line (without the X>)."""
     if rest.startswith("raw "):
         return [b"" if h == "-" else bytes.fromhex(h) for h in rest[4:].split()]
-    m = re.match(r"^(\{.*\})\s*\+\s*(\S+)$", rest)
+    m = re.match(r"^(\{.*\})((?:\s*\+\s*\S+)+)$", rest)
     header = substitute(json.loads(m.group(1) if m else rest), bound)
-    frames = []
-    if m:
-        what = m.group(2)
+    frames, descr = [], []
+    for what in (m.group(2).split("+")[1:] if m else []):
+        what = what.strip()
         if what.startswith("bytes:"):
             frames.append(bytes(int(what[6:])))
+            continue
+        if what.startswith(("keys:", "f8:")):   # a keys frame ("<u8") or float64 values, listed
+            kind, _, listed = what.partition(":")
+            a = np.array([int(v) if kind == "keys" else float(v) for v in listed.split(",")],
+                         dtype="<u8" if kind == "keys" else "<f8")
         else:
             dtype = "<f4" if what == "zeros:<f4" else theta["dtype"]
             a = np.full(theta["shape"], np.nan if what == "nan" else 0.0, dtype=dtype)
-            header.setdefault("arrays", [[dtype, list(a.shape)]])
-            frames.append(a.tobytes())
+        descr.append([a.dtype.str, list(a.shape)])
+        frames.append(a.tobytes())
+    if descr:
+        header.setdefault("arrays", descr)
     return [msgpack.packb(header, use_bin_type=True)] + frames
 
 
@@ -197,6 +204,7 @@ def run_exchange(lines: list[str], launch, tmp_path) -> None:
                 got = peer.recv(float(rest.split()[1]))
                 assert got is None, f"{where}: expected no reply, got {got[0]}"
             else:
+                rest, _, values = rest.partition(" = ")   # `= [v, ...]`: the reply's array holds these values
                 want = json.loads(rest)
                 for i in range(times):
                     if times > 1 and i % GROUP == 0:
@@ -210,6 +218,9 @@ def run_exchange(lines: list[str], launch, tmp_path) -> None:
                         theta.update(shape=header["theta_shape"], dtype=header["theta_dtype"])
                     for (dtype, shape), frame in zip(header.get("arrays", []), arrays):
                         assert len(frame) == math.prod(shape) * np.dtype(dtype).itemsize, where
+                    if values:
+                        got_values = np.frombuffer(arrays[0], header["arrays"][0][0]).tolist()
+                        assert got_values == json.loads(values), f"{where}: values {got_values}"
     finally:
         ctx.destroy(linger=0)
         if not exited and la.proc.poll() is None:

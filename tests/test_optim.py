@@ -233,12 +233,15 @@ def test_make_reads_hyper_parameters_from_train_config():
 
 def test_make_knows_every_optimizer_the_config_allows():
     choices = config.Train.__dataclass_fields__["optimizer"].metadata["choices"]
-    assert set(choices) == set(optim.OPTIMIZERS)
+    assert set(choices) == set(optim.OPTIMIZERS) | {"ftrl"}
+    train = config.load({"train": {"optimizer": "ftrl", "ftrl_beta": 2.0, "l1": 0.5}}).train
+    opt = optim.make("ftrl", np.zeros(3), train, l2=0.25)   # FTRL's L2 is model.l2, passed in
+    assert opt.name == "ftrl" and (opt.beta, opt.l1, opt.l2) == (2.0, 0.5, 0.25)
 
 
 def test_make_rejects_an_unknown_name():
     train = config.load({}).train
-    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; known: sgd, momentum, adagrad, adam"):
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'; known: sgd, momentum, adagrad, adam, ftrl"):
         optim.make("rmsprop", np.zeros(3), train)
 
 

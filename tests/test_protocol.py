@@ -63,15 +63,15 @@ G = np.zeros(3).tobytes()
     ([b"\x92\x01"], "bad_header", "not valid msgpack"),                  # truncated array
     ([msgpack.packb([1, 2])], "bad_header", "must be a map"),
     ([msgpack.packb({"x": 1})], "bad_header", "no string 'op'"),
-    (raw({"op": "launch"}), "unknown_op", "known ops: bye, heartbeat, hello, pull, push, status"),
-    (raw({**push(), "arrays": [["<f8", [3]]]}), "bad_frames", "carries 0 or 1 array"),   # descriptor, no frame
+    (raw({"op": "launch"}), "unknown_op", "known ops: bye, get, heartbeat, hello, pull, push, status"),
+    (raw({**push(), "arrays": [["<f8", [3]]]}), "bad_frames", "carries 0 or 1 or 2 array"),   # descriptor, no frame
     (raw({**push(), "arrays": [["|O", [3]]]}, G), "bad_dtype", "not allowed"),
     (raw({**push(), "arrays": [[">f8", [3]]]}, G), "bad_dtype", "not allowed"),
     (raw({**push(), "arrays": [["<f8", [4]]]}, G), "bad_size", "needs 32"),
     (raw({**push(), "arrays": [["<f8", [-3]]]}, G), "bad_shape", "shape"),
     (raw({**push(), "arrays": [["<f8", [2**39, 2**39]]]}, G), "too_large", "over the cap"),
     (raw({**push(), "arrays": [["<f8", "3"]]}, G), "bad_array", "[dtype, shape]"),
-    (raw({**push(), "arrays": [["<f8", [3]]]}, G, G, G), "bad_frames", "carries 0 or 1 array"),
+    (raw({**push(), "arrays": [["<f8", [3]]]}, G, G, G), "bad_frames", "carries 0 or 1 or 2 array"),
     (raw({"op": "pull", "wid": 0, "inc": 1, "clock": 0}, G), "bad_frames", "carries 0 array"),
     ([msgpack.packb({"op": "pull"}), b"", b"", b"", b""], "bad_frames", "1 to 4 frames"),
     (raw({"op": "pull", "wid": "0", "inc": 1, "clock": 0}), "bad_field", "'wid' must be int"),

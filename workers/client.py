@@ -209,16 +209,22 @@ class Client:
     def pull(self, clock: int) -> tuple[dict, list[np.ndarray]]:
         return self.request({"op": Op.PULL.value, "wid": self.wid, "inc": self.inc, "clock": clock})
 
-    def push(self, clock: int, grad: np.ndarray | None, loss: float, count: int, version: int = 0,
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
+        """(theta's rows `keys` (uint64, sorted, distinct), their version): a read the gate never holds."""
+        h, arrays = self.request({"op": Op.GET.value, "wid": self.wid, "inc": self.inc}, [keys])
+        return arrays[0], h["version"]
+
+    def push(self, clock: int, grad, loss: float, count: int, version: int = 0,
              compute_s: float = 0.0, request_s: float = 0.0, pull: bool = True, wait: bool = True):
         """Push a gradient computed at theta `version` (grad None: it is already in this worker's shared-memory
-        slot); with pull=True the reply is the next theta. With wait=False, only send: call wait() for the reply,
-        and do not touch `grad` (or the slot) until then."""
+        slot; a tuple (keys, values): a sparse model's gradient on those keys); with pull=True the reply is the
+        next theta. With wait=False, only send: call wait() for the reply, and do not touch `grad` (or the slot)
+        until then."""
         self.seq += 1
         return (self.request if wait else self.send)({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
                              "seq": self.seq, "clock": clock, "version": version, "loss": float(loss),
                              "count": int(count), "pull": pull, "compute_s": compute_s, "request_s": request_s},
-                            [] if grad is None else [grad])
+                            [] if grad is None else list(grad) if isinstance(grad, tuple) else [grad])
 
     def bye(self, timeout_s: float = 1.0) -> None:
         """Tell the server this incarnation leaves (best effort: the server may already be gone)."""

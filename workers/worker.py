@@ -16,7 +16,8 @@ import traceback
 import numpy as np
 
 from psrv import config as config_mod
-from psrv import data, models, proc, blocks
+from psrv import data, models, proc, blocks, sparse_model
+from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import Op
 from psrv.schedule import Cursor, block_order, epoch_order
@@ -129,6 +130,7 @@ class Worker:
         self.reporter = reporter or proc.Reporter(None)
         self.client = Client(address, timeout_s=server_timeout_s, keys=keys)
         self.rows: Rows | None = None
+        self.sparse_rows: SparseData | None = None
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # shard -> (epoch, its order)
         self.block_rows = 0  # data.batch_order = "blocks": the block size (batch_size), else 0
         self.steps_done = 0
@@ -159,6 +161,8 @@ class Worker:
         self.wid = welcome["wid"]
         train, m = welcome["train"], welcome["model"]
         self.rejoin = train.get("rejoin", True)
+        if m["kind"] == sparse_model.KIND:
+            return self._sparse_session(welcome, train)
         if self.rows is None:
             self.rows = Rows(welcome, self.local, self.prefix, self.wid)
         if not self.local:  # load the rows it will read before its first pull: only then does it enter the run
@@ -227,6 +231,64 @@ class Worker:
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
 
+    def _sparse_session(self, welcome: dict, train: dict) -> int:
+        """A sparse model's steps: each batch's keys read from theta (a keyed read from shared memory under the
+        seqlock, else a `get`), the gradient on those keys pushed with them. The next batch's rows and keys are
+        prepared while the server answers the push."""
+        if not self.local:
+            raise RunError(f"worker {self.wid}", "a sparse model's rows are read from the launcher's shared memory; "
+                                                 "workers attached from elsewhere are not supported yet "
+                                                 "(docs/sparse.md)")
+        if self.sparse_rows is None:
+            self.sparse_rows = SparseData(welcome["data"])
+        rows, shards = self.sparse_rows, [tuple(s) for s in welcome["data"]["shards"]]
+        shm = welcome["data"].get("shm")
+        theta_shm = SeqlockArray.attach(shm["theta"], tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])) \
+            if shm else None
+        seed, b = train["seed"], train["batch_size"]
+
+        views = {}   # shard -> its rows (a slice rebases indptr: made once, not per batch)
+
+        def prepare(batch):
+            shard, epoch, start, count = batch
+            if shard not in views:
+                views[shard] = rows.shard(*shards[shard])
+            pos = self._positions(shard, epoch, seed, shards[shard][1])[start:start + count]
+            return sparse_model.prepare(views[shard].take(pos))
+
+        def read(keys):
+            if theta_shm is None:
+                return self.client.get(keys)
+            w = np.empty(len(keys))
+            return w, theta_shm.read_rows(keys.view(np.int64), w)   # keys < 2^63: the server checked them
+
+        try:
+            h, _ = self.client.pull(0)
+            ready, request_s, carried_s = None, 0.0, 0.0
+            while h["op"] == Op.THETA.value:
+                t0 = time.perf_counter()
+                clock, batch = h["clock"], h["batch"]
+                prep = ready[1] if ready is not None and ready[0] == batch else prepare(batch)
+                w, version = read(prep.keys)
+                grad, loss = sparse_model.loss_grad(prep, w)
+                self.after_gradient(clock, grad)
+                t1 = time.perf_counter()
+                self.client.push(clock, (prep.keys, grad), loss, prep.m, version, t1 - t0 + carried_s, request_s,
+                                 wait=False)
+                # while the server answers: the rows and keys of the batch that most likely comes next
+                nxt = _next_batch(batch, shards[batch[0]][1], b)
+                ready = (nxt, prepare(nxt))
+                t2 = time.perf_counter()
+                h, _ = self.client.wait()
+                carried_s, request_s = t2 - t1, time.perf_counter() - t2
+                self.steps_done += 1
+        finally:
+            if theta_shm is not None:
+                theta_shm.close()
+        self.stopped_by = h.get("reason", "")
+        log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
+        return 0
+
     def after_gradient(self, clock: int, grad: np.ndarray) -> None:
         """Called once per step between computing the gradient and pushing it: nothing here; a subclass may
         change the step (workers/faults.py injects failures, delays and broken gradients this way)."""
@@ -276,6 +338,8 @@ class Worker:
         self.client.close()
         if self.rows is not None:
             self.rows.close()
+        if self.sparse_rows is not None:
+            self.sparse_rows.close()
 
 
 def _take(X, y, idx, Xb, yb) -> None:
