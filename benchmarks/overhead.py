@@ -1,0 +1,351 @@
+"""Benchmark: psrv's fixed Python cost per step and per message, in one process, without socket traffic.
+
+On a small model (d = 100, batch 256) a plain numpy SGD step takes tens of microseconds, so what psrv adds around
+it (building and checking headers, the coordinator's decisions, the store's bookkeeping, the worker's loop) decides
+whether a push per batch can pay. Those costs are pure CPU in one process; measured here with every socket taken
+out, they are meaningful even on a busy shared machine (the end-to-end benchmarks, pushpull and serverload, need
+a quiet one). Each figure is the median over repeats of a run of many iterations (time.perf_counter), in µs:
+
+- **protocol**: protocol.encode of a worker's push header (as workers/client.py builds it) and protocol.decode of
+  it as the server does (REQUESTS, every field checked); the same for the theta reply a local worker gets.
+- **coordinator**: a pure Coordinator over a Store (d = 100, float64), as psrv/server.py drives it but without its
+  shell: each worker pushes with pull = true and is served again, for N = 1 and 2 workers under BSP and ASP.
+  Per push: the coordinator's handle() (which checks and measures the gradient through the store), and the
+  store's update (the instructions Update / Accumulate / ApplyStep carried out).
+- **server + client, through the mailbox**: a real psrv Server object and real workers/client.py Clients in this
+  process. The hello goes over ZeroMQ (loopback, once); every pull and push after it goes through the shared-memory
+  mailbox, and the client hands the server its turn right after posting (the server's _drain_mailboxes(), what its
+  loop does while it polls). Per push: the server's whole path (read the mailbox, decode, coordinator, store,
+  encode, answer) and the client's (encode, post, read the reply, decode, copy theta under the seqlock).
+- **worker step**: workers/worker.py's own training loop (one worker, BSP, linear model, no intercept) against
+  that in-process server, in row order (a gather of random rows) and block order (a view of consecutive rows);
+  per step: the whole step, the server's share, and the worker's own (the rest), next to the plain numpy loop's
+  whole step on the same data in the same order (benchmarks/plain.py's step, in this process). The worker's own
+  time minus the plain step is what psrv's worker adds per step (its loss and gradient are computed as the plain
+  loop's are, plus the copy of theta).
+
+What it leaves out on purpose: ZeroMQ and the operating system (wake-ups, scheduling), which pushpull and serverload
+measure end to end.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from .common import log
+
+D = 100
+BATCH = 256
+ROWS = 50_000
+REPEATS = {False: 7, True: 5}
+CYCLES = {False: 3000, True: 1500}     # pushes per repeat (coordinator, server); steps per worker run
+ENCODE_LOOPS = {False: 20000, True: 10000}
+
+
+def _median_us(samples: list[float]) -> float:
+    return 1e6 * statistics.median(samples)
+
+
+def _per_call(fn, loops: int, repeats: int) -> float:
+    """Median over repeats of the time of one call of fn (s)."""
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        out.append((time.perf_counter() - t0) / loops)
+    return statistics.median(out)
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def _push_header(rid: int = 7) -> dict:
+    return {"op": "push", "wid": 0, "inc": 1, "sid": "0123456789ab", "seq": 12, "clock": 11, "version": 11,
+            "loss": 0.5, "count": BATCH, "pull": True, "compute_s": 1.5e-4, "request_s": 3.0e-5, "rid": rid}
+
+
+def protocol_costs(loops: int, repeats: int) -> dict:
+    from psrv import protocol
+    push = _push_header()
+    push_frames = protocol.encode(push)
+    theta = {"op": "theta", "clock": 12, "version": 12, "batch": [0, 3, 2560, BATCH], "rid": 7}
+    theta_frames = protocol.encode(theta)
+    return {
+        "encode push": _per_call(lambda: protocol.encode(push), loops, repeats),
+        "decode push": _per_call(lambda: protocol.decode(push_frames, protocol.REQUESTS), loops, repeats),
+        "encode theta reply": _per_call(lambda: protocol.encode(theta), loops, repeats),
+        "decode theta reply": _per_call(lambda: protocol.decode(theta_frames, protocol.REPLIES), loops, repeats),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ coordinator
+def coordinator_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
+    """(handle s, store s) per push, medians over repeats, for n workers pushing with pull = true in turn."""
+    from psrv import config, events as ev
+    from psrv.coordinator import Coordinator
+    from psrv.optim import SGD
+    from psrv.store import Store
+    cfg = config.load({"train": {"workers": n, "batch_size": BATCH, "consistency": mode, "steps": 10**9,
+                                 "lr": 1e-3}, "server": {"progress_deadline_s": 0.0}})
+    theta = np.zeros(D + 1)
+    store = Store(theta, SGD(theta), lambda step: 1e-3)
+    c = Coordinator(cfg, [ROWS // n] * n, store, "sid", 0.0)
+    grad = np.random.default_rng(0).standard_normal(D + 1)
+    served: dict[int, ev.Theta] = {}
+    seq = dict.fromkeys(range(n), 0)
+    rid = [0]
+
+    def run(event, now):
+        out = c.handle(event, now)
+        t0 = time.perf_counter()
+        for i in out:
+            kind = type(i)
+            if kind is ev.Theta:
+                served[int(i.ident[1:])] = i
+            elif kind is ev.Update:
+                store.update(i.grad, i.step, i.version, i.scale, i.keys)
+            elif kind is ev.Accumulate:
+                store.push(i.grad, i.keys)
+            elif kind is ev.ApplyStep:
+                store.apply_step(i.step, i.version)
+        return time.perf_counter() - t0
+
+    for w in range(n):
+        run(ev.Hello(b"w%d" % w, w, 1), 0.0)
+    for w in range(n):
+        run(ev.Pull(b"w%d" % w, w, 1, 0), 0.0)
+    handle_s, store_s = [], []
+    for _ in range(repeats):
+        total = in_store = 0.0
+        for k in range(cycles // n):
+            for w in range(n):
+                th = served.pop(w)
+                seq[w] += 1
+                rid[0] += 1
+                e = ev.Push(th.ident, w, 1, "sid", seq[w], th.clock, th.version, 0.5, th.batch[3], True, 1e-4,
+                            1e-5, grad, True, None, rid[0])
+                t0 = time.perf_counter()
+                in_store += run(e, 1.0 + k * 1e-4)
+                total += time.perf_counter() - t0
+        pushes = n * (cycles // n)
+        handle_s.append((total - in_store) / pushes)
+        store_s.append(in_store / pushes)
+    return {"handle": statistics.median(handle_s), "store": statistics.median(store_s)}
+
+
+# ------------------------------------------------------------------------------------------------ in-process server
+class _Turns:
+    """Hands an in-process server its turn: after a request goes into a mailbox, one pass over the mailboxes; after
+    one goes over ZeroMQ (the hello), the socket once the message is there. Adds up the server's time."""
+
+    def __init__(self, server):
+        self.server = server
+        self.server_s = 0.0
+        self.marks: list[tuple[float, float]] = []   # (when a push was sent, server time so far): per-step figures
+
+    def mailbox(self) -> None:
+        t0 = time.perf_counter()
+        self.server._drain_mailboxes()
+        self.server_s += time.perf_counter() - t0
+
+    def socket(self) -> None:
+        from psrv import transport
+        deadline = time.monotonic() + 10.0
+        while not transport.readable(self.server.sock):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the in-process server got no message over its socket")
+            self.server.sock.poll(10)
+        self.server._drain_socket()
+        for box in self.server.mailboxes.values():  # as the server's loop does while it polls
+            box.set_awake(True)
+
+
+def _client_class():
+    from psrv.protocol import Op
+    from workers.client import Client
+
+    class InProcessClient(Client):
+        """workers/client.py's Client, with the server's turn taken right after each request is sent."""
+        turns: _Turns
+
+        def send(self, header, arrays=(), timeout_s=None):
+            if header["op"] == Op.PUSH.value:
+                self.turns.marks.append((time.perf_counter(), self.turns.server_s))
+            super().send(header, arrays, timeout_s)
+            if self._pending[3]:
+                self.turns.mailbox()
+            else:
+                self.turns.socket()
+
+        def hello(self, wid, local=True):
+            h = super().hello(wid, local)
+            self._stop_heartbeat()  # nobody answers it between requests here; the run is seconds long
+            return h
+
+    return InProcessClient
+
+
+@contextlib.contextmanager
+def in_process(n: int, mode: str, order: str = "rows", steps: int = 10**9):
+    """A psrv Server object in this process (mailboxes on, as when it has a core of its own), and a factory of
+    clients that hand it its turn; yields (server, turns, make_client)."""
+    from psrv import blocks, config, data
+    from psrv.server import Server
+    cfg = config.load({"data": {"n": ROWS, "d": D, "standardize": False, "batch_order": order, "seed": 1},
+                       "model": {"fit_intercept": False},
+                       "train": {"workers": n, "batch_size": BATCH, "consistency": mode, "steps": steps,
+                                 "lr": 1e-3, "lr_schedule": "constant"},
+                       "server": {"spin_s": 1.0, "progress_deadline_s": 0.0},
+                       "checkpoint": {"every_steps": 0}, "output": {"plot": False}})
+    Client = _client_class()
+    clients = []
+    with tempfile.TemporaryDirectory() as out, blocks.owned_prefix() as owner:
+        block, layout = data.build(cfg, n, owner.prefix + "data")
+        server = Server(cfg, layout.to_dict(), out, shm_prefix=owner.prefix, own_core=True)
+        turns = _Turns(server)
+
+        def make_client():
+            c = Client(server.address, timeout_s=10)
+            c.turns = turns
+            clients.append(c)
+            return c
+        try:
+            yield server, turns, make_client, owner.prefix
+        finally:
+            for c in clients:
+                c.close()
+            server.close()
+            block.close()
+            block.unlink()
+
+
+def server_client_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
+    """(server s, client s) per push through the mailboxes, n clients pushing with pull = true in turn."""
+    from workers.worker import Plane
+    with in_process(n, mode) as (server, turns, make_client, _):
+        clients = [make_client() for _ in range(n)]
+        planes = [Plane(c.hello(w)) for w, c in enumerate(clients)]
+        try:
+            for c in clients:
+                c.send({"op": "pull", "wid": c.wid, "inc": c.inc, "clock": 0})
+            replies = [c.wait() for c in clients]
+            assert server.mailbox_requests >= n, "the pulls did not go through the mailboxes"
+            server_s, client_s = [], []
+            for _ in range(repeats):
+                s0, t0 = turns.server_s, time.perf_counter()
+                for _ in range(cycles // n):
+                    for c, p, (h, arrays) in zip(clients, planes, replies):
+                        p.theta(h, arrays)
+                        c.push(h["clock"], None, 0.5, h["batch"][3], h["version"], 1e-4, 1e-5, wait=False)
+                    replies = [c.wait() for c in clients]
+                total = time.perf_counter() - t0
+                pushes = n * (cycles // n)
+                server_s.append((turns.server_s - s0) / pushes)
+                client_s.append((total - (turns.server_s - s0)) / pushes)
+            assert all(h["op"] == "theta" for h, _ in replies)
+        finally:
+            for p in planes:
+                p.close()
+    return {"server": statistics.median(server_s), "client": statistics.median(client_s)}
+
+
+def worker_step_costs(order: str, steps: int, repeats: int) -> dict:
+    """workers/worker.py's loop against the in-process server (one worker, BSP): per step, medians over runs of
+    `steps` steps, of the whole step, the server's part and the worker's own; and the plain loop's step."""
+    from workers.worker import Worker
+    whole, server, own = [], [], []
+    for _ in range(repeats):
+        with in_process(1, "bsp", order, steps=steps) as (srv, turns, make_client, prefix):
+            w = Worker(srv.address, 0, local=True, prefix=prefix)
+            w.client.close()
+            w.client = make_client()
+            try:
+                assert w.run() == 0 and w.steps_done == steps
+            finally:
+                w.close()
+            marks = turns.marks[steps // 10:]  # from a tenth in: caches and buffers warm
+            dt = [(b[0] - a[0]) for a, b in zip(marks, marks[1:])]
+            ds = [(b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+            whole.append(statistics.median(dt))
+            server.append(statistics.median(ds))
+            own.append(statistics.median([t - s for t, s in zip(dt, ds)]))
+    return {"step": statistics.median(whole), "server": statistics.median(server), "worker": statistics.median(own),
+            "plain": plain_step(order, steps, repeats)}
+
+
+def plain_step(order: str, steps: int, repeats: int) -> float:
+    """benchmarks/plain.py's step (the loop a user would write), in this process, on data of the same shape."""
+    from .plain import _gather_steps
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((ROWS, D))
+    y = X @ rng.standard_normal(D) + rng.standard_normal(ROWS)
+    th = np.zeros(D)
+    bufs = (np.empty((BATCH, D)), np.empty(BATCH))
+    step = _gather_steps(X, y, BATCH, 1e-3, "blocks" if order == "blocks" else "take", rng, th, bufs)
+    return _per_call(step, steps, repeats)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def measure(quick: bool) -> dict:
+    repeats, cycles, loops = REPEATS[quick], CYCLES[quick], ENCODE_LOOPS[quick]
+    res: dict = {"protocol": protocol_costs(loops, repeats), "coordinator": {}, "mailbox": {}, "worker": {}}
+    for n in (1, 2):
+        for mode in ("bsp", "asp"):
+            log(f"overhead: coordinator and server, N = {n}, {mode}")
+            res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, cycles, repeats)
+            res["mailbox"][f"{n} {mode}"] = server_client_costs(n, mode, cycles, repeats)
+    for order in ("rows", "blocks"):
+        log(f"overhead: worker step, {order} order")
+        res["worker"][order] = worker_step_costs(order, cycles, max(3, repeats // 2))
+    return res
+
+
+def _us(x: float) -> str:
+    return f"{1e6 * x:.1f}"
+
+
+def table(res: dict) -> list[list]:
+    rows = [["protocol", what, "", _us(v)] for what, v in res["protocol"].items()]
+    for key, v in res["coordinator"].items():
+        n, mode = key.split()
+        rows.append(["coordinator (no shell)", "handle() per push", f"N = {n}, {mode.upper()}", _us(v["handle"])])
+        rows.append(["coordinator (no shell)", "store update per push", f"N = {n}, {mode.upper()}", _us(v["store"])])
+    for key, v in res["mailbox"].items():
+        n, mode = key.split()
+        rows.append(["server + client, mailbox", "server per push", f"N = {n}, {mode.upper()}", _us(v["server"])])
+        rows.append(["server + client, mailbox", "client per push", f"N = {n}, {mode.upper()}", _us(v["client"])])
+    for order, v in res["worker"].items():
+        where = f"N = 1, BSP, {order} order"
+        rows.append(["worker step (d = 100, batch 256)", "whole step", where, _us(v["step"])])
+        rows.append(["worker step (d = 100, batch 256)", "of which the server", where, _us(v["server"])])
+        rows.append(["worker step (d = 100, batch 256)", "of which the worker", where, _us(v["worker"])])
+        rows.append(["worker step (d = 100, batch 256)", "plain numpy loop's whole step", where, _us(v["plain"])])
+        rows.append(["worker step (d = 100, batch 256)", "worker minus plain step", where,
+                     _us(v["worker"] - v["plain"])])
+    return rows
+
+
+def run(quick: bool = False) -> dict:
+    res = measure(quick)
+    return {
+        "name": "overhead", "title": "Fixed Python cost per step and per message (in one process, no sockets)",
+        "method": __doc__, "columns": ["part", "what", "where", "µs"], "rows": table(res), "ratios": {},
+        "targets": [], "raw": res,
+        "notes": [f"d = {D} (float64), batch {BATCH}, {ROWS:,} rows; medians over {REPEATS[quick]} repeats of "
+                  f"{CYCLES[quick]:,} pushes (coordinator, mailbox) or over {max(3, REPEATS[quick] // 2)} runs of "
+                  f"{CYCLES[quick]:,} steps (worker; each run's median step from its tenth step on); "
+                  f"{ENCODE_LOOPS[quick]:,} calls per repeat for the protocol."],
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    r = run(quick="--quick" in sys.argv)
+    for row in r["rows"]:
+        print(" | ".join(row))
+    if "--json" in sys.argv:
+        print(json.dumps(r["raw"]))
