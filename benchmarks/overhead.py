@@ -41,24 +41,30 @@ from .common import log
 D = 100
 BATCH = 256
 ROWS = 50_000
-REPEATS = {False: 7, True: 5}
-CYCLES = {False: 3000, True: 1500}     # pushes per repeat (coordinator, server); steps per worker run
-ENCODE_LOOPS = {False: 20000, True: 10000}
+# Timing: many short chunks (about a millisecond each), and the median chunk. On a shared machine a chunk that
+# another process interrupted is an outlier the median drops, where a long run's mean would carry it. A chunk holds
+# ten pushes per worker (ten steps), so the metrics line psrv writes every train.log_every = 10 steps is in each.
+CHUNK = 10
+CHUNKS = {False: 400, True: 200}       # per figure (coordinator, mailbox, plain loop, protocol)
+WORKER_RUNS = {False: 5, True: 3}
+WORKER_STEPS = {False: 3000, True: 1500}
+ENCODE_LOOPS = 20                      # calls per protocol chunk
 
 
-def _median_us(samples: list[float]) -> float:
-    return 1e6 * statistics.median(samples)
+def _median_chunk(chunks: list[float], per_chunk: int) -> float:
+    """The median chunk's time per item (s)."""
+    return statistics.median(chunks) / per_chunk
 
 
-def _per_call(fn, loops: int, repeats: int) -> float:
-    """Median over repeats of the time of one call of fn (s)."""
+def _per_call(fn, loops: int, chunks: int) -> float:
+    """The time of one call of fn (s): the median over chunks of `loops` calls, after one unmeasured chunk."""
     out = []
-    for _ in range(repeats):
+    for _ in range(chunks + 1):
         t0 = time.perf_counter()
         for _ in range(loops):
             fn()
-        out.append((time.perf_counter() - t0) / loops)
-    return statistics.median(out)
+        out.append(time.perf_counter() - t0)
+    return _median_chunk(out[1:], loops)
 
 
 # ------------------------------------------------------------------------------------------------ protocol
@@ -67,23 +73,24 @@ def _push_header(rid: int = 7) -> dict:
             "loss": 0.5, "count": BATCH, "pull": True, "compute_s": 1.5e-4, "request_s": 3.0e-5, "rid": rid}
 
 
-def protocol_costs(loops: int, repeats: int) -> dict:
+def protocol_costs(chunks: int) -> dict:
     from psrv import protocol
     push = _push_header()
     push_frames = protocol.encode(push)
     theta = {"op": "theta", "clock": 12, "version": 12, "batch": [0, 3, 2560, BATCH], "rid": 7}
     theta_frames = protocol.encode(theta)
+    n = ENCODE_LOOPS
     return {
-        "encode push": _per_call(lambda: protocol.encode(push), loops, repeats),
-        "decode push": _per_call(lambda: protocol.decode(push_frames, protocol.REQUESTS), loops, repeats),
-        "encode theta reply": _per_call(lambda: protocol.encode(theta), loops, repeats),
-        "decode theta reply": _per_call(lambda: protocol.decode(theta_frames, protocol.REPLIES), loops, repeats),
+        "encode push": _per_call(lambda: protocol.encode(push), n, chunks),
+        "decode push": _per_call(lambda: protocol.decode(push_frames, protocol.REQUESTS), n, chunks),
+        "encode theta reply": _per_call(lambda: protocol.encode(theta), n, chunks),
+        "decode theta reply": _per_call(lambda: protocol.decode(theta_frames, protocol.REPLIES), n, chunks),
     }
 
 
 # ------------------------------------------------------------------------------------------------ coordinator
-def coordinator_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
-    """(handle s, store s) per push, medians over repeats, for n workers pushing with pull = true in turn."""
+def coordinator_costs(n: int, mode: str, chunks: int) -> dict:
+    """(handle s, store s) per push for n workers pushing with pull = true in turn: medians over chunks."""
     from psrv import config, events as ev
     from psrv.coordinator import Coordinator
     from psrv.optim import SGD
@@ -96,7 +103,7 @@ def coordinator_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
     grad = np.random.default_rng(0).standard_normal(D + 1)
     served: dict[int, ev.Theta] = {}
     seq = dict.fromkeys(range(n), 0)
-    rid = [0]
+    rid, clock = [0], [1.0]
 
     def run(event, now):
         out = c.handle(event, now)
@@ -118,22 +125,22 @@ def coordinator_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
     for w in range(n):
         run(ev.Pull(b"w%d" % w, w, 1, 0), 0.0)
     handle_s, store_s = [], []
-    for _ in range(repeats):
+    for _ in range(chunks + 1):
         total = in_store = 0.0
-        for k in range(cycles // n):
+        for _ in range(CHUNK):
             for w in range(n):
                 th = served.pop(w)
                 seq[w] += 1
                 rid[0] += 1
+                clock[0] += 1e-4  # a push every 0.1 ms of the coordinator's clock
                 e = ev.Push(th.ident, w, 1, "sid", seq[w], th.clock, th.version, 0.5, th.batch[3], True, 1e-4,
                             1e-5, grad, True, None, rid[0])
                 t0 = time.perf_counter()
-                in_store += run(e, 1.0 + k * 1e-4)
+                in_store += run(e, clock[0])
                 total += time.perf_counter() - t0
-        pushes = n * (cycles // n)
-        handle_s.append((total - in_store) / pushes)
-        store_s.append(in_store / pushes)
-    return {"handle": statistics.median(handle_s), "store": statistics.median(store_s)}
+        handle_s.append(total - in_store)
+        store_s.append(in_store)
+    return {"handle": _median_chunk(handle_s[1:], CHUNK * n), "store": _median_chunk(store_s[1:], CHUNK * n)}
 
 
 # ------------------------------------------------------------------------------------------------ in-process server
@@ -191,7 +198,7 @@ def _client_class():
 @contextlib.contextmanager
 def in_process(n: int, mode: str, order: str = "rows", steps: int = 10**9):
     """A psrv Server object in this process (mailboxes on, as when it has a core of its own), and a factory of
-    clients that hand it its turn; yields (server, turns, make_client)."""
+    clients that hand it its turn; yields (server, turns, make_client, shared-memory prefix)."""
     from psrv import blocks, config, data
     from psrv.server import Server
     cfg = config.load({"data": {"n": ROWS, "d": D, "standardize": False, "batch_order": order, "seed": 1},
@@ -222,7 +229,7 @@ def in_process(n: int, mode: str, order: str = "rows", steps: int = 10**9):
             block.unlink()
 
 
-def server_client_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
+def server_client_costs(n: int, mode: str, chunks: int) -> dict:
     """(server s, client s) per push through the mailboxes, n clients pushing with pull = true in turn."""
     from workers.worker import Plane
     with in_process(n, mode) as (server, turns, make_client, _):
@@ -233,31 +240,31 @@ def server_client_costs(n: int, mode: str, cycles: int, repeats: int) -> dict:
                 c.send({"op": "pull", "wid": c.wid, "inc": c.inc, "clock": 0})
             replies = [c.wait() for c in clients]
             assert server.mailbox_requests >= n, "the pulls did not go through the mailboxes"
-            server_s, client_s = [], []
-            for _ in range(repeats):
+            server_s, total_s = [], []
+            for _ in range(chunks + 1):
                 s0, t0 = turns.server_s, time.perf_counter()
-                for _ in range(cycles // n):
+                for _ in range(CHUNK):
                     for c, p, (h, arrays) in zip(clients, planes, replies):
                         p.theta(h, arrays)
                         c.push(h["clock"], None, 0.5, h["batch"][3], h["version"], 1e-4, 1e-5, wait=False)
                     replies = [c.wait() for c in clients]
-                total = time.perf_counter() - t0
-                pushes = n * (cycles // n)
-                server_s.append((turns.server_s - s0) / pushes)
-                client_s.append((total - (turns.server_s - s0)) / pushes)
+                total_s.append(time.perf_counter() - t0)
+                server_s.append(turns.server_s - s0)
             assert all(h["op"] == "theta" for h, _ in replies)
         finally:
             for p in planes:
                 p.close()
-    return {"server": statistics.median(server_s), "client": statistics.median(client_s)}
+    client_s = [t - s for t, s in zip(total_s, server_s)]
+    return {"server": _median_chunk(server_s[1:], CHUNK * n), "client": _median_chunk(client_s[1:], CHUNK * n)}
 
 
-def worker_step_costs(order: str, steps: int, repeats: int) -> dict:
-    """workers/worker.py's loop against the in-process server (one worker, BSP): per step, medians over runs of
-    `steps` steps, of the whole step, the server's part and the worker's own; and the plain loop's step."""
+def worker_step_costs(order: str, steps: int, runs: int, chunks: int) -> dict:
+    """workers/worker.py's loop against the in-process server (one worker, BSP): per step, medians over chunks of
+    CHUNK steps (from a tenth of each run on) of the whole step, the server's part and the worker's own; and the
+    plain loop's step."""
     from workers.worker import Worker
-    whole, server, own = [], [], []
-    for _ in range(repeats):
+    whole, server = [], []
+    for _ in range(runs):
         with in_process(1, "bsp", order, steps=steps) as (srv, turns, make_client, prefix):
             w = Worker(srv.address, 0, local=True, prefix=prefix)
             w.client.close()
@@ -267,16 +274,15 @@ def worker_step_costs(order: str, steps: int, repeats: int) -> dict:
             finally:
                 w.close()
             marks = turns.marks[steps // 10:]  # from a tenth in: caches and buffers warm
-            dt = [(b[0] - a[0]) for a, b in zip(marks, marks[1:])]
-            ds = [(b[1] - a[1]) for a, b in zip(marks, marks[1:])]
-            whole.append(statistics.median(dt))
-            server.append(statistics.median(ds))
-            own.append(statistics.median([t - s for t, s in zip(dt, ds)]))
-    return {"step": statistics.median(whole), "server": statistics.median(server), "worker": statistics.median(own),
-            "plain": plain_step(order, steps, repeats)}
+            for a, b in zip(marks[::CHUNK], marks[CHUNK::CHUNK]):
+                whole.append(b[0] - a[0])
+                server.append(b[1] - a[1])
+    own = [t - s for t, s in zip(whole, server)]
+    return {"step": _median_chunk(whole, CHUNK), "server": _median_chunk(server, CHUNK),
+            "worker": _median_chunk(own, CHUNK), "plain": plain_step(order, chunks)}
 
 
-def plain_step(order: str, steps: int, repeats: int) -> float:
+def plain_step(order: str, chunks: int) -> float:
     """benchmarks/plain.py's step (the loop a user would write), in this process, on data of the same shape."""
     from .plain import _gather_steps
     rng = np.random.default_rng(0)
@@ -285,21 +291,21 @@ def plain_step(order: str, steps: int, repeats: int) -> float:
     th = np.zeros(D)
     bufs = (np.empty((BATCH, D)), np.empty(BATCH))
     step = _gather_steps(X, y, BATCH, 1e-3, "blocks" if order == "blocks" else "take", rng, th, bufs)
-    return _per_call(step, steps, repeats)
+    return _per_call(step, CHUNK, chunks)
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
 def measure(quick: bool) -> dict:
-    repeats, cycles, loops = REPEATS[quick], CYCLES[quick], ENCODE_LOOPS[quick]
-    res: dict = {"protocol": protocol_costs(loops, repeats), "coordinator": {}, "mailbox": {}, "worker": {}}
+    chunks = CHUNKS[quick]
+    res: dict = {"protocol": protocol_costs(chunks), "coordinator": {}, "mailbox": {}, "worker": {}}
     for n in (1, 2):
         for mode in ("bsp", "asp"):
             log(f"overhead: coordinator and server, N = {n}, {mode}")
-            res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, cycles, repeats)
-            res["mailbox"][f"{n} {mode}"] = server_client_costs(n, mode, cycles, repeats)
+            res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, chunks)
+            res["mailbox"][f"{n} {mode}"] = server_client_costs(n, mode, chunks)
     for order in ("rows", "blocks"):
         log(f"overhead: worker step, {order} order")
-        res["worker"][order] = worker_step_costs(order, cycles, max(3, repeats // 2))
+        res["worker"][order] = worker_step_costs(order, WORKER_STEPS[quick], WORKER_RUNS[quick], chunks)
     return res
 
 
@@ -334,10 +340,12 @@ def run(quick: bool = False) -> dict:
         "name": "overhead", "title": "Fixed Python cost per step and per message (in one process, no sockets)",
         "method": __doc__, "columns": ["part", "what", "where", "µs"], "rows": table(res), "ratios": {},
         "targets": [], "raw": res,
-        "notes": [f"d = {D} (float64), batch {BATCH}, {ROWS:,} rows; medians over {REPEATS[quick]} repeats of "
-                  f"{CYCLES[quick]:,} pushes (coordinator, mailbox) or over {max(3, REPEATS[quick] // 2)} runs of "
-                  f"{CYCLES[quick]:,} steps (worker; each run's median step from its tenth step on); "
-                  f"{ENCODE_LOOPS[quick]:,} calls per repeat for the protocol."],
+        "notes": [f"d = {D} (float64), batch {BATCH}, {ROWS:,} rows. Each figure is the median over "
+                  f"{CHUNKS[quick]} chunks (after one unmeasured chunk) of {CHUNK} pushes per worker "
+                  f"(coordinator, mailbox), {CHUNK} steps (plain loop) or {ENCODE_LOOPS} calls (protocol), and, "
+                  f"for the worker, over the chunks of {CHUNK} steps of {WORKER_RUNS[quick]} runs of "
+                  f"{WORKER_STEPS[quick]:,} steps each (from each run's tenth on): a chunk is about a millisecond, "
+                  "so the median drops those that another process interrupted."],
     }
 
 
