@@ -7,9 +7,18 @@ update and which version that makes; the store carries it out.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
+
+
+def l2norm(a: np.ndarray) -> float:
+    """float(np.linalg.norm(a)), bit for bit (the square root of the flat array's dot with itself, in its dtype),
+    in a quarter of its time, which matters once per push: np.vdot raises no floating-point warning when the sum
+    overflows (it is then inf), so no np.errstate, itself two microseconds, is needed around it."""
+    sq = np.vdot(a, a)
+    return math.sqrt(sq) if type(sq) is np.float64 else float(np.sqrt(sq))
 
 
 class Store:
@@ -61,9 +70,8 @@ class Store:
     def measure(self, grad: np.ndarray) -> tuple[bool, float]:
         """(every entry finite, the L2 norm) in one pass when the norm is finite (a sum of squares holding a NaN or
         Inf is not). A finite gradient with entries above about 1e154 (float64) has an infinite norm."""
-        with np.errstate(over="ignore", invalid="ignore"):
-            norm = float(np.linalg.norm(grad))
-        if np.isfinite(norm):
+        norm = l2norm(grad)
+        if math.isfinite(norm):
             return True, norm
         return self.finite(grad), norm
 
@@ -105,7 +113,7 @@ class Store:
 
     def _clip(self, grad: np.ndarray) -> np.ndarray:
         if self.clip_norm > 0:
-            norm = float(np.linalg.norm(grad))
+            norm = l2norm(grad)
             if norm > self.clip_norm:
                 self.clipped += 1
                 return grad * (self.clip_norm / norm)

@@ -84,6 +84,24 @@ def test_store_measure_finds_nan_inf_and_overflow():
     assert store.measure(np.array([np.inf, 0.0, 0.0, 0.0]))[0] is False
 
 
+def test_the_norm_is_numpys_bit_for_bit_and_overflow_warns_nothing():
+    """store.l2norm (np.vdot, for speed) against np.linalg.norm itself: equal to the last bit in float64 and float32,
+    vectors and matrices; an overflowing sum is inf without a floating-point warning or error."""
+    import warnings
+
+    from psrv.store import l2norm
+    rng = np.random.default_rng(4)
+    for dtype in (np.float64, np.float32):
+        for shape in [(1,), (7,), (101,), (4099,), (51, 3)]:
+            for scale in (1e-5, 1.0, 1e5):
+                a = (rng.standard_normal(shape) * scale).astype(dtype)
+                assert l2norm(a) == float(np.linalg.norm(a)) and type(l2norm(a)) is float
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        assert l2norm(np.array([1e300, 1.0])) == math.inf
+        assert l2norm(np.array([3e38, 1.0], np.float32)) == math.inf
+
+
 # ---------------------------------------------------------------------------------------------------- pushes refused
 def test_a_nonfinite_loss_is_refused_like_a_nonfinite_gradient():
     h = H(2)
