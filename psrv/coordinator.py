@@ -86,8 +86,11 @@ class Coordinator(Roster, Sanctions):
             self._handlers[type(event)](event)
         except ProtocolError as e:
             self._refuse(event.ident, e.code, str(e), event.rid)
-        self._settle()
-        self._bookkeeping()
+        # both are no-ops in the common case that did not park a pull or apply a gradient: skipped for speed
+        if self.parked or self.stopping:
+            self._settle()
+        if self.applied_records or self.updated:
+            self._bookkeeping()
         if self.done and not self.finish_sent:  # once, and after the outputs it must include
             self.finish_sent = True
             out.append(ev.Finish(self.stopping))
@@ -174,10 +177,9 @@ class Coordinator(Roster, Sanctions):
                                 f"({batch[3] if batch else 'none'})", "bad_field")
         if not 0 <= e.version <= self.version:
             raise ProtocolError(f"push: theta version {e.version} was never served (now {self.version})", "bad_field")
-        for key in ("compute_s", "request_s"):
-            v = getattr(e, key)
-            if not 0 <= v < 1e6:  # NaN fails too
-                raise ProtocolError(f"push: {key} = {v!r} is not a plausible number", "bad_field")
+        if not (0 <= e.compute_s < 1e6 and 0 <= e.request_s < 1e6):  # NaN fails too
+            key = "compute_s" if not 0 <= e.compute_s < 1e6 else "request_s"
+            raise ProtocolError(f"push: {key} = {getattr(e, key)!r} is not a plausible number", "bad_field")
         self.members.touch(p, e.ident, self._now)
         if self.stopping:  # the run is ending: nothing more is applied, the worker is told to leave
             p.seq = e.seq
@@ -216,7 +218,7 @@ class Coordinator(Roster, Sanctions):
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self.version += 1
                 self._out.append(ev.Update(e.grad, e.keys, self.step, self.version,
-                                           1.0 / max(1, len(self.gate.members))))
+                                           1.0 / (len(self.gate.members) or 1)))
                 self.stats.applied += 1
                 self.applied_records.append(record)
                 self._updated()
@@ -293,19 +295,21 @@ class Coordinator(Roster, Sanctions):
         """Steps done: BSP steps applied; under SSP/ASP, gradients applied / workers."""
         if self.gate.mode == "bsp":
             return self.gate.step
-        return self.stats.applied // max(1, self.n_expected)
+        n = self.n_expected
+        return self.stats.applied // (n if n > 1 else 1)
 
     def clock_of(self, wid: int) -> int:
         m = self.gate.members.get(wid)
         return m.pushed if m is not None else -1
 
     def _pull(self, p: Peer, clock: int, rid) -> None:
+        limit = self.max_steps
         if self.stopping:
             self._finish(p, rid, self.stopping)
-        elif self.max_steps is not None and self.step >= self.max_steps:  # resumed from its last step
+        elif limit is not None and self.step >= limit:  # resumed from its last step
             self._stop_all("steps")
             self._finish(p, rid, "steps")
-        elif self.max_steps is not None and clock >= self.max_steps and self.gate.mode == "bsp":
+        elif limit is not None and clock >= limit and self.gate.mode == "bsp":
             self._finish(p, rid, "steps")  # the others finish the last step without it
         elif self.gate.may_serve(p.wid, clock):
             self._serve(p, clock, rid)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from itertools import islice
 from statistics import median
 
 WARMUP = 16             # accepted pushes before the norm bound applies
@@ -28,8 +29,7 @@ MIN_LOSSES = 5          # losses in the divergence median, at least (more when m
 DIVERGED_FACTOR = 1e4   # the loss median over the best one that counts as divergence
 
 
-def finite(x: float) -> bool:
-    return math.isfinite(x)
+finite = math.isfinite  # checked several times per push: the C function itself, not a Python wrapper around it
 
 
 class PushGuard:
@@ -99,8 +99,12 @@ class LossWatch:
         (k: the workers in a step)."""
         if not self.losses:
             return None
-        k = min(len(self.losses), max(k, MIN_LOSSES))
-        m = median(list(self.losses)[-k:])
+        n = len(self.losses)
+        k = min(n, max(k, MIN_LOSSES))
+        # statistics.median of the newest k, as it computes it (sort, middle or mean of the middle two), without
+        # copying the whole window first: this runs after every applied step
+        newest = sorted(islice(self.losses, n - k, None))
+        m = newest[k // 2] if k % 2 else (newest[k // 2 - 1] + newest[k // 2]) / 2
         if not finite(m):
             return m
         if self.first is None:

@@ -28,13 +28,15 @@ def unpack(raw, *, max_items: int | None = None, max_str: int | None = None, max
     """One msgpack object from untrusted bytes, or UnpackError. Maps need str keys, arrays come back as lists, str
     must be UTF-8, no extension types, no trailing bytes; max_items bounds every array and map, max_str every str,
     max_bin every bin (each defaults to the length of raw, which bounds the memory a lie can claim)."""
-    n = memoryview(raw).nbytes
+    if max_items is None or max_str is None or max_bin is None:
+        n = memoryview(raw).nbytes
+        max_items = n if max_items is None else max_items
+        max_str = n if max_str is None else max_str
+        max_bin = n if max_bin is None else max_bin
     try:
         return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext,
-                               max_array_len=n if max_items is None else max_items,
-                               max_map_len=n if max_items is None else max_items,
-                               max_str_len=n if max_str is None else max_str,
-                               max_bin_len=n if max_bin is None else max_bin)
+                               max_array_len=max_items, max_map_len=max_items, max_str_len=max_str,
+                               max_bin_len=max_bin)
     except UnpackError:
         raise
     except Exception as e:  # msgpack raises several types (ExtraData, FormatError, StackError, ValueError, ...)

@@ -27,7 +27,7 @@ from .coordinator import Coordinator, run_steps
 from .errors import ConfigError, ProtocolError, RunError
 from .metrics import Metrics
 from .outputs import num as _num, write_json as _write_json, writing as _writing
-from .protocol import Op
+from .protocol import Op, OpStr
 from .shmarray import SeqlockArray, SharedArray
 from .sparse_model import SparseLogistic
 from .spec import ServerSpec
@@ -109,6 +109,9 @@ class Server:
             self.metrics = Metrics(self.metrics_path, t.tol, t.tol_window, append=self.resumed_from is not None)
         self.last_progress_s = 0.0
         self.terminate = False                   # SIGTERM: end the run now, keeping its results
+        # per op, the event its decoded header becomes (a status request is answered here, never an event)
+        self.events = {OpStr.PUSH: self._push_event, OpStr.PULL: _pull_event, OpStr.HEARTBEAT: _heartbeat_event,
+                       OpStr.HELLO: _hello_event, OpStr.BYE: _bye_event, OpStr.GET: self._get}
         self.do = {ev.Send: self._send, ev.Theta: self._theta, ev.Welcome: self._welcome,
                    ev.Accumulate: lambda i: self.store.push(i.grad, i.keys),
                    ev.ApplyStep: lambda i: self.store.apply_step(i.step, i.version),
@@ -187,9 +190,10 @@ class Server:
         for box in list(self.mailboxes.values()):  # handling may replace a mailbox (a hello)
             req = box.request()
             if req is not None:
-                self.handle([mailbox.Ident(box.token), req])
+                self.handle([box.ident, req])
                 n += 1
-        self.mailbox_requests += n
+        if n:
+            self.mailbox_requests += n
         return n
 
     def _out(self, frames: list, ident: bytes) -> None:
@@ -211,40 +215,35 @@ class Server:
         except ProtocolError as e:
             self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), getattr(e, "rid", None)), now))
             return
-        op, rid = h["op"], h.get("rid")
-        if op == Op.PUSH:
-            try:
-                keys = self._push_keys(arrays)
-            except ProtocolError as e:
-                self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), rid), now))
-                return
-            framed = bool(arrays)
+        make = self.events.get(h["op"])
+        if make is None:  # status: a read, not a transition
+            self._send(ev.Send(ident, {"op": Op.STATUS.value, "state": self.status(), **_rid(h.get("rid"))}))
+            return
+        try:
+            event = make(ident, h, arrays)
+        except ProtocolError as e:  # the keys of a push or a get
+            self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), h.get("rid")), now))
+            return
+        if event is not None:
+            self.execute(self.coord.handle(event, now))
+
+    def _push_event(self, ident: bytes, h: dict, arrays: list) -> ev.Push:
+        keys = self._push_keys(arrays)
+        framed = bool(arrays)
+        if framed:
+            grad = arrays[-1]
+        else:  # in the worker's slot
             slot = self.slots.get(h["wid"])
-            grad = arrays[-1] if framed else (slot.array if slot is not None else None)
-            event = ev.Push(ident, h["wid"], h["inc"], h["sid"], h["seq"], h["clock"], h["version"], h["loss"],
-                            h["count"], h["pull"], h["compute_s"], h["request_s"], grad, framed, keys, rid)
-        elif op == Op.PULL:
-            event = ev.Pull(ident, h["wid"], h["inc"], h["clock"], rid)
-        elif op == Op.HEARTBEAT:
-            event = ev.Heartbeat(ident, h["wid"], h["inc"], rid)
-        elif op == Op.HELLO:
-            event = ev.Hello(ident, h["wid"], h["version"], h["role"], h["pid"], h["host"], h["local"], rid)
-        elif op == Op.BYE:
-            event = ev.Bye(ident, h["wid"], h["inc"], rid)
-        elif op == Op.GET:  # a read of some rows of theta, never held by the gate
-            try:
-                self.coord.members.current(h["wid"], h["inc"])
-                keys = self._check_keys(arrays[0])
-            except ProtocolError as e:
-                self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), rid), now))
-                return
-            self._out(protocol.encode({"op": Op.VALUES.value, "version": self.store.version, **_rid(rid)},
-                                      (self.store.theta[keys],)), ident)   # a gather: a copy of this version
-            return
-        else:  # status: a read, not a transition
-            self._send(ev.Send(ident, {"op": Op.STATUS.value, "state": self.status(), **_rid(rid)}))
-            return
-        self.execute(self.coord.handle(event, now))
+            grad = slot.array if slot is not None else None
+        return ev.Push(ident, h["wid"], h["inc"], h["sid"], h["seq"], h["clock"], h["version"], h["loss"], h["count"],
+                       h["pull"], h["compute_s"], h["request_s"], grad, framed, keys, h.get("rid"))
+
+    def _get(self, ident: bytes, h: dict, arrays: list) -> None:
+        """A read of some rows of theta, never held by the gate: answered here, no event for the coordinator."""
+        self.coord.members.current(h["wid"], h["inc"])
+        keys = self._check_keys(arrays[0])
+        self._out(protocol.encode({"op": OpStr.VALUES, "version": self.store.version, **_rid(h.get("rid"))},
+                                  (self.store.theta[keys],)), ident)   # a gather: a copy of this version
 
     def _check_keys(self, keys: np.ndarray) -> np.ndarray:
         """A decoded keys frame (sorted, distinct) whose keys are all rows of theta."""
@@ -274,7 +273,9 @@ class Server:
 
     def _theta(self, i: ev.Theta) -> None:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
-        header = {"op": Op.THETA.value, "clock": i.clock, "version": i.version, "batch": i.batch, **_rid(i.rid)}
+        header = {"op": OpStr.THETA, "clock": i.clock, "version": i.version, "batch": i.batch}
+        if i.rid is not None:
+            header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
         self._out(protocol.encode(header, () if i.shm or self.sparse else (self.store.snapshot(),)), i.ident)
 
@@ -488,6 +489,23 @@ class Server:
 
 def _rid(rid) -> dict:
     return {} if rid is None else {"rid": rid}
+
+
+# the events of the other requests, from their checked headers (psrv/protocol.py has checked every field)
+def _pull_event(ident: bytes, h: dict, arrays: list) -> ev.Pull:
+    return ev.Pull(ident, h["wid"], h["inc"], h["clock"], h.get("rid"))
+
+
+def _heartbeat_event(ident: bytes, h: dict, arrays: list) -> ev.Heartbeat:
+    return ev.Heartbeat(ident, h["wid"], h["inc"], h.get("rid"))
+
+
+def _hello_event(ident: bytes, h: dict, arrays: list) -> ev.Hello:
+    return ev.Hello(ident, h["wid"], h["version"], h["role"], h["pid"], h["host"], h["local"], h.get("rid"))
+
+
+def _bye_event(ident: bytes, h: dict, arrays: list) -> ev.Bye:
+    return ev.Bye(ident, h["wid"], h["inc"], h.get("rid"))
 
 
 def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):

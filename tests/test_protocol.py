@@ -194,3 +194,40 @@ def test_replies_may_carry_keys_a_client_does_not_know_requests_may_not():
     assert h["future"] == 1
     with pytest.raises(ProtocolError, match="unknown field"):
         protocol.decode(raw({"op": "status", "future": 1}))
+
+
+def test_op_strings_are_the_ops_values():
+    assert {k: v for k, v in vars(protocol.OpStr).items() if k.isupper()} == {o.name: o.value for o in protocol.Op}
+
+
+def test_encode_makes_msgpacks_own_bytes_in_every_thread():
+    """encode keeps a Packer per thread (for speed): its bytes are msgpack.packb's, header-only or with arrays,
+    in the main thread and in others encoding at the same time."""
+    import threading
+    headers = [push(), push(rid=3, loss=float("nan")), {"op": "status"},
+               {"op": "theta", "clock": 1, "version": 2, "batch": [0, 1, 2, 3], "rid": 2**40}]
+    want = [msgpack.packb(h, use_bin_type=True) for h in headers]
+    assert [protocol.encode(h)[0] for h in headers] == want
+    g = np.arange(3.0)
+    assert protocol.encode(push(), [g])[0] == msgpack.packb({**push(), "arrays": [["<f8", [3]]]}, use_bin_type=True)
+    bad = []
+
+    def encode_many():
+        for _ in range(2000):
+            if [protocol.encode(h)[0] for h in headers] != want:
+                bad.append(1)
+    threads = [threading.Thread(target=encode_many) for _ in range(3)]
+    for t in threads:
+        t.start()
+    encode_many()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_a_nil_rid_or_arrays_reads_as_absent():
+    h, arrays = protocol.decode([msgpack.packb({**push(), "rid": None, "arrays": None})])
+    assert "rid" not in h and "arrays" not in h and arrays == []
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode([msgpack.packb({**push(), "rid": None, "extra": 1})])
+    assert e.value.code == "bad_field" and "extra" in str(e.value)

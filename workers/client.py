@@ -17,7 +17,7 @@ import numpy as np
 
 from psrv import mailbox, protocol, transport
 from psrv.errors import ProtocolError, RunError, ServerLost
-from psrv.protocol import Op
+from psrv.protocol import Op, OpStr
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Client:
                 h, out = protocol.decode(frames, protocol.REPLIES)
                 if h.get("rid") not in (None, self.rid):
                     continue  # a late reply to an earlier request that timed out
-                if h["op"] == Op.ERROR.value:
+                if h["op"] == OpStr.ERROR:
                     raise RemoteError(h["code"], h["reason"])
                 return h, out
             if hb is not None and hb.is_alive():
@@ -207,11 +207,11 @@ class Client:
         return h
 
     def pull(self, clock: int) -> tuple[dict, list[np.ndarray]]:
-        return self.request({"op": Op.PULL.value, "wid": self.wid, "inc": self.inc, "clock": clock})
+        return self.request({"op": OpStr.PULL, "wid": self.wid, "inc": self.inc, "clock": clock})
 
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, int]:
         """(theta's rows `keys` (uint64, sorted, distinct), their version): a read the gate never holds."""
-        h, arrays = self.request({"op": Op.GET.value, "wid": self.wid, "inc": self.inc}, [keys])
+        h, arrays = self.request({"op": OpStr.GET, "wid": self.wid, "inc": self.inc}, [keys])
         return arrays[0], h["version"]
 
     def push(self, clock: int, grad, loss: float, count: int, version: int = 0,
@@ -221,7 +221,7 @@ class Client:
         next theta. With wait=False, only send: call wait() for the reply, and do not touch `grad` (or the slot)
         until then."""
         self.seq += 1
-        return (self.request if wait else self.send)({"op": Op.PUSH.value, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
+        return (self.request if wait else self.send)({"op": OpStr.PUSH, "wid": self.wid, "inc": self.inc, "sid": self.server_id,
                              "seq": self.seq, "clock": clock, "version": version, "loss": float(loss),
                              "count": int(count), "pull": pull, "compute_s": compute_s, "request_s": request_s},
                             [] if grad is None else list(grad) if isinstance(grad, tuple) else [grad])

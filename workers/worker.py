@@ -19,7 +19,7 @@ from psrv import config as config_mod
 from psrv import data, models, proc, blocks, sparse_model
 from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
-from psrv.protocol import Op
+from psrv.protocol import OpStr
 from psrv.schedule import Cursor, block_order, epoch_order
 from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
@@ -191,7 +191,7 @@ class Worker:
         ready = None      # the batch whose rows are already in Xb, yb (gathered while waiting for the server)
         hits = misses = 0  # of those guesses; guessing pauses while they mostly miss (a worker holding several
         carried_s = 0.0    # shards alternates between them). carried_s: gathering after a push, part of the next step
-        while h["op"] == Op.THETA.value:
+        while h["op"] == OpStr.THETA:
             t0 = time.perf_counter()
             clock = h["clock"]
             theta, version = plane.theta(h, arrays)
@@ -265,7 +265,7 @@ class Worker:
         try:
             h, _ = self.client.pull(0)
             ready, request_s, carried_s = None, 0.0, 0.0
-            while h["op"] == Op.THETA.value:
+            while h["op"] == OpStr.THETA:
                 t0 = time.perf_counter()
                 clock, batch = h["clock"], h["batch"]
                 prep = ready[1] if ready is not None and ready[0] == batch else prepare(batch)
