@@ -167,6 +167,11 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def path_for(directory: str, step: int) -> str:
+    """The path save() gives the checkpoint of `step` in `directory`."""
+    return os.path.join(os.fspath(directory), f"ckpt-{step:010d}.psrv")
+
+
 def save(directory: str, step: int, state: dict, arrays: dict[str, np.ndarray], keep: int = 3) -> str:
     """Write checkpoint `ckpt-{step:010d}.psrv` in `directory` atomically and return its path; then delete all but the
     newest `keep` checkpoints of that directory. `state` is any msgpack-serializable dict (str keys; ints, floats,
@@ -191,7 +196,7 @@ def save(directory: str, step: int, state: dict, arrays: dict[str, np.ndarray], 
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    final = os.path.join(directory, f"ckpt-{step:010d}.psrv")
+    final = path_for(directory, step)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{step:010d}-{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

@@ -124,15 +124,19 @@ class KeyedStore:
         cap = max(n, 2 * len(self.theta))
         theta = np.zeros((cap, self.width), dtype=self.dtype)
         theta[:len(self.theta)] = self.theta
-        state = self.optimizer.state_dict()
-        opt = self._make(theta)
+        self.theta, self.optimizer = theta, self._optimizer_for(theta, self.optimizer.state_dict())
+
+    def _optimizer_for(self, theta: np.ndarray, state: dict):
+        """A new optimizer for theta holding `state` (a state_dict of fewer rows) padded with zeros: a new row's
+        state is what a fresh optimizer's would be. ValueError from load_state_dict if the state does not fit."""
         padded = {}
         for k, a in state["arrays"].items():
-            big = np.zeros((cap,) + a.shape[1:], dtype=a.dtype)
+            big = np.zeros((len(theta),) + a.shape[1:], dtype=a.dtype)
             big[:len(a)] = a
             padded[k] = big
+        opt = self._make(theta)
         opt.load_state_dict({**state, "arrays": padded})
-        self.theta, self.optimizer = theta, opt
+        return opt
 
     def _rows(self, keys) -> np.ndarray:
         rows = self.index.rows(keys)
@@ -157,3 +161,40 @@ class KeyedStore:
         if len(rows) > 1 and not (np.diff(rows) > 0).all():
             raise ValueError("push: a key appears twice (sum its gradients first)")
         self.optimizer.step(self.theta, np.ascontiguousarray(grad[order], dtype=self.dtype), lr, rows=rows)
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(state, arrays) for checkpoint.save: the keys in row order ("keys"), their rows ("values") and each
+        optimizer state array ("optimizer.NAME": FTRL's z and n, Adam's m, v and per-row counts t, ...), the
+        len(self) rows in use only, as copies."""
+        n = len(self)
+        opt = self.optimizer.state_dict()
+        arrays = {"keys": self.index.keys[:n].copy(), "values": self.theta[:n].copy()}
+        arrays.update({f"optimizer.{k}": a[:n] for k, a in opt["arrays"].items()})
+        return {"width": self.width, "dtype": self.dtype.str, "rows": n, "optimizer": opt["name"],
+                "steps": opt["steps"]}, arrays
+
+    def load(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Become the store a state() describes (as checkpoint.load returns it): the same keys on the same rows, so
+        later pulls and pushes give bit for bit what the saved store would have. ValueError, and this store
+        unchanged, if it does not fit (width, dtype, optimizer, shapes, repeated keys)."""
+        n = state.get("rows")
+        if state.get("width") != self.width or state.get("dtype") != self.dtype.str:
+            raise ValueError(f"keyed state is {state.get('dtype')} rows of width {state.get('width')}; this store "
+                             f"holds {self.dtype.str} rows of width {self.width}")
+        opt = {k[len("optimizer."):]: a for k, a in arrays.items() if k.startswith("optimizer.")}
+        if set(arrays) != {"keys", "values", *(f"optimizer.{k}" for k in opt)}:
+            raise ValueError(f"keyed state has arrays {sorted(arrays)}; expected keys, values, optimizer.*")
+        keys, values = arrays["keys"], arrays["values"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or keys.dtype != np.uint64 or keys.shape != (n,) \
+                or values.shape != (n, self.width) or any(a.shape[:1] != (n,) for a in opt.values()):
+            raise ValueError(f"keyed state of {n!r} rows has keys {keys.dtype} {list(keys.shape)}, values "
+                             f"{list(values.shape)} and optimizer arrays {[list(a.shape) for a in opt.values()]}")
+        index = KeyIndex(n)
+        index.rows(keys)
+        if len(index) != n:
+            raise ValueError(f"keyed state lists {n - len(index)} key(s) twice")
+        theta = np.zeros((max(n, 1), self.width), dtype=self.dtype)
+        theta[:n] = values
+        optimizer = self._optimizer_for(theta, {"name": state.get("optimizer"), "steps": state.get("steps"),
+                                                "arrays": opt})
+        self.index, self.theta, self.optimizer = index, theta, optimizer
