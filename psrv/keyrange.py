@@ -131,9 +131,19 @@ class Ranges:
         keys = np.asarray(keys)
         if keys.dtype != np.uint64:
             raise TypeError(f"owner: keys must be uint64; got {keys.dtype}")
-        if not len(self.cuts):
-            return np.zeros(keys.shape, dtype=np.int64)
-        return np.searchsorted(self.cuts, splitmix64(keys), side="right").astype(np.int64)
+        return self._owners(keys).astype(np.int64)
+
+    def _owners(self, keys: np.ndarray) -> np.ndarray:
+        """owner() in a small integer type: numpy's stable argsort of 8- and 16-bit integers is a radix sort."""
+        h = splitmix64(keys)
+        if len(self.cuts) < 16:
+            # the number of cuts <= h, one vectorized compare per cut: about 10x faster than searchsorted's binary
+            # search per key at S = 4
+            owner = np.zeros(h.shape, dtype=np.uint8)
+            for c in self.cuts:
+                owner += h >= c
+            return owner
+        return np.searchsorted(self.cuts, h, side="right").astype(np.uint16 if len(self) <= 1 << 16 else np.int64)
 
     def check(self, s: int, keys: np.ndarray, what: str = "keys") -> np.ndarray:
         """`keys` if they are sorted, distinct and all owned by range s (what a range server accepts); else
@@ -156,9 +166,8 @@ class Ranges:
             _check_rows(values, len(keys), "values")
         if len(self) == 1:
             return [keys] if values is None else [(keys, values)]
-        owner = self.owner(keys)
-        # a small integer type makes numpy's stable argsort a radix sort: O(n), not O(n log n)
-        order = np.argsort(owner.astype(np.uint16 if len(self) <= 1 << 16 else np.int64), kind="stable")
+        owner = self._owners(keys)
+        order = np.argsort(owner, kind="stable")   # a radix sort, O(n); stable, so each range's keys stay sorted
         ends = np.cumsum(np.bincount(owner, minlength=len(self)))[:-1]
         parts_k = np.split(keys[order], ends)
         if values is None:
