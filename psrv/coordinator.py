@@ -212,7 +212,8 @@ class Coordinator(Roster, Sanctions):
         if applied:
             # request_s is the worker's wait for the theta it computed this on: of that wait, the server held the
             # pull for held_s (the barrier or the staleness bound), at most all of it
-            record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s, min(p.held_s, e.request_s),
+            held_s = p.held_s if p.held_s <= e.request_s else e.request_s  # min(), spelled out
+            record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s, held_s,
                             self.gate.staleness_of(p.wid, e.clock), self.version - e.version)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)

@@ -47,10 +47,11 @@ class _Optimizer:
     def _check(self, theta: np.ndarray, grad: np.ndarray, rows: np.ndarray | None) -> None:
         # Cheap guard: numpy would otherwise broadcast or silently cast into the preallocated buffers.
         shape = self.shape if rows is None else (len(rows), *self.shape[1:])
-        for what, a, want in (("theta", theta, self.shape), ("grad", grad, shape)):
-            if a.shape != want or a.dtype != self.dtype:
-                raise ValueError(f"{self.name}: {what} is {a.dtype.str} {list(a.shape)}, but this optimizer was "
-                                 f"built for {self.dtype.str} {list(want)}")
+        if theta.shape != self.shape or grad.shape != shape or theta.dtype != self.dtype or grad.dtype != self.dtype:
+            for what, a, want in (("theta", theta, self.shape), ("grad", grad, shape)):
+                if a.shape != want or a.dtype != self.dtype:
+                    raise ValueError(f"{self.name}: {what} is {a.dtype.str} {list(a.shape)}, but this optimizer "
+                                     f"was built for {self.dtype.str} {list(want)}")
         if rows is not None and len(rows) and (rows.ndim != 1 or rows[0] < 0 or rows[-1] >= self.shape[0]
                                                or (len(rows) > 1 and not (np.diff(rows) > 0).all())):
             raise ValueError(f"{self.name}: rows must be increasing indices below {self.shape[0]}")

@@ -43,7 +43,8 @@ class Stats:
     def account(self, r: Record) -> None:
         self.staleness_hist[r.staleness] = self.staleness_hist.get(r.staleness, 0) + 1
         self.pushes[r.peer.wid] = self.pushes.get(r.peer.wid, 0) + 1
-        self.version_lag_max = max(self.version_lag_max, r.lag)
+        if r.lag > self.version_lag_max:  # max() spelled out: once per applied gradient
+            self.version_lag_max = r.lag
         self.samples += r.count
         self.compute_s += r.compute_s
         self.request_s += r.request_s

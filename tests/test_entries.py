@@ -49,11 +49,11 @@ def test_worker_entry_must_name_a_function(entry):
 
 def test_next_batch_guess_follows_the_servers_cursor():
     # the batch a worker gathers ahead is the one the server's cursor hands out next, across epoch ends
-    size, batch_size = 10, 4
-    cursor = Cursor(size=size)
-    served = [[7, *cursor.take(batch_size)] for _ in range(8)]
-    for this, after in zip(served, served[1:]):
-        assert _next_batch(this, size, batch_size) == after
+    for size, batch_size in [(10, 4), (10, 5), (10, 10), (10, 20), (1, 1), (7, 3), (256, 100)]:
+        cursor = Cursor(size=size)
+        served = [[7, *cursor.take(batch_size)] for _ in range(3 * size // batch_size + 4)]
+        for this, after in zip(served, served[1:]):
+            assert _next_batch(this, size, batch_size) == after
 
 
 @pytest.mark.parametrize("text,message", [

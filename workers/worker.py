@@ -20,7 +20,7 @@ from psrv import data, models, proc, blocks, sparse_model
 from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import OpStr
-from psrv.schedule import Cursor, block_order, epoch_order
+from psrv.schedule import block_order, epoch_order
 from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
 from psrv.shmarray import SeqlockArray, SharedArray
@@ -365,9 +365,12 @@ def _rows(X, y, idx, Xb, yb, blocks: bool):
 def _next_batch(batch: list[int], size: int, batch_size: int) -> list[int]:
     """The batch the server hands out after `batch` when nothing else intervenes."""
     shard, epoch, start, count = batch
-    cursor = Cursor(size=size, epoch=epoch, pos=start)
-    cursor.take(count)  # the batch just served; the next take is what the server's cursor does after it
-    return [shard, *cursor.take(batch_size)]
+    # psrv.schedule.Cursor.take's arithmetic, twice (the batch just served, then the next), without making a
+    # Cursor every step: a batch never crosses the end of its epoch, and the next epoch starts at row 0
+    pos = start + min(count, size - start)
+    if pos >= size:
+        epoch, pos = epoch + 1, 0
+    return [shard, epoch, pos, min(batch_size, size - pos)]
 
 
 def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int, make=Worker) -> None:
