@@ -50,7 +50,8 @@ class Gate:
         return self._bsp_complete()
 
     def min_clock(self) -> int:
-        return min((m.pushed for m in self.members.values()), default=self.step)
+        # a list, not a generator: asked at every SSP/ASP serve, and a generator's frames cost more than the list
+        return min([m.pushed for m in self.members.values()]) if self.members else self.step
 
     # ------------------------------------------------------------------ pulls
     def check_pull(self, wid: int, clock: int) -> None:
