@@ -75,12 +75,19 @@ def shm_of(pid: int) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"psrv_{pid}_")]
 
 
+NO_PLOT = ["--set", "output.plot=false"]
+
+
 class Launch:
-    """launch.py as a subprocess, tagged so that its children can be found afterwards."""
+    """launch.py as a subprocess, tagged so that its children can be found afterwards. Its runs write no loss.png
+    unless the test sets output.plot itself: the figure costs a run about a second of CPU at its end (matplotlib's
+    import and layout), and the tests that look at it (tests/test_training.py, tests/test_packaging.py) ask."""
 
     def __init__(self, args, tmp_path: Path, env=None, prefix=()):
         """prefix: a command that runs the launcher, e.g. in a network namespace (`ip netns exec NS`: it execs
         in the same process, so the launcher's pid, which its shared-memory names carry, is still proc.pid)."""
+        if args[:1] != ["predict"] and not any("output.plot" in a for a in args):
+            args = [*args, *NO_PLOT]
         self.tag = uuid.uuid4().hex
         e = {**os.environ, "PSRV_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.out = tmp_path / "out"

@@ -97,7 +97,7 @@ def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm
                          "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr,
                                    "seed": 11, "lr_schedule": "cosine"},
                          "worker": {"shm": shm},      # theta and gradients through shared memory, or ZeroMQ
-                         "output": {"dir": str(tmp_path)}})
+                         "output": {"dir": str(tmp_path), "plot": False}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
     shards = shard_rows(n, workers, how)
     if order == "blocks":
@@ -122,7 +122,7 @@ def test_local_sgd_equals_serial_model_averaging(tmp_path, order):
     r = psrv.train({"data": {"n": n, "d": d, "seed": 2, "batch_order": order},
                     "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 5,
                               "lr_schedule": "constant", "local_steps": 4},
-                    "output": {"dir": str(tmp_path)}})
+                    "output": {"dir": str(tmp_path), "plot": False}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 2}}).data)
     shards = shard_rows(n, workers, "range")
     if order == "blocks":
@@ -141,7 +141,7 @@ def lstsq_loss(X, y):
 @pytest.mark.parametrize("name", ["default.toml", "seed_example.toml"])
 def test_shipped_configs_reach_the_least_squares_optimum(tmp_path, name):
     path = ROOT / "configs" / name
-    r = psrv.train(path, [f"output.dir={tmp_path}"])
+    r = psrv.train(path, [f"output.dir={tmp_path}", "output.plot=false"])
     X, y, _, _ = data.load_arrays(config.load(path).data)
     optimum = lstsq_loss(X, y)
     assert abs(r.summary["final_loss"] - optimum) <= 1e-3 * optimum
@@ -151,8 +151,8 @@ def test_shipped_configs_reach_the_least_squares_optimum(tmp_path, name):
 
 
 def test_outputs(tmp_path):
-    r = psrv.train(None, [f"output.dir={tmp_path}", "data.n=3000", "train.steps=25", "train.log_every=10",
-                          "train.workers=2"])
+    r = psrv.train(None, [f"output.dir={tmp_path}", "output.plot=false", "data.n=3000", "train.steps=25",
+                          "train.log_every=10", "train.workers=2"])
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if not x.get("full")] == [10, 20, 25]
     assert all(x["loss"] > 0 and x["elapsed_s"] >= 0 for x in lines)
@@ -175,7 +175,7 @@ def test_data_files_train_like_synthetic(tmp_path):
     thetas = []
     for src in ("d.npz", "d.csv"):
         r = psrv.train({"data": {"source": str(tmp_path / src)}, "train": {"workers": 2, "steps": 40},
-                        "output": {"dir": str(tmp_path / src.replace(".", "_"))}})
+                        "output": {"dir": str(tmp_path / src.replace(".", "_")), "plot": False}})
         thetas.append(r.theta)
     np.testing.assert_allclose(thetas[0], thetas[1], rtol=1e-12)
 
@@ -188,7 +188,7 @@ def test_block_batches_reach_the_same_held_out_loss_as_row_batches(tmp_path):
         r = psrv.train({"data": {"n": 20_000, "d": 20, "seed": 3, "test_fraction": 0.2, "batch_order": order},
                         "train": {"workers": 2, "batch_size": 64, "steps": 400, "lr": 0.02,
                                   "lr_schedule": "constant"},
-                        "output": {"dir": str(tmp_path / order)}})
+                        "output": {"dir": str(tmp_path / order), "plot": False}})
         return r.summary["test_loss"], r.summary["samples"]
     (rows, n_rows), (blocks, n_blocks) = held_out("rows"), held_out("blocks")
     assert n_rows == n_blocks

@@ -109,7 +109,7 @@ def test_a_worker_on_the_servers_machine_trains_through_its_mailbox(tmp_path):
                     "train": {"workers": 1, "batch_size": batch, "steps": steps, "lr": lr, "seed": 3,
                               "lr_schedule": "cosine"},
                     "server": {"spin_s": 1.0},
-                    "output": {"dir": str(tmp_path)}})
+                    "output": {"dir": str(tmp_path), "plot": False}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 6}}).data)
     expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=3)
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
@@ -125,7 +125,7 @@ def test_no_mailbox_when_the_server_shares_a_core_or_spin_is_off(tmp_path):
                               {"train": {"workers": 1}, "server": {"spin_s": 0.0}}]):
         r = psrv.train({"data": {"n": 600, "d": 3}, **over,
                         "train": {**over["train"], "steps": 20, "batch_size": 10},
-                        "output": {"dir": str(tmp_path / str(i))}})
+                        "output": {"dir": str(tmp_path / str(i)), "plot": False}})
         assert r.summary["mailbox_requests"] == 0
 
 

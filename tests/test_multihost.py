@@ -66,7 +66,8 @@ def test_a_two_host_slurm_job_equals_the_same_job_on_one_host(net, keys, tmp_pat
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["workers"] == 2 and s["steps"] == 600
     theta = np.load(tmp_path / "out" / "theta.npy")
-    one = psrv.train(None, [a for a in JOB if a != "--set"] + ["train.workers=2", f"output.dir={tmp_path / 'one'}"])
+    one = psrv.train(None, [a for a in JOB if a != "--set"] + ["train.workers=2", f"output.dir={tmp_path / 'one'}",
+                                                                "output.plot=false"])
     assert np.abs(theta - one.theta).max() <= 1e-10 * np.abs(one.theta).max()
     X, y, _, _ = data.load_arrays(config.load(None, [a for a in JOB if a != "--set"]).data)
     optimum = lstsq_loss(X, y)

@@ -197,7 +197,7 @@ def test_nan_pushes_are_rejected_and_the_run_equals_one_that_skipped_them(tmp_pa
     with faults.injected(nan_worker=1, nan_steps=bad):
         r = psrv.train({"data": {"n": n, "d": d, "seed": 4},
                         "train": {"workers": 2, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11},
-                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path)}})
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path), "plot": False}})
     s = r.summary
     assert s["rejected"] == {"nonfinite": len(bad)} and s["quarantined"] == []
     assert np.isfinite(r.theta).all()
@@ -212,7 +212,7 @@ def test_a_worker_that_keeps_pushing_nan_is_quarantined(tmp_path):
     with faults.injected(nan_worker=1, nan_steps=list(range(5, 200))):
         r = psrv.train({"data": {"n": 4000, "d": 5}, "train": {"workers": 2, "steps": 200, "consistency": "asp"},
                         "server": {"max_bad_pushes": 3},
-                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path)}})
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path), "plot": False}})
     s = r.summary
     assert s["quarantined"] == [1] and s["rejected"]["nonfinite"] == 3
     assert s["steps"] == 200 and np.isfinite(r.theta).all()

@@ -89,7 +89,8 @@ def test_a_three_node_slurm_job_equals_the_same_job_on_one_node(slurm, keys, tmp
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["workers"] == 3 and s["steps"] == 600 and s["consistency"] == "bsp"
     theta = np.load(tmp_path / "out" / "theta.npy")
-    one = psrv.train(None, [a for a in JOB if a != "--set"] + ["train.workers=3", f"output.dir={tmp_path / 'one'}"])
+    one = psrv.train(None, [a for a in JOB if a != "--set"] + ["train.workers=3", f"output.dir={tmp_path / 'one'}",
+                                                                "output.plot=false"])
     assert np.abs(theta - one.theta).max() <= 1e-10 * np.abs(one.theta).max()
     X, y, _, _ = data.load_arrays(config.load(None, [a for a in JOB if a != "--set"]).data)
     assert abs(s["final_loss"] - lstsq_loss(X, y)) <= 1e-3 * lstsq_loss(X, y)

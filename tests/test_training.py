@@ -18,8 +18,11 @@ DATA = ROOT / "tests" / "data"
 
 
 def train(tmp_path, **sections):
+    """A run in process; without loss.png unless asked (the figure costs a run about a second of CPU at its end,
+    and test_held_out_evaluation is the one here that looks at it)."""
     tree = {k: v for k, v in sections.items()}
     tree.setdefault("output", {})["dir"] = str(tmp_path)
+    tree["output"].setdefault("plot", False)
     return psrv.train(tree)
 
 
@@ -86,7 +89,7 @@ def test_max_wall_s_stops_the_run(tmp_path):
 
 def test_held_out_evaluation(tmp_path):
     r = train(tmp_path, data={"n": 5000, "d": 4, "test_fraction": 0.2},
-              train={"workers": 2, "steps": 300, "eval_every": 100})
+              train={"workers": 2, "steps": 300, "eval_every": 100}, output={"plot": True})
     s = r.summary
     assert s["rows"] == 4000 and s["test_rows"] == 1000 and s["metric"] == "r2"
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

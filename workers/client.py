@@ -25,6 +25,7 @@ SLICE_MS = 100
 SPIN_S = 0.002  # a reply through the mailbox is polled for without sleeping this long, then every POLL_SLEEP_S
 POLL_SLEEP_S = 50e-6
 MAILBOX_OPS = (Op.PULL.value, Op.PUSH.value)
+HALT_CHECK_S = 0.02  # how soon the heartbeat thread notices stop()
 LOST_AFTER_BEATS = 4  # heartbeat periods of "the server holds nothing of ours" before a request counts as lost
 
 
@@ -65,7 +66,9 @@ class Heartbeat(threading.Thread):
                 transport.send(sock, frames, block=False)
                 deadline = time.monotonic() + self.interval_s
                 while (left := deadline - time.monotonic()) > 0 and not self._halt.is_set():
-                    reply = transport.recv(sock, int(left * 1000) + 1)
+                    # in slices: stop() is seen within HALT_CHECK_S, not a whole interval later (every worker's
+                    # exit, and so every run's end, waited for it)
+                    reply = transport.recv(sock, int(min(left, HALT_CHECK_S) * 1000) + 1)
                     if reply is None:
                         continue
                     try:
