@@ -83,10 +83,11 @@ class Launch:
     unless the test sets output.plot itself: the figure costs a run about a second of CPU at its end (matplotlib's
     import and layout), and the tests that look at it (tests/test_training.py, tests/test_packaging.py) ask."""
 
-    def __init__(self, args, tmp_path: Path, env=None, prefix=()):
+    def __init__(self, args, tmp_path: Path, env=None, prefix=(), as_given: bool = False):
         """prefix: a command that runs the launcher, e.g. in a network namespace (`ip netns exec NS`: it execs
-        in the same process, so the launcher's pid, which its shared-memory names carry, is still proc.pid)."""
-        if args[:1] != ["predict"] and not any("output.plot" in a for a in args):
+        in the same process, so the launcher's pid, which its shared-memory names carry, is still proc.pid).
+        as_given: exactly these arguments (output.plot=false is not added)."""
+        if not as_given and args[:1] != ["predict"] and not any("output.plot" in a for a in args):
             args = [*args, *NO_PLOT]
         self.tag = uuid.uuid4().hex
         e = {**os.environ, "PSRV_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -123,8 +124,8 @@ class Launch:
 def launch(tmp_path):
     started = []
 
-    def start(*args, env=None):
-        la = Launch([str(a) for a in args], tmp_path, env)
+    def start(*args, env=None, as_given=False):
+        la = Launch([str(a) for a in args], tmp_path, env, as_given=as_given)
         started.append(la)
         return la
 

@@ -13,7 +13,7 @@ import pytest
 from psrv import launch as launch_mod
 from psrv.launch import main, server_address
 
-from .conftest import FAST, LAUNCH, address_of, sets, wait_for
+from .conftest import FAST, LAUNCH, NO_PLOT, address_of, sets, wait_for
 
 
 # ---------------------------------------------------------------------------------------------- addresses
@@ -132,7 +132,8 @@ def test_an_attach_whose_workers_die_for_good_exits_non_zero(launch, tmp_path):
 @pytest.mark.slow
 def test_a_used_output_dir_is_refused_unless_overwrite_and_a_finished_run_is_not_resumed(tmp_path, capsys):
     out = tmp_path / "run"
-    job = [*sets(data__n=2000, data__d=3, train__workers=1, train__steps=20), "--set", f"output.dir={out}", "-q"]
+    job = [*sets(data__n=2000, data__d=3, train__workers=1, train__steps=20), "--set", f"output.dir={out}", "-q",
+           *NO_PLOT]
     assert main(job) == 0
     before = {n: (out / n).read_bytes() for n in ("theta.npy", "summary.json", "metrics.jsonl")}
     capsys.readouterr()

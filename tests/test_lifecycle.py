@@ -28,7 +28,7 @@ def test_normal_run_exits_0_and_leaves_nothing(launch, tmp_path):
 
 
 def test_default_run_without_arguments(launch, tmp_path):
-    la = launch("-q")
+    la = launch("-q", as_given=True)
     code, out, err = la.wait()
     assert code == 0, err
     runs = list((tmp_path / "runs").iterdir())  # a fresh folder per run under the working directory
