@@ -269,3 +269,11 @@ def test_ftrl_run_matches_a_serial_numpy_ftrl_and_recovers_the_planted_weights(l
     # benchmarks/sparse.py reports it on the full-size job
     corr = np.corrcoef(theta[:-1], gen.weights)[0, 1]
     assert corr > 0.15, corr
+
+
+@pytest.mark.parametrize("n,d", [(0, 8), (1, 8), (500, 8), (5000, 2 ** 22), (300, 2 ** 61)])
+def test_unique_inverse_is_numpys(n, d):
+    cols = np.random.default_rng(n).integers(0, min(d, 2 ** 40), n).astype(np.int64)
+    keys, inv = sparse_model.unique_inverse(cols, d)
+    want_keys, want_inv = np.unique(cols, return_inverse=True)
+    assert np.array_equal(keys, want_keys) and np.array_equal(inv, want_inv.reshape(-1))
