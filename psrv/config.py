@@ -401,6 +401,9 @@ def _check_sparse(cfg: Config) -> None:
     if t.optimizer != "ftrl" and t.l1 != 0:
         raise ConfigError(f"train.l1: only applies to train.optimizer = 'ftrl' (got {t.optimizer!r})")
     sparse = m.kind in SPARSE_MODELS
+    if dc.log2_buckets != Data().log2_buckets and dc.source not in SPARSE_SOURCES:
+        raise ConfigError(f"data.log2_buckets: only applies to data.source = 'criteo' (got {dc.source!r}; an "
+                          f"svmlight file's width is its largest index, or data.d)")
     if dc.source in SPARSE_SOURCES and not sparse:
         raise ConfigError(f"data.source: {dc.source!r} makes sparse rows; they need model.kind = 'sparse_logistic' "
                           f"(got {m.kind!r})")

@@ -92,6 +92,8 @@ def test_keyed_bsp_step_equals_the_dense_step(name):
 def _cfg(**over):
     sets = {"data.source": "criteo", "data.n": 3000, "data.log2_buckets": 10, "data.test_fraction": 0.2,
             "model.kind": "sparse_logistic", **over}
+    if sets["data.source"] != "criteo" and "data.log2_buckets" not in over:
+        del sets["data.log2_buckets"]   # a criteo key
     return config.load(None, [f"{k}={json.dumps(v)}" for k, v in sets.items()])
 
 
@@ -134,6 +136,7 @@ def test_svmlight_with_labels_other_than_0_1_is_refused_and_its_block_removed(tm
     ({"model.fit_intercept": False}, "model.fit_intercept"),
     ({"train.local_steps": 2}, "train.local_steps"),
     ({"train.l1": 0.5}, "only applies to train.optimizer = 'ftrl'"),
+    ({"data.source": "rows.svm", "data.log2_buckets": 12}, "data.log2_buckets: only applies"),
 ])
 def test_bad_sparse_combinations_are_config_errors(over, needle):
     with pytest.raises(ConfigError, match=needle):
