@@ -193,6 +193,10 @@ def load(run_dir: str) -> Model:
     theta = np.load(theta_path, allow_pickle=False)
     meta = read_data_json(run_dir)
     kind = cfg.model.kind
+    if kind in config_mod.SPARSE_MODELS:
+        raise ConfigError(f"{run_dir}: a {kind} run; psrv.load and `launch.py predict` read dense rows and do not "
+                          f"serve sparse models yet: its theta.npy holds the d bucket weights, then the bias "
+                          f"(docs/sparse.md)")
     custom = None
     if kind not in config_mod.BUILTIN_MODELS:
         try:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from psrv import blocks, config, data, models, optim, protocol, sparse_data, sparse_model
+from psrv import model as psrv_model
 from psrv.criteo import Criteo
 from psrv.errors import ConfigError, DataError, ProtocolError
 from psrv.metrics_binary import auc
@@ -216,6 +217,8 @@ def test_sparse_bsp_equals_dense_bsp_on_the_same_rows(launch, tmp_path):
     assert np.abs(a - b).max() < 1e-10
     s = json.loads((tmp_path / "sparse" / "summary.json").read_text())
     assert s["metric"] == "auc" and s["test_rows"] == 400 and 0.5 < s["test_metric"] <= 1
+    with pytest.raises(ConfigError, match="do not serve sparse models yet"):
+        psrv_model.load(str(tmp_path / "sparse"))
 
 
 def _serial_ftrl(gen, n, steps, batch, alpha, beta, l1, l2, seed=0, fraction=0.2, workers=2):
