@@ -14,6 +14,8 @@ import os
 import signal
 import time
 
+import numpy as np
+
 from . import config as config_mod
 from . import proc, signals
 from .errors import ConfigError, RunError
@@ -21,7 +23,8 @@ from .spec import ServerSpec, WorkerSpec
 
 log = logging.getLogger("psrv")
 
-SERVER_ENTRY = "psrv.server:main"  # named, not imported: the child imports it (proc.run_entry)
+SERVER_ENTRY = "psrv.server:main"
+RANGE_ENTRY = "psrv.rangeserver:main"  # named, not imported: the child imports it (proc.run_entry)
 SERVER_START_TIMEOUT_S = 60.0   # spawn + imports + bind (+ loading a checkpoint); generous for a loaded machine
 EXIT_GRACE_S = 5.0              # how long children get to leave on their own before SIGTERM, then SIGKILL
 FINISH_NOTE_S = 60.0            # a server still writing its outputs after this long is waited for, with a note
@@ -51,6 +54,9 @@ class Cluster:
         self.on_worker = on_worker
         self.address, self.resume, self.alone, self.prefix = address, resume, alone, prefix
         self.server: Child | None = None
+        self.ranges: list[Child] = []        # server.shards > 1: the range servers of ranges 1 .. S - 1
+        self.range_links: list[dict] = []    # ... their address and theta segment, for server 0
+        self.cuts: list[int] = []
         self.workers: list[Child] = []
         self.restarts: dict[int, int] = {}   # wid (or launch slot) -> restarts so far
         self.server_restarts = 0
@@ -69,7 +75,7 @@ class Cluster:
         hold cores and too few are left for one per child, nothing is pinned (crowding this run's processes onto
         the cores left would starve some of them, a server behind a spinning worker), and the log says so."""
         t = self.cfg.train
-        wanted = max(1, (t.workers if not self.alone else 0) + (0 if self.address else 1))
+        wanted = max(1, (t.workers if not self.alone else 0) + (0 if self.address else self.cfg.server.shards))
         claim = proc.CoreClaim(wanted)
         if claim.held_elsewhere and len(claim.cores) < wanted:
             if claim.cores:
@@ -103,11 +109,14 @@ class Cluster:
             ckpt = self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints")
             from . import checkpoint
             resume = ckpt if checkpoint.checkpoints(ckpt) else None
+        if self.cfg.server.shards > 1 and not self.ranges:
+            self.start_ranges()
         spec = ServerSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit), layout=self.layout.to_dict(),
                           out_dir=self.out_dir, bind=self.address or None, resume=resume,
                           server_restarts=self.server_restarts, alone=self.alone, shm_prefix=self.prefix,
                           own_core=self.server_core is not None and (self.alone or
-                                                                     len(self.cores) > self.cfg.train.workers))
+                                                                     len(self.cores) > self.cfg.train.workers),
+                          cuts=tuple(self.cuts), ranges=tuple(self.range_links))
         self.server = self._spawn("server", proc.run_entry, (SERVER_ENTRY, spec), self.server_core)
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -125,6 +134,36 @@ class Cluster:
             elif not self.server.process.is_alive():
                 raise RunError("server", f"exited during start-up ({self.server.describe_exit()})")
         raise RunError("server", f"did not start within {SERVER_START_TIMEOUT_S:g} s")
+
+    def start_ranges(self) -> None:
+        """server.shards = S > 1: the range servers of ranges 1 .. S - 1 (server 0 holds range 0), each on a core of
+        its own after the workers' and server 0's, started and ready before server 0, which orders their updates."""
+        from .keyrange import Ranges
+        from .rangeserver import RangeSpec
+        rows = int(self.layout.block["d"]) + 1    # a sparse model's theta: a weight per column, then the bias
+        # every row of theta holds the same 8 bytes: ranges with the same number of rows hold the same bytes
+        self.cuts = [int(c) for c in Ranges.by_bytes(self.cfg.server.shards, np.arange(rows, dtype=np.uint64), 8).cuts]
+        for s in range(1, self.cfg.server.shards):
+            spec = RangeSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit), rows=rows, index=s,
+                             cuts=self.cuts, shm_prefix=self.prefix)
+            child = self._spawn(f"range-{s}", proc.run_entry, (RANGE_ENTRY, spec), self._core(self.cfg.train.workers + s))
+            self.ranges.append(child)
+            self.range_links.append(self._ready(child))
+
+    def _ready(self, child: Child) -> dict:
+        """The "ready" event of a range server that has just been started."""
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            signals.check()
+            if child.conn.poll(0.2):
+                ev = proc.read_event(child.conn)
+                if ev is None or ev["event"] == "error":
+                    raise RunError(child.name, ev["message"] if ev else "exited during start-up")
+                if ev["event"] == "ready":
+                    return {"address": ev["address"], "theta": ev["theta"]}
+            elif not child.process.is_alive():
+                raise RunError(child.name, f"exited during start-up ({child.describe_exit()})")
+        raise RunError(child.name, f"did not start within {SERVER_START_TIMEOUT_S:g} s")
 
     def start_worker(self, wid: int, slot: int, local: bool = True) -> Child:
         """Worker `wid` (-1: the server picks an id) on the core of launch slot `slot`."""
@@ -165,7 +204,7 @@ class Cluster:
                 child.error, child.error_kind = f"{ev.get('process', child.name)}: {ev['message']}", ev.get("kind", "")
 
     def _children(self) -> list[Child]:
-        return [c for c in [self.server, *self.workers] if c is not None]
+        return [c for c in [self.server, *self.ranges, *self.workers] if c is not None]
 
     def _worker_ended(self, c: Child) -> None:
         self.workers.remove(c)
@@ -231,6 +270,8 @@ class Cluster:
             raise ConfigError(c.error.split(": ", 1)[-1])
         if c.error or c.process.exitcode == 0:  # the server itself gave up (join timeout, bad checkpoint, ...)
             raise RunError("server", c.error.split(": ", 1)[-1] if c.error else "exited without a result")
+        if self.ranges:
+            raise RunError("server", f"{c.describe_exit()}; with server.shards > 1 server 0 is not restarted")
         if self.server_restarts >= self.cfg.server.max_restarts:
             raise RunError("server", f"{c.describe_exit()}; no restarts left (server.max_restarts = "
                                      f"{self.cfg.server.max_restarts})")
@@ -256,6 +297,12 @@ class Cluster:
                 self._drain(c)
             if self.server is not None and self.server.process.exitcode is not None:
                 self._server_ended()
+            for c in self.ranges:
+                # after server 0 has read every range (finishing), a range server leaves by itself
+                if c.process.exitcode is not None and self.summary is None and (c.process.exitcode != 0
+                                                                                or not self.finishing):
+                    # a range's rows live only there (its restart from a checkpoint is not built yet)
+                    raise RunError(c.name, f"{c.describe_exit()}; the run cannot go on without its key range")
             for c in [w for w in self.workers if w.process.exitcode is not None]:
                 self._worker_ended(c)
             if self.summary is not None and done_at is None:

@@ -211,6 +211,9 @@ class Server:
                         "request, how long it polls its local workers' shared-memory mailboxes instead of sleeping "
                         "(a round trip of microseconds instead of ZeroMQ's 100-250 us); 0 turns this off",
                         lo=0, hi=1)
+    shards: int = opt(1, "server processes that hold a sparse model's theta, each a key range (docs/sparse.md, "
+                      "\"Several servers\"): server 0 coordinates and holds range 0, the launcher starts the "
+                      "other S - 1", lo=1, hi=64)
 
 
 @dataclass
@@ -407,6 +410,8 @@ def _check_sparse(cfg: Config) -> None:
     if dc.source in SPARSE_SOURCES and not sparse:
         raise ConfigError(f"data.source: {dc.source!r} makes sparse rows; they need model.kind = 'sparse_logistic' "
                           f"(got {m.kind!r})")
+    if cfg.server.shards > 1:
+        _check_shards(cfg)
     if not sparse:
         return
     svm = dc.source.lower().endswith((".svm", ".libsvm", ".svmlight", ".txt"))
@@ -420,6 +425,19 @@ def _check_sparse(cfg: Config) -> None:
         if got != need:
             raise ConfigError(f"{key}: model.kind = 'sparse_logistic' needs {key} = {need!r} (docs/sparse.md); "
                               f"got {got!r}")
+
+
+def _check_shards(cfg: Config) -> None:
+    """What several server processes do not do yet (docs/sparse.md, "Several servers")."""
+    if cfg.model.kind not in SPARSE_MODELS:
+        raise ConfigError(f"server.shards: several servers hold a sparse model's key ranges; model.kind = "
+                          f"{cfg.model.kind!r} keeps one server (server.shards = 1)")
+    need = {"train.clip_norm": (cfg.train.clip_norm, 0.0), "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0),
+            "worker.shm": (cfg.worker.shm, True)}
+    for key, (got, want) in need.items():
+        if got != want:
+            raise ConfigError(f"{key}: server.shards > 1 needs {key} = {want!r} (docs/sparse.md, \"Several "
+                              f"servers\"); got {got!r}")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

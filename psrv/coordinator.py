@@ -219,13 +219,13 @@ class Coordinator(Roster, Sanctions):
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self.version += 1
                 self._out.append(ev.Update(e.grad, e.keys, self.step, self.version,
-                                           1.0 / (len(self.gate.members) or 1)))
+                                           1.0 / (len(self.gate.members) or 1), p.wid, e.clock))
                 self.stats.applied += 1
                 self.applied_records.append(record)
                 self._updated()
             else:
                 # its rows count as visited, and it in the statistics, once the step it belongs to is applied
-                self._out.append(ev.Accumulate(e.grad, e.keys))
+                self._out.append(ev.Accumulate(e.grad, e.keys, p.wid, e.clock))
                 self.step_records.append(record)
                 if decision == COMPLETE:
                     self._apply_step()

@@ -121,6 +121,8 @@ class Accumulate:
     """BSP: add a gradient to the step being collected."""
     grad: Any
     keys: Any
+    wid: int = -1             # whose push, for which clock: with server.shards > 1 the range servers' apply names it
+    clock: int = -1
 
 
 @dataclass(slots=True)
@@ -138,6 +140,8 @@ class Update:
     step: int
     version: int
     scale: float
+    wid: int = -1
+    clock: int = -1
 
 
 @dataclass(slots=True)

@@ -43,6 +43,11 @@ class Op(str, Enum):
     STOP = "stop"
     ERROR = "error"
     VALUES = "values"
+    # between the processes of a run with server.shards = S > 1 (docs/protocol.md, "Several servers")
+    RPUSH = "rpush"
+    RGET = "rget"
+    APPLY = "apply"
+    SYNC = "sync"
 
 
 class OpStr:
@@ -50,6 +55,7 @@ class OpStr:
     reading an Enum member's .value costs about 0.4 µs, and comparing a str with the member 0.2 µs."""
     HELLO, PULL, PUSH, HEARTBEAT, BYE, STATUS, GET = "hello", "pull", "push", "heartbeat", "bye", "status", "get"
     WELCOME, THETA, ACK, STOP, ERROR, VALUES = "welcome", "theta", "ack", "stop", "error", "values"
+    RPUSH, RGET, APPLY, SYNC = "rpush", "rget", "apply", "sync"
 
 
 # Per op: the header fields (name -> type) and how many array frames may follow. Every field is required, except
@@ -68,7 +74,16 @@ REQUESTS: dict[str, tuple[dict[str, type], int]] = {
 }
 # With this many array frames, an op's first array is a keys frame: sorted, distinct "<u8" keys (rows of theta).
 # A keyed push carries keys and the gradient's values on them; a get carries the keys whose values it asks for.
-KEY_FRAMES = {Op.PUSH: 2, Op.GET: 1}
+# what a range server (psrv/rangeserver.py) accepts: a worker's slice of a push and its read at a version, and the
+# coordinator's (server 0's) orders: which held slices make an update, and a sign of life
+RANGE_REQUESTS: dict[str, tuple[dict[str, type], int]] = {
+    Op.RPUSH: ({"wid": _I, "clock": _I}, (2,)),
+    Op.RGET: ({"version": _I}, (1,)),
+    Op.APPLY: ({"step": _I, "version": _I, "pushes": _L, "mean": _B, "scale": _F}, (0,)),
+    Op.SYNC: ({"version": _I}, (0,)),
+    Op.STATUS: ({}, (0,)),
+}
+KEY_FRAMES = {Op.PUSH: 2, Op.GET: 1, Op.RPUSH: 2, Op.RGET: 1}
 REPLIES: dict[str, tuple[dict[str, type], int]] = {
     Op.WELCOME: ({"version": _I, "protocol": _I, "wid": _I, "inc": _I, "server_id": _S, "theta_shape": _L, "theta_dtype": _S,
                   "data": _M, "train": _M, "model": _M}, (2,)),
@@ -300,7 +315,7 @@ def _check(header: dict, frames: Sequence, table: dict) -> tuple[dict, list[np.n
         allowed = " or ".join(str(k) for k in n_arrays)
         raise ProtocolError(f"{op} carries {allowed} array frame(s); got {n} frame(s) and "
                             f"{len(descr) if type(descr) is list else '?'} descriptor(s)", "bad_frames")
-    keyed = KEY_FRAMES.get(op) == n and table is REQUESTS
+    keyed = KEY_FRAMES.get(op) == n and table is not REPLIES
     arrays = [_array(op, i, d, f, keyed and i == 0) for i, (d, f) in enumerate(zip(descr, frames[1:]))] if n else []
     return header, arrays
 

@@ -23,7 +23,9 @@ from . import config as config_mod
 from . import events as ev
 from .blocks import DataBlock
 from . import report
-from .coordinator import Coordinator, run_steps
+from .coordinator import Coordinator
+from .keyrange import Ranges
+from .rangeserver import RangeLinks, make_store
 from .errors import ConfigError, ProtocolError, RunError
 from .metrics import Metrics
 from .outputs import num as _num, write_json as _write_json, writing as _writing
@@ -44,7 +46,7 @@ TERMINATE_GRACE_S = 1.0  # after SIGTERM: how long workers computing a step get 
 class Server:
     def __init__(self, cfg: config_mod.Config, layout: dict, out_dir: str, reporter: proc.Reporter | None = None,
                  bind: str | None = None, resume: str | None = None, server_restarts: int = 0,
-                 alone: bool = False, shm_prefix: str = "", own_core: bool = False):
+                 alone: bool = False, shm_prefix: str = "", own_core: bool = False, cuts=(), ranges=()):
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
         self.server_restarts = server_restarts
         self.layout = data.Layout.from_dict(layout)
@@ -75,14 +77,7 @@ class Server:
             theta[...] = theta0
         else:
             theta = theta0
-        total_steps = run_steps(cfg) or t.steps
-        l2_mask = np.arange(theta.shape[0]) < self.model.l2_rows
-        ftrl = t.optimizer == "ftrl"   # FTRL's L2 is part of its closed form, not a gradient term
-        self.store = Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
-                           lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay,
-                                                    t.lr_decay_every, t.lr_min),
-                           clip_norm=t.clip_norm, l2=0.0 if ftrl else cfg.model.l2, l2_mask=l2_mask,
-                           writer=self.theta_shm)
+        self.store = make_store(cfg, theta, self.model.l2_rows, self.theta_shm)
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
@@ -124,6 +119,11 @@ class Server:
         self.sock, self.address = transport.router(
             self.ctx, bind or cfg.server.bind,
             max_frame_bytes=max(theta.nbytes, protocol.HEADER_MAX_BYTES) + 1024, keys=cfg.server.keys)
+        # server.shards > 1: the range servers the launcher started, which apply what this server orders
+        self.links = RangeLinks(self.ctx, Ranges(cuts), ranges, cfg.worker.server_timeout_s) if ranges else None
+        if self.links is not None:
+            self.links.attach(theta.shape[0])
+            self.do.update({ev.Accumulate: self._accumulate, ev.ApplyStep: self._apply_step, ev.Update: self._update})
         if not protocol.is_local(self.address) and not cfg.server.keys:
             log.warning("server.insecure: listening on %s WITHOUT authentication: anyone who can reach this "
                         "address can send gradients and read theta", self.address)
@@ -174,6 +174,8 @@ class Server:
                 self.execute(self.coord.handle(ev.Stop("terminated", at_once=True), now))
                 break
             self.execute(self.coord.handle(ev.Tick(), now))
+            if self.links is not None:
+                self.links.sync(self.coord.version, now)
             if self.coord.started_s is not None and now - self.last_progress_s >= PROGRESS_INTERVAL_S:
                 self.report_progress(now)
 
@@ -250,6 +252,11 @@ class Server:
         rows = self.store.theta.shape[0]
         if len(keys) and int(keys[-1]) >= rows:
             raise ProtocolError(f"key {int(keys[-1])} is not a row of theta (keys are 0 .. {rows - 1})", "bad_keys")
+        if self.links is not None:   # this server holds range 0 only
+            try:
+                self.links.ranges.check(0, keys)
+            except ValueError as e:
+                raise ProtocolError(f"range 0: {e}", "bad_keys") from None
         return keys
 
     def _push_keys(self, arrays: list) -> np.ndarray | None:
@@ -279,6 +286,25 @@ class Server:
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
         self._out(protocol.encode(header, () if i.shm or self.sparse else (self.store.snapshot(),)), i.ident)
 
+    # server.shards > 1: each update of range 0 is ordered to the other ranges too (psrv/rangeserver.py)
+    def _accumulate(self, i: ev.Accumulate) -> None:
+        self.store.push(i.grad, i.keys)
+        self.links.accumulated(i.wid, i.clock)
+
+    def _apply_step(self, i: ev.ApplyStep) -> None:
+        self.links.apply_step(i.step, i.version)
+        self.store.apply_step(i.step, i.version)
+
+    def _update(self, i: ev.Update) -> None:
+        self.links.update(i.wid, i.clock, i.step, i.version, i.scale)
+        self.store.update(i.grad, i.step, i.version, i.scale, i.keys)
+
+    def theta_now(self) -> np.ndarray:
+        """theta as it is now: with several servers, every range's rows at this version."""
+        if self.links is None:
+            return self.store.theta
+        return self.links.compose(self.store.theta, self.store.version)
+
     def _welcome(self, i: ev.Welcome) -> None:
         p, t, m = i.peer, self.cfg.train, self.cfg.model
         spec = self.layout.to_dict()
@@ -297,6 +323,9 @@ class Server:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
             # to load before the first pull, which puts it in the run (the others wait for it from then on)
             spec["expected_shards"] = self.coord.expected_shards(p.wid)
+        if self.links is not None:   # each range's keys go to its server; range 0's come here
+            spec["ranges"] = {"cuts": [int(c) for c in self.links.ranges.cuts],
+                              "addresses": [self.address, *self.links.addresses]}
         if p.shm and self.sparse:  # keyed reads of theta; pushes carry their keys and values as frames
             spec["shm"] = {"theta": self.theta_shm.name}
         elif p.shm:
@@ -350,7 +379,7 @@ class Server:
     def evaluate(self, step: int) -> tuple[float, float] | None:
         if self.block.spec.n_test == 0:
             return None
-        theta, X, y = self.store.theta, self.block.X_test, self.block.y_test
+        theta, X, y = self.theta_now(), self.block.X_test, self.block.y_test
         loss, metric = self.model.loss(theta, X, y), self.model.metric(theta, X, y)
         self._finite_loss(step, loss, "the held-out loss")
         with _writing("the metrics", self.metrics_path):
@@ -430,7 +459,7 @@ class Server:
         c, now = self.coord, time.monotonic()
         wall, step = c.elapsed_s(now), c.step
         tail = c.flush_loss(now)  # the pushes since the last metrics line
-        theta, X, y = self.store.theta, self.block.X, self.block.y
+        theta, X, y = self.theta_now(), self.block.X, self.block.y
         final_loss, train_metric = self.model.loss(theta, X, y), self.model.metric(theta, X, y)
         self._finite_loss(step, final_loss, "the training loss at the end")
         with _writing("the metrics", self.metrics_path):
@@ -438,9 +467,11 @@ class Server:
                 self.metrics.log_train(tail.step, tail.elapsed_s, tail.samples, tail.loss)
             self.metrics.log_final(step, wall, final_loss, _num(train_metric), self.model.metric_name)
         test = self.evaluate(step)
+        if self.links is not None:
+            self.links.sync(-1, now)   # every range is read: the range servers may go
         with _writing("the metrics", self.metrics_path):
             self.metrics.close()
-        if c.checkpointed_version != c.version:
+        if c.checkpointed_version != c.version and self.links is None:   # a range's checkpoint: not yet (docs/sparse.md)
             self.save_checkpoint()
         if isinstance(self.model, (models.Custom, SparseLogistic)):  # theta as learned: no scaling to undo
             theta_out = theta.astype(np.float64)
@@ -473,6 +504,8 @@ class Server:
         return summary
 
     def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
         self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
@@ -517,7 +550,7 @@ def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
         cfg = config_mod.Config.from_dict(spec.cfg, frozenset(spec.explicit))
         server = Server(cfg, spec.layout, spec.out_dir, reporter, bind=spec.bind, resume=spec.resume,
                         server_restarts=spec.server_restarts, alone=spec.alone, shm_prefix=spec.shm_prefix,
-                        own_core=spec.own_core)
+                        own_core=spec.own_core, cuts=spec.cuts, ranges=spec.ranges)
         # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
         with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs

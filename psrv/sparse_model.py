@@ -35,6 +35,7 @@ class Prepared:
     row: np.ndarray
     values: np.ndarray
     y: np.ndarray
+    parts: list | None = None   # server.shards > 1: the positions in `keys` of each range's keys (workers/worker.py)
 
     @property
     def m(self) -> int:

@@ -17,6 +17,8 @@ class ServerSpec:
     alone: bool = False       # --role server: workers come from elsewhere (--attach)
     shm_prefix: str = ""      # names of this run's shared-memory segments start with it
     own_core: bool = False    # pinned to a core no worker of this launcher uses: it may busy-poll (server.spin_s)
+    cuts: tuple = ()          # server.shards > 1: keyrange.Ranges(cuts), and each range server's address and theta
+    ranges: tuple = ()        # segment, ({"address": ..., "theta": ...} for ranges 1 .. S - 1)
 
 
 @dataclass(frozen=True)

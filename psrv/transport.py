@@ -164,6 +164,11 @@ def recv_now(sock: zmq.Socket) -> list:
     return sock.recv_multipart(copy=False)
 
 
+def writable(sock: zmq.Socket, timeout_ms: int) -> bool:
+    """A message can be queued within timeout_ms (a full queue empties as the peer reads)."""
+    return bool(sock.poll(timeout_ms, zmq.POLLOUT))
+
+
 def poller(*socks: zmq.Socket) -> zmq.Poller:
     p = zmq.Poller()
     for s in socks:
@@ -171,5 +176,5 @@ def poller(*socks: zmq.Socket) -> zmq.Poller:
     return p
 
 
-__all__ = ["keygen", "authenticator", "use_curve_server", "use_curve_client", "context", "router", "dealer", "send", "recv", "readable", "recv_now", "poller", "Again",
+__all__ = ["keygen", "authenticator", "use_curve_server", "use_curve_client", "context", "router", "dealer", "send", "recv", "readable", "writable", "recv_now", "poller", "Again",
            "ZMQError", "ProtocolError"]

@@ -135,12 +135,12 @@ def test_update_carries_the_pushed_array_itself():
     h.start()
     g = np.full(3, 2.0)
     out = h.push(0, grad=g)
-    assert out[0] == ev.Update(g, None, 0, 1, 1.0) and out[0].grad is g
+    assert out[0] == ev.Update(g, None, 0, 1, 1.0, wid=0, clock=0) and out[0].grad is g   # whose push: for range servers
     h2 = H(2)
     h2.start()
     g = np.full(3, 2.0)
     out = h2.push(0, grad=g)
-    assert out == [ev.Accumulate(g, None)] and out[0].grad is g
+    assert out == [ev.Accumulate(g, None, wid=0, clock=0)] and out[0].grad is g
 
 
 def test_ssp_the_death_of_the_slowest_is_not_enough_when_another_lags():

@@ -262,3 +262,56 @@ class Client:
         self.sock.close(linger=0)
         if self._own_ctx:
             self.ctx.term()
+
+
+class RangeClients:
+    """A worker's connections to the range servers of ranges 1 .. S - 1 (server.shards = S > 1; range 0 is server 0's,
+    through Client). Slices of a push go out without a reply; reads go to every range first and their replies are
+    awaited after, so the ranges answer at the same time."""
+
+    def __init__(self, ctx, addresses: list[str], wid: int, timeout_s: float):
+        self.addresses, self.wid, self.timeout_s = addresses, wid, timeout_s
+        self.socks = [transport.dealer(ctx, a) for a in addresses]
+        self.rid = 0
+
+    def _send(self, s: int, header: dict, arrays) -> None:
+        sock = self.socks[s]
+        frames = protocol.encode(header, arrays)
+        if not transport.send(sock, frames, block=False) and not (
+                transport.writable(sock, int(self.timeout_s * 1000)) and transport.send(sock, frames, block=False)):
+            raise ServerLost(f"worker {self.wid}", f"the range server at {self.addresses[s]} takes nothing for "
+                                                   f"{self.timeout_s:g} s")
+
+    def push(self, clock: int, parts: list) -> None:
+        """parts[s - 1] = (keys, values) of range s: held there until server 0 orders the step that includes it."""
+        for s, (keys, values) in enumerate(parts):
+            self._send(s, {"op": OpStr.RPUSH, "wid": self.wid, "clock": clock}, (keys, values))
+
+    def send_gets(self, version: int, parts: list) -> None:
+        """Ask range s for the rows parts[s - 1] at `version` or later (answered once it has reached it)."""
+        self.rid += 1
+        for s, keys in enumerate(parts):
+            self._send(s, {"op": OpStr.RGET, "version": version, "rid": self.rid}, (keys,))
+
+    def wait_gets(self) -> list[np.ndarray]:
+        """The replies to send_gets, one values array per range; ServerLost after timeout_s of silence."""
+        out = []
+        for s, sock in enumerate(self.socks):
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                frames = transport.recv(sock, max(1, int((deadline - time.monotonic()) * 1000)))
+                if frames is None:
+                    raise ServerLost(f"worker {self.wid}", f"no reply from the range server at {self.addresses[s]} "
+                                                           f"within {self.timeout_s:g} s")
+                h, arrays = protocol.decode(frames, protocol.REPLIES)
+                if h.get("rid") != self.rid:
+                    continue   # a late reply to an earlier read
+                if h["op"] == OpStr.ERROR:
+                    raise RemoteError(h["code"], f"range server {s + 1}: {h['reason']}")
+                out.append(arrays[0])
+                break
+        return out
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close(linger=0)

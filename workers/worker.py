@@ -23,9 +23,10 @@ from psrv.protocol import OpStr
 from psrv.schedule import block_order, epoch_order
 from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
+from psrv.keyrange import Ranges
 from psrv.shmarray import SeqlockArray, SharedArray
 
-from .client import Client, RemoteError, ServerRestarted
+from .client import Client, RangeClients, RemoteError, ServerRestarted
 
 log = logging.getLogger(__name__)
 
@@ -249,18 +250,39 @@ class Worker:
 
         views = {}   # shard -> its rows (a slice rebases indptr: made once, not per batch)
 
+        # server.shards = S > 1: range s's keys are read from and pushed to range server s, range 0's to server 0
+        layout = welcome["data"].get("ranges")
+        ranges = Ranges(layout["cuts"]) if layout else None
+        links = RangeClients(self.client.ctx, layout["addresses"][1:], self.wid, self.client.timeout_s) \
+            if layout else None
+
         def prepare(batch):
             shard, epoch, start, count = batch
             if shard not in views:
                 views[shard] = rows.shard(*shards[shard])
             pos = self._positions(shard, epoch, seed, shards[shard][1])[start:start + count]
-            return sparse_model.prepare(views[shard].take(pos))
+            prep = sparse_model.prepare(views[shard].take(pos))
+            if ranges is not None:   # where each range's keys sit among the batch's (each part stays sorted)
+                owner = ranges.owner(prep.keys)
+                order = np.argsort(owner, kind="stable")
+                ends = np.cumsum(np.bincount(owner, minlength=len(ranges)))
+                prep.parts = np.split(order, ends[:-1])
+            return prep
 
         def read(keys):
             if theta_shm is None:
                 return self.client.get(keys)
             w = np.empty(len(keys))
             return w, theta_shm.read_rows(keys.view(np.int64), w)   # keys < 2^63: the server checked them
+
+        def read_ranges(prep, version):
+            """Every range's rows: the range servers asked first, then range 0 read, then their replies."""
+            links.send_gets(version, [prep.keys[p] for p in prep.parts[1:]])
+            w = np.empty(len(prep.keys))
+            w[prep.parts[0]], seen = read(prep.keys[prep.parts[0]])
+            for p, values in zip(prep.parts[1:], links.wait_gets()):
+                w[p] = values
+            return w, seen
 
         try:
             h, _ = self.client.pull(0)
@@ -269,11 +291,16 @@ class Worker:
                 t0 = time.perf_counter()
                 clock, batch = h["clock"], h["batch"]
                 prep = ready[1] if ready is not None and ready[0] == batch else prepare(batch)
-                w, version = read(prep.keys)
+                w, version = read(prep.keys) if ranges is None else read_ranges(prep, h["version"])
                 grad, loss = sparse_model.loss_grad(prep, w)
                 self.after_gradient(clock, grad)
                 t1 = time.perf_counter()
-                self.client.push(clock, (prep.keys, grad), loss, prep.m, version, t1 - t0 + carried_s, request_s,
+                if ranges is None:
+                    pushed = (prep.keys, grad)
+                else:   # the slices first: server 0 orders their step once its own push arrives
+                    links.push(clock, [(prep.keys[p], grad[p]) for p in prep.parts[1:]])
+                    pushed = (prep.keys[prep.parts[0]], grad[prep.parts[0]])
+                self.client.push(clock, pushed, loss, prep.m, version, t1 - t0 + carried_s, request_s,
                                  wait=False)
                 # while the server answers: the rows and keys of the batch that most likely comes next
                 nxt = _next_batch(batch, shards[batch[0]][1], b)
@@ -285,6 +312,8 @@ class Worker:
         finally:
             if theta_shm is not None:
                 theta_shm.close()
+            if links is not None:
+                links.close()
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
