@@ -20,7 +20,7 @@ import traceback
 from .common import CpuMeter, log, machine
 
 BENCHMARKS = ["pushpull", "training", "scaling", "serverload", "overhead", "stragglers", "memory", "peers", "seed",
-              "accuracy", "csvread", "keyserver", "sparse"]
+              "accuracy", "csvread", "keyserver", "sparse", "shards"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RATIO_KEYS = ["pushpull_small_vs_raw_zmq", "pull_large_shm_vs_memcpy", "pull_large_zmq_vs_raw_zmq",
               "bsp2_vs_single_process", "pss_vs_dataset_bytes", "samples_per_s_vs_torch_ddp"]
