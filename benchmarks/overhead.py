@@ -158,14 +158,15 @@ class _Turns:
         self.server._drain_mailboxes()
         self.server_s += time.perf_counter() - t0
 
-    def socket(self) -> None:
-        from psrv import transport
+    def socket(self, client) -> None:
+        """Serve the socket until `client` has its reply (other messages may come first: a heartbeat its own
+        thread sent before it was stopped)."""
         deadline = time.monotonic() + 10.0
-        while not transport.readable(self.server.sock):
+        while not client.sock.poll(0):
             if time.monotonic() > deadline:
-                raise TimeoutError("the in-process server got no message over its socket")
-            self.server.sock.poll(10)
-        self.server._drain_socket()
+                raise TimeoutError("the in-process server did not answer over its socket")
+            if self.server.sock.poll(10):
+                self.server._drain_socket()
         for box in self.server.mailboxes.values():  # as the server's loop does while it polls
             box.set_awake(True)
 
@@ -185,7 +186,7 @@ def _client_class():
             if self._pending[3]:
                 self.turns.mailbox()
             else:
-                self.turns.socket()
+                self.turns.socket(self)
 
         def hello(self, wid, local=True):
             h = super().hello(wid, local)
