@@ -4,7 +4,7 @@ On a small model (d = 100, batch 256) a plain numpy SGD step takes tens of micro
 it (building and checking headers, the coordinator's decisions, the store's bookkeeping, the worker's loop) decides
 whether a push per batch can pay. Those costs are pure CPU in one process; measured here with every socket taken
 out, they are meaningful even on a busy shared machine (the end-to-end benchmarks, pushpull and serverload, need
-a quiet one). Each figure is the median over repeats of a run of many iterations (time.perf_counter), in µs:
+a quiet one). Each figure, in µs, is the least over a few passes of a median over millisecond chunks (time.perf_counter):
 
 - **protocol**: protocol.encode of a worker's push header (as workers/client.py builds it) and protocol.decode of
   it as the server does (REQUESTS, every field checked); the same for the theta reply a local worker gets.
@@ -30,6 +30,8 @@ measure end to end.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -46,6 +48,7 @@ ROWS = 50_000
 # ten pushes per worker (ten steps), so the metrics line psrv writes every train.log_every = 10 steps is in each.
 CHUNK = 10
 CHUNKS = {False: 400, True: 200}       # per figure (coordinator, mailbox, plain loop, protocol)
+PASSES = {False: 5, True: 3}            # the whole set, figure by figure the least of the passes
 WORKER_RUNS = {False: 5, True: 3}
 WORKER_STEPS = {False: 3000, True: 1500}
 ENCODE_LOOPS = 20                      # calls per protocol chunk
@@ -296,62 +299,101 @@ def plain_step(order: str, chunks: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ the benchmark
-def measure(quick: bool) -> dict:
+def measure_once(quick: bool) -> dict:
     chunks = CHUNKS[quick]
     res: dict = {"protocol": protocol_costs(chunks), "coordinator": {}, "mailbox": {}, "worker": {}}
     for n in (1, 2):
         for mode in ("bsp", "asp"):
-            log(f"overhead: coordinator and server, N = {n}, {mode}")
             res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, chunks)
             res["mailbox"][f"{n} {mode}"] = server_client_costs(n, mode, chunks)
     for order in ("rows", "blocks"):
-        log(f"overhead: worker step, {order} order")
         res["worker"][order] = worker_step_costs(order, WORKER_STEPS[quick], WORKER_RUNS[quick], chunks)
     return res
+
+
+def measure(quick: bool) -> dict:
+    """Every figure: the least over PASSES passes of the whole set (each pass's figure a median over chunks). On a
+    shared machine another process's burst can slow a whole pass; it never makes one faster."""
+    passes = []
+    for k in range(PASSES[quick]):
+        log(f"overhead: pass {k + 1} of {PASSES[quick]}")
+        passes.append(measure_once(quick))
+    return _least(passes)
+
+
+def _least(results: list):
+    if isinstance(results[0], dict):
+        return {k: _least([r[k] for r in results]) for k in results[0]}
+    return min(results)
+
+
+BEFORE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "overhead_before.json")
 
 
 def _us(x: float) -> str:
     return f"{1e6 * x:.1f}"
 
 
-def table(res: dict) -> list[list]:
-    rows = [["protocol", what, "", _us(v)] for what, v in res["protocol"].items()]
+def figures(res: dict) -> list[tuple[str, str, str, float]]:
+    """(part, what, where, seconds) of every figure of a measurement."""
+    out = [("protocol", what, "", v) for what, v in res["protocol"].items()]
     for key, v in res["coordinator"].items():
         n, mode = key.split()
-        rows.append(["coordinator (no shell)", "handle() per push", f"N = {n}, {mode.upper()}", _us(v["handle"])])
-        rows.append(["coordinator (no shell)", "store update per push", f"N = {n}, {mode.upper()}", _us(v["store"])])
+        out.append(("coordinator (no shell)", "handle() per push", f"N = {n}, {mode.upper()}", v["handle"]))
+        out.append(("coordinator (no shell)", "store update per push", f"N = {n}, {mode.upper()}", v["store"]))
     for key, v in res["mailbox"].items():
         n, mode = key.split()
-        rows.append(["server + client, mailbox", "server per push", f"N = {n}, {mode.upper()}", _us(v["server"])])
-        rows.append(["server + client, mailbox", "client per push", f"N = {n}, {mode.upper()}", _us(v["client"])])
+        out.append(("server + client, mailbox", "server per push", f"N = {n}, {mode.upper()}", v["server"]))
+        out.append(("server + client, mailbox", "client per push", f"N = {n}, {mode.upper()}", v["client"]))
     for order, v in res["worker"].items():
-        where = f"N = 1, BSP, {order} order"
-        rows.append(["worker step (d = 100, batch 256)", "whole step", where, _us(v["step"])])
-        rows.append(["worker step (d = 100, batch 256)", "of which the server", where, _us(v["server"])])
-        rows.append(["worker step (d = 100, batch 256)", "of which the worker", where, _us(v["worker"])])
-        rows.append(["worker step (d = 100, batch 256)", "plain numpy loop's whole step", where, _us(v["plain"])])
-        rows.append(["worker step (d = 100, batch 256)", "worker minus plain step", where,
-                     _us(v["worker"] - v["plain"])])
-    return rows
+        where, part = f"N = 1, BSP, {order} order", "worker step (d = 100, batch 256)"
+        out += [(part, "whole step", where, v["step"]), (part, "of which the server", where, v["server"]),
+                (part, "of which the worker", where, v["worker"]),
+                (part, "plain numpy loop's whole step", where, v["plain"]),
+                (part, "worker minus plain step", where, v["worker"] - v["plain"])]
+    return out
+
+
+def _before() -> dict | None:
+    """The reference measurement of psrv before its per-message costs were cut (benchmarks/overhead_before.json:
+    this benchmark run on that older tree, on this machine; its command, commit and load are in the file)."""
+    try:
+        with open(BEFORE) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def run(quick: bool = False) -> dict:
     res = measure(quick)
+    before = _before()
+    ref = {(p, w, where): v for p, w, where, v in figures(before["raw"])} if before else {}
+    rows = []
+    for part, what, where, v in figures(res):
+        b = ref.get((part, what, where))
+        rows.append([part, what, where, _us(v)] + ([] if not before else
+                                                   ["" if b is None else _us(b),
+                                                    "" if not b or what == "worker minus plain step" else
+                                                    f"{v / b:.2f}"]))
+    notes = [f"d = {D} (float64), batch {BATCH}, {ROWS:,} rows. Each figure is the least over {PASSES[quick]} "
+             "passes of the whole set; in each pass, the median over "
+             f"{CHUNKS[quick]} chunks (after one unmeasured chunk) of {CHUNK} pushes per worker "
+             f"(coordinator, mailbox), {CHUNK} steps (plain loop) or {ENCODE_LOOPS} calls (protocol), and, "
+             f"for the worker, over the chunks of {CHUNK} steps of {WORKER_RUNS[quick]} runs of "
+             f"{WORKER_STEPS[quick]:,} steps each (from each run's tenth on): a chunk is about a millisecond, "
+             "so the median drops those that another process interrupted. Load average (1, 5, 15 min) when it "
+             f"ended: {', '.join(f'{x:.2f}' for x in os.getloadavg())}."]
+    if before:
+        notes.append(f"'before': {before['what']}")
     return {
         "name": "overhead", "title": "Fixed Python cost per step and per message (in one process, no sockets)",
-        "method": __doc__, "columns": ["part", "what", "where", "µs"], "rows": table(res), "ratios": {},
-        "targets": [], "raw": res,
-        "notes": [f"d = {D} (float64), batch {BATCH}, {ROWS:,} rows. Each figure is the median over "
-                  f"{CHUNKS[quick]} chunks (after one unmeasured chunk) of {CHUNK} pushes per worker "
-                  f"(coordinator, mailbox), {CHUNK} steps (plain loop) or {ENCODE_LOOPS} calls (protocol), and, "
-                  f"for the worker, over the chunks of {CHUNK} steps of {WORKER_RUNS[quick]} runs of "
-                  f"{WORKER_STEPS[quick]:,} steps each (from each run's tenth on): a chunk is about a millisecond, "
-                  "so the median drops those that another process interrupted."],
+        "method": __doc__,
+        "columns": ["part", "what", "where", "µs"] + (["µs before", "now / before"] if before else []),
+        "rows": rows, "ratios": {}, "targets": [], "raw": res, "notes": notes,
     }
 
 
 if __name__ == "__main__":
-    import json
     import sys
     r = run(quick="--quick" in sys.argv)
     for row in r["rows"]:
