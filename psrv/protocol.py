@@ -145,7 +145,7 @@ def _packb(header: dict) -> bytes:
 def encode(header: dict, arrays: Sequence[np.ndarray] = ()) -> list:
     """Frames for one message. Arrays go out as their own buffers (the caller's socket decides whether to copy);
     the caller must not modify them until ZeroMQ is done with them."""
-    if not arrays:  # most messages: a header alone
+    if len(arrays) == 0:  # most messages: a header alone (len: `arrays` may be any sequence, even an ndarray)
         return [_packb(header)]
     frames: list[Any] = [b""]
     descr = []
