@@ -355,6 +355,11 @@ def checkpoints(directory: str) -> list[str]:
     return [p for _, p in sorted(found)]
 
 
+def steps(directory: str) -> list[int]:
+    """The steps of the checkpoints in directory, oldest first."""
+    return [_step_of(os.path.basename(p)) for p in checkpoints(directory)]
+
+
 def load_latest(directory: str) -> tuple[dict, dict[str, np.ndarray], str] | None:
     """The newest checkpoint that verifies, as (state, arrays, path); a newer one that fails verification is skipped
     with a logging WARNING naming the file and the reason (truncated / checksum mismatch / ...). None if there is no

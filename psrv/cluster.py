@@ -57,6 +57,7 @@ class Cluster:
         self.ranges: list[Child] = []        # server.shards > 1: the range servers of ranges 1 .. S - 1
         self.range_links: list[dict] = []    # ... their address and theta segment, for server 0
         self.cuts: list[int] = []
+        self.range_restarts = 0
         self.workers: list[Child] = []
         self.restarts: dict[int, int] = {}   # wid (or launch slot) -> restarts so far
         self.server_restarts = 0
@@ -139,16 +140,42 @@ class Cluster:
         """server.shards = S > 1: the range servers of ranges 1 .. S - 1 (server 0 holds range 0), each on a core of
         its own after the workers' and server 0's, started and ready before server 0, which orders their updates."""
         from .keyrange import Ranges
-        from .rangeserver import RangeSpec
         rows = int(self.layout.block["d"]) + 1    # a sparse model's theta: a weight per column, then the bias
         # every row of theta holds the same 8 bytes: ranges with the same number of rows hold the same bytes
         self.cuts = [int(c) for c in Ranges.by_bytes(self.cfg.server.shards, np.arange(rows, dtype=np.uint64), 8).cuts]
         for s in range(1, self.cfg.server.shards):
-            spec = RangeSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit), rows=rows, index=s,
-                             cuts=self.cuts, shm_prefix=self.prefix)
-            child = self._spawn(f"range-{s}", proc.run_entry, (RANGE_ENTRY, spec), self._core(self.cfg.train.workers + s))
-            self.ranges.append(child)
-            self.range_links.append(self._ready(child))
+            self.ranges.append(self._start_range(s))
+            self.range_links.append(self._ready(self.ranges[-1]))
+
+    def _start_range(self, s: int) -> Child:
+        from .rangeserver import RangeSpec
+        spec = RangeSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit),
+                         rows=int(self.layout.block["d"]) + 1, index=s, cuts=self.cuts, shm_prefix=self.prefix,
+                         ckpt_dir=self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"))
+        return self._spawn(f"range-{s}", proc.run_entry, (RANGE_ENTRY, spec), self._core(self.cfg.train.workers + s))
+
+    def _range_ended(self, c: Child) -> None:
+        """A range server died during the run: restart it (up to server.max_restarts times in all), and have
+        server 0 take the whole run back to its newest checkpoint, every range loading its own of that step
+        (server.py's _rewound); no other process is restarted."""
+        s = self.ranges.index(c) + 1
+        why = c.error.split(": ", 1)[-1] if c.error else c.describe_exit()
+        if self.range_restarts >= self.cfg.server.max_restarts or self.server is None \
+                or self.server.process.exitcode is not None:
+            raise RunError(c.name, f"{why}; no restarts left (server.max_restarts = {self.cfg.server.max_restarts})")
+        self.range_restarts += 1
+        log.warning("%s (pid %d) %s; restarting it, and the run goes back to its newest checkpoint (%d of %d)",
+                    c.name, c.process.pid, why, self.range_restarts, self.cfg.server.max_restarts)
+        if not c.conn.closed:
+            c.conn.close()
+        self.ranges[s - 1] = self._start_range(s)
+        self.range_links[s - 1] = self._ready(self.ranges[s - 1])
+        from .server import RANGES_FILE
+        path = os.path.join(self.out_dir, RANGES_FILE)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(self.range_links, fh)
+        os.replace(path + ".tmp", path)   # whole before server 0 reads it
+        os.kill(self.server.process.pid, signal.SIGUSR1)
 
     def _ready(self, child: Child) -> dict:
         """The "ready" event of a range server that has just been started."""
@@ -297,12 +324,11 @@ class Cluster:
                 self._drain(c)
             if self.server is not None and self.server.process.exitcode is not None:
                 self._server_ended()
-            for c in self.ranges:
+            for c in list(self.ranges):
                 # after server 0 has read every range (finishing), a range server leaves by itself
                 if c.process.exitcode is not None and self.summary is None and (c.process.exitcode != 0
                                                                                 or not self.finishing):
-                    # a range's rows live only there (its restart from a checkpoint is not built yet)
-                    raise RunError(c.name, f"{c.describe_exit()}; the run cannot go on without its key range")
+                    self._range_ended(c)
             for c in [w for w in self.workers if w.process.exitcode is not None]:
                 self._worker_ended(c)
             if self.summary is not None and done_at is None:

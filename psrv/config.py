@@ -205,8 +205,8 @@ class Server:
     join_timeout_s: float = opt(60.0, "how long the first step waits for train.workers workers to join "
                                 "(a server started alone with --role server waits as long as it takes)",
                                 lo=0.1, hi=86400)
-    max_restarts: int = opt(2, "times the launcher restarts a server process that dies, from its newest checkpoint",
-                            lo=0)
+    max_restarts: int = opt(2, "times the launcher restarts a server process that dies, from its newest checkpoint "
+                            "(with server.shards > 1: range servers, in all)", lo=0)
     spin_s: float = opt(0.005, "when the server has a core of its own (train.workers < usable cores): after each "
                         "request, how long it polls its local workers' shared-memory mailboxes instead of sleeping "
                         "(a round trip of microseconds instead of ZeroMQ's 100-250 us); 0 turns this off",
@@ -432,8 +432,7 @@ def _check_shards(cfg: Config) -> None:
     if cfg.model.kind not in SPARSE_MODELS:
         raise ConfigError(f"server.shards: several servers hold a sparse model's key ranges; model.kind = "
                           f"{cfg.model.kind!r} keeps one server (server.shards = 1)")
-    need = {"train.clip_norm": (cfg.train.clip_norm, 0.0), "checkpoint.every_steps": (cfg.checkpoint.every_steps, 0),
-            "worker.shm": (cfg.worker.shm, True)}
+    need = {"train.clip_norm": (cfg.train.clip_norm, 0.0), "worker.shm": (cfg.worker.shm, True)}
     for key, (got, want) in need.items():
         if got != want:
             raise ConfigError(f"{key}: server.shards > 1 needs {key} = {want!r} (docs/sparse.md, \"Several "

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import config as config_mod
-from . import optim, proc, protocol, transport
+from . import checkpoint, keyrange, optim, proc, protocol, transport
 from .coordinator import run_steps
 from .errors import ProtocolError
 from .keyrange import Ranges
@@ -50,6 +50,7 @@ class RangeSpec:
     index: int                # this range: 1 .. S - 1
     cuts: list                # Ranges(cuts): the S ranges
     shm_prefix: str
+    ckpt_dir: str             # the run's checkpoint folder: this range's checkpoints go in range_dir() of it
 
 
 def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None) -> Store:
@@ -65,14 +66,24 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None) -> Store:
                  l2_mask=np.arange(theta.shape[0]) < weight_rows, writer=writer)
 
 
+def range_dir(ckpt_dir: str, index: int) -> str:
+    """Where range `index` keeps its own checkpoints (keyrange.save_range's format), beside server 0's."""
+    return os.path.join(ckpt_dir, f"range{index}")
+
+
 class RangeStore:
     """Range s's rows of theta (a Store over all d + 1 rows, of which only range s's ever change), the slices
-    pushed to it and not yet applied, the applies waiting for their slices, and the reads waiting for a version."""
+    pushed to it and not yet applied, the orders waiting for their slices, and the reads waiting for a version.
 
-    def __init__(self, store: Store, ranges: Ranges, index: int):
-        self.store, self.ranges, self.index = store, ranges, index
-        self.slices: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}   # (wid, clock) -> (keys, values)
-        self.applies: deque = deque()      # (step, version, pushes, mean, scale), in the coordinator's order
+    Slices are kept per server id (`sid`, server 0's, which workers learn at hello): after server 0 goes back to a
+    checkpoint it has a new id, and a slice computed before that can never be taken for one computed after."""
+
+    def __init__(self, store: Store, ranges: Ranges, index: int, on_save=None):
+        self.store, self.ranges, self.index, self.on_save = store, ranges, index, on_save
+        self.sid = ""                      # server 0's current id (sync, load)
+        self.slices: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}  # (sid, wid, clock) -> rows
+        self.orders: deque = deque()       # ("apply", step, version, pushes, mean, scale) or ("save", step, version)
+        self.ordered = store.version       # the version the orders so far make
         self.reads: list[tuple] = []       # (ident, rid, version, keys) of rgets for a version not reached
 
     @property
@@ -90,7 +101,7 @@ class RangeStore:
             raise ProtocolError(f"range {self.index}: {e}", "bad_keys") from None
         return keys
 
-    def slice(self, wid: int, clock: int, keys: np.ndarray, values: np.ndarray) -> None:
+    def slice(self, wid: int, clock: int, keys: np.ndarray, values: np.ndarray, sid: str = "") -> None:
         """A worker's slice of its push for `clock`: held until an apply names it (a resent one replaces it)."""
         self.check_keys(keys)
         try:
@@ -99,7 +110,13 @@ class RangeStore:
             raise ProtocolError(f"rpush: {e}", "bad_dtype") from None
         except ValueError as e:
             raise ProtocolError(f"rpush: {e}", "bad_shape") from None
-        self.slices[(wid, clock)] = (keys, values)
+        self.slices[(sid, wid, clock)] = (keys, values)
+
+    def synced(self, sid: str) -> None:
+        """Server 0's id, from its sync: slices for another id are never applied."""
+        if sid != self.sid:
+            self.sid = sid
+            self.slices = {k: v for k, v in self.slices.items() if k[0] == sid}
 
     def order(self, step: int, version: int, pushes: list, mean: bool, scale: float) -> None:
         """The coordinator's apply: ValueError if it is not well formed or not the next version (a coordinator's
@@ -109,20 +126,38 @@ class RangeStore:
             raise ValueError(f"apply: pushes must be 1 to {MAX_PUSHES} [wid, clock] pairs of ints")
         if not mean and len(pushes) != 1:
             raise ValueError("apply: an update of one push (mean = false) names exactly one push")
-        last = self.applies[-1][1] if self.applies else self.version
-        if version != last + 1:
-            raise ValueError(f"apply: version {version} does not follow {last}")
-        self.applies.append((step, version, [tuple(p) for p in pushes], mean, scale))
+        if version != self.ordered + 1:
+            raise ValueError(f"apply: version {version} does not follow {self.ordered}")
+        self.ordered = version
+        self.orders.append(("apply", step, version, [tuple(p) for p in pushes], mean, scale))
+
+    def save(self, step: int, version: int) -> None:
+        """A checkpoint of this range at `step`, once the orders before it are carried out (on_save(step))."""
+        if version != self.ordered:
+            raise ValueError(f"save: version {version} is not the {self.ordered} the orders so far make")
+        self.orders.append(("save", step, version))
+
+    def loaded(self, sid: str) -> None:
+        """After this range's store was loaded from a checkpoint (server 0 went back to it, with id `sid`): what
+        was held belongs to the run before; the orders start again from the loaded version."""
+        self.sid, self.slices, self.orders, self.reads = sid, {}, deque(), []
+        self.ordered = self.store.version
 
     def run(self) -> int:
-        """Carry out every apply whose slices have all arrived, in order; the number carried out."""
+        """Carry out every order whose slices have all arrived, in order; the number of applies carried out."""
         done = 0
-        while self.applies:
-            step, version, pushes, mean, scale = self.applies[0]
-            if any(p not in self.slices for p in pushes):
+        while self.orders:
+            head = self.orders[0]
+            if head[0] == "save":
+                self.orders.popleft()
+                if self.on_save is not None:
+                    self.on_save(head[1])
+                continue
+            _, step, version, pushes, mean, scale = head
+            if any((self.sid, *p) not in self.slices for p in pushes):
                 return done
-            self.applies.popleft()
-            parts = [self.slices.pop(p) for p in pushes]
+            self.orders.popleft()
+            parts = [self.slices.pop((self.sid, *p)) for p in pushes]
             if mean:   # a BSP step: the same accumulate-then-apply as server 0's store, in the same order
                 for keys, values in parts:
                     self.store.push(values, keys)
@@ -132,7 +167,7 @@ class RangeStore:
                 keys, values = parts[0]
                 self.store.update(values, step, version, scale, keys)
             for wid, clock in pushes:   # this worker's earlier slices were never applied (refused, late): gone
-                for old in [k for k in self.slices if k[0] == wid and k[1] < clock]:
+                for old in [k for k in self.slices if k[1] == wid and k[2] < clock]:
                     del self.slices[old]
             done += 1
         return done
@@ -157,8 +192,9 @@ class RangeServer:
         self.theta_shm = SeqlockArray.create(f"{spec.shm_prefix}range{spec.index}_{uuid.uuid4().hex[:12]}",
                                              (spec.rows,), np.float64)
         self.theta_shm.array[...] = 0.0   # theta starts at 0 (FTRL needs it; sparse_model.init_theta gives it)
+        self.ckpt_dir = range_dir(spec.ckpt_dir, spec.index)
         self.rs = RangeStore(make_store(cfg, self.theta_shm.array, spec.rows - 1, self.theta_shm),
-                             Ranges(spec.cuts), spec.index)
+                             Ranges(spec.cuts), spec.index, on_save=self._save)
         self.ctx = transport.context()
         self.sock, self.address = transport.router(self.ctx, "tcp://127.0.0.1:0",
                                                    max_frame_bytes=max(8 * spec.rows, protocol.HEADER_MAX_BYTES) + 1024)
@@ -191,31 +227,53 @@ class RangeServer:
             h, arrays = protocol.decode(frames[1:], protocol.RANGE_REQUESTS)
             rid, op = h.get("rid"), h["op"]
             if op == OpStr.RPUSH:
-                self.rs.slice(h["wid"], h["clock"], arrays[0], arrays[1])
+                self.rs.slice(h["wid"], h["clock"], arrays[0], arrays[1], h["sid"])
             elif op == OpStr.RGET:
                 self.rs.read(ident, rid, h["version"], arrays[0])
-            elif op in (OpStr.APPLY, OpStr.SYNC):
-                if self.coordinator is None:
+            elif op == OpStr.STATUS:
+                self._send(ident, {"op": OpStr.STATUS, "state": {
+                    "range": self.index, "version": self.rs.version, "held_slices": len(self.rs.slices),
+                    "held_orders": len(self.rs.orders), "held_reads": len(self.rs.reads)}}, rid)
+            else:   # server 0's orders: apply, save, sync, load
+                if op == OpStr.LOAD:   # server 0 went back to a checkpoint (a new process, or the same one anew)
+                    self.coordinator = ident
+                elif self.coordinator is None:
                     self.coordinator = ident
                 elif ident != self.coordinator:
                     raise ProtocolError(f"{op}: only server 0 sends it", "not_coordinator")
                 self.heard_s = time.monotonic()
-                if op == OpStr.APPLY:
-                    try:
-                        self.rs.order(h["step"], h["version"], h["pushes"], h["mean"], h["scale"])
-                    except ValueError as e:
-                        raise ProtocolError(str(e), "bad_apply") from None
-                elif h["version"] < 0:   # sync: server 0 has ended the run
-                    self.stopped = True
-            else:   # status
-                self._send(ident, {"op": OpStr.STATUS, "state": {
-                    "range": self.index, "version": self.rs.version, "held_slices": len(self.rs.slices),
-                    "held_applies": len(self.rs.applies), "held_reads": len(self.rs.reads)}}, rid)
+                try:
+                    self._order(op, h)
+                except ValueError as e:
+                    raise ProtocolError(f"{op}: {e}", "bad_apply") from None
         except ProtocolError as e:
             rid = rid if rid is not None else getattr(e, "rid", None)
             self._send(ident, {"op": OpStr.ERROR, "code": e.code, "reason": str(e)}, rid)
             if e.code == "bad_apply":   # the coordinator and this range disagree: the run cannot be exact
                 raise
+
+    def _order(self, op: str, h: dict) -> None:
+        if op == OpStr.APPLY:
+            self.rs.order(h["step"], h["version"], h["pushes"], h["mean"], h["scale"])
+        elif op == OpStr.SAVE:
+            self.rs.save(h["step"], h["version"])
+        elif op == OpStr.LOAD:
+            directory = range_dir(h["dir"], self.index)
+            try:
+                keyrange.load_range(directory, h["step"], self.rs.store, self.rs.ranges, self.index)
+            except (OSError, checkpoint.CheckpointError) as e:
+                raise ValueError(f"no checkpoint of range {self.index} at step {h['step']} in {directory}: {e}")
+            self.rs.loaded(h["sid"])
+            log.warning("range %d: back at step %d (version %d) from its checkpoint", self.index, h["step"],
+                        self.rs.version)
+        elif h["version"] < 0:   # sync: server 0 has ended the run
+            self.stopped = True
+        else:
+            self.rs.synced(h["sid"])
+
+    def _save(self, step: int) -> None:
+        keyrange.save_range(self.ckpt_dir, step, self.rs.store, self.rs.ranges, self.index,
+                            keep=self.cfg.checkpoint.keep)
 
     def _progress(self) -> None:
         self.rs.run()
@@ -251,6 +309,10 @@ def main(spec: RangeSpec, conn, parent_pid: int, core, log_level: int) -> None:
             server.close()
 
 
+class RangeGone(Exception):
+    """A range's rows cannot be read now: its server died and is being restarted."""
+
+
 class RangeLinks:
     """Server 0's side of ranges 1 .. S - 1: a DEALER to each range server for its orders (apply, sync), and each
     range's theta segment attached read-only, from which the whole theta is put together for evaluations and the
@@ -258,8 +320,8 @@ class RangeLinks:
 
     SYNC_EVERY_S = 0.5
 
-    def __init__(self, ctx, ranges: Ranges, links: list, timeout_s: float):
-        self.ranges, self.timeout_s = ranges, timeout_s
+    def __init__(self, ctx, ranges: Ranges, links: list, timeout_s: float, sid: str):
+        self.ranges, self.timeout_s, self.sid = ranges, timeout_s, sid
         self.addresses = [link["address"] for link in links]
         self.socks = [transport.dealer(ctx, a) for a in self.addresses]
         self.views: list[SeqlockArray] = []
@@ -286,11 +348,19 @@ class RangeLinks:
                      "scale": scale})
 
     def sync(self, version: int, now: float) -> None:
-        """A sign of life every SYNC_EVERY_S (a range server whose coordinator is silent exits); version -1: the run
-        is over, exit now."""
+        """Server 0's id, and a sign of life every SYNC_EVERY_S (a range server whose coordinator is silent exits);
+        version -1: the run is over, exit now."""
         if version < 0 or now - self.synced_s >= self.SYNC_EVERY_S:
             self.synced_s = now
-            self._order({"op": OpStr.SYNC, "version": version})
+            self._order({"op": OpStr.SYNC, "sid": self.sid, "version": version})
+
+    def save(self, step: int, version: int) -> None:
+        """Every range checkpoints itself at `step` once it has carried out the orders up to `version`."""
+        self._order({"op": OpStr.SAVE, "step": step, "version": version})
+
+    def load(self, step: int, directory: str) -> None:
+        """Every range goes back to its own checkpoint of `step` (in range_dir(directory, s)), as server 0 just did."""
+        self._order({"op": OpStr.LOAD, "sid": self.sid, "step": step, "dir": os.path.abspath(directory)})
 
     def _order(self, header: dict) -> None:
         frames = protocol.encode(header)
@@ -302,9 +372,10 @@ class RangeLinks:
                 raise RuntimeError(f"the range server at {address} takes no orders (queue full for "
                                    f"{self.timeout_s:g} s)")
 
-    def compose(self, own: np.ndarray, version: int) -> np.ndarray:
+    def compose(self, own: np.ndarray, version: int, give_up=lambda: False) -> np.ndarray:
         """The whole theta at `version`: range 0's rows from `own` (server 0's theta), every other range's rows from
-        its segment once that range has reached `version` (it may lag while slices are on their way)."""
+        its segment once that range has reached `version` (it may lag while slices are on their way). RangeGone
+        when give_up() says so while waiting (a range server died and the run goes back to a checkpoint)."""
         if self.owner is None:
             self.owner = self.ranges.owner(np.arange(len(own), dtype=np.uint64))
         out = own.copy()
@@ -312,6 +383,8 @@ class RangeLinks:
         for s, view in enumerate(self.views, start=1):
             deadline = time.monotonic() + self.timeout_s
             while (got := view.read_into(buf)) != version:
+                if give_up():
+                    raise RangeGone(f"range {s} did not reach version {version}: the run goes back to a checkpoint")
                 if got > version or time.monotonic() > deadline:
                     raise RuntimeError(f"range {s} is at version {got}, not {version}, after {self.timeout_s:g} s")
                 time.sleep(0.001)

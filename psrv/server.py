@@ -7,6 +7,7 @@ gradient slots), files, and the launcher's pipe. A bad message gets an error rep
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from .blocks import DataBlock
 from . import report
 from .coordinator import Coordinator
 from .keyrange import Ranges
-from .rangeserver import RangeLinks, make_store
+from .rangeserver import RangeGone, RangeLinks, make_store, range_dir
 from .errors import ConfigError, ProtocolError, RunError
 from .metrics import Metrics
 from .outputs import num as _num, write_json as _write_json, writing as _writing
@@ -46,7 +47,8 @@ TERMINATE_GRACE_S = 1.0  # after SIGTERM: how long workers computing a step get 
 class Server:
     def __init__(self, cfg: config_mod.Config, layout: dict, out_dir: str, reporter: proc.Reporter | None = None,
                  bind: str | None = None, resume: str | None = None, server_restarts: int = 0,
-                 alone: bool = False, shm_prefix: str = "", own_core: bool = False, cuts=(), ranges=()):
+                 alone: bool = False, shm_prefix: str = "", own_core: bool = False, cuts=(), ranges=(),
+                 range_restarts: int = 0):
         self.cfg, self.out_dir, self.reporter = cfg, out_dir, reporter or proc.Reporter(None)
         self.server_restarts = server_restarts
         self.layout = data.Layout.from_dict(layout)
@@ -94,16 +96,22 @@ class Server:
         checkpoint.clean_temporaries(self.ckpt_dir)
         if resume:
             self._restore(resume)
-        elif checkpoint.checkpoints(self.ckpt_dir):
-            # a fresh run in a used folder: an old run's checkpoints must never be taken for this run's
-            for path in checkpoint.checkpoints(self.ckpt_dir):
+        else:
+            # a fresh run in a used folder: an old run's checkpoints (its ranges' too) must never be taken for this
+            # run's
+            old = [p for d in [self.ckpt_dir, *(range_dir(self.ckpt_dir, s) for s in range(1, len(ranges) + 1))]
+                   for p in checkpoint.checkpoints(d)]
+            for path in old:
                 os.remove(path)
-            log.warning("removed the checkpoints of an earlier run in %s", self.ckpt_dir)
+            if old:
+                log.warning("removed the checkpoints of an earlier run in %s", self.ckpt_dir)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         with _writing("the metrics", self.metrics_path):
             self.metrics = Metrics(self.metrics_path, t.tol, t.tol_window, append=self.resumed_from is not None)
         self.last_progress_s = 0.0
         self.terminate = False                   # SIGTERM: end the run now, keeping its results
+        self.rewind = False                      # SIGUSR1 (server.shards > 1): a range server was restarted
+        self.range_restarts = range_restarts
         # per op, the event its decoded header becomes (a status request is answered here, never an event)
         self.events = {OpStr.PUSH: self._push_event, OpStr.PULL: _pull_event, OpStr.HEARTBEAT: _heartbeat_event,
                        OpStr.HELLO: _hello_event, OpStr.BYE: _bye_event, OpStr.GET: self._get}
@@ -120,9 +128,13 @@ class Server:
             self.ctx, bind or cfg.server.bind,
             max_frame_bytes=max(theta.nbytes, protocol.HEADER_MAX_BYTES) + 1024, keys=cfg.server.keys)
         # server.shards > 1: the range servers the launcher started, which apply what this server orders
-        self.links = RangeLinks(self.ctx, Ranges(cuts), ranges, cfg.worker.server_timeout_s) if ranges else None
+        self.links = RangeLinks(self.ctx, Ranges(cuts), ranges, cfg.worker.server_timeout_s, self.server_id) \
+            if ranges else None
         if self.links is not None:
             self.links.attach(theta.shape[0])
+            if self.resumed_from is not None:   # every range goes back to the step this server went back to
+                self.links.load(self.resumed_step, os.path.dirname(self.resumed_from))
+            self.links.sync(self.store.version, time.monotonic())
             self.do.update({ev.Accumulate: self._accumulate, ev.ApplyStep: self._apply_step, ev.Update: self._update})
         if not protocol.is_local(self.address) and not cfg.server.keys:
             log.warning("server.insecure: listening on %s WITHOUT authentication: anyone who can reach this "
@@ -141,7 +153,7 @@ class Server:
         terminated_s = None
         last_request_s = last_tick_s = 0.0
         awake = False
-        while not self.coord.done:
+        while not self.coord.done and not self.rewind:
             # polling: the mailboxes, then the socket without waiting, for spin_s after the last request; then
             # sleeping in the socket's poll, with the mailboxes marked so that workers send over ZeroMQ instead
             now = time.monotonic()
@@ -303,7 +315,7 @@ class Server:
         """theta as it is now: with several servers, every range's rows at this version."""
         if self.links is None:
             return self.store.theta
-        return self.links.compose(self.store.theta, self.store.version)
+        return self.links.compose(self.store.theta, self.store.version, lambda: self.rewind)
 
     def _welcome(self, i: ev.Welcome) -> None:
         p, t, m = i.peer, self.cfg.train, self.cfg.model
@@ -379,7 +391,12 @@ class Server:
     def evaluate(self, step: int) -> tuple[float, float] | None:
         if self.block.spec.n_test == 0:
             return None
-        theta, X, y = self.theta_now(), self.block.X_test, self.block.y_test
+        try:
+            theta = self.theta_now()
+        except RangeGone as e:   # the run goes back to a checkpoint before this step, and evaluates it again
+            log.warning("no evaluation at step %d: %s", step, e)
+            return None
+        X, y = self.block.X_test, self.block.y_test
         loss, metric = self.model.loss(theta, X, y), self.model.metric(theta, X, y)
         self._finite_loss(step, loss, "the held-out loss")
         with _writing("the metrics", self.metrics_path):
@@ -411,6 +428,8 @@ class Server:
         with _writing("a checkpoint in", self.ckpt_dir):
             path = checkpoint.save(self.ckpt_dir, c.step, state, arrays, keep=self.cfg.checkpoint.keep)
         log.info("checkpoint at step %d: %s", c.step, path)
+        if self.links is not None:   # every range at the same step, once it has made this version
+            self.links.save(c.step, c.version)
         return path
 
     def _restore(self, source: str) -> None:
@@ -440,6 +459,7 @@ class Server:
             raise identity.ResumeMismatch(path, [("theta", str(e), "")], forceable=False) from None
         self.coord.restore(state["coordinator"])
         self.resumed_from = path
+        self.resumed_step = state["step"]
         log.warning("resumed from %s at step %d", path, state["step"])
 
     # ------------------------------------------------------------------ outputs
@@ -467,12 +487,12 @@ class Server:
                 self.metrics.log_train(tail.step, tail.elapsed_s, tail.samples, tail.loss)
             self.metrics.log_final(step, wall, final_loss, _num(train_metric), self.model.metric_name)
         test = self.evaluate(step)
-        if self.links is not None:
-            self.links.sync(-1, now)   # every range is read: the range servers may go
         with _writing("the metrics", self.metrics_path):
             self.metrics.close()
-        if c.checkpointed_version != c.version and self.links is None:   # a range's checkpoint: not yet (docs/sparse.md)
+        if c.checkpointed_version != c.version:
             self.save_checkpoint()
+        if self.links is not None:
+            self.links.sync(-1, now)   # every range is read (and ordered to save): the range servers may go
         if isinstance(self.model, (models.Custom, SparseLogistic)):  # theta as learned: no scaling to undo
             theta_out = theta.astype(np.float64)
         else:
@@ -486,7 +506,7 @@ class Server:
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
             "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,
-            "mailbox_requests": self.mailbox_requests,
+            "mailbox_requests": self.mailbox_requests, "range_restarts": self.range_restarts,
         }
         path = os.path.join(self.out_dir, "theta.npy")
         with _writing("theta", path):
@@ -541,6 +561,38 @@ def _bye_event(ident: bytes, h: dict, arrays: list) -> ev.Bye:
     return ev.Bye(ident, h["wid"], h["inc"], h.get("rid"))
 
 
+RANGES_FILE = "ranges.json"   # in output.dir: the range servers' links after a restart (cluster.py writes it)
+
+
+def _rewound(old: Server, spec: ServerSpec) -> Server:
+    """The run as of its newest checkpoint, in this process, after the launcher restarted a range server from its
+    own checkpoint: server 0 goes back to that step the way a restarted server does (a new server id, so every
+    worker says hello again and pulls again; the clocks and cursors of the checkpoint) on the same address, and
+    orders every range to load its checkpoint of the same step. The other processes keep running."""
+    with open(os.path.join(spec.out_dir, RANGES_FILE)) as fh:
+        links = json.load(fh)
+    # the newest step every range and server 0 have a checkpoint of (a range may have died before saving the step
+    # server 0 saved last: server 0's newer ones are then of no use, and removed so that _restore takes this one)
+    steps = [set(checkpoint.steps(d)) for d in [old.ckpt_dir, *(range_dir(old.ckpt_dir, s) for s in range(1, len(links) + 1))]]
+    common = set.intersection(*steps)
+    if not common:
+        raise RunError("server", f"a range server died before every range had checkpointed a step; the run cannot "
+                                 f"go back to one (checkpoint.every_steps = {old.cfg.checkpoint.every_steps})")
+    for step in checkpoint.steps(old.ckpt_dir):
+        if step > max(common):
+            os.remove(checkpoint.path_for(old.ckpt_dir, step))
+    log.warning("a range server was restarted: the run goes back to step %d, its newest checkpoint of every range",
+                max(common))
+    address, cfg, restarts = old.address, old.cfg, old.range_restarts + 1
+    old.close()
+    server = Server(cfg, spec.layout, spec.out_dir, old.reporter, bind=address, resume=old.ckpt_dir,
+                    server_restarts=spec.server_restarts, alone=spec.alone, shm_prefix=spec.shm_prefix,
+                    own_core=spec.own_core, cuts=spec.cuts, ranges=links, range_restarts=restarts)
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
+    signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(server, "rewind", True))
+    return server
+
+
 def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
     """Entry point of the server process ("psrv.server:main", started with spawn by the launcher)."""
     proc.child_setup("server", parent_pid, core, log_level)
@@ -553,8 +605,13 @@ def main(spec: ServerSpec, conn, parent_pid: int, core, log_level: int):
                         own_core=spec.own_core, cuts=spec.cuts, ranges=spec.ranges)
         # from now on SIGTERM ends the run like a stopping criterion: theta, summary and checkpoint are written
         signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "terminate", True))
+        # server.shards > 1: the launcher restarted a range server (the new one's link in RANGES_FILE)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(server, "rewind", True))
         with proc.profiled("server"):  # the serving loop only: not start-up, not the final outputs
             server.loop()
+            while server.rewind and not server.coord.done:
+                server = _rewound(server, spec)
+                server.loop()
         reporter.send("finishing")
         reporter.send("done", summary=server.finish())
     except RunError as e:

@@ -1,8 +1,11 @@
 """server.shards = S > 1: range servers (psrv/rangeserver.py) hold key ranges of a sparse model's theta and apply only
 what server 0 orders. In-process: S ranges fed the pushes of one server, in any arrival order, give its theta bit
 for bit (BSP and ASP, each row-wise optimizer); the holding rules; the wire's range messages; the config's refusals.
-One short multi-process run: S = 2 against S = 1 under BSP."""
+Two short multi-process runs: S = 2 against S = 1 under BSP; a range server killed mid-run and restarted, the run
+exact."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -89,7 +92,7 @@ def test_ranges_give_one_servers_theta_bit_for_bit(optimizer, mode):
             rs.slice(*args) if what == "slice" else rs.order(*args)
             rs.run()
     for rs in others:
-        assert rs.run() == 0 and not rs.applies and not rs.slices and rs.version == version
+        assert rs.run() == 0 and not rs.orders and not rs.slices and rs.version == version
     assert np.abs(one.theta).max() > 0.01
     assert np.array_equal(_compose(ranges, own, others), one.theta)
 
@@ -118,7 +121,39 @@ def test_slices_never_named_are_dropped_when_a_later_push_of_that_worker_applies
     rs.slice(0, 1, k, np.ones(1))
     rs.slice(1, 1, k, np.ones(1))
     rs.order(1, 1, [[0, 1]], False, 0.5)
-    assert rs.run() == 1 and set(rs.slices) == {(1, 1)}
+    assert rs.run() == 1 and set(rs.slices) == {("", 1, 1)}
+
+
+def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_apply(tmp_path):
+    ranges, own, (rs,) = _ranged("ftrl", 2)
+    saved = []
+    rs.on_save = lambda step: saved.append((step, rs.version))
+    k = np.flatnonzero(ranges.owner(np.arange(ROWS, dtype=np.uint64)) == 1)[:2].astype(np.uint64)
+    rs.synced("A")
+    rs.order(0, 1, [[0, 0]], True, 1.0)
+    with pytest.raises(ValueError, match="not the 1"):
+        rs.save(0, 0)
+    rs.save(1, 1)
+    rs.slice(0, 0, k, np.ones(2), sid="B")        # computed for another server 0 (before it went back)
+    assert rs.run() == 0 and saved == []
+    rs.slice(0, 0, k, np.ones(2), sid="A")
+    assert rs.run() == 1 and saved == [(1, 1)]
+    rs.slice(1, 1, k, np.ones(2), sid="A")
+    rs.synced("C")
+    assert rs.slices == {}
+    # the range's checkpoint (keyrange's format, a Store's state) restores it bit for bit after more updates
+    from psrv.keyrange import load_range, save_range
+    save_range(str(tmp_path), 1, rs.store, ranges, 1)
+    theta, opt = rs.store.theta.copy(), rs.store.opt.state_dict()
+    rs.order(1, 2, [[0, 1]], True, 1.0)
+    rs.slice(0, 1, k, np.full(2, 3.0), sid="C")
+    assert rs.run() == 1 and not np.array_equal(rs.store.theta, theta)
+    load_range(str(tmp_path), 1, rs.store, ranges, 1)
+    rs.loaded("D")
+    assert rs.version == 1 and rs.ordered == 1 and np.array_equal(rs.store.theta, theta)
+    assert all(np.array_equal(v, opt["arrays"][n]) for n, v in rs.store.opt.state_dict()["arrays"].items())
+    with pytest.raises(ValueError, match="does not follow"):
+        rs.order(1, 3, [[0, 1]], True, 1.0)
 
 
 def test_a_range_refuses_keys_of_another_range_and_orders_out_of_sequence():
@@ -146,14 +181,15 @@ def test_a_range_refuses_keys_of_another_range_and_orders_out_of_sequence():
 
 def test_range_messages_on_the_wire():
     keys = np.array([3, 9], dtype=np.uint64)
-    h, (k, v) = protocol.decode(protocol.encode({"op": "rpush", "wid": 1, "clock": 4}, (keys, np.ones(2))),
+    h, (k, v) = protocol.decode(protocol.encode({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (keys, np.ones(2))),
                                 protocol.RANGE_REQUESTS)
     assert h["clock"] == 4 and k.tolist() == [3, 9]
     h, _ = protocol.decode(protocol.encode({"op": "apply", "step": 0, "version": 1, "pushes": [[0, 0]],
                                             "mean": True, "scale": 1}), protocol.RANGE_REQUESTS)
     assert h["pushes"] == [[0, 0]]
-    bad = [({"op": "rpush", "wid": 1, "clock": 4}, (np.array([9, 3], dtype=np.uint64), np.ones(2)), "bad_keys"),
-           ({"op": "rpush", "wid": 1, "clock": 4}, (keys,), "bad_frames"),
+    bad = [({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (np.array([9, 3], dtype=np.uint64), np.ones(2)), "bad_keys"),
+           ({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (keys,), "bad_frames"),
+           ({"op": "rpush", "wid": 1, "clock": 4}, (keys, np.ones(2)), "bad_field"),
            ({"op": "rget", "version": "1"}, (keys,), "bad_field"),
            ({"op": "apply", "step": 0, "version": 1, "pushes": [], "mean": True}, (), "bad_field"),
            ({"op": "push", "wid": 1}, (), "unknown_op")]      # a worker's push goes to server 0, not to a range
@@ -163,16 +199,14 @@ def test_range_messages_on_the_wire():
         assert e.value.code == code, header
 
 
-SHARDED = {"data": {"source": "criteo"}, "model": {"kind": "sparse_logistic"}, "server": {"shards": 2},
-           "checkpoint": {"every_steps": 0}}
+SHARDED = {"data": {"source": "criteo"}, "model": {"kind": "sparse_logistic"}, "server": {"shards": 2}}
 
 
 def test_several_servers_for_a_sparse_model():
     assert config.Config.from_dict(SHARDED, frozenset()).server.shards == 2
 
 
-@pytest.mark.parametrize("key,value", [("model.kind", "logistic"), ("train.clip_norm", 1.0),
-                                       ("checkpoint.every_steps", 10), ("worker.shm", False)])
+@pytest.mark.parametrize("key,value", [("model.kind", "logistic"), ("train.clip_norm", 1.0), ("worker.shm", False)])
 def test_what_several_servers_refuse(key, value):
     section, name = key.split(".")
     cfg = {**SHARDED, section: {**SHARDED.get(section, {}), name: value}}
@@ -204,3 +238,51 @@ def test_two_servers_give_one_servers_theta_under_bsp(launch, tmp_path):
     (a, sa), (b, sb) = out[1], out[2]
     assert np.abs(a).max() > 0.05 and np.abs(a - b).max() < 1e-10
     assert sb["steps"] == sa["steps"] == 24 and abs(sa["test_metric"] - sb["test_metric"]) < 1e-9
+
+
+def _pid_named(pids: list[int], comm: str) -> int:
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as fh:
+                if fh.read().strip() == comm:
+                    return pid
+        except OSError:
+            pass
+    raise AssertionError(f"no process {comm!r} among {pids}")
+
+
+@pytest.mark.slow
+def test_a_killed_range_server_is_restarted_and_the_run_stays_exact(launch, tmp_path):
+    """Range server 1 killed mid-run (SIGKILL, after every range's first checkpoint): the launcher restarts it, the
+    run goes back to that step (server 0 and range 1 from their checkpoints of it, in their own processes), and the
+    final theta is a serial numpy FTRL's on the same batches (what an uninterrupted run gives, tests/
+    test_sparse_job.py) to 1e-9; server 0 and the workers are the same processes throughout."""
+    from psrv import checkpoint
+    from psrv.criteo import Criteo
+    from tests.conftest import tagged_pids, wait_for
+    from tests.test_sparse_job import RUN as SPARSE_RUN, _serial_ftrl
+    from workers import faults
+    n, k, steps = 4000, 9, 120
+    la = launch(*SPARSE_RUN, "--set", "data.source=criteo", "--set", f"data.n={n}", "--set", f"data.log2_buckets={k}",
+                "--set", "model.kind=sparse_logistic", "--set", "train.optimizer=ftrl", "--set", "train.lr=0.2",
+                "--set", "train.l1=0.5", "--set", "model.l2=0.1", "--set", f"train.steps={steps}",
+                "--set", "train.eval_every=20", "--set", "checkpoint.every_steps=30", "--set", "checkpoint.keep=10",
+                "--set", "server.shards=2", "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'a'}",
+                env={faults.ENV: json.dumps({"slow_worker": 0, "slow_ms": 15})})
+    wait_for(lambda: checkpoint.checkpoints(str(tmp_path / "a" / "checkpoints" / "range1")), 60,
+             what="range 1's first checkpoint")
+    pids = tagged_pids(la.tag)
+    others = {_pid_named(pids, n) for n in ("psrv server", "psrv worker 0", "psrv worker 1")}
+    os.kill(_pid_named(pids, "psrv range1"), signal.SIGKILL)
+    wait_for(lambda: (tmp_path / "a" / "ranges.json").exists(), 60, what="range 1's restart")
+    assert others <= set(tagged_pids(la.tag))      # nothing else was restarted
+    code, _, err = la.wait()
+    assert code == 0, err
+    assert "restarting it, and the run goes back to its newest checkpoint (1 of 2)" in err
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert s["range_restarts"] == 1 and s["server_restarts"] == 0 and s["worker_restarts"] == 0
+    assert s["steps"] == steps
+    la.assert_no_leftovers()
+    want, _ = _serial_ftrl(Criteo(0, k), n, steps, 200, 0.2, 1.0, 0.5, 0.1)
+    theta = np.load(tmp_path / "a" / "theta.npy")
+    assert np.abs(want).max() > 0.01 and np.abs(theta - want).max() < 1e-9

@@ -269,9 +269,10 @@ class RangeClients:
     through Client). Slices of a push go out without a reply; reads go to every range first and their replies are
     awaited after, so the ranges answer at the same time."""
 
-    def __init__(self, ctx, addresses: list[str], wid: int, timeout_s: float):
-        self.addresses, self.wid, self.timeout_s = addresses, wid, timeout_s
-        self.socks = [transport.dealer(ctx, a) for a in addresses]
+    def __init__(self, client: Client, addresses: list[str]):
+        self.client, self.addresses = client, addresses
+        self.wid, self.timeout_s, self.sid = client.wid, client.timeout_s, client.server_id
+        self.socks = [transport.dealer(client.ctx, a) for a in addresses]
         self.rid = 0
 
     def _send(self, s: int, header: dict, arrays) -> None:
@@ -285,7 +286,7 @@ class RangeClients:
     def push(self, clock: int, parts: list) -> None:
         """parts[s - 1] = (keys, values) of range s: held there until server 0 orders the step that includes it."""
         for s, (keys, values) in enumerate(parts):
-            self._send(s, {"op": OpStr.RPUSH, "wid": self.wid, "clock": clock}, (keys, values))
+            self._send(s, {"op": OpStr.RPUSH, "sid": self.sid, "wid": self.wid, "clock": clock}, (keys, values))
 
     def send_gets(self, version: int, parts: list) -> None:
         """Ask range s for the rows parts[s - 1] at `version` or later (answered once it has reached it)."""
@@ -294,15 +295,22 @@ class RangeClients:
             self._send(s, {"op": OpStr.RGET, "version": version, "rid": self.rid}, (keys,))
 
     def wait_gets(self) -> list[np.ndarray]:
-        """The replies to send_gets, one values array per range; ServerLost after timeout_s of silence."""
+        """The replies to send_gets, one values array per range; ServerLost after timeout_s of silence, and
+        ServerRestarted as soon as server 0's heartbeats come from another server id (it went back to a checkpoint:
+        a range server that died is not answering)."""
         out = []
+        hb = self.client.heartbeat
         for s, sock in enumerate(self.socks):
             deadline = time.monotonic() + self.timeout_s
             while True:
-                frames = transport.recv(sock, max(1, int((deadline - time.monotonic()) * 1000)))
+                frames = transport.recv(sock, SLICE_MS)
                 if frames is None:
-                    raise ServerLost(f"worker {self.wid}", f"no reply from the range server at {self.addresses[s]} "
-                                                           f"within {self.timeout_s:g} s")
+                    if hb is not None and hb.server_id not in (None, self.sid):
+                        raise ServerRestarted(self.sid, hb.server_id)
+                    if time.monotonic() > deadline:
+                        raise ServerLost(f"worker {self.wid}", f"no reply from the range server at "
+                                                               f"{self.addresses[s]} within {self.timeout_s:g} s")
+                    continue
                 h, arrays = protocol.decode(frames, protocol.REPLIES)
                 if h.get("rid") != self.rid:
                     continue   # a late reply to an earlier read

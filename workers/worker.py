@@ -253,8 +253,7 @@ class Worker:
         # server.shards = S > 1: range s's keys are read from and pushed to range server s, range 0's to server 0
         layout = welcome["data"].get("ranges")
         ranges = Ranges(layout["cuts"]) if layout else None
-        links = RangeClients(self.client.ctx, layout["addresses"][1:], self.wid, self.client.timeout_s) \
-            if layout else None
+        links = RangeClients(self.client, layout["addresses"][1:]) if layout else None
 
         def prepare(batch):
             shard, epoch, start, count = batch
