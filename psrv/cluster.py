@@ -19,7 +19,7 @@ import numpy as np
 from . import config as config_mod
 from . import proc, signals
 from .errors import ConfigError, RunError
-from .spec import ServerSpec, WorkerSpec
+from .spec import RANGES_FILE, RangeSpec, ServerSpec, WorkerSpec
 
 log = logging.getLogger("psrv")
 
@@ -148,7 +148,6 @@ class Cluster:
             self.range_links.append(self._ready(self.ranges[-1]))
 
     def _start_range(self, s: int) -> Child:
-        from .rangeserver import RangeSpec
         spec = RangeSpec(cfg=self.cfg.to_dict(), explicit=sorted(self.cfg.explicit),
                          rows=int(self.layout.block["d"]) + 1, index=s, cuts=self.cuts, shm_prefix=self.prefix,
                          ckpt_dir=self.cfg.checkpoint.dir or os.path.join(self.out_dir, "checkpoints"))
@@ -170,7 +169,6 @@ class Cluster:
             c.conn.close()
         self.ranges[s - 1] = self._start_range(s)
         self.range_links[s - 1] = self._ready(self.ranges[s - 1])
-        from .server import RANGES_FILE
         path = os.path.join(self.out_dir, RANGES_FILE)
         with open(path + ".tmp", "w") as fh:
             json.dump(self.range_links, fh)

@@ -21,7 +21,6 @@ import time
 import traceback
 import uuid
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -32,6 +31,7 @@ from .errors import ProtocolError
 from .keyrange import Ranges
 from .protocol import OpStr
 from .shmarray import SeqlockArray
+from .spec import RangeSpec
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -39,18 +39,6 @@ log = logging.getLogger(__name__)
 POLL_MS = 50
 MAX_PUSHES = 1024            # (wid, clock) pairs one apply may name: far above any train.workers
 FIRST_WORD_S = 120.0         # how long a range server waits for server 0's first message (it starts after us)
-
-
-@dataclass(frozen=True)
-class RangeSpec:
-    """What the launcher hands a range server process (plain fields: it pickles for spawn)."""
-    cfg: dict
-    explicit: list
-    rows: int                 # theta's rows (d + 1)
-    index: int                # this range: 1 .. S - 1
-    cuts: list                # Ranges(cuts): the S ranges
-    shm_prefix: str
-    ckpt_dir: str             # the run's checkpoint folder: this range's checkpoints go in range_dir() of it
 
 
 def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None) -> Store:

@@ -33,7 +33,7 @@ from .outputs import num as _num, write_json as _write_json, writing as _writing
 from .protocol import Op, OpStr
 from .shmarray import SeqlockArray, SharedArray
 from .sparse_model import SparseLogistic
-from .spec import ServerSpec
+from .spec import RANGES_FILE, ServerSpec
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -559,9 +559,6 @@ def _hello_event(ident: bytes, h: dict, arrays: list) -> ev.Hello:
 
 def _bye_event(ident: bytes, h: dict, arrays: list) -> ev.Bye:
     return ev.Bye(ident, h["wid"], h["inc"], h.get("rid"))
-
-
-RANGES_FILE = "ranges.json"   # in output.dir: the range servers' links after a restart (cluster.py writes it)
 
 
 def _rewound(old: Server, spec: ServerSpec) -> Server:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+RANGES_FILE = "ranges.json"   # in output.dir: the range servers' links after the launcher restarted one (server.shards > 1)
+
+
 @dataclass(frozen=True)
 class ServerSpec:
     cfg: dict                 # Config.to_dict()
@@ -29,3 +32,15 @@ class WorkerSpec:
     local: bool = True                 # reads the launcher's data block (same machine), else loads its own rows
     prefix: str = ""                   # shared-memory name prefix of this launcher
     keys: str = ""                     # CURVE key folder ("" : no encryption)
+
+
+@dataclass(frozen=True)
+class RangeSpec:
+    """What the launcher hands a range server process (server.shards > 1, psrv/rangeserver.py)."""
+    cfg: dict
+    explicit: list
+    rows: int                 # theta's rows (d + 1)
+    index: int                # this range: 1 .. S - 1
+    cuts: list                # keyrange.Ranges(cuts): the S ranges
+    shm_prefix: str
+    ckpt_dir: str             # the run's checkpoint folder: this range's checkpoints go in rangeserver.range_dir() of it
