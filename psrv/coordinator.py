@@ -13,6 +13,7 @@ deadline of psrv/progress.py); its part of a checkpoint (psrv/resume.py).
 from __future__ import annotations
 
 import logging
+import math
 
 from . import events as ev
 from . import resume
@@ -186,7 +187,15 @@ class Coordinator(Roster, Sanctions):
             self._finish(p, e.rid, self.stopping)
             return
         # what a push may change (psrv/guard.py): never a non-finite gradient or loss, nor an outlier norm
-        finite, norm = self.store.measure(e.grad)
+        if e.ranges:
+            # server.shards > 1: the whole push's, from range 0's slice here and each range server's own measure of
+            # its slice (what it will apply if ordered; never the worker's word)
+            finite, sq = self.store.squares(e.grad)
+            for _, ok, part in e.ranges:
+                finite, sq = finite and ok, sq + part
+            norm = math.sqrt(sq)
+        else:
+            finite, norm = self.store.measure(e.grad)
         refused = self.guard.judge(norm, e.loss) if finite else "nonfinite"
         if late is not None:
             self._late_push(p, e, refused, norm)
@@ -219,13 +228,14 @@ class Coordinator(Roster, Sanctions):
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self.version += 1
                 self._out.append(ev.Update(e.grad, e.keys, self.step, self.version,
-                                           1.0 / (len(self.gate.members) or 1), p.wid, e.clock))
+                                           1.0 / (len(self.gate.members) or 1), p.wid, e.clock,
+                                           tuple(m[0] for m in e.ranges)))
                 self.stats.applied += 1
                 self.applied_records.append(record)
                 self._updated()
             else:
                 # its rows count as visited, and it in the statistics, once the step it belongs to is applied
-                self._out.append(ev.Accumulate(e.grad, e.keys, p.wid, e.clock))
+                self._out.append(ev.Accumulate(e.grad, e.keys, p.wid, e.clock, tuple(m[0] for m in e.ranges)))
                 self.step_records.append(record)
                 if decision == COMPLETE:
                     self._apply_step()

@@ -50,6 +50,8 @@ class Push:
     framed: bool = True
     keys: Any = None          # the rows it carries; None: every row
     rid: int | None = None
+    ranges: tuple = ()        # server.shards > 1: each range server's (slice number, finite, sum of squares) of its
+                              # slice of this push, in range order (psrv/rangeserver.py)
 
 
 @dataclass(slots=True)
@@ -123,6 +125,7 @@ class Accumulate:
     keys: Any
     wid: int = -1             # whose push, for which clock: with server.shards > 1 the range servers' apply names it
     clock: int = -1
+    slices: tuple = ()        # ... and each range's number for its slice (ev.Push.ranges)
 
 
 @dataclass(slots=True)
@@ -142,6 +145,7 @@ class Update:
     scale: float
     wid: int = -1
     clock: int = -1
+    slices: tuple = ()        # server.shards > 1: each range's number for its slice of this push
 
 
 @dataclass(slots=True)

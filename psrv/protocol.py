@@ -50,6 +50,7 @@ class Op(str, Enum):
     SYNC = "sync"
     SAVE = "save"
     LOAD = "load"
+    MEASURED = "measured"
 
 
 class OpStr:
@@ -58,6 +59,7 @@ class OpStr:
     HELLO, PULL, PUSH, HEARTBEAT, BYE, STATUS, GET = "hello", "pull", "push", "heartbeat", "bye", "status", "get"
     WELCOME, THETA, ACK, STOP, ERROR, VALUES = "welcome", "theta", "ack", "stop", "error", "values"
     RPUSH, RGET, APPLY, SYNC, SAVE, LOAD = "rpush", "rget", "apply", "sync", "save", "load"
+    MEASURED = "measured"
 
 
 # Per op: the header fields (name -> type) and how many array frames may follow. Every field is required, except
@@ -86,6 +88,12 @@ RANGE_REQUESTS: dict[str, tuple[dict[str, type], int]] = {
     Op.SAVE: ({"step": _I, "version": _I}, (0,)),
     Op.LOAD: ({"sid": _S, "step": _I, "dir": _S}, (0,)),
     Op.STATUS: ({}, (0,)),
+}
+# what server 0 reads from a range server: its measurement of each slice as it arrives (`slice`: the range's number
+# for it, which an apply names), on which server 0 judges the whole push; and an error reply to a bad order
+RANGE_REPORTS: dict[str, tuple[dict[str, type], int]] = {
+    Op.MEASURED: ({"sid": _S, "wid": _I, "clock": _I, "slice": _I, "finite": _B, "sq": _F}, (0,)),
+    Op.ERROR: ({"code": _S, "reason": _S}, (0,)),
 }
 KEY_FRAMES = {Op.PUSH: 2, Op.GET: 1, Op.RPUSH: 2, Op.RGET: 1}
 REPLIES: dict[str, tuple[dict[str, type], int]] = {

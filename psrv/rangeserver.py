@@ -2,12 +2,14 @@
 > 1 (server 0, the coordinator, holds range 0 itself). docs/sparse.md, "Several servers", says how the run fits
 together; docs/protocol.md, "Several servers", specifies the messages.
 
-A range server decides nothing. Workers send it their slice of every push (`rpush`, keyed by (wid, clock)) and read
-its rows at a version (`rget`); server 0 orders each update (`apply`: which slices, in which order, with which
-step, version and scale), exactly the updates its own store carries out for range 0. A slice waits here until an
-apply names it, and an apply waits until every slice it names has arrived (the two come over different
-connections), so each range sums the same gradients in the same order as one server would: S servers give S = 1's
-theta. An `rget` for a version not reached yet is answered once it is.
+A range server decides nothing. Workers send it their slice of every push (`rpush`, for a (wid, clock)) and read
+its rows at a version (`rget`). It measures each slice as it arrives (finite? its sum of squares) and tells server 0
+(`measured`, with its own number for the slice); server 0 judges the whole push on range 0's slice and every
+range's measurement (never on a worker's word: psrv/guard.py's rules, as at S = 1) and orders each update of a
+push it accepted (`apply`: which slices by number, in which order, with which step, version and scale), exactly the
+updates its own store carries out for range 0. A refused push is never named, so no range applies it. A slice
+waits here until an apply names it, so each range sums the same gradients in the same order as one server would:
+S servers give S = 1's theta. An `rget` for a version not reached yet is answered once it is.
 
 RangeStore is that bookkeeping, pure (tested in-process); RangeServer is its shell (a ROUTER socket polled with a
 timeout, theta in shared memory under a seqlock, which server 0 reads for its evaluations and final theta).
@@ -63,13 +65,17 @@ class RangeStore:
     """Range s's rows of theta (a Store over all d + 1 rows, of which only range s's ever change), the slices
     pushed to it and not yet applied, the orders waiting for their slices, and the reads waiting for a version.
 
-    Slices are kept per server id (`sid`, server 0's, which workers learn at hello): after server 0 goes back to a
-    checkpoint it has a new id, and a slice computed before that can never be taken for one computed after."""
+    Each slice gets a number of its own as it arrives, and an apply names slices by number: the slice carried out is
+    the one server 0 judged on this range's measurement, even if the same (wid, clock) came again since (a resent
+    push, a new incarnation of the worker). Slices are kept per server id (`sid`, server 0's, which workers learn at
+    hello): after server 0 goes back to a checkpoint it has a new id, and a slice computed before that can never be
+    taken for one computed after."""
 
     def __init__(self, store: Store, ranges: Ranges, index: int, on_save=None):
         self.store, self.ranges, self.index, self.on_save = store, ranges, index, on_save
         self.sid = ""                      # server 0's current id (sync, load)
-        self.slices: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = {}  # (sid, wid, clock) -> rows
+        self.slices: dict[int, tuple[str, int, int, np.ndarray, np.ndarray]] = {}  # number -> (sid, wid, clock, rows)
+        self.arrived = 0                   # slices numbered so far
         self.orders: deque = deque()       # ("apply", step, version, pushes, mean, scale) or ("save", step, version)
         self.ordered = store.version       # the version the orders so far make
         self.reads: list[tuple] = []       # (ident, rid, version, keys) of rgets for a version not reached
@@ -89,8 +95,10 @@ class RangeStore:
             raise ProtocolError(f"range {self.index}: {e}", "bad_keys") from None
         return keys
 
-    def slice(self, wid: int, clock: int, keys: np.ndarray, values: np.ndarray, sid: str = "") -> None:
-        """A worker's slice of its push for `clock`: held until an apply names it (a resent one replaces it)."""
+    def slice(self, wid: int, clock: int, keys: np.ndarray, values: np.ndarray,
+              sid: str = "") -> tuple[int, bool, float]:
+        """A worker's slice of its push for `clock`, held until an apply names it; its (number, every value finite,
+        sum of squares), which server 0 judges the whole push on."""
         self.check_keys(keys)
         try:
             self.store.check(values, keys)
@@ -98,20 +106,22 @@ class RangeStore:
             raise ProtocolError(f"rpush: {e}", "bad_dtype") from None
         except ValueError as e:
             raise ProtocolError(f"rpush: {e}", "bad_shape") from None
-        self.slices[(sid, wid, clock)] = (keys, values)
+        self.arrived += 1
+        self.slices[self.arrived] = (sid, wid, clock, keys, values)
+        return (self.arrived, *self.store.squares(values))
 
     def synced(self, sid: str) -> None:
         """Server 0's id, from its sync: slices for another id are never applied."""
         if sid != self.sid:
             self.sid = sid
-            self.slices = {k: v for k, v in self.slices.items() if k[0] == sid}
+            self.slices = {n: v for n, v in self.slices.items() if v[0] == sid}
 
     def order(self, step: int, version: int, pushes: list, mean: bool, scale: float) -> None:
         """The coordinator's apply: ValueError if it is not well formed or not the next version (a coordinator's
         orders come over one connection, in order: anything else is a bug, never a worker's doing)."""
         if type(pushes) is not list or not 0 < len(pushes) <= MAX_PUSHES or not all(
-                type(p) is list and len(p) == 2 and all(type(x) is int for x in p) for p in pushes):
-            raise ValueError(f"apply: pushes must be 1 to {MAX_PUSHES} [wid, clock] pairs of ints")
+                type(p) is list and len(p) == 3 and all(type(x) is int for x in p) for p in pushes):
+            raise ValueError(f"apply: pushes must be 1 to {MAX_PUSHES} [wid, clock, slice] triples of ints")
         if not mean and len(pushes) != 1:
             raise ValueError("apply: an update of one push (mean = false) names exactly one push")
         if version != self.ordered + 1:
@@ -142,10 +152,16 @@ class RangeStore:
                     self.on_save(head[1])
                 continue
             _, step, version, pushes, mean, scale = head
-            if any((self.sid, *p) not in self.slices for p in pushes):
+            if any(n not in self.slices for _, _, n in pushes):
                 return done
             self.orders.popleft()
-            parts = [self.slices.pop((self.sid, *p)) for p in pushes]
+            parts = []
+            for wid, clock, n in pushes:
+                sid, *named, keys, values = self.slices.pop(n)
+                if (sid, *named) != (self.sid, wid, clock):   # server 0 names only slices this range reported
+                    raise ValueError(f"apply: slice {n} is ({sid}, {named[0]}, {named[1]}), not ({self.sid}, {wid}, "
+                                     f"{clock})")
+                parts.append((keys, values))
             if mean:   # a BSP step: the same accumulate-then-apply as server 0's store, in the same order
                 for keys, values in parts:
                     self.store.push(values, keys)
@@ -154,8 +170,8 @@ class RangeStore:
             else:
                 keys, values = parts[0]
                 self.store.update(values, step, version, scale, keys)
-            for wid, clock in pushes:   # this worker's earlier slices were never applied (refused, late): gone
-                for old in [k for k in self.slices if k[1] == wid and k[2] < clock]:
+            for wid, clock, _ in pushes:   # this worker's other slices up to clock are never applied (refused,
+                for old in [n for n, v in self.slices.items() if v[1] == wid and v[2] <= clock]:   # late, resent)
                     del self.slices[old]
             done += 1
         return done
@@ -190,6 +206,7 @@ class RangeServer:
         self.heard_s = time.monotonic()
         self.silence_s = cfg.worker.server_timeout_s   # server 0 syncs every half second: this long silent, it is gone
         self.stopped = False
+        self.unreported: list[dict] = []   # measurements of slices not yet sent to server 0
 
     def loop(self) -> None:
         self.reporter.send("ready", address=self.address, theta=self.theta_shm.name, pid=os.getpid())
@@ -215,7 +232,9 @@ class RangeServer:
             h, arrays = protocol.decode(frames[1:], protocol.RANGE_REQUESTS)
             rid, op = h.get("rid"), h["op"]
             if op == OpStr.RPUSH:
-                self.rs.slice(h["wid"], h["clock"], arrays[0], arrays[1], h["sid"])
+                n, finite, sq = self.rs.slice(h["wid"], h["clock"], arrays[0], arrays[1], h["sid"])
+                self.unreported.append({"op": OpStr.MEASURED, "sid": h["sid"], "wid": h["wid"], "clock": h["clock"],
+                                        "slice": n, "finite": finite, "sq": sq})
             elif op == OpStr.RGET:
                 self.rs.read(ident, rid, h["version"], arrays[0])
             elif op == OpStr.STATUS:
@@ -264,6 +283,10 @@ class RangeServer:
                             keep=self.cfg.checkpoint.keep)
 
     def _progress(self) -> None:
+        if self.coordinator is not None:   # known from server 0's first sync, sent before any worker has our address
+            for header in self.unreported:
+                self._send(self.coordinator, header, None)
+            self.unreported.clear()
         self.rs.run()
         for ident, rid, keys in self.rs.answerable():
             self._send(ident, {"op": OpStr.VALUES, "version": self.rs.version}, rid,
@@ -302,9 +325,9 @@ class RangeGone(Exception):
 
 
 class RangeLinks:
-    """Server 0's side of ranges 1 .. S - 1: a DEALER to each range server for its orders (apply, sync), and each
-    range's theta segment attached read-only, from which the whole theta is put together for evaluations and the
-    end of the run."""
+    """Server 0's side of ranges 1 .. S - 1: a DEALER to each range server for its orders (apply, sync) and its
+    measurements of the slices that arrive there, and each range's theta segment attached read-only, from which the
+    whole theta is put together for evaluations and the end of the run."""
 
     SYNC_EVERY_S = 0.5
 
@@ -313,7 +336,8 @@ class RangeLinks:
         self.addresses = [link["address"] for link in links]
         self.socks = [transport.dealer(ctx, a) for a in self.addresses]
         self.views: list[SeqlockArray] = []
-        self.step_pushes: list[list[int]] = []     # BSP: the (wid, clock) of each accumulated push, in order
+        self.step_pushes: list[tuple] = []         # BSP: the (wid, clock, slices) of each accumulated push, in order
+        self.measured: dict[tuple[int, int], dict[int, tuple]] = {}  # (wid, clock) -> {range: (slice, finite, sq)}
         self.synced_s = 0.0
         self.owner: np.ndarray | None = None       # theta row -> its range, made at the first compose
         self.links = links
@@ -321,19 +345,55 @@ class RangeLinks:
     def attach(self, rows: int) -> None:
         self.views = [SeqlockArray.attach(link["theta"], (rows,), np.float64) for link in self.links]
 
-    def accumulated(self, wid: int, clock: int) -> None:
-        self.step_pushes.append([wid, clock])
+    def receive(self) -> list[tuple[int, int]]:
+        """Read what the range servers sent (their measurements of slices, error replies to orders); the (wid,
+        clock) of each push that every range has now measured its slice of."""
+        complete = []
+        for s, sock in enumerate(self.socks, start=1):
+            n = 0
+            while n < 256 and transport.readable(sock):
+                n += 1
+                try:
+                    h, _ = protocol.decode(transport.recv_now(sock), protocol.RANGE_REPORTS)
+                except ProtocolError as e:   # a range server is ours: a bad message is a bug, not an attack
+                    log.error("range %d sent a bad message: %s", s, e)
+                    continue
+                if h["op"] == OpStr.ERROR:
+                    log.error("range %d refused an order: %s: %s", s, h["code"], h["reason"])
+                elif h["sid"] == self.sid:   # a slice for this server id (an older one's is never applied)
+                    got = self.measured.setdefault((h["wid"], h["clock"]), {})
+                    got[s] = (h["slice"], h["finite"], h["sq"])   # sent again: the newest is the one judged
+                    if len(got) == len(self.socks):
+                        complete.append((h["wid"], h["clock"]))
+        return complete
+
+    def measurements(self, wid: int, clock: int) -> tuple | None:
+        """Each range's (slice, finite, sq) of the push (wid, clock), in range order; None until all have come."""
+        got = self.measured.get((wid, clock))
+        if got is None or len(got) < len(self.socks):
+            return None
+        return tuple(got[s] for s in range(1, len(self.socks) + 1))
+
+    def _named(self, wid: int, clock: int) -> None:
+        """(wid, clock) is applied: the measurements of wid's pushes before it (refused, late) are of no more use.
+        Its own stay until the next, so that the push sent again reaches the coordinator (a duplicate)."""
+        for key in [k for k in self.measured if k[0] == wid and k[1] < clock]:
+            del self.measured[key]
+
+    def accumulated(self, wid: int, clock: int, slices: tuple) -> None:
+        self.step_pushes.append((wid, clock, slices))
+        self._named(wid, clock)
 
     def apply_step(self, step: int, version: int) -> None:
         """BSP: every range applies the mean of the slices of this step's pushes, in the order server 0 summed them."""
         pushes, self.step_pushes = self.step_pushes, []
-        self._order({"op": OpStr.APPLY, "step": step, "version": version, "pushes": pushes, "mean": True,
-                     "scale": 1.0})
+        self._order({"op": OpStr.APPLY, "step": step, "version": version, "mean": True, "scale": 1.0}, pushes)
 
-    def update(self, wid: int, clock: int, step: int, version: int, scale: float) -> None:
+    def update(self, wid: int, clock: int, slices: tuple, step: int, version: int, scale: float) -> None:
         """SSP/ASP: every range applies this one push's slice, weighted by `scale`."""
-        self._order({"op": OpStr.APPLY, "step": step, "version": version, "pushes": [[wid, clock]], "mean": False,
-                     "scale": scale})
+        self._named(wid, clock)
+        self._order({"op": OpStr.APPLY, "step": step, "version": version, "mean": False, "scale": scale},
+                    [(wid, clock, slices)])
 
     def sync(self, version: int, now: float) -> None:
         """Server 0's id, and a sign of life every SYNC_EVERY_S (a range server whose coordinator is silent exits);
@@ -350,15 +410,20 @@ class RangeLinks:
         """Every range goes back to its own checkpoint of `step` (in range_dir(directory, s)), as server 0 just did."""
         self._order({"op": OpStr.LOAD, "sid": self.sid, "step": step, "dir": os.path.abspath(directory)})
 
-    def _order(self, header: dict) -> None:
-        frames = protocol.encode(header)
-        for sock, address in zip(self.socks, self.addresses):
-            # a range server reads its socket all the time: a full queue means it is gone or stuck
-            if not transport.send(sock, frames, block=False) and not (
-                    transport.writable(sock, int(self.timeout_s * 1000))
-                    and transport.send(sock, frames, block=False)):
-                raise RuntimeError(f"the range server at {address} takes no orders (queue full for "
-                                   f"{self.timeout_s:g} s)")
+    def _order(self, header: dict, pushes: list | None = None) -> None:
+        """The same order to every range; an apply's `pushes` name each range's own slice numbers ([wid, clock,
+        slice] from (wid, clock, slices) with slices[s - 1] range s's)."""
+        frames = protocol.encode(header) if pushes is None else None
+        for s, (sock, address) in enumerate(zip(self.socks, self.addresses), start=1):
+            if pushes is not None:
+                frames = protocol.encode({**header, "pushes": [[w, c, sl[s - 1]] for w, c, sl in pushes]})
+            self._send(sock, address, frames)
+
+    def _send(self, sock, address: str, frames: list) -> None:
+        # a range server reads its socket all the time: a full queue means it is gone or stuck
+        if not transport.send(sock, frames, block=False) and not (
+                transport.writable(sock, int(self.timeout_s * 1000)) and transport.send(sock, frames, block=False)):
+            raise RuntimeError(f"the range server at {address} takes no orders (queue full for {self.timeout_s:g} s)")
 
     def compose(self, own: np.ndarray, version: int, give_up=lambda: False) -> np.ndarray:
         """The whole theta at `version`: range 0's rows from `own` (server 0's theta), every other range's rows from

@@ -130,6 +130,7 @@ class Server:
         # server.shards > 1: the range servers the launcher started, which apply what this server orders
         self.links = RangeLinks(self.ctx, Ranges(cuts), ranges, cfg.worker.server_timeout_s, self.server_id) \
             if ranges else None
+        self.measuring: dict[int, tuple] = {}   # wid -> (ident, header, arrays) of its push waiting for measurements
         if self.links is not None:
             self.links.attach(theta.shape[0])
             if self.resumed_from is not None:   # every range goes back to the step this server went back to
@@ -149,7 +150,7 @@ class Server:
     def loop(self) -> None:
         self.reporter.send("ready", address=self.address, pid=os.getpid(), resumed_from=self.resumed_from)
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.coord.n_expected)
-        poller = transport.poller(self.sock)
+        poller = transport.poller(self.sock, *(self.links.socks if self.links is not None else ()))
         terminated_s = None
         last_request_s = last_tick_s = 0.0
         awake = False
@@ -170,6 +171,8 @@ class Server:
                     os.sched_yield()  # a worker that shares this core gets it
             elif poller.poll(POLL_MS):
                 handled = self._drain_socket()
+            if self.links is not None:
+                handled += self._drain_links()
             now = time.monotonic()
             if handled:
                 last_request_s = now
@@ -198,6 +201,16 @@ class Server:
             self.handle(transport.recv_now(self.sock))
             n += 1
         return n
+
+    def _drain_links(self) -> int:
+        """The range servers' measurements: a push whose slices every range has now measured is decided."""
+        complete = self.links.receive()
+        for wid, clock in complete:
+            held = self.measuring.get(wid)
+            if held is not None and held[1]["clock"] == clock and not self.coord.done:
+                del self.measuring[wid]
+                self._dispatch(*held, self._push_event, self.links.measurements(wid, clock))
+        return len(complete)
 
     def _drain_mailboxes(self) -> int:
         n = 0
@@ -233,12 +246,26 @@ class Server:
         if make is None:  # status: a read, not a transition
             self._send(ev.Send(ident, {"op": Op.STATUS.value, "state": self.status(), **_rid(h.get("rid"))}))
             return
+        measured = ()
+        if self.links is not None and h["op"] == OpStr.PUSH and h["sid"] == self.server_id:
+            # several servers: the push is judged whole, on every range server's measurement of its slice; it
+            # waits here for those (a resent push replaces the one waiting)
+            measured = self.links.measurements(h["wid"], h["clock"])
+            if measured is None:
+                self.measuring[h["wid"]] = (ident, h, arrays)
+                return
+        self._dispatch(ident, h, arrays, make, measured)
+
+    def _dispatch(self, ident: bytes, h: dict, arrays: list, make, measured: tuple) -> None:
+        now = time.monotonic()
         try:
             event = make(ident, h, arrays)
         except ProtocolError as e:  # the keys of a push or a get
             self.execute(self.coord.handle(ev.Malformed(ident, e.code, str(e), h.get("rid")), now))
             return
         if event is not None:
+            if measured:
+                event.ranges = measured
             self.execute(self.coord.handle(event, now))
 
     def _push_event(self, ident: bytes, h: dict, arrays: list) -> ev.Push:
@@ -301,14 +328,14 @@ class Server:
     # server.shards > 1: each update of range 0 is ordered to the other ranges too (psrv/rangeserver.py)
     def _accumulate(self, i: ev.Accumulate) -> None:
         self.store.push(i.grad, i.keys)
-        self.links.accumulated(i.wid, i.clock)
+        self.links.accumulated(i.wid, i.clock, i.slices)
 
     def _apply_step(self, i: ev.ApplyStep) -> None:
         self.links.apply_step(i.step, i.version)
         self.store.apply_step(i.step, i.version)
 
     def _update(self, i: ev.Update) -> None:
-        self.links.update(i.wid, i.clock, i.step, i.version, i.scale)
+        self.links.update(i.wid, i.clock, i.slices, i.step, i.version, i.scale)
         self.store.update(i.grad, i.step, i.version, i.scale, i.keys)
 
     def theta_now(self) -> np.ndarray:

@@ -75,6 +75,12 @@ class Store:
             return True, norm
         return self.finite(grad), norm
 
+    def squares(self, grad: np.ndarray) -> tuple[bool, float]:
+        """(every entry finite, the sum of squares): one range's part of a whole push's measure when theta's rows
+        are split over several servers (server.shards > 1), the norm being the root of the ranges' sum."""
+        sq = float(np.vdot(grad, grad))
+        return (True, sq) if math.isfinite(sq) else (self.finite(grad), sq)
+
     # ------------------------------------------------------------------ updates
     def push(self, grad: np.ndarray, keys: np.ndarray | None = None) -> None:
         """BSP: add a (clipped) gradient to the step being collected."""

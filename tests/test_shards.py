@@ -1,19 +1,26 @@
 """server.shards = S > 1: range servers (psrv/rangeserver.py) hold key ranges of a sparse model's theta and apply only
 what server 0 orders. In-process: S ranges fed the pushes of one server, in any arrival order, give its theta bit
-for bit (BSP and ASP, each row-wise optimizer); the holding rules; the wire's range messages; the config's refusals.
+for bit (BSP and ASP, each row-wise optimizer); the holding rules; the wire's range messages; the config's refusals;
+a push a single server would refuse for its slice on range 1 alone is refused whole and applied on no range.
 Two short multi-process runs: S = 2 against S = 1 under BSP; a range server killed mid-run and restarted, the run
 exact."""
 import json
+import math
 import os
 import signal
+from collections import deque
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import zmq
 
-from psrv import config, protocol
+from psrv import config, events as ev, protocol, transport
 from psrv.errors import ConfigError, ProtocolError
 from psrv.keyrange import Ranges
-from psrv.rangeserver import RangeStore, make_store
+from psrv.rangeserver import RangeLinks, RangeStore, make_store
+from psrv.server import Server
+from tests.coord_harness import H, SID
 
 ROWS = 61   # 60 weights, then the bias
 
@@ -59,6 +66,8 @@ def test_ranges_give_one_servers_theta_bit_for_bit(optimizer, mode):
     rng = np.random.default_rng(7)
     one = make_store(_cfg(optimizer), np.zeros(ROWS), ROWS - 1)
     ranges, own, others = _ranged(optimizer, 3)
+    numbers = {rs.index: {} for rs in others}      # (wid, clock) -> the range's number for that slice
+    waiting = {rs.index: deque() for rs in others}  # orders not sent yet: a slice they name is not measured
     version = 0
     for step in range(6):
         pushes = _pushes(rng, 3)
@@ -82,14 +91,22 @@ def test_ranges_give_one_servers_theta_bit_for_bit(optimizer, mode):
             own.apply_step(step, version)
             for rs in others:
                 events.append((rs, "order", (step, version, [[w, step] for w in range(3)], True, 1.0)))
-        # a random arrival order, except that each range's orders keep theirs (they come over one connection)
+        # a random arrival order, except that each range's orders keep theirs (they come over one connection) and
+        # none goes out before the range has measured every slice it names (server 0 waits for the measurements)
         when = rng.random(len(events))
         for rs in others:
             mine = [i for i, e in enumerate(events) if e[0] is rs and e[1] == "order"]
             when[mine] = np.sort(when[mine])
         for i in np.argsort(when):
             rs, what, args = events[i]
-            rs.slice(*args) if what == "slice" else rs.order(*args)
+            if what == "slice":
+                numbers[rs.index][args[:2]] = rs.slice(*args)[0]
+            else:
+                waiting[rs.index].append(args)
+            q = waiting[rs.index]
+            while q and all(tuple(p) in numbers[rs.index] for p in q[0][2]):
+                at, v, pushes, mean, scale = q.popleft()
+                rs.order(at, v, [[*p, numbers[rs.index][tuple(p)]] for p in pushes], mean, scale)
             rs.run()
     for rs in others:
         assert rs.run() == 0 and not rs.orders and not rs.slices and rs.version == version
@@ -103,10 +120,10 @@ def test_an_apply_waits_for_its_slices_and_a_read_for_its_version():
     keys = mine[:3]
     rs.read(b"w0", 5, 1, keys)
     assert rs.answerable() == []                  # version 1 is not reached
-    rs.order(0, 1, [[0, 0], [1, 0]], True, 1.0)
-    rs.slice(0, 0, keys, np.array([1.0, 2.0, 3.0]))
+    rs.order(0, 1, [[0, 0, 1], [1, 0, 2]], True, 1.0)   # the slices' numbers: they arrive first and second
+    assert rs.slice(0, 0, keys, np.array([1.0, 2.0, 3.0])) == (1, True, 14.0)
     assert rs.run() == 0 and rs.version == 0      # worker 1's slice has not arrived
-    rs.slice(1, 0, keys[:1], np.array([3.0]))
+    assert rs.slice(1, 0, keys[:1], np.array([3.0])) == (2, True, 9.0)
     assert rs.run() == 1 and rs.version == 1
     (ident, rid, got), = rs.answerable()
     assert (ident, rid) == (b"w0", 5) and got is keys
@@ -120,8 +137,10 @@ def test_slices_never_named_are_dropped_when_a_later_push_of_that_worker_applies
     rs.slice(0, 0, k, np.ones(1))   # refused by server 0 (never named)
     rs.slice(0, 1, k, np.ones(1))
     rs.slice(1, 1, k, np.ones(1))
-    rs.order(1, 1, [[0, 1]], False, 0.5)
-    assert rs.run() == 1 and set(rs.slices) == {("", 1, 1)}
+    rs.slice(0, 1, k, np.full(1, 2.0))   # the same clock again (a resent push): server 0 judged and names the first
+    rs.order(1, 1, [[0, 1, 2]], False, 0.5)
+    assert rs.run() == 1 and set(rs.slices) == {3}
+    assert rs.store.theta[int(k[0])] == -0.3 * 0.5   # sgd at lr 0.3, scale 0.5, on the first slice's 1.0
 
 
 def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_apply(tmp_path):
@@ -130,7 +149,7 @@ def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_
     rs.on_save = lambda step: saved.append((step, rs.version))
     k = np.flatnonzero(ranges.owner(np.arange(ROWS, dtype=np.uint64)) == 1)[:2].astype(np.uint64)
     rs.synced("A")
-    rs.order(0, 1, [[0, 0]], True, 1.0)
+    rs.order(0, 1, [[0, 0, 2]], True, 1.0)
     with pytest.raises(ValueError, match="not the 1"):
         rs.save(0, 0)
     rs.save(1, 1)
@@ -145,7 +164,7 @@ def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_
     from psrv.keyrange import load_range, save_range
     save_range(str(tmp_path), 1, rs.store, ranges, 1)
     theta, opt = rs.store.theta.copy(), rs.store.opt.state_dict()
-    rs.order(1, 2, [[0, 1]], True, 1.0)
+    rs.order(1, 2, [[0, 1, 4]], True, 1.0)
     rs.slice(0, 1, k, np.full(2, 3.0), sid="C")
     assert rs.run() == 1 and not np.array_equal(rs.store.theta, theta)
     load_range(str(tmp_path), 1, rs.store, ranges, 1)
@@ -153,7 +172,7 @@ def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_
     assert rs.version == 1 and rs.ordered == 1 and np.array_equal(rs.store.theta, theta)
     assert all(np.array_equal(v, opt["arrays"][n]) for n, v in rs.store.opt.state_dict()["arrays"].items())
     with pytest.raises(ValueError, match="does not follow"):
-        rs.order(1, 3, [[0, 1]], True, 1.0)
+        rs.order(1, 3, [[0, 1, 5]], True, 1.0)
 
 
 def test_a_range_refuses_keys_of_another_range_and_orders_out_of_sequence():
@@ -170,13 +189,17 @@ def test_a_range_refuses_keys_of_another_range_and_orders_out_of_sequence():
     with pytest.raises(ProtocolError) as e:
         rs.slice(0, 0, mine, np.ones(3))   # values not one per key
     assert e.value.code == "bad_shape"
-    for bad in ([], [[0]], [[0, "1"]], [[0, 1.0]], "x"):
+    for bad in ([], [[0]], [[0, 0]], [[0, 0, "1"]], [[0, 0, 1.0]], "x"):
         with pytest.raises(ValueError):
             rs.order(0, 1, bad, True, 1.0)
     with pytest.raises(ValueError, match="does not follow"):
-        rs.order(0, 2, [[0, 0]], True, 1.0)
+        rs.order(0, 2, [[0, 0, 1]], True, 1.0)
     with pytest.raises(ValueError, match="exactly one"):
-        rs.order(0, 1, [[0, 0], [1, 0]], False, 1.0)
+        rs.order(0, 1, [[0, 0, 1], [1, 0, 2]], False, 1.0)
+    n, _, _ = rs.slice(0, 0, mine, np.ones(2))
+    rs.order(0, 1, [[1, 0, n]], True, 1.0)   # a number that is another push's slice: a bug in server 0
+    with pytest.raises(ValueError, match="not"):
+        rs.run()
 
 
 def test_range_messages_on_the_wire():
@@ -184,9 +207,16 @@ def test_range_messages_on_the_wire():
     h, (k, v) = protocol.decode(protocol.encode({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (keys, np.ones(2))),
                                 protocol.RANGE_REQUESTS)
     assert h["clock"] == 4 and k.tolist() == [3, 9]
-    h, _ = protocol.decode(protocol.encode({"op": "apply", "step": 0, "version": 1, "pushes": [[0, 0]],
+    h, _ = protocol.decode(protocol.encode({"op": "apply", "step": 0, "version": 1, "pushes": [[0, 0, 1]],
                                             "mean": True, "scale": 1}), protocol.RANGE_REQUESTS)
-    assert h["pushes"] == [[0, 0]]
+    assert h["pushes"] == [[0, 0, 1]]
+    h, _ = protocol.decode(protocol.encode({"op": "measured", "sid": "a", "wid": 1, "clock": 4, "slice": 7,
+                                            "finite": False, "sq": math.nan}), protocol.RANGE_REPORTS)
+    assert h["slice"] == 7 and not h["finite"] and math.isnan(h["sq"])
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode(protocol.encode({"op": "measured", "sid": "a", "wid": 1, "clock": 4, "slice": 7}),
+                        protocol.RANGE_REPORTS)
+    assert e.value.code == "bad_field"
     bad = [({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (np.array([9, 3], dtype=np.uint64), np.ones(2)), "bad_keys"),
            ({"op": "rpush", "sid": "a", "wid": 1, "clock": 4}, (keys,), "bad_frames"),
            ({"op": "rpush", "wid": 1, "clock": 4}, (keys, np.ones(2)), "bad_field"),
@@ -197,6 +227,104 @@ def test_range_messages_on_the_wire():
         with pytest.raises(ProtocolError) as e:
             protocol.decode(protocol.encode(header, arrays), protocol.RANGE_REQUESTS)
         assert e.value.code == code, header
+
+
+class _Range1:
+    """Range 1 as server 0 meets it, in-process: a RangeStore behind a ROUTER on an inproc address, so that server
+    0's RangeLinks (the real one) gets its measurements and sends its orders over the real messages."""
+
+    def __init__(self, ctx, ranges, cfg):
+        self.rs = RangeStore(make_store(cfg, np.zeros(ROWS), ROWS - 1), ranges, 1)
+        self.rs.synced(SID)
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.bind("inproc://range1")
+        self.links = RangeLinks(ctx, ranges, [{"address": "inproc://range1", "theta": ""}], 5.0, SID)
+        self.links.sync(0, 1.0)   # server 0's first message: the range learns who it is
+        self.peer = transport.recv(self.sock, 1000)[0].bytes
+
+    def rpush(self, wid: int, clock: int, keys, values) -> tuple:
+        """A worker's slice arrives; the range reports its measurement; server 0 reads it: its measurements."""
+        n, finite, sq = self.rs.slice(wid, clock, keys, values, SID)
+        transport.send(self.sock, protocol.encode({"op": "measured", "sid": SID, "wid": wid, "clock": clock,
+                                                   "slice": n, "finite": finite, "sq": sq}), self.peer)
+        for _ in range(100):
+            if (wid, clock) in self.links.receive():
+                return self.links.measurements(wid, clock)
+            self.links.socks[0].poll(10)
+        raise AssertionError(f"no measurement of ({wid}, {clock}) reached server 0")
+
+    def orders(self) -> None:
+        """Carry out what server 0 ordered."""
+        while (frames := transport.recv(self.sock, 0)) is not None:
+            h, _ = protocol.decode(frames[1:], protocol.RANGE_REQUESTS)
+            if h["op"] == "apply":
+                self.rs.order(h["step"], h["version"], h["pushes"], h["mean"], h["scale"])
+        self.rs.run()
+
+    def close(self) -> None:
+        self.links.close()
+        self.sock.close(linger=0)
+
+
+@pytest.mark.parametrize("mode", ["bsp", "asp"])
+@pytest.mark.parametrize("bad", ["nonfinite", "outlier", "overflow"])
+def test_a_slice_one_server_would_refuse_is_refused_whole_and_applied_on_no_range(bad, mode):
+    """Two workers, BSP or ASP, the same pushes to one server (a coordinator over the whole theta) and to two
+    (range 0 in server 0's store, range 1 in a RangeStore reached over the real messages). After the norm bound's
+    warm-up, worker 0's push carries a NaN, a norm 1e6 (the bound is 1000 x about 4) or entries of 1e200 (a norm
+    that overflows) only in its slice of range 1. Server 0 refuses it on range 1's measurement exactly as one
+    server does: the same instructions and replies, one refused push counted against worker 0, and theta on both
+    ranges bit for bit the single server's, every entry finite (the slice was applied nowhere)."""
+    rng = np.random.default_rng(3)
+    cfg = _cfg("sgd")
+    ranges = Ranges.by_bytes(2, np.arange(ROWS, dtype=np.uint64), 8)
+    one, two = H(2, train__consistency=mode), H(2, train__consistency=mode)
+    one.c.store = make_store(cfg, np.zeros(ROWS), ROWS - 1)    # S = 1: the whole theta
+    two.c.store = own = make_store(cfg, np.zeros(ROWS), ROWS - 1)   # S = 2: range 0's rows of it
+    ctx = transport.context()
+    r1 = _Range1(ctx, ranges, cfg)
+    shell = SimpleNamespace(store=own, links=r1.links)   # what server.py's instructions act on
+    do = {ev.Accumulate: Server._accumulate, ev.ApplyStep: Server._apply_step, ev.Update: Server._update}
+    single = {ev.Accumulate: lambda i: one.c.store.push(i.grad, i.keys),
+              ev.ApplyStep: lambda i: one.c.store.apply_step(i.step, i.version),
+              ev.Update: lambda i: one.c.store.update(i.grad, i.step, i.version, i.scale, i.keys)}
+    try:
+        one.start()
+        two.start()
+        bad_at = 9   # steps: the first 8 (16 pushes) are the guard's warm-up
+        for step in range(bad_at + 2):
+            for wid, (keys, g) in enumerate(_pushes(rng, 2)):
+                if step == bad_at and wid == 0:
+                    keys = np.union1d(keys, np.flatnonzero(ranges.owner(np.arange(ROWS, dtype=np.uint64)) == 1)[:2]
+                                      ).astype(np.uint64)
+                    g = np.ones(len(keys))
+                    on1 = np.flatnonzero(ranges.owner(keys) == 1)[:2]
+                    g[on1] = {"nonfinite": [np.nan, 1.0], "outlier": [1e6, 1.0], "overflow": [1e200, 1e200]}[bad]
+                (k0, v0), (k1, v1) = ranges.split(keys, g)
+                out1 = one.push(wid, grad=g, keys=keys)
+                out2 = two.push(wid, grad=v0, keys=k0, ranges=r1.rpush(wid, two.served[wid][0], k1, v1))
+                assert two.P(out2) == one.P(out1)
+                if step == bad_at and wid == 0:   # counted against the worker, as one server counts it
+                    assert two.c.members.peers[0].bad_streak == one.c.members.peers[0].bad_streak == 1
+                for i in out1:
+                    if type(i) in single:
+                        single[type(i)](i)
+                for i in out2:
+                    if type(i) in do:
+                        do[type(i)](shell, i)
+                r1.orders()
+        why = "nonfinite" if bad == "nonfinite" else "outlier"
+        assert one.c.stats.rejected == two.c.stats.rejected == {why: 1}
+        assert two.c.members.peers[0].bad_streak == 0 and two.c.stats.applied == one.c.stats.applied
+        theta = _compose(ranges, own, [r1.rs])
+        assert np.isfinite(theta).all() and np.abs(theta).max() > 0.01
+        assert np.array_equal(theta, one.c.store.theta)
+        assert r1.rs.version == own.version == one.c.store.version and not r1.rs.orders
+        last = bad_at + 1   # the refused slice and its measurement went with worker 0's next push
+        assert not r1.rs.slices and set(r1.links.measured) == {(0, last), (1, last)}
+    finally:
+        r1.close()
+        ctx.term()
 
 
 SHARDED = {"data": {"source": "criteo"}, "model": {"kind": "sparse_logistic"}, "server": {"shards": 2}}
