@@ -58,6 +58,7 @@ class Coordinator(Roster, Sanctions):
         self.step_records: list[tuple] = []       # BSP: pushes in the accumulator, accounted once their step applies
         self.applied_records: list[tuple] = []    # applied, accounted after the replies went out
         self.saved_clocks: dict[int, int] = {}    # wid -> clock at the checkpoint this run resumed from
+        self.finished_at: dict[int, int] = {}     # wid -> clock of a worker told to stop (psrv/resume.py)
         self.rejoin_at: dict[int, int] = {}       # straggler -> the clock it resumes at when it pulls again
         self.late: dict[int, tuple] = {}          # straggler -> (clock, count) of the batch it held: dropped as late
         self.guard = PushGuard(cfg.server.max_grad_ratio)   # what a push may change (psrv/guard.py)
@@ -127,6 +128,7 @@ class Coordinator(Roster, Sanctions):
             self._leave(replaced)
         self.late.pop(p.wid, None)
         self.rejoin_at.pop(p.wid, None)
+        self.finished_at.pop(p.wid, None)
         # registered, not yet in the run: it takes shards and enters the gate at its first pull, when its rows are
         # ready, so that nobody waits for a worker still loading (or one that only sends heartbeats)
         log.info("worker %d said hello (pid %d on %s, incarnation %d)", p.wid, p.pid, p.host, p.inc)

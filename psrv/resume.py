@@ -14,10 +14,15 @@ def state(c, now: float) -> dict:
     for batch in [*c.batches.values(), *(r.batch for r in c.step_records)]:
         if batch is not None:
             schedule.give_back(batch)
+    # the workers training when this was saved, whom a resume waits for: the gate's members, and once the run is
+    # ending those told to stop (at its end none is left in the gate; a resume that raises train.steps and started
+    # with fewer would sum fewer workers' batches a step than a run that never stopped). Mid-run, one that finished
+    # its epochs early has exited: a restarted server does not wait for it.
+    done = c.finished_at if c.stopping else {}
+    clocks = {**done, **{w: m.pushed for w, m in c.gate.members.items()}}
     return {"step": c.step, "version": c.version, "gate_step": c.gate.step,
             # a BSP step not applied yet is redone: its pushers resume at that step, not after it
-            "clocks": [[w, min(m.pushed, c.gate.step) if c.gate.mode == "bsp" else m.pushed]
-                       for w, m in c.gate.members.items()],
+            "clocks": [[w, min(k, c.gate.step) if c.gate.mode == "bsp" else k] for w, k in clocks.items()],
             "incarnations": [[w, i] for w, i in c.members.incarnations.items()],
             "schedule": schedule.state(), "stats": c.stats.to_state(), "elapsed_s": c.elapsed_s(now),
             "deaths": c.members.deaths, "worker_restarts": c.members.restarts,

@@ -91,6 +91,9 @@ class Roster:
 
     def _finish(self, p: Peer, rid, reason: str) -> None:
         p.finished = True
+        m = self.gate.members.get(p.wid)
+        if m is not None:  # done, not lost: a checkpoint of the run's end counts it in (psrv/resume.py)
+            self.finished_at[p.wid] = m.pushed
         self._send(p.ident, {"op": Op.STOP.value, "reason": reason}, rid)
         self._leave(p)
 

@@ -759,6 +759,32 @@ def test_restore_at_train_steps_serves_no_more_steps(mode):
     assert h2.P(h2.pull(0, 0)) == [("Stop", 0, "steps", 3), ("Finish", "steps")]
 
 
+@pytest.mark.parametrize("end", ["steps", "sigterm"])
+def test_resume_of_an_ended_run_waits_for_every_worker_and_serves_the_unbroken_runs_batches(end):
+    # the oracle: a run of 6 BSP steps that never stopped, and the batch each worker is served for step 3
+    whole = H(2, train__steps=6)
+    whole.start()
+    for _ in range(3):
+        whole.push(0), whole.push(1)
+    expected = {w: whole.served[w] for w in (0, 1)}
+    h = H(2, train__steps=3 if end == "steps" else 6)
+    h.start()
+    if end == "steps":
+        h.drive()
+    else:  # stopped while both compute step 3: both are told to stop at their push, and their batches go back
+        for _ in range(3):
+            h.push(0), h.push(1)
+        h.stop("signal")
+        h.push(0), h.push(1)
+    assert h.c.done and h.c.step == 3 and not h.c.gate.members   # nobody is left in the gate at the end
+    h2 = H(2, now=100.0, train__steps=6)
+    h2.c.restore(h.c.state(h.now))
+    h2.hellos([0, 1])
+    assert h2.P(h2.pull(0, 0)) == []   # both were training when the run ended: the gate waits for worker 1
+    h2.pull(1, 0)
+    assert {w: h2.served[w] for w in (0, 1)} == expected
+
+
 # ---------------------------------------------------------------------------------------------------- status, scale
 def test_status_stays_bounded_after_churn():
     h = H(4, **WAIT)
