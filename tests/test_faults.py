@@ -141,6 +141,26 @@ def test_killed_server_is_restarted_and_matches_a_resumed_run(launch, tmp_path):
     lb.assert_no_leftovers()
 
 
+@pytest.mark.slow
+def test_resume_of_an_ended_bsp_run_with_more_steps_is_the_run_that_never_stopped(launch, tmp_path):
+    # BSP, the static schedule and a constant rate: the batches and updates are fixed, so a run of 8 steps resumed
+    # from its end to 16 must give a 16-step run's theta to the bit (it once started with 1 of the 2 workers)
+    run = DATA + args(train__workers=2, train__batch_size=50, train__lr_schedule="constant", output__plot="false")
+    la = launch(*run, *args(train__steps=16, output__dir=tmp_path / "a"))
+    assert la.wait()[0] == 0
+    lb = launch(*run, *args(train__steps=8, output__dir=tmp_path / "b"))
+    assert lb.wait()[0] == 0
+    lc = launch(*run, *args(train__steps=16), "--resume", tmp_path / "b", "-v")
+    code, out, err = lc.wait()
+    assert code == 0, err
+    assert "2 workers joined; training resumes at step 8" in err
+    s = summary(tmp_path / "b")
+    assert s["steps"] == 16 and s["resumed_from"].endswith("ckpt-0000000008.psrv")
+    assert np.array_equal(np.load(tmp_path / "a" / "theta.npy"), np.load(tmp_path / "b" / "theta.npy"))
+    for la in (la, lb, lc):
+        la.assert_no_leftovers()
+
+
 def test_corrupt_newest_checkpoint_is_skipped(launch, tmp_path):
     run = DATA + args(train__workers=2, train__steps=600, checkpoint__every_steps=200, checkpoint__keep=5)
     la = launch(*run, "--set", f"output.dir={tmp_path / 'a'}")
