@@ -43,17 +43,19 @@ MAX_PUSHES = 1024            # (wid, clock) pairs one apply may name: far above 
 FIRST_WORD_S = 120.0         # how long a range server waits for server 0's first message (it starts after us)
 
 
-def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None) -> Store:
+def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.ndarray | None = None) -> Store:
     """The store of a sparse or dense theta as server.py builds it: train.optimizer and its learning-rate schedule,
-    clipping, the L2 term on the first `weight_rows` rows (FTRL's L2 is in its closed form instead)."""
+    clipping, the L2 term on the rows below `weight_rows` (FTRL's L2 is in its closed form instead). `rows`: the
+    rows of the whole theta that this store's rows are, in order (a range server's); None: all of them."""
     t = cfg.train
+    held = np.arange(theta.shape[0]) if rows is None else rows
     total_steps = run_steps(cfg) or t.steps
     ftrl = t.optimizer == "ftrl"
     return Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
                  lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every,
                                           t.lr_min),
                  clip_norm=t.clip_norm, l2=0.0 if ftrl else cfg.model.l2,
-                 l2_mask=np.arange(theta.shape[0]) < weight_rows, writer=writer)
+                 l2_mask=held < weight_rows, writer=writer)
 
 
 def range_dir(ckpt_dir: str, index: int) -> str:
@@ -61,9 +63,16 @@ def range_dir(ckpt_dir: str, index: int) -> str:
     return os.path.join(ckpt_dir, f"range{index}")
 
 
+def range_rows(ranges: Ranges, index: int, rows: int) -> np.ndarray:
+    """The rows (keys) of a theta of `rows` rows that range `index` holds, increasing: a range server's store holds
+    these and no others, its row i being theta's row range_rows(...)[i]."""
+    return np.flatnonzero(ranges.owner(np.arange(rows, dtype=np.uint64)) == index).astype(np.uint64)
+
+
 class RangeStore:
-    """Range s's rows of theta (a Store over all d + 1 rows, of which only range s's ever change), the slices
+    """Range s's rows of theta (a Store over only the rows this range holds, `keys`, in their order), the slices
     pushed to it and not yet applied, the orders waiting for their slices, and the reads waiting for a version.
+    Keys on the wire are theta's rows; each is turned into its row in this store once, on arrival.
 
     Each slice gets a number of its own as it arrives, and an apply names slices by number: the slice carried out is
     the one server 0 judged on this range's measurement, even if the same (wid, clock) came again since (a resent
@@ -71,8 +80,12 @@ class RangeStore:
     hello): after server 0 goes back to a checkpoint it has a new id, and a slice computed before that can never be
     taken for one computed after."""
 
-    def __init__(self, store: Store, ranges: Ranges, index: int, on_save=None):
+    def __init__(self, store: Store, ranges: Ranges, index: int, keys: np.ndarray, rows: int, on_save=None):
+        """keys: range_rows(ranges, index, rows), the rows of the whole theta (of `rows` rows) that `store` holds."""
+        if store.theta.shape[0] != len(keys):
+            raise ValueError(f"range {index} holds {len(keys)} rows, but its store has {store.theta.shape[0]}")
         self.store, self.ranges, self.index, self.on_save = store, ranges, index, on_save
+        self.keys, self.rows = keys, rows
         self.sid = ""                      # server 0's current id (sync, load)
         self.slices: dict[int, tuple[str, int, int, np.ndarray, np.ndarray]] = {}  # number -> (sid, wid, clock, rows)
         self.arrived = 0                   # slices numbered so far
@@ -84,22 +97,28 @@ class RangeStore:
     def version(self) -> int:
         return self.store.version
 
-    def check_keys(self, keys: np.ndarray) -> np.ndarray:
-        """ProtocolError bad_keys unless every key is a row of theta in this range (decode checked the order)."""
-        rows = self.store.theta.shape[0]
+    def local(self, keys: np.ndarray) -> np.ndarray:
+        """This store's rows of `keys` (increasing, as the keys are), or ProtocolError bad_keys unless every key is
+        a row of theta in this range (decode checked the order)."""
+        rows = self.rows
         if len(keys) and int(keys[-1]) >= rows:
             raise ProtocolError(f"key {int(keys[-1])} is not a row of theta (keys are 0 .. {rows - 1})", "bad_keys")
         try:
             self.ranges.check(self.index, keys)
         except ValueError as e:
             raise ProtocolError(f"range {self.index}: {e}", "bad_keys") from None
-        return keys
+        # every key below `rows` in this range is in self.keys: the position is the row
+        return np.searchsorted(self.keys, keys)
+
+    def values(self, keys: np.ndarray) -> np.ndarray:
+        """theta's rows `keys` (all in this range), as this range holds them now."""
+        return self.store.theta[self.local(keys)]
 
     def slice(self, wid: int, clock: int, keys: np.ndarray, values: np.ndarray,
               sid: str = "") -> tuple[int, bool, float]:
         """A worker's slice of its push for `clock`, held until an apply names it; its (number, every value finite,
         sum of squares), which server 0 judges the whole push on."""
-        self.check_keys(keys)
+        keys = self.local(keys)
         try:
             self.store.check(values, keys)
         except TypeError as e:
@@ -177,11 +196,11 @@ class RangeStore:
         return done
 
     def read(self, ident: bytes, rid, version: int, keys: np.ndarray) -> None:
-        self.check_keys(keys)
-        self.reads.append((ident, rid, version, keys))
+        self.reads.append((ident, rid, version, self.local(keys)))
 
     def answerable(self) -> list[tuple]:
-        """The reads whose version has been reached, each (ident, rid, keys), removed from the waiting ones."""
+        """The reads whose version has been reached, each (ident, rid, this store's rows), removed from the waiting
+        ones."""
         ready = [r for r in self.reads if r[2] <= self.version]
         if ready:
             self.reads = [r for r in self.reads if r[2] > self.version]
@@ -193,15 +212,17 @@ class RangeServer:
         self.cfg = cfg = config_mod.Config.from_dict(spec.cfg, frozenset(spec.explicit))
         self.reporter = reporter
         self.index = spec.index
+        ranges = Ranges(spec.cuts)
+        keys = range_rows(ranges, spec.index, spec.rows)   # only its own rows: memory about 1/S of theta's
         self.theta_shm = SeqlockArray.create(f"{spec.shm_prefix}range{spec.index}_{uuid.uuid4().hex[:12]}",
-                                             (spec.rows,), np.float64)
+                                             (len(keys),), np.float64)
         self.theta_shm.array[...] = 0.0   # theta starts at 0 (FTRL needs it; sparse_model.init_theta gives it)
         self.ckpt_dir = range_dir(spec.ckpt_dir, spec.index)
-        self.rs = RangeStore(make_store(cfg, self.theta_shm.array, spec.rows - 1, self.theta_shm),
-                             Ranges(spec.cuts), spec.index, on_save=self._save)
+        self.rs = RangeStore(make_store(cfg, self.theta_shm.array, spec.rows - 1, self.theta_shm, rows=keys),
+                             ranges, spec.index, keys, spec.rows, on_save=self._save)
         self.ctx = transport.context()
         self.sock, self.address = transport.router(self.ctx, "tcp://127.0.0.1:0",
-                                                   max_frame_bytes=max(8 * spec.rows, protocol.HEADER_MAX_BYTES) + 1024)
+                                                   max_frame_bytes=max(8 * len(keys), protocol.HEADER_MAX_BYTES) + 1024)
         self.coordinator: bytes | None = None   # server 0's identity on our socket, from its first message
         self.heard_s = time.monotonic()
         self.silence_s = cfg.worker.server_timeout_s   # server 0 syncs every half second: this long silent, it is gone
@@ -288,9 +309,8 @@ class RangeServer:
                 self._send(self.coordinator, header, None)
             self.unreported.clear()
         self.rs.run()
-        for ident, rid, keys in self.rs.answerable():
-            self._send(ident, {"op": OpStr.VALUES, "version": self.rs.version}, rid,
-                       (self.rs.store.theta[keys.view(np.int64)],))
+        for ident, rid, local in self.rs.answerable():
+            self._send(ident, {"op": OpStr.VALUES, "version": self.rs.version}, rid, (self.rs.store.theta[local],))
 
     def _send(self, ident: bytes, header: dict, rid, arrays=()) -> None:
         if rid is not None:
@@ -339,11 +359,13 @@ class RangeLinks:
         self.step_pushes: list[tuple] = []         # BSP: the (wid, clock, slices) of each accumulated push, in order
         self.measured: dict[tuple[int, int], dict[int, tuple]] = {}  # (wid, clock) -> {range: (slice, finite, sq)}
         self.synced_s = 0.0
-        self.owner: np.ndarray | None = None       # theta row -> its range, made at the first compose
+        self.held: list[np.ndarray] = []           # range s's rows of theta (s = 1 ..), as its segment holds them
         self.links = links
 
     def attach(self, rows: int) -> None:
-        self.views = [SeqlockArray.attach(link["theta"], (rows,), np.float64) for link in self.links]
+        self.held = [range_rows(self.ranges, s, rows).astype(np.int64) for s in range(1, len(self.links) + 1)]
+        self.views = [SeqlockArray.attach(link["theta"], (len(held),), np.float64)
+                      for link, held in zip(self.links, self.held)]
 
     def receive(self) -> list[tuple[int, int]]:
         """Read what the range servers sent (their measurements of slices, error replies to orders); the (wid,
@@ -429,11 +451,9 @@ class RangeLinks:
         """The whole theta at `version`: range 0's rows from `own` (server 0's theta), every other range's rows from
         its segment once that range has reached `version` (it may lag while slices are on their way). RangeGone
         when give_up() says so while waiting (a range server died and the run goes back to a checkpoint)."""
-        if self.owner is None:
-            self.owner = self.ranges.owner(np.arange(len(own), dtype=np.uint64))
         out = own.copy()
-        buf = np.empty_like(out)
-        for s, view in enumerate(self.views, start=1):
+        for s, (view, held) in enumerate(zip(self.views, self.held), start=1):
+            buf = np.empty(len(held))
             deadline = time.monotonic() + self.timeout_s
             while (got := view.read_into(buf)) != version:
                 if give_up():
@@ -441,8 +461,7 @@ class RangeLinks:
                 if got > version or time.monotonic() > deadline:
                     raise RuntimeError(f"range {s} is at version {got}, not {version}, after {self.timeout_s:g} s")
                 time.sleep(0.001)
-            mine = self.owner == s
-            out[mine] = buf[mine]
+            out[held] = buf
         return out
 
     def close(self) -> None:

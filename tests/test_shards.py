@@ -18,7 +18,7 @@ import zmq
 from psrv import config, events as ev, protocol, transport
 from psrv.errors import ConfigError, ProtocolError
 from psrv.keyrange import Ranges
-from psrv.rangeserver import RangeLinks, RangeStore, make_store
+from psrv.rangeserver import RangeLinks, RangeStore, make_store, range_rows
 from psrv.server import Server
 from tests.coord_harness import H, SID
 
@@ -42,20 +42,37 @@ def _pushes(rng, workers: int):
     return out
 
 
+def _range_store(cfg, ranges, s: int) -> RangeStore:
+    """Range s as a range server builds it: a store over only its own rows of theta."""
+    keys = range_rows(ranges, s, ROWS)
+    return RangeStore(make_store(cfg, np.zeros(len(keys)), ROWS - 1, rows=keys), ranges, s, keys, ROWS)
+
+
 def _ranged(optimizer: str, shards: int):
     ranges = Ranges.by_bytes(shards, np.arange(ROWS, dtype=np.uint64), 8)
     cfg = _cfg(optimizer)
     own = make_store(cfg, np.zeros(ROWS), ROWS - 1)   # server 0's: range 0
-    others = [RangeStore(make_store(cfg, np.zeros(ROWS), ROWS - 1), ranges, s) for s in range(1, shards)]
+    others = [_range_store(cfg, ranges, s) for s in range(1, shards)]
     return ranges, own, others
 
 
 def _compose(ranges, own, others) -> np.ndarray:
-    owner = ranges.owner(np.arange(ROWS, dtype=np.uint64))
     out = own.theta.copy()
     for rs in others:
-        out[owner == rs.index] = rs.store.theta[owner == rs.index]
+        out[rs.keys.astype(np.int64)] = rs.store.theta
     return out
+
+
+def test_a_range_store_holds_only_its_own_rows():
+    ranges, _, others = _ranged("adagrad", 4)
+    owner = ranges.owner(np.arange(ROWS, dtype=np.uint64))
+    for rs in others:
+        assert np.array_equal(rs.keys, np.flatnonzero(owner == rs.index))
+        assert rs.store.theta.shape == (len(rs.keys),) and rs.store.acc.shape == (len(rs.keys),)
+        assert len(rs.keys) < ROWS / 2    # about ROWS / 4 each
+    assert sum(len(rs.keys) for rs in others) == np.count_nonzero(owner != 0)
+    with pytest.raises(ValueError, match="holds"):
+        RangeStore(make_store(_cfg("sgd"), np.zeros(ROWS), ROWS - 1), ranges, 1, others[0].keys, ROWS)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam", "ftrl"])
@@ -126,9 +143,9 @@ def test_an_apply_waits_for_its_slices_and_a_read_for_its_version():
     assert rs.slice(1, 0, keys[:1], np.array([3.0])) == (2, True, 9.0)
     assert rs.run() == 1 and rs.version == 1
     (ident, rid, got), = rs.answerable()
-    assert (ident, rid) == (b"w0", 5) and got is keys
+    assert (ident, rid) == (b"w0", 5) and np.array_equal(rs.keys[got], keys)   # the range's own rows of the keys
     # the mean of the two slices, sgd at lr 0.3, L2 0.1 on weights at 0: -0.3 * [(1 + 3) / 2, 2 / 2, 3 / 2]
-    assert np.allclose(rs.store.theta[keys.astype(np.int64)], [-0.6, -0.3, -0.45], atol=1e-15)
+    assert np.allclose(rs.values(keys), [-0.6, -0.3, -0.45], atol=1e-15)
 
 
 def test_slices_never_named_are_dropped_when_a_later_push_of_that_worker_applies():
@@ -140,7 +157,7 @@ def test_slices_never_named_are_dropped_when_a_later_push_of_that_worker_applies
     rs.slice(0, 1, k, np.full(1, 2.0))   # the same clock again (a resent push): server 0 judged and names the first
     rs.order(1, 1, [[0, 1, 2]], False, 0.5)
     assert rs.run() == 1 and set(rs.slices) == {3}
-    assert rs.store.theta[int(k[0])] == -0.3 * 0.5   # sgd at lr 0.3, scale 0.5, on the first slice's 1.0
+    assert rs.values(k)[0] == -0.3 * 0.5   # sgd at lr 0.3, scale 0.5, on the first slice's 1.0
 
 
 def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_apply(tmp_path):
@@ -234,7 +251,7 @@ class _Range1:
     0's RangeLinks (the real one) gets its measurements and sends its orders over the real messages."""
 
     def __init__(self, ctx, ranges, cfg):
-        self.rs = RangeStore(make_store(cfg, np.zeros(ROWS), ROWS - 1), ranges, 1)
+        self.rs = _range_store(cfg, ranges, 1)
         self.rs.synced(SID)
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.bind("inproc://range1")
