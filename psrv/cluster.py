@@ -140,7 +140,7 @@ class Cluster:
         """server.shards = S > 1: the range servers of ranges 1 .. S - 1 (server 0 holds range 0), each on a core of
         its own after the workers' and server 0's, started and ready before server 0, which orders their updates."""
         from .keyrange import Ranges
-        rows = int(self.layout.block["d"]) + 1    # a sparse model's theta: a weight per column, then the bias
+        rows = int(self.layout.block["d"]) + 1    # theta (sparse, or a dense vector): a weight per column, the bias
         # every row of theta holds the same 8 bytes: ranges with the same number of rows hold the same bytes
         self.cuts = [int(c) for c in Ranges.by_bytes(self.cfg.server.shards, np.arange(rows, dtype=np.uint64), 8).cuts]
         for s in range(1, self.cfg.server.shards):

@@ -29,6 +29,7 @@ def opt(default, doc: str, choices: tuple | None = None, lo: float | None = None
 
 
 SPARSE_MODELS = ("sparse_logistic",)
+SHARDED_DENSE = ("linear", "logistic")   # dense models server.shards > 1 runs: a theta of d + 1 rows
 BUILTIN_MODELS = ("linear", "logistic", "softmax") + SPARSE_MODELS
 SPARSE_SOURCES = ("criteo",)   # generators of sparse rows (psrv/criteo.py); svmlight files are read sparse too
 
@@ -211,9 +212,9 @@ class Server:
                         "request, how long it polls its local workers' shared-memory mailboxes instead of sleeping "
                         "(a round trip of microseconds instead of ZeroMQ's 100-250 us); 0 turns this off",
                         lo=0, hi=1)
-    shards: int = opt(1, "server processes that hold a sparse model's theta, each a key range (docs/sparse.md, "
-                      "\"Several servers\"): server 0 coordinates and holds range 0, the launcher starts the "
-                      "other S - 1", lo=1, hi=64)
+    shards: int = opt(1, "server processes that hold theta, each a key range of its rows (a sparse model, or a "
+                      "linear or logistic model's d + 1 rows; docs/sparse.md, \"Several servers\"): server 0 "
+                      "coordinates and holds range 0, the launcher starts the other S - 1", lo=1, hi=64)
 
 
 @dataclass
@@ -429,10 +430,16 @@ def _check_sparse(cfg: Config) -> None:
 
 def _check_shards(cfg: Config) -> None:
     """What several server processes do not do yet (docs/sparse.md, "Several servers")."""
-    if cfg.model.kind not in SPARSE_MODELS:
-        raise ConfigError(f"server.shards: several servers hold a sparse model's key ranges; model.kind = "
-                          f"{cfg.model.kind!r} keeps one server (server.shards = 1)")
+    if cfg.model.kind not in SPARSE_MODELS + SHARDED_DENSE:
+        raise ConfigError(f"server.shards: several servers hold the key ranges of a sparse model or of a vector "
+                          f"theta ({', '.join(SHARDED_DENSE)}); model.kind = {cfg.model.kind!r} keeps one server "
+                          f"(server.shards = 1)")
     need = {"train.clip_norm": (cfg.train.clip_norm, 0.0), "worker.shm": (cfg.worker.shm, True)}
+    if cfg.model.kind in SHARDED_DENSE:
+        # a range server's theta is float64 rows 0 .. d with the L2 term off the last (the intercept), starting at 0;
+        # local SGD is not wired to the slices yet
+        need.update({"data.dtype": (cfg.data.dtype, "float64"), "model.fit_intercept": (cfg.model.fit_intercept, True),
+                     "train.local_steps": (cfg.train.local_steps, 1)})
     for key, (got, want) in need.items():
         if got != want:
             raise ConfigError(f"{key}: server.shards > 1 needs {key} = {want!r} (docs/sparse.md, \"Several "

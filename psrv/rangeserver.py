@@ -1,6 +1,6 @@
-"""A range server: one of the S - 1 processes that hold a key range of a sparse model's theta when server.shards = S
-> 1 (server 0, the coordinator, holds range 0 itself). docs/sparse.md, "Several servers", says how the run fits
-together; docs/protocol.md, "Several servers", specifies the messages.
+"""A range server: one of the S - 1 processes that hold a key range of theta (a sparse model's, or a dense vector
+theta's rows) when server.shards = S > 1 (server 0, the coordinator, holds range 0 itself). docs/sparse.md,
+"Several servers", says how the run fits together; docs/protocol.md, "Several servers", specifies the messages.
 
 A range server decides nothing. Workers send it their slice of every push (`rpush`, for a (wid, clock)) and read
 its rows at a version (`rget`). It measures each slice as it arrives (finite? its sum of squares) and tells server 0

@@ -131,6 +131,8 @@ class Server:
         self.links = RangeLinks(self.ctx, Ranges(cuts), ranges, cfg.worker.server_timeout_s, self.server_id) \
             if ranges else None
         self.measuring: dict[int, tuple] = {}   # wid -> (ident, header, arrays) of its push waiting for measurements
+        # pushes name their rows: a sparse model's, and a dense one's range 0 slice when S > 1 (its slot is unused)
+        self.keyed = self.sparse or self.links is not None
         if self.links is not None:
             self.links.attach(theta.shape[0])
             if self.resumed_from is not None:   # every range goes back to the step this server went back to
@@ -301,13 +303,13 @@ class Server:
     def _push_keys(self, arrays: list) -> np.ndarray | None:
         """The keys of a push: a sparse model's push carries a keys frame and a values frame, a dense model's one
         gradient frame (or none: the slot)."""
-        if self.sparse and len(arrays) != 2:
-            raise ProtocolError(f"push: a sparse model's push carries 2 array frames (keys, values); got "
-                                f"{len(arrays)}", "bad_frames")
-        if not self.sparse and len(arrays) == 2:
-            raise ProtocolError("push: a keys frame is only for a sparse model (model.kind = 'sparse_logistic')",
-                                "bad_frames")
-        return self._check_keys(arrays[0]) if self.sparse else None
+        if self.keyed and len(arrays) != 2:
+            raise ProtocolError(f"push: a sparse model's push (or any push with server.shards > 1) carries 2 array "
+                                f"frames (keys, values); got {len(arrays)}", "bad_frames")
+        if not self.keyed and len(arrays) == 2:
+            raise ProtocolError("push: a keys frame is only for a sparse model (model.kind = 'sparse_logistic') or "
+                                "server.shards > 1", "bad_frames")
+        return self._check_keys(arrays[0]) if self.keyed else None
 
     def execute(self, instructions: list) -> None:
         for i in instructions:
@@ -323,7 +325,7 @@ class Server:
         if i.rid is not None:
             header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
-        self._out(protocol.encode(header, () if i.shm or self.sparse else (self.store.snapshot(),)), i.ident)
+        self._out(protocol.encode(header, () if i.shm or self.keyed else (self.store.snapshot(),)), i.ident)
 
     # server.shards > 1: each update of range 0 is ordered to the other ranges too (psrv/rangeserver.py)
     def _accumulate(self, i: ev.Accumulate) -> None:
@@ -365,7 +367,7 @@ class Server:
         if self.links is not None:   # each range's keys go to its server; range 0's come here
             spec["ranges"] = {"cuts": [int(c) for c in self.links.ranges.cuts],
                               "addresses": [self.address, *self.links.addresses]}
-        if p.shm and self.sparse:  # keyed reads of theta; pushes carry their keys and values as frames
+        if p.shm and self.keyed:  # keyed reads of theta; pushes carry their keys and values as frames
             spec["shm"] = {"theta": self.theta_shm.name}
         elif p.shm:
             if p.wid not in self.slots:  # kept across incarnations of the same worker id

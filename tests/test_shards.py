@@ -351,7 +351,7 @@ def test_several_servers_for_a_sparse_model():
     assert config.Config.from_dict(SHARDED, frozenset()).server.shards == 2
 
 
-@pytest.mark.parametrize("key,value", [("model.kind", "logistic"), ("train.clip_norm", 1.0), ("worker.shm", False)])
+@pytest.mark.parametrize("key,value", [("model.kind", "softmax"), ("train.clip_norm", 1.0), ("worker.shm", False)])
 def test_what_several_servers_refuse(key, value):
     section, name = key.split(".")
     cfg = {**SHARDED, section: {**SHARDED.get(section, {}), name: value}}
@@ -359,6 +359,22 @@ def test_what_several_servers_refuse(key, value):
         cfg["data"] = {}   # a dense model's synthetic data
     with pytest.raises(ConfigError, match="server.shards" if key == "model.kind" else key):
         config.Config.from_dict(cfg, frozenset())
+
+
+DENSE = {"model": {"kind": "linear"}, "server": {"shards": 3}}
+
+
+@pytest.mark.parametrize("kind", ["linear", "logistic"])
+def test_several_servers_for_a_dense_vector_theta(kind):
+    assert config.Config.from_dict({**DENSE, "model": {"kind": kind}}, frozenset()).server.shards == 3
+
+
+@pytest.mark.parametrize("key,value", [("data.dtype", "float32"), ("model.fit_intercept", False),
+                                       ("train.local_steps", 2), ("train.clip_norm", 1.0)])
+def test_what_several_servers_refuse_for_a_dense_model(key, value):
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=key):
+        config.Config.from_dict({**DENSE, section: {**DENSE.get(section, {}), name: value}}, frozenset())
 
 
 RUN = ["--set", "train.workers=2", "--set", "train.batch_size=100", "--set", "data.source=criteo",
@@ -431,3 +447,24 @@ def test_a_killed_range_server_is_restarted_and_the_run_stays_exact(launch, tmp_
     want, _ = _serial_ftrl(Criteo(0, k), n, steps, 200, 0.2, 1.0, 0.5, 0.1)
     theta = np.load(tmp_path / "a" / "theta.npy")
     assert np.abs(want).max() > 0.01 and np.abs(theta - want).max() < 1e-9
+
+
+@pytest.mark.slow
+def test_two_servers_give_one_servers_theta_for_a_dense_model(launch, tmp_path):
+    """A dense linear model's d + 1 rows split over S = 2 servers (range 1's rows read with rget, pushed as slices):
+    under BSP the same theta as S = 1 to 1e-10, on the same batches."""
+    theta = {}
+    for s in (1, 2):
+        la = launch("--set", "train.workers=2", "--set", "train.batch_size=50", "--set", "data.n=1000",
+                    "--set", "data.d=30", "--set", "model.kind=linear", "--set", "train.optimizer=adam",
+                    "--set", "train.lr=0.05", "--set", "train.steps=30", "--set", "train.eval_every=10",
+                    "--set", "checkpoint.every_steps=0", "--set", "output.plot=false",
+                    "--set", "output.live_view=false", "-q", "--set", "train.consistency=bsp",
+                    "--set", f"server.shards={s}", "--set", f"output.dir={tmp_path / str(s)}")
+        code, _, err = la.wait()
+        assert code == 0, err
+        la.assert_no_leftovers()
+        theta[s] = np.load(tmp_path / str(s) / "theta.npy")
+        assert json.loads((tmp_path / str(s) / "summary.json").read_text())["steps"] == 30
+    assert theta[1].shape == (31,) and np.abs(theta[1]).max() > 0.1
+    assert np.abs(theta[1] - theta[2]).max() < 1e-10

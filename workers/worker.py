@@ -24,6 +24,7 @@ from psrv.schedule import block_order, epoch_order
 from psrv.spec import WorkerSpec
 from psrv.blocks import BlockSpec, DataBlock
 from psrv.keyrange import Ranges
+from psrv.rangeserver import range_rows
 from psrv.shmarray import SeqlockArray, SharedArray
 
 from .client import Client, RangeClients, RemoteError, ServerRestarted
@@ -124,6 +125,45 @@ class Plane:
             self.slot.close()
 
 
+class RangePlane:
+    """server.shards = S > 1 for a dense theta: its keys are its rows, range s holding rangeserver.range_rows(...).
+    theta comes in as range 0's rows from server 0's shared memory and every other range's from its server (`rget`,
+    all ranges asked first); the gradient goes out as each range's slice to its server, then range 0's slice with
+    the push to server 0: the sparse path's messages. Same interface as Plane."""
+
+    def __init__(self, welcome: dict, client: Client):
+        shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
+        shm, layout = welcome["data"].get("shm"), welcome["data"]["ranges"]
+        if shm is None:
+            raise RunError(f"worker {welcome['wid']}", "server.shards > 1 reads range 0's rows from server 0's "
+                                                       "shared memory; a worker elsewhere is not supported yet")
+        ranges = Ranges(layout["cuts"])
+        self.parts = [range_rows(ranges, s, shape[0]) for s in range(len(ranges))]
+        self.theta_shm = SeqlockArray.attach(shm["theta"], shape, dtype)
+        self.links = RangeClients(client, layout["addresses"][1:])
+        self.buf, self.grad = np.empty(shape, dtype), np.empty(shape, dtype)
+        self.clock = 0
+
+    def theta(self, h: dict, arrays: list) -> tuple[np.ndarray, int]:
+        self.clock = h["clock"]
+        self.links.send_gets(h["version"], self.parts[1:])
+        version = self.theta_shm.read_into(self.buf)   # range 0's rows are these; the others' are overwritten
+        for s, (keys, values) in enumerate(zip(self.parts[1:], self.links.wait_gets()), start=1):
+            if values.shape != keys.shape:   # a length-1 reply would broadcast silently
+                raise RunError("worker", f"range server {s} sent {list(values.shape)} values for {len(keys)} rows")
+            self.buf[keys] = values
+        return self.buf, version
+
+    def grad_frame(self):
+        """The slices to ranges 1 .. S - 1 sent now; range 0's (keys, values), for the push to server 0."""
+        self.links.push(self.clock, [(keys, self.grad[keys]) for keys in self.parts[1:]])
+        return self.parts[0], self.grad[self.parts[0]]
+
+    def close(self) -> None:
+        self.theta_shm.close()
+        self.links.close()
+
+
 class Worker:
     def __init__(self, address: str, wid: int, server_timeout_s: float | None = None, local: bool = True,
                  prefix: str = "", reporter: proc.Reporter | None = None, keys: str = ""):
@@ -169,7 +209,7 @@ class Worker:
         if not self.local:  # load the rows it will read before its first pull: only then does it enter the run
             for shard in welcome["data"].get("expected_shards", []):
                 self.rows.get(shard)
-        plane = Plane(welcome)
+        plane = RangePlane(welcome, self.client) if welcome["data"].get("ranges") else Plane(welcome)
         try:
             return self._steps(welcome, train, m, plane)
         finally:
