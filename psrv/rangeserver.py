@@ -80,12 +80,16 @@ class RangeStore:
     hello): after server 0 goes back to a checkpoint it has a new id, and a slice computed before that can never be
     taken for one computed after."""
 
-    def __init__(self, store: Store, ranges: Ranges, index: int, keys: np.ndarray, rows: int, on_save=None):
-        """keys: range_rows(ranges, index, rows), the rows of the whole theta (of `rows` rows) that `store` holds."""
+    def __init__(self, store: Store, ranges: Ranges, index: int, keys: np.ndarray, rows: int, on_save=None,
+                 max_held: int = 16):
+        """keys: range_rows(ranges, index, rows), the rows of the whole theta (of `rows` rows) that `store` holds.
+        max_held: slices one worker may have held here at once (a worker pushes one step at a time, and its
+        unnamed slices go when a later push of its is applied: only a refused streak or a misbehaving peer holds
+        more, and memory must stay bounded whatever a peer sends)."""
         if store.theta.shape[0] != len(keys):
             raise ValueError(f"range {index} holds {len(keys)} rows, but its store has {store.theta.shape[0]}")
         self.store, self.ranges, self.index, self.on_save = store, ranges, index, on_save
-        self.keys, self.rows = keys, rows
+        self.keys, self.rows, self.max_held = keys, rows, max_held
         self.sid = ""                      # server 0's current id (sync, load)
         self.slices: dict[int, tuple[str, int, int, np.ndarray, np.ndarray]] = {}  # number -> (sid, wid, clock, rows)
         self.arrived = 0                   # slices numbered so far
@@ -119,6 +123,9 @@ class RangeStore:
         """A worker's slice of its push for `clock`, held until an apply names it; its (number, every value finite,
         sum of squares), which server 0 judges the whole push on."""
         keys = self.local(keys)
+        if sum(1 for v in self.slices.values() if v[1] == wid) >= self.max_held:
+            raise ProtocolError(f"rpush: worker {wid} already has {self.max_held} slices held here that no apply "
+                                f"named", "too_many_slices")
         try:
             self.store.check(values, keys)
         except TypeError as e:
@@ -219,7 +226,8 @@ class RangeServer:
         self.theta_shm.array[...] = 0.0   # theta starts at 0 (FTRL needs it; sparse_model.init_theta gives it)
         self.ckpt_dir = range_dir(spec.ckpt_dir, spec.index)
         self.rs = RangeStore(make_store(cfg, self.theta_shm.array, spec.rows - 1, self.theta_shm, rows=keys),
-                             ranges, spec.index, keys, spec.rows, on_save=self._save)
+                             ranges, spec.index, keys, spec.rows, on_save=self._save,
+                             max_held=cfg.server.max_bad_pushes + 8)   # a refused streak's slices, and some
         self.ctx = transport.context()
         self.sock, self.address = transport.router(self.ctx, "tcp://127.0.0.1:0",
                                                    max_frame_bytes=max(8 * len(keys), protocol.HEADER_MAX_BYTES) + 1024)

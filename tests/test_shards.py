@@ -192,6 +192,21 @@ def test_a_save_waits_for_the_orders_before_it_and_only_the_current_sids_slices_
         rs.order(1, 3, [[0, 1, 5]], True, 1.0)
 
 
+def test_a_range_holds_a_bounded_number_of_slices_per_worker():
+    ranges, _, (rs,) = _ranged("sgd", 2)
+    rs.max_held = 3
+    k = range_rows(ranges, 1, ROWS)[:2]
+    numbers = [rs.slice(0, clock, k, np.ones(2))[0] for clock in range(3)]   # e.g. a refused streak
+    with pytest.raises(ProtocolError) as e:
+        rs.slice(0, 3, k, np.ones(2))
+    assert e.value.code == "too_many_slices" and set(rs.slices) == set(numbers)   # not held
+    rs.slice(1, 0, k, np.ones(2))                 # another worker's are its own
+    rs.order(0, 1, [[0, 2, numbers[2]]], False, 1.0)
+    assert rs.run() == 1                          # worker 0's push for clock 2 applied: its older slices go
+    assert [v[1] for v in rs.slices.values()] == [1]
+    rs.slice(0, 3, k, np.ones(2))                 # and it may push again
+
+
 def test_a_range_refuses_keys_of_another_range_and_orders_out_of_sequence():
     ranges, own, (rs,) = _ranged("sgd", 2)
     owner = ranges.owner(np.arange(ROWS, dtype=np.uint64))
