@@ -89,11 +89,16 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_
     return np.r_[w, theta[-1] - mean @ w]
 
 
-@pytest.mark.parametrize("how,workers,shm,order", [("range", 2, True, "rows"), ("hash", 3, True, "rows"),
-                                                   ("range", 2, False, "rows"), ("hash", 3, True, "blocks")])
-def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm, order):
+@pytest.mark.parametrize("how,workers,shm,order,copy", [("range", 2, True, "rows", "auto"),
+                                                        ("hash", 3, True, "rows", "auto"),
+                                                        ("range", 2, False, "rows", "off"),
+                                                        ("hash", 3, True, "blocks", "auto"),
+                                                        ("hash", 3, True, "blocks", "off")])
+def test_bsp_equals_serial_numpy_on_the_same_batches(tmp_path, how, workers, shm, order, copy):
+    """copy: data.worker_copy (rows read from private copies, or in place in shared memory)"""
     n, d, batch, steps, lr = 2000, 5, 32, 80, 0.05   # 80 steps of 32 rows cross an epoch of every shard
-    result = psrv.train({"data": {"n": n, "d": d, "partition": how, "seed": 4, "batch_order": order},
+    result = psrv.train({"data": {"n": n, "d": d, "partition": how, "seed": 4, "batch_order": order,
+                                  "worker_copy": copy},
                          "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr,
                                    "seed": 11, "lr_schedule": "cosine"},
                          "worker": {"shm": shm},      # theta and gradients through shared memory, or ZeroMQ

@@ -16,7 +16,7 @@ import traceback
 import numpy as np
 
 from psrv import config as config_mod
-from psrv import data, models, proc, blocks, sparse_model
+from psrv import data, models, proc, blocks, sources, sparse_model
 from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import OpStr
@@ -50,16 +50,37 @@ class Rows:
         self.block = DataBlock.attach(self.spec["block"]) if local else None
         self.d = self.spec["block"]["d"]
         self.dtype = self.spec["block"]["dtype"]
+        # data.worker_copy = "auto": private copies of the shards read, within 1.5 x this worker's share of the rows
+        row_bytes = (self.d + 1) * np.dtype(self.dtype).itemsize
+        share = self.spec["block"]["n_train"] / max(welcome["train"].get("workers", 1), 1)
+        self.copy_budget = int(1.5 * share * row_bytes) \
+            if local and self.spec["config"].get("worker_copy", "off") == "auto" else 0
+        self.copies: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def get(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of a shard, in storage order."""
         if self.local:
+            if shard in self.copies:
+                return self.copies[shard]
             off, size = self.shards[shard]
-            return self.block.X[off:off + size], self.block.y[off:off + size]
+            X, y = self.block.X[off:off + size], self.block.y[off:off + size]
+            if self._may_copy(X.nbytes + y.nbytes):
+                # np.array allocates privately; numpy asks the kernel for huge pages on large allocations
+                X, y = self.copies[shard] = (np.array(X), np.array(y))
+                log.debug("worker %d: shard %d's rows copied into private memory (%.1f MB)", self.wid, shard,
+                          (X.nbytes + y.nbytes) / 1e6)
+            return X, y
         if shard not in self.blocks:
             self.blocks[shard] = self._load(shard)
         b = self.blocks[shard]
         return b.X, b.y
+
+    def _may_copy(self, nbytes: int) -> bool:
+        held = sum(X.nbytes + y.nbytes for X, y in self.copies.values())
+        if held + nbytes > self.copy_budget:
+            return False
+        free = sources.available_memory_bytes()
+        return free is not None and nbytes <= free // 4
 
     def _load(self, shard: int) -> DataBlock:
         expected = dict((s, c) for s, c in self.spec["checksums"])[shard]
@@ -87,6 +108,7 @@ class Rows:
         return b
 
     def close(self) -> None:
+        self.copies.clear()
         for b in self.blocks.values():
             b.close()  # never unlinked here: the attach launcher removes its segments when it ends
         if self.block is not None:
