@@ -216,7 +216,8 @@ class Server:
                             "(with server.shards > 1: range servers, in all)", lo=0)
     spin_s: float = opt(0.005, "when the server has a core of its own (train.workers < usable cores): after each "
                         "request, how long it polls its local workers' shared-memory mailboxes instead of sleeping "
-                        "(a round trip of microseconds instead of ZeroMQ's 100-250 us); 0 turns this off",
+                        "until a worker rings its bell (a round trip of microseconds, against tens for a bell and "
+                        "ZeroMQ's 100-250 us); 0 turns polling off",
                         lo=0, hi=1)
     shards: int = opt(1, "server processes that hold theta, each a key range of its rows (a sparse model, or a "
                       "linear or logistic model's d + 1 rows; docs/sparse.md, \"Several servers\"): server 0 "

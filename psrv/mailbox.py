@@ -14,10 +14,18 @@ eight u64 control words, then a request area and a reply area of AREA_BYTES each
     REP_SEQ, REP_LEN: the server does the same with the reply;
     AWAKE: 1 while the server is polling mailboxes, 0 when it sleeps in its ZeroMQ poll.
 
-A worker posts to the mailbox only while AWAKE is 1 and otherwise sends the same request over ZeroMQ, which wakes
-the server. The server clears AWAKE and then looks at every mailbox once more before it sleeps, so a request posted
-just before is still seen; a request that slips between the two (stores and loads reordered by the CPU) waits for the
-end of the server's poll timeout, never longer. One request is in flight per worker at a time (the client waits for
+    WAITING: 1 while the worker sleeps for its reply (on its bell) rather than polling.
+
+While AWAKE is 1 a worker posts and the server sees the request within microseconds. While it is 0 (the server
+sleeps: it shares a core with a worker, so it may not poll, or requests stopped for a while) the worker posts and
+then rings the server's bell (Bell below: a one-byte datagram on a Unix socket in Linux's abstract namespace, which
+the server's poll watches beside its ZeroMQ socket): a wake-up costs a system call or two, where a ZeroMQ round trip
+costs four thread wake-ups and about twice the server's CPU. Without bells (another OS, a name taken) the request goes
+over ZeroMQ instead, which wakes the server too. The server answers in the mailbox and rings the worker's bell only if
+WAITING is 1. The server clears AWAKE and then looks at every mailbox once more before it sleeps, so a request posted
+just before is still seen; a request or a reply that slips between a flag and a sequence number (stores and loads
+reordered by the CPU) waits for the end of the sleeper's timeout (the server's poll, a worker's BELL_WAIT_S), never
+longer. One request is in flight per worker at a time (the client waits for
 its reply), so an area is never written while the other side reads it. Stores become visible in program order on
 x86-64 (TSO), which this relies on exactly as the theta seqlock does (shmarray.ORDERED_STORES).
 
@@ -27,13 +35,16 @@ psrv/protocol.py like any message from the network.
 from __future__ import annotations
 
 import collections
+import errno
+import select
+import socket
 
 import numpy as np
 
 from .shmarray import SharedArray
 
 AREA_BYTES = 16 * 1024     # a pull or push header is a few hundred bytes; the reply to one with theta in shm as well
-REQ_SEQ, REQ_LEN, REP_SEQ, REP_LEN, AWAKE = range(5)
+REQ_SEQ, REQ_LEN, REP_SEQ, REP_LEN, AWAKE, WAITING = range(6)
 CONTROL_BYTES = 64
 TOKEN_PREFIX = b"\x00mailbox:"  # a ZeroMQ peer cannot choose a routing id that starts with a zero byte
 
@@ -98,6 +109,9 @@ class Mailbox:
     def server_awake(self) -> bool:
         return self._ctl[AWAKE] != 0
 
+    def set_waiting(self, on: bool) -> None:
+        self._ctl[WAITING] = 1 if on else 0
+
     def post(self, frames: list) -> bool:
         """Write a request (one header frame, no arrays); False when it does not fit (use ZeroMQ)."""
         return self._put(self._req, REQ_SEQ, REQ_LEN, frames)
@@ -126,8 +140,73 @@ class Mailbox:
     def set_awake(self, on: bool) -> None:
         self._ctl[AWAKE] = 1 if on else 0
 
+    def worker_waiting(self) -> bool:
+        return self._ctl[WAITING] != 0
+
     def close(self) -> None:
         for view in (self._ctl, self._req, self._rep):
             view.release()  # a view still held would keep the segment mapped after seg.close()
         del self.ctl, self.req, self.rep, self._ctl, self._req, self._rep
         self.seg.close()
+
+
+def bell_name(box_name: str) -> str:
+    """The bell of the worker that owns the mailbox `box_name`: named after it, so the server needs no message."""
+    return box_name + "_bell"
+
+
+class Bell:
+    """A wake-up without data: a Unix datagram socket bound to a name in Linux's abstract namespace (no file to
+    remove; the name goes with the socket). ring() sends one byte to a bell by name and never blocks; the owner
+    sleeps in wait() (or in a poll on fileno()) and drain()s what came. A ring carries nothing and means only "look
+    at the mailbox": a datagram from any other local process wakes the owner once and changes nothing."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind(b"\0" + name.encode())
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
+
+    @classmethod
+    def open(cls, name: str) -> "Bell | None":
+        """A bell bound to `name`, or None where that is impossible (no abstract namespace, the name taken)."""
+        if not hasattr(socket, "AF_UNIX"):
+            return None
+        try:
+            return cls(name)
+        except OSError:
+            return None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def ring(self, name: str) -> bool:
+        """Wake the owner of bell `name`; False if it is not there (gone, or its queue full: it is awake anyway)."""
+        try:
+            self.sock.sendto(b"!", b"\0" + name.encode())
+            return True
+        except OSError as e:
+            if e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ENOBUFS):
+                raise
+            return False
+
+    def drain(self) -> int:
+        """Forget the rings received so far; how many there were."""
+        n = 0
+        while True:
+            try:
+                self.sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return n
+            n += 1
+
+    def wait(self, timeout_s: float) -> bool:
+        """Sleep until a ring comes or timeout_s passes; True if one came (it is left to drain())."""
+        return bool(select.select([self.sock], [], [], timeout_s)[0])
+
+    def close(self) -> None:
+        self.sock.close()

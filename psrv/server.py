@@ -66,12 +66,15 @@ class Server:
         self.shm_prefix = shm_prefix if cfg.worker.shm and shmarray.ORDERED_STORES else ""
         self.theta_shm = None
         self.slots: dict[int, SharedArray] = {}
-        # requests of local workers through shared memory while the server polls for them (psrv/mailbox.py); only
-        # on a core of its own: polling on a core a worker needs would slow that worker more than it saves
+        # requests of local workers through shared memory (psrv/mailbox.py): the server polls for them only on a
+        # core of its own (polling on a core a worker needs would slow that worker more than it saves); otherwise,
+        # or once requests pause, it sleeps and a worker that posts rings its bell
         self.spin_s = cfg.server.spin_s if self.shm_prefix and own_core else 0.0
+        self.bell = mailbox.Bell.open(f"{self.shm_prefix}bell_{self.server_id}") if self.shm_prefix else None
         self.mailboxes: dict[int, mailbox.Mailbox] = {}   # wid -> its current incarnation's mailbox
         self.by_token: dict[bytes, mailbox.Mailbox] = {}
         self.mailbox_requests = 0  # requests that came through a mailbox rather than the socket
+        self.rings = 0             # of those, the ones that woke this server from its poll (its bell rang)
         if self.shm_prefix:
             self.theta_shm = SeqlockArray.create(f"{self.shm_prefix}theta_{self.server_id}", theta0.shape,
                                                  theta0.dtype)
@@ -152,7 +155,9 @@ class Server:
     def loop(self) -> None:
         self.reporter.send("ready", address=self.address, pid=os.getpid(), resumed_from=self.resumed_from)
         log.info("listening on %s; waiting for %d worker(s)", self.address, self.coord.n_expected)
-        poller = transport.poller(self.sock, *(self.links.socks if self.links is not None else ()))
+        # a bell is a plain socket: ZeroMQ's poll watches its file descriptor beside the ZeroMQ sockets
+        poller = transport.poller(self.sock, *(self.links.socks if self.links is not None else ()),
+                                  *((self.bell,) if self.bell is not None else ()))
         terminated_s = None
         last_request_s = last_tick_s = 0.0
         awake = False
@@ -172,7 +177,10 @@ class Server:
                 elif not handled:
                     os.sched_yield()  # a worker that shares this core gets it
             elif poller.poll(POLL_MS):
-                handled = self._drain_socket()
+                if self.bell is not None and self.bell.drain():
+                    self.rings += 1
+                    handled = self._drain_mailboxes()
+                handled += self._drain_socket()
             if self.links is not None:
                 handled += self._drain_links()
             now = time.monotonic()
@@ -232,6 +240,8 @@ class Server:
             transport.send(self.sock, frames, ident, block=False)
         elif not box.answer(frames):
             log.error("a reply of %d bytes does not fit a mailbox; it is dropped", sum(len(f) for f in frames))
+        elif self.bell is not None and box.worker_waiting():   # asleep on its bell, not polling
+            self.bell.ring(mailbox.bell_name(box.name))
 
     def handle(self, frames: list) -> None:
         """One message: decode it into an event for the coordinator (a status request is answered here)."""
@@ -374,7 +384,7 @@ class Server:
                 self.slots[p.wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{p.wid}",
                                                        self.store.theta.shape, self.store.theta.dtype)
             spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
-            if self.spin_s > 0:
+            if self.spin_s > 0 or self.bell is not None:
                 # one per incarnation: a reply to the previous one's last request (an error, by now) must never
                 # reach the new one, whose request ids may start again from 1 (a restarted process)
                 old = self.mailboxes.pop(p.wid, None)
@@ -385,6 +395,8 @@ class Server:
                                              mailbox.token(p.wid, p.inc))
                 self.mailboxes[p.wid] = self.by_token[box.token] = box
                 spec["shm"]["mailbox"] = box.name
+                if self.bell is not None:
+                    spec["shm"]["bell"] = self.bell.name
         theta = self.store.theta
         header = {
             "op": Op.WELCOME.value, "version": protocol.VERSION, "protocol": protocol.VERSION, "wid": p.wid,
@@ -535,7 +547,7 @@ class Server:
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
             "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,
-            "mailbox_requests": self.mailbox_requests, "range_restarts": self.range_restarts,
+            "mailbox_requests": self.mailbox_requests, "mailbox_rings": self.rings, "range_restarts": self.range_restarts,
         }
         path = os.path.join(self.out_dir, "theta.npy")
         with _writing("theta", path):
@@ -556,6 +568,8 @@ class Server:
         if self.links is not None:
             self.links.close()
         self.sock.close(linger=0)
+        if self.bell is not None:
+            self.bell.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()

@@ -119,14 +119,84 @@ def test_a_worker_on_the_servers_machine_trains_through_its_mailbox(tmp_path):
 
 
 @pytest.mark.slow
-def test_no_mailbox_when_the_server_shares_a_core_or_spin_is_off(tmp_path):
+def test_a_server_that_shares_a_core_or_does_not_poll_is_woken_by_its_bell(tmp_path):
+    """Where the server may not poll (a worker on every core, or spin_s = 0) it sleeps; workers still post to
+    their mailboxes and ring its bell, which wakes it, and it rings theirs once they sleep for a reply."""
     import os
     for i, over in enumerate([{"train": {"workers": len(os.sched_getaffinity(0))}},
                               {"train": {"workers": 1}, "server": {"spin_s": 0.0}}]):
+        steps = 20
         r = psrv.train({"data": {"n": 600, "d": 3}, **over,
-                        "train": {**over["train"], "steps": 20, "batch_size": 10},
+                        "train": {**over["train"], "steps": steps, "batch_size": 10},
                         "output": {"dir": str(tmp_path / str(i)), "plot": False}})
-        assert r.summary["mailbox_requests"] == 0
+        assert r.summary["steps"] == steps
+        assert r.summary["mailbox_requests"] >= steps and r.summary["mailbox_rings"] >= 1
+
+
+def test_no_bells_means_zeromq_while_the_server_sleeps(tmp_path, monkeypatch):
+    """Where no bell can be bound (another OS, the name taken) a server that does not poll gets every request over
+    ZeroMQ, and the run is the same."""
+    import threading
+
+    from psrv import mailbox
+    from psrv.server import Server
+    from workers.worker import Worker
+    monkeypatch.setattr(mailbox.Bell, "open", classmethod(lambda cls, name: None))
+    n, d, batch, steps, lr = 400, 3, 20, 12, 0.05
+    cfg = config.load({"data": {"n": n, "d": d, "seed": 2},
+                       "train": {"workers": 1, "steps": steps, "batch_size": batch, "lr": lr, "seed": 5,
+                                 "lr_schedule": "cosine"}})
+    with blocks.owned_prefix() as owner:
+        block, layout = data.build(cfg, 1, owner.prefix + "data")
+        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=False)
+        result = {}
+        st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)
+        st.start()
+        worker = Worker(server.address, 0, local=True, prefix=owner.prefix)
+        try:
+            assert worker.run() == 0
+            st.join(30)
+        finally:
+            worker.close()
+            server.close()
+            block.close()
+            block.unlink()
+    s = result["summary"]
+    assert s["steps"] == steps and s["mailbox_requests"] == 0 and s["mailbox_rings"] == 0
+    X, y, _, _ = data.load_arrays(cfg.data)
+    expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=5)
+    assert np.abs(np.load(tmp_path / "theta.npy") - expected).max() <= 1e-10 * np.abs(expected).max()
+
+
+def test_a_bell_wakes_its_owner_and_carries_nothing():
+    import os
+
+    from psrv.mailbox import Bell
+    name = f"psrv_test_bell_{os.getpid()}"
+    owner, other = Bell.open(name), Bell.open(name + "_other")
+    try:
+        assert Bell.open(name) is None                    # a name is one socket's: a second bind is refused
+        assert not owner.wait(0.0) and owner.drain() == 0
+        assert other.ring(name) and other.ring(name)
+        assert owner.wait(5.0)
+        assert owner.drain() == 2 and owner.drain() == 0  # rings are forgotten once drained
+        assert not owner.wait(0.01)
+        assert not other.ring(name + "_nobody")           # nobody there: no error, nothing sent
+    finally:
+        owner.close()
+        other.close()
+    again = Bell.open(name)
+    assert again is not None                              # the name went with the socket
+    again.close()
+
+
+def test_the_waiting_flag(pair):
+    server, worker = pair
+    assert not server.worker_waiting()
+    worker.set_waiting(True)
+    assert server.worker_waiting()
+    worker.set_waiting(False)
+    assert not server.worker_waiting()
 
 
 def test_each_incarnation_gets_its_own_mailbox_and_the_old_one_goes(tmp_path):
@@ -169,7 +239,9 @@ def test_the_protocol_document_states_the_mailbox_layout_the_code_uses():
     from .conftest import ROOT
     doc = (ROOT / "docs" / "protocol.md").read_text()
     assert f"a {mailbox.AREA_BYTES:,}-byte request area, a {mailbox.AREA_BYTES:,}-byte reply area" in doc
-    assert "(REQ_SEQ, REQ_LEN, REP_SEQ, REP_LEN, AWAKE, then 3" in doc
-    assert (mailbox.REQ_SEQ, mailbox.REQ_LEN, mailbox.REP_SEQ, mailbox.REP_LEN, mailbox.AWAKE) == tuple(range(5))
+    assert "(REQ_SEQ, REQ_LEN, REP_SEQ, REP_LEN, AWAKE, WAITING,\n  then 2 unused)" in doc
+    assert (mailbox.REQ_SEQ, mailbox.REQ_LEN, mailbox.REP_SEQ, mailbox.REP_LEN, mailbox.AWAKE,
+            mailbox.WAITING) == tuple(range(6))
+    assert "abstract name `<mailbox>_bell`" in doc and mailbox.bell_name("m") == "m_bell"
     assert mailbox.CONTROL_BYTES == 8 * 8
     assert f"when its socket poll times out ({server.POLL_MS} ms)" in doc

@@ -22,8 +22,9 @@ from psrv.protocol import Op, OpStr
 log = logging.getLogger(__name__)
 
 SLICE_MS = 100
-SPIN_S = 0.002  # a reply through the mailbox is polled for without sleeping this long, then every POLL_SLEEP_S
-POLL_SLEEP_S = 50e-6
+SPIN_S = 0.002  # a reply through the mailbox is polled for without sleeping this long, then slept for on the bell
+POLL_SLEEP_S = 50e-6  # (no bell: polled every POLL_SLEEP_S)
+BELL_WAIT_S = 0.002   # a sleep on the bell is at most this long: a ring lost to reordered stores costs no more
 MAILBOX_OPS = (Op.PULL.value, Op.PUSH.value)
 HALT_CHECK_S = 0.02  # how soon the heartbeat thread notices stop()
 LOST_AFTER_BEATS = 4  # heartbeat periods of "the server holds nothing of ours" before a request counts as lost
@@ -113,6 +114,8 @@ class Client:
         self.wid, self.inc, self.seq = -1, 0, 0
         self.server_id = ""
         self.mailbox: mailbox.Mailbox | None = None  # pulls and pushes through shared memory (psrv/mailbox.py)
+        self.bell: mailbox.Bell | None = None        # ours, where the server wakes us; and the server's, by name
+        self.server_bell = ""
 
     def request(self, header: dict, arrays=(), timeout_s: float | None = None) -> tuple[dict, list[np.ndarray]]:
         """Send a request and wait for its reply (see send() and wait())."""
@@ -125,7 +128,13 @@ class Client:
         frames = protocol.encode({**header, "rid": self.rid}, arrays)
         # through the mailbox only while the server polls it; else ZeroMQ, which also wakes the server
         box = self.mailbox
-        by_mail = (box is not None and header["op"] in MAILBOX_OPS and box.server_awake() and box.post(frames))
+        by_mail = False
+        if box is not None and header["op"] in MAILBOX_OPS:
+            if box.server_awake():
+                by_mail = box.post(frames)
+            elif self.bell is not None and box.post(frames):   # it sleeps: wake it (a gone server is noticed
+                by_mail = True                                 # by the wait's timeout, as over ZeroMQ)
+                self.bell.ring(self.server_bell)
         if not by_mail:
             transport.send(self.sock, frames)
         self._pending = (header["op"], time.monotonic(), timeout_s, by_mail)
@@ -174,21 +183,33 @@ class Client:
     def _mail_reply(self, start: float) -> list | None:
         """The reply in the mailbox, waiting up to SLICE_MS: polling without a pause for the first SPIN_S of the
         request (a reply usually comes within microseconds), then with short sleeps (a BSP barrier may last)."""
-        reply = self.mailbox.reply()  # usually there already: the server answers within microseconds
+        box, bell = self.mailbox, self.bell
+        reply = box.reply()  # usually there already: the server answers within microseconds
         if reply is not None:
             return [reply]
         end = time.monotonic() + SLICE_MS / 1000
-        while True:
-            reply = self.mailbox.reply()
-            if reply is not None:
-                return [reply]
-            now = time.monotonic()
-            if now >= end:
-                return None
-            if now - start < SPIN_S:
-                os.sched_yield()
-            else:
-                time.sleep(POLL_SLEEP_S)
+        waiting = False
+        try:
+            while True:
+                reply = box.reply()
+                if reply is not None:
+                    return [reply]
+                now = time.monotonic()
+                if now >= end:
+                    return None
+                if now - start < SPIN_S:
+                    os.sched_yield()
+                elif bell is None:
+                    time.sleep(POLL_SLEEP_S)
+                elif not waiting:   # from now on the server rings: rings from before are forgotten, then one more look
+                    bell.drain()
+                    box.set_waiting(True)
+                    waiting = True
+                else:
+                    bell.wait(min(BELL_WAIT_S, end - now))
+        finally:
+            if waiting:
+                box.set_waiting(False)
 
     def hello(self, wid: int, local: bool = True) -> dict:
         """Register (again) as worker `wid` (-1: let the server choose). Returns the welcome header, with the
@@ -199,12 +220,16 @@ class Client:
         self.wid, self.inc, self.server_id, self.seq = h["wid"], h["inc"], h["server_id"], 0
         h["mean"], h["scale"] = (a.copy() for a in arrays)
         self._close_mailbox()
-        name = (h["data"].get("shm") or {}).get("mailbox")
+        shm = h["data"].get("shm") or {}
+        name = shm.get("mailbox")
         if name:
             try:
                 self.mailbox = mailbox.Mailbox.attach(name)
             except (OSError, ValueError) as e:  # then ZeroMQ, as for a worker elsewhere
                 log.warning("worker %d: cannot use the mailbox %s (%s); requests go over ZeroMQ", self.wid, name, e)
+            if self.mailbox is not None and isinstance(shm.get("bell"), str):
+                # None if the name is taken: then requests go over ZeroMQ while the server sleeps
+                self.bell, self.server_bell = mailbox.Bell.open(mailbox.bell_name(name)), shm["bell"]
         if not self.timeout_fixed:
             self.timeout_s = h["train"].get("server_timeout_s", self.timeout_s)
         self.heartbeat = Heartbeat(self.ctx, self.address, self.wid, self.inc, h["train"]["heartbeat_interval_s"],
@@ -255,6 +280,9 @@ class Client:
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
+        if self.bell is not None:
+            self.bell.close()
+            self.bell = None
 
     def close(self) -> None:
         self._stop_heartbeat()
