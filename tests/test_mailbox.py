@@ -61,24 +61,24 @@ def test_awake_flag_and_token(pair):
     assert token(3, 1) != token(3, 2) != token(31, 2)
 
 
-def test_server_and_worker_in_one_process_through_the_mailbox(tmp_path):
-    """The server loop on a thread with a core "of its own" and a local worker on another: every pull and push
-    after the hello goes through the mailbox (the server polls throughout), and the result is the serial oracle's."""
+def _one_process_run(tmp_path, steps: int, spin_s: float, own_core: bool) -> dict:
+    """A server loop on a thread and a local worker on this one (BSP, linear); the run checked against the serial
+    oracle. Returns the summary."""
+    import sys
     import threading
 
     from psrv.server import Server
     from workers.worker import Worker
-    n, d, batch, steps, lr = 800, 3, 20, 40, 0.05
+    n, d, batch, lr = 800, 3, 20, 0.05
     cfg = config.load({"data": {"n": n, "d": d, "seed": 2},
                        "train": {"workers": 1, "steps": steps, "batch_size": batch, "lr": lr, "seed": 5,
                                  "lr_schedule": "cosine"},
-                       "server": {"spin_s": 1.0}})
-    import sys
+                       "server": {"spin_s": spin_s}})
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-4)  # two threads that poll share one interpreter lock: hand it over often
     with blocks.owned_prefix() as owner:
         block, layout = data.build(cfg, 1, owner.prefix + "data")
-        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=True)
+        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=own_core)
         result = {}
         st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)
         st.start()
@@ -93,11 +93,19 @@ def test_server_and_worker_in_one_process_through_the_mailbox(tmp_path):
             block.unlink()
             sys.setswitchinterval(switch)
     s = result["summary"]
-    assert s["steps"] == steps and s["mailbox_requests"] >= steps - 1
+    assert s["steps"] == steps
     X, y, _, _ = data.load_arrays(cfg.data)
     expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=5)
     theta = np.load(tmp_path / "theta.npy")
     assert np.abs(theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    return s
+
+
+def test_server_and_worker_in_one_process_through_the_mailbox(tmp_path):
+    """The server loop on a thread with a core "of its own" and a local worker on another: every pull and push
+    after the hello goes through the mailbox (the server polls throughout), and the result is the serial oracle's."""
+    s = _one_process_run(tmp_path, steps=40, spin_s=1.0, own_core=True)
+    assert s["mailbox_requests"] >= 40 - 1
 
 
 @pytest.mark.slow
@@ -136,36 +144,15 @@ def test_a_server_that_shares_a_core_or_does_not_poll_is_woken_by_its_bell(tmp_p
 def test_no_bells_means_zeromq_while_the_server_sleeps(tmp_path, monkeypatch):
     """Where no bell can be bound (another OS, the name taken) a server that does not poll gets every request over
     ZeroMQ, and the run is the same."""
-    import threading
-
     from psrv import mailbox
-    from psrv.server import Server
-    from workers.worker import Worker
     monkeypatch.setattr(mailbox.Bell, "open", classmethod(lambda cls, name: None))
-    n, d, batch, steps, lr = 400, 3, 20, 12, 0.05
-    cfg = config.load({"data": {"n": n, "d": d, "seed": 2},
-                       "train": {"workers": 1, "steps": steps, "batch_size": batch, "lr": lr, "seed": 5,
-                                 "lr_schedule": "cosine"}})
-    with blocks.owned_prefix() as owner:
-        block, layout = data.build(cfg, 1, owner.prefix + "data")
-        server = Server(cfg, layout.to_dict(), str(tmp_path), shm_prefix=owner.prefix, own_core=False)
-        result = {}
-        st = threading.Thread(target=lambda: result.setdefault("summary", server.run()), daemon=True)
-        st.start()
-        worker = Worker(server.address, 0, local=True, prefix=owner.prefix)
-        try:
-            assert worker.run() == 0
-            st.join(30)
-        finally:
-            worker.close()
-            server.close()
-            block.close()
-            block.unlink()
-    s = result["summary"]
-    assert s["steps"] == steps and s["mailbox_requests"] == 0 and s["mailbox_rings"] == 0
-    X, y, _, _ = data.load_arrays(cfg.data)
-    expected = serial_bsp(X, y, shard_rows(n, 1, "range"), batch, steps, cosine(lr, steps), seed=5)
-    assert np.abs(np.load(tmp_path / "theta.npy") - expected).max() <= 1e-10 * np.abs(expected).max()
+    s = _one_process_run(tmp_path, steps=12, spin_s=0.005, own_core=False)
+    assert s["mailbox_requests"] == 0 and s["mailbox_rings"] == 0
+
+
+def test_a_server_on_a_shared_core_in_one_process_sleeps_and_is_rung(tmp_path):
+    s = _one_process_run(tmp_path, steps=12, spin_s=0.005, own_core=False)
+    assert s["mailbox_requests"] >= 12 and s["mailbox_rings"] >= 1
 
 
 def test_a_bell_wakes_its_owner_and_carries_nothing():
