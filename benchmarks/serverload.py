@@ -4,7 +4,9 @@
 W clients (separate processes, float64 theta) push gradients of zeros as fast as the protocol lets them, each
 waiting for its reply (a push that asks for theta back, as a psrv worker does under ASP): over the ZeroMQ path
 (the gradient in a frame, theta back in a frame) and over the shared-memory path (the gradient in the client's
-slot, theta read back under the seqlock). The server runs train.consistency = asp with lr = 0 (theta stays put, but
+slot, the request in its mailbox, theta read back under the seqlock), with the server polling the mailboxes (it has
+a core of its own: server.spin_s) and with it sleeping (server.spin_s = 0, as when it shares a core with a worker:
+each request rings its bell, and it rings the client's once that sleeps for its reply). The server runs train.consistency = asp with lr = 0 (theta stays put, but
 every push is decoded, checked, applied and answered as in training). Measured over a common window:
 
 - **pushes/s**: pushes the clients got answers to, per second;
@@ -143,8 +145,8 @@ def measure(d: int, clients: int, window_s: float, repeats: int) -> dict:
             p.join(10)
         overrides = ["data.n=4096", f"data.d={d - 1}", "data.standardize=false", "train.consistency=asp",
                      "train.steps=1000000000", "train.lr=1e-30", "train.lr_schedule=constant", "train.batch_size=1"]
-        for local, path in ((False, "zmq"), (True, "shm")):
-            with psrv_server(overrides, workers=clients) as address:
+        for local, path, extra in ((False, "zmq", []), (True, "shm", []), (True, "bell", ["server.spin_s=0"])):
+            with psrv_server(overrides + extra, workers=clients) as address:
                 c = Client(address, timeout_s=30)
                 pid = c.status()["pid"]
                 c.close()
@@ -161,8 +163,10 @@ def run(quick: bool = False) -> dict:
         log(f"serverload: d = {d:,}, {clients} client(s)")
         m = measure(d, clients, window_s, repeats)
         raw.append(m)
-        med = {k: {f: median([r[f] for r in m[k]]) for f in m[k][0]} for k in ("raw", "zmq", "shm")}
-        for k, label in (("raw", "raw pyzmq echo"), ("zmq", "psrv, ZeroMQ path"), ("shm", "psrv, shared memory")):
+        paths = (("raw", "raw pyzmq echo"), ("zmq", "psrv, ZeroMQ path"), ("shm", "psrv, shared memory, polled"),
+                 ("bell", "psrv, shared memory, server asleep (bells)"))
+        med = {k: {f: median([r[f] for r in m[k]]) for f in m[k][0]} for k, _ in paths}
+        for k, label in paths:
             cost = med[k]["server_cpu_per_push_s"]
             rows.append([f"{d:,}", label, f"{med[k]['pushes_per_s']:,.0f}",
                          spread([r["pushes_per_s"] for r in m[k]]), f"{cost * 1e6:,.1f}", f"{1 / cost:,.0f}",
