@@ -17,7 +17,9 @@ same arithmetic on the same rows.
 - **psrv** with N workers (pinned to cores 0..N-1, the server on core N), N = 1, 2, 4, 8, ... and cores - 1, under
   BSP, SSP (staleness 2), ASP, and every further mode this psrv's config offers (another train.consistency
   choice; local SGD with train.local_steps = H when that key exists, "localH": H = 8 on the compute-bound job, 32
-  on the small model, where a step is short and communication costs more of it). samples/s is psrv's own summary
+  on the small model, where a step is short and communication costs more of it; group steps with
+  train.group_steps = H when that key exists, "groupH": BSP whose workers average H steps' gradients among
+  themselves in shared memory per push, psrv/group.py). samples/s is psrv's own summary
   figure (rows whose gradient was applied per second of training); the time split per push is the summary's
   time_per_push_ms as psrv measures it. Each run is stopped by train.max_wall_s (the window below).
 - **Time to a target loss**: seconds from the start of training (theta = 0) until the logged training loss (the
@@ -27,9 +29,9 @@ same arithmetic on the same rows.
   4. Constant lr. psrv's BSP applies the mean of the N gradients of a step (psrv/store.py), so one BSP step is
   the plain loop's step on N x batch rows, and SSP/ASP weight each gradient 1/N: as a user scaling out would, BSP,
   SSP and ASP run at N x lr (the linear scaling rule for N times the rows per step; Goyal et al., 2017), capped
-  at LR_CAP_FACTOR x the plain lr; local SGD runs at the plain lr (each worker's local steps are plain SGD steps).
-  The "steps" shown are psrv's steps (BSP: synchronized steps; SSP/ASP: gradients applied / N; localH: rounds of
-  H local batches per worker).
+  at LR_CAP_FACTOR x the plain lr (group steps too: each of their steps is a BSP step); local SGD runs at the
+  plain lr (each worker's local steps are plain SGD steps). The "steps" shown are psrv's steps (BSP: synchronized
+  steps; SSP/ASP: gradients applied / N; localH and groupH: rounds of H batches per worker).
 - **Batch order**: psrv's default reads each batch as random rows of its shard (a gather), as the plain loop does.
   The "+blocks" modes use data.batch_order = "blocks" (rows shuffled once at load; a batch is a random block of
   consecutive rows, read in place). So that a gain from the order is never shown as a gain from parallelism, the
@@ -110,9 +112,11 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
     if "train.local_steps" in config.keys():
         # H comes from the job (Job.local_steps) when the run starts
         modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
+    if "train.group_steps" in config.keys():   # BSP, the workers averaging H steps among themselves per push
+        modes.append(("groupH", ["train.consistency=bsp", "train.group_steps={H}"]))
     if "data.batch_order" in config.keys():  # the same modes reading batches as blocks of consecutive rows
         modes += [(f"{m}+blocks", o + ["data.batch_order=blocks"]) for m, o in list(modes)
-                  if m in ("bsp", "asp", "localH")]
+                  if m in ("bsp", "asp", "localH", "groupH")]
     return modes
 
 

@@ -173,6 +173,11 @@ class Train:
     local_steps: int = opt(1, "local SGD: each worker takes this many plain SGD steps (one batch_size batch each, at "
                            "train.lr) on its own copy of theta between pushes, and pushes their summed gradient, so "
                            "a BSP step averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
+    group_steps: int = opt(1, "BSP among the workers on the server's machine through shared memory: each push covers "
+                           "this many steps, in each of which the workers average their gradients themselves and "
+                           "apply the mean at the step's rate (psrv/group.py); the result is BSP's, with one server "
+                           "round trip per group_steps steps; 1: every step goes through the server",
+                           lo=1, hi=1_000_000)
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
     beta1: float = opt(0.9, "adam: decay of the first-moment average, in [0, 1)", check=_below_one)
@@ -380,6 +385,16 @@ def check_combinations(cfg: Config) -> None:
             if got != need:
                 raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "
                                   f"use plain SGD at a constant train.lr); got {got!r}")
+    if t.group_steps > 1:
+        need = {"train.consistency": (t.consistency, "bsp"), "train.optimizer": (t.optimizer, "sgd"),
+                "train.local_steps": (t.local_steps, 1), "train.backup_workers": (t.backup_workers, 0),
+                "train.clip_norm": (t.clip_norm, 0.0), "model.l2": (cfg.model.l2, 0.0),
+                "server.shards": (cfg.server.shards, 1), "worker.shm": (cfg.worker.shm, True)}
+        for key, (got, want) in need.items():
+            if got != want:
+                raise ConfigError(f"train.group_steps: group steps need {key} = {want!r} (the workers apply plain "
+                                  f"SGD steps themselves, through the server's shared memory; psrv/group.py); got "
+                                  f"{got!r}")
     dc = cfg.data
     if dc.test_source:
         if dc.test_fraction > 0:
@@ -428,7 +443,8 @@ def _check_sparse(cfg: Config) -> None:
                           f"svmlight/libsvm file (.svm, .libsvm, .svmlight, .txt); got {dc.source!r}")
     refused = {"data.test_source": (dc.test_source, ""), "data.partition": (dc.partition, "range"),
                "data.batch_order": (dc.batch_order, "rows"), "data.dtype": (dc.dtype, "float64"),
-               "model.fit_intercept": (m.fit_intercept, True), "train.local_steps": (t.local_steps, 1)}
+               "model.fit_intercept": (m.fit_intercept, True), "train.local_steps": (t.local_steps, 1),
+               "train.group_steps": (t.group_steps, 1)}
     for key, (got, need) in refused.items():
         if got != need:
             raise ConfigError(f"{key}: model.kind = 'sparse_logistic' needs {key} = {need!r} (docs/sparse.md); "

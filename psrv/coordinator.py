@@ -50,7 +50,8 @@ class Coordinator(Roster, Sanctions):
         self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
         self.schedule = Schedule(shard_sizes, dynamic=t.schedule == "dynamic")
         self.max_steps = run_steps(cfg)
-        self.rows_per_pull = t.batch_size * t.local_steps   # local SGD: one pull serves every local step's rows
+        # local SGD and group steps: one pull serves every local step's (sub-step's) rows
+        self.rows_per_pull = t.batch_size * t.local_steps * t.group_steps
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
@@ -121,6 +122,10 @@ class Coordinator(Roster, Sanctions):
             raise ProtocolError(f"hello: role must be 'worker', got {e.role!r}", "bad_field")
         if self.stopping:
             raise ProtocolError(f"the run is ending ({self.stopping}); no new workers", "finished")
+        if self.cfg.train.group_steps > 1 and not (e.local and self.members.shm and 0 <= e.wid < self.n_expected):
+            # the group's gradients meet in this machine's shared memory, one place per launcher worker
+            raise ProtocolError(f"train.group_steps > 1 takes only the launcher's own workers (ids 0 .. "
+                                f"{self.n_expected - 1}) on the server's machine", "group_only")
         p, replaced = self.members.hello(e.ident, e.wid, e.pid, e.host, e.local, self._now)
         if replaced is not None:
             log.warning("worker %d re-registered from pid %d; incarnation %d replaces %d", p.wid, e.pid, p.inc,

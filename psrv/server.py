@@ -19,7 +19,8 @@ import uuid
 
 import numpy as np
 
-from . import checkpoint, data, identity, mailbox, models, optim, plot, protocol, proc, shmarray, sparse_data, transport
+from . import checkpoint, data, group, identity, mailbox, models, optim, plot, protocol, proc, shmarray, sparse_data
+from . import transport
 from . import config as config_mod
 from . import events as ev
 from .blocks import DataBlock
@@ -83,6 +84,9 @@ class Server:
         else:
             theta = theta0
         self.store = make_store(cfg, theta, self.model.l2_rows, self.theta_shm)
+        # train.group_steps > 1: where the launcher's workers average each sub-step's gradients (psrv/group.py)
+        self.group = group.Group.create(f"{self.shm_prefix}group_{self.server_id}", t.workers, theta0.shape,
+                                        theta0.dtype) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
@@ -332,6 +336,9 @@ class Server:
     def _theta(self, i: ev.Theta) -> None:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         header = {"op": OpStr.THETA, "clock": i.clock, "version": i.version, "batch": i.batch}
+        if self.group is not None:   # the step's members and rate: the workers apply its sub-steps themselves
+            header["group"] = sorted(self.coord.gate.members)
+            header["lr"] = float(self.store.lr_at(i.clock))
         if i.rid is not None:
             header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
@@ -349,6 +356,12 @@ class Server:
     def _update(self, i: ev.Update) -> None:
         self.links.update(i.wid, i.clock, i.slices, i.step, i.version, i.scale)
         self.store.update(i.grad, i.step, i.version, i.scale, i.keys)
+
+    def _group_timeout_s(self) -> float:
+        """How long a group member waits for the others before it leaves the group step: as long as the server
+        waits for a straggler (server.progress_deadline_s), else for a silent worker."""
+        s = self.cfg.server
+        return s.progress_deadline_s or s.heartbeat_timeout_s
 
     def theta_now(self) -> np.ndarray:
         """theta as it is now: with several servers, every range's rows at this version."""
@@ -384,6 +397,9 @@ class Server:
                 self.slots[p.wid] = SharedArray.create(f"{self.shm_prefix}slot_{self.server_id}_{p.wid}",
                                                        self.store.theta.shape, self.store.theta.dtype)
             spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
+            if self.group is not None:
+                spec["shm"]["group"] = {"name": self.group.name, "members": self.group.members,
+                                        "timeout_s": self._group_timeout_s()}
             if self.spin_s > 0 or self.bell is not None:
                 # one per incarnation: a reply to the previous one's last request (an error, by now) must never
                 # reach the new one, whose request ids may start again from 1 (a restarted process)
@@ -404,6 +420,7 @@ class Server:
             "server_id": self.server_id, "theta_shape": list(theta.shape), "theta_dtype": theta.dtype.str,
             "data": spec,
             "train": {"workers": t.workers, "batch_size": t.batch_size, "seed": t.seed, "steps": t.steps, "local_steps": t.local_steps,
+                      "group_steps": t.group_steps,
                       "lr": t.lr,
                       "heartbeat_interval_s": self.cfg.worker.heartbeat_interval_s,
                       "server_timeout_s": self.cfg.worker.server_timeout_s, "rejoin": self.cfg.worker.rejoin},
@@ -578,7 +595,7 @@ class Server:
         except OSError:  # already reported (a full disk): closing must not hide that error
             pass
         self.block.close()
-        for seg in [self.theta_shm, *self.slots.values(), *self.mailboxes.values()]:
+        for seg in [self.theta_shm, self.group, *self.slots.values(), *self.mailboxes.values()]:
             if seg is not None:
                 seg.close()  # the creator unlinks
 

@@ -70,6 +70,15 @@ def test_override_values_are_read_as_toml(override, expected):
     ({"train": {"local_steps": 4}}, "train.local_steps: local SGD needs train.lr_schedule = 'constant'"),
     ({"train": {"local_steps": 2, "lr_schedule": "constant"}, "model": {"l2": 0.1}},
      "train.local_steps: local SGD needs model.l2 = 0.0"),
+    ({"train": {"group_steps": 4, "consistency": "asp"}}, "train.group_steps: group steps need train.consistency = 'bsp'"),
+    ({"train": {"group_steps": 4, "optimizer": "adam"}}, "train.group_steps: group steps need train.optimizer = 'sgd'"),
+    ({"train": {"group_steps": 4, "local_steps": 2, "lr_schedule": "constant"}},
+     "train.group_steps: group steps need train.local_steps = 1"),
+    ({"train": {"group_steps": 4, "clip_norm": 1.0}}, "train.group_steps: group steps need train.clip_norm = 0.0"),
+    ({"train": {"group_steps": 4}, "model": {"l2": 0.1}}, "train.group_steps: group steps need model.l2 = 0.0"),
+    ({"train": {"group_steps": 4}, "worker": {"shm": False}}, "train.group_steps: group steps need worker.shm = True"),
+    ({"train": {"group_steps": 2, "workers": 3, "backup_workers": 1}},
+     "train.group_steps: group steps need train.backup_workers = 0"),
 ])
 def test_bad_configs_name_the_key(tree, needle):
     with pytest.raises(ConfigError) as e:

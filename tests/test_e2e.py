@@ -52,27 +52,51 @@ def cosine(lr, steps):
     return lambda t: 0.5 * lr * (1 + math.cos(math.pi * t / steps))
 
 
+class Batches:
+    """Each shard's rows in its epoch order (docs/protocol.md), handed out `rows` at a time (never across an
+    epoch's end, so the last batch of an epoch may be short). blocks: the epoch order is block_order (the shards
+    given as stored)."""
+
+    def __init__(self, shards, batch, seed, blocks=False):
+        self.shards, self.batch, self.seed, self.blocks = shards, batch, seed, blocks
+        self.orders, self.cursor = {}, [(0, 0)] * len(shards)
+
+    def take(self, s, rows):
+        epoch, pos = self.cursor[s]
+        size = len(self.shards[s])
+        if (s, epoch) not in self.orders:
+            self.orders[s, epoch] = np.array(block_order(self.seed, s, epoch, size, self.batch) if self.blocks
+                                             else epoch_order(self.seed, s, epoch, size))
+        idx = self.shards[s][self.orders[s, epoch][pos:pos + rows]]
+        pos += len(idx)
+        self.cursor[s] = (epoch + 1, 0) if pos == size else (epoch, pos)
+        return idx
+
+
+def standardized(X):
+    """(A, unscale): X standardized with an intercept column, and the map from theta on A to theta on X."""
+    mean, scale = X.mean(axis=0), X.std(axis=0)
+
+    def unscale(theta):
+        w = theta[:-1] / scale
+        return np.r_[w, theta[-1] - mean @ w]
+    return np.c_[(X - mean) / scale, np.ones(len(X))], unscale
+
+
 def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_steps=1, blocks=False):
     """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
-    of the mean squared loss. Batch order: each shard's rows in its epoch order (docs/protocol.md), consumed `batch`
-    rows at a time, the last batch of an epoch possibly short. `skip` holds (worker, step) pairs whose gradient is
-    left out of that step's mean (a rejected push); the batch is still consumed. With local_steps = H (local SGD),
-    each shard's step takes H * batch rows and its gradient is the sum of H plain SGD steps' gradients, taken
-    `batch` rows at a time from a copy of theta. blocks: the epoch order is block_order (shards given as stored)."""
-    orders = {}
-    mean, scale = X.mean(axis=0), X.std(axis=0)
-    A = np.c_[(X - mean) / scale, np.ones(len(X))]
+    of the mean squared loss, the batches as Batches hands them out. `skip` holds (worker, step) pairs whose
+    gradient is left out of that step's mean (a rejected push); the batch is still consumed. With local_steps = H
+    (local SGD), each shard's step takes H * batch rows and its gradient is the sum of H plain SGD steps'
+    gradients, taken `batch` rows at a time from a copy of theta."""
+    A, unscale = standardized(X)
     theta = np.zeros(A.shape[1])
-    cursor = [(0, 0)] * len(shards)
+    batches = Batches(shards, batch, seed, blocks)
     for t in range(steps):
         g = np.zeros_like(theta)
         used = 0
-        for s, rows in enumerate(shards):
-            epoch, pos = cursor[s]
-            if (s, epoch) not in orders:
-                orders[s, epoch] = np.array(block_order(seed, s, epoch, len(rows), batch) if blocks
-                                            else epoch_order(seed, s, epoch, len(rows)))
-            idx = rows[orders[s, epoch][pos:pos + batch * local_steps]]
+        for s in range(len(shards)):
+            idx = batches.take(s, batch * local_steps)
             if (s, t) not in skip:
                 local = theta.copy()
                 for lo in range(0, len(idx), batch):
@@ -81,12 +105,9 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_
                     g += step_grad
                     local -= lr_at(t) * step_grad
                 used += 1
-            pos += len(idx)
-            cursor[s] = (epoch + 1, 0) if pos == len(rows) else (epoch, pos)
         if used:
             theta -= lr_at(t) * g / used
-    w = theta[:-1] / scale
-    return np.r_[w, theta[-1] - mean @ w]
+    return unscale(theta)
 
 
 @pytest.mark.parametrize("how,workers,shm,order,copy", [("range", 2, True, "rows", "auto"),
@@ -135,6 +156,46 @@ def test_local_sgd_equals_serial_model_averaging(tmp_path, order):
     expected = serial_bsp(X, y, shards, batch, steps, lambda t: lr, seed=5, local_steps=4, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["samples"] == steps * workers * 4 * batch
+
+
+def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False):
+    """train.group_steps = K in one process: step t takes each shard's next K * batch rows (never across an epoch's
+    end), and for each sub-step k applies theta <- theta - lr_at(t) / N * (sum over the shards that still have rows
+    at k of the gradient on their k-th `batch` rows), N the number of shards (workers)."""
+    A, unscale = standardized(X)
+    theta = np.zeros(A.shape[1])
+    batches = Batches(shards, batch, seed, blocks)
+    for t in range(steps):
+        parts = []
+        for s in range(len(shards)):
+            idx = batches.take(s, batch * k_steps)
+            parts.append([idx[lo:lo + batch] for lo in range(0, len(idx), batch)])
+        for k in range(k_steps):
+            g = np.zeros_like(theta)
+            for sub in parts:
+                if k < len(sub):
+                    p = sub[k]
+                    g += 2.0 / len(p) * A[p].T @ (A[p] @ theta - y[p])
+            theta -= lr_at(t) / len(shards) * g
+    return unscale(theta)
+
+
+@pytest.mark.parametrize("order", ["rows", "blocks"])
+def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
+    """train.group_steps = 4: each push covers 4 steps that the workers synchronize among themselves through
+    shared memory (psrv/group.py); the run equals the serial algorithm's sub-steps, epoch ends included."""
+    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 12, 0.05, 3, 4   # 12 x 128 rows cross an epoch of each shard
+    r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4, "batch_order": order},
+                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
+                              "lr_schedule": "cosine", "group_steps": k},
+                    "output": {"dir": str(tmp_path), "plot": False}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
+    shards = shard_rows(n, workers, "hash")
+    if order == "blocks":
+        shards = stored(shards, data_seed=4)
+    expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, blocks=order == "blocks")
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    assert r.summary["steps"] == steps and r.summary["workers"] == workers
 
 
 def lstsq_loss(X, y):

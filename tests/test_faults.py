@@ -69,6 +69,23 @@ def test_killed_worker_is_survived(launch, tmp_path):
     la.assert_no_leftovers()
 
 
+def test_a_worker_killed_during_group_steps_is_survived(launch, tmp_path):
+    """train.group_steps = 4: a member killed in the middle of a group step holds the others at the shared-memory
+    barrier for at most their timeout (server.progress_deadline_s); they leave the group for that step, push, and
+    the run goes on among the two that are left, to the loss of the run without the fault."""
+    run = DATA + args(train__workers=3, train__steps=600, train__max_restarts=0, train__group_steps=4,
+                      server__progress_deadline_s=1.0)
+    la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
+                env=faults.env(kill_worker=1, kill_at_step=100))    # killed in its second sub-step of step 100
+    code, out, err = la.wait()
+    assert code == 0, err
+    s = summary(tmp_path / "out")
+    assert s["worker_deaths"] == 1 and s["steps"] == 600
+    assert sorted(re.findall(r"worker (\d+): left group step 100 ", err)) == ["0", "2"], err   # a timeout, no hang
+    assert s["final_loss"] == pytest.approx(reference_loss(tmp_path, run), rel=0.01)
+    la.assert_no_leftovers()
+
+
 def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
     # epochs: every row must be visited once per epoch, even though a worker dies mid-epoch with a batch in flight
     run = DATA + args(train__workers=2, train__epochs=3, train__batch_size=64, train__max_restarts=1)

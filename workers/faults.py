@@ -8,7 +8,9 @@ which every child inherits at spawn and reads once at start:
 
 Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
 slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
-gradient at those steps, which the server must refuse). A worker id of -1 means none.
+gradient at those steps, which the server must refuse), kill_worker + kill_at_step (that worker kills itself with
+SIGKILL at that step: in a group step during its second sub-step, else before its push). A worker id of -1 means
+none.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -45,6 +48,8 @@ class Faults:
     slow_ms: float = 0.0
     nan_worker: int = -1
     nan_steps: tuple = ()
+    kill_worker: int = -1
+    kill_at_step: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "Faults":
@@ -83,6 +88,8 @@ CHECKS = {  # key -> (test, what it must be)
     "nan_worker": (_wid, "a worker id (-1: none)"),
     "nan_steps": (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
                   "a list of steps >= 0"),
+    "kill_worker": (_wid, "a worker id (-1: none)"),
+    "kill_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
 }
 
 
@@ -121,6 +128,13 @@ class FaultyWorker(worker.Worker):
             grad[...] = np.nan
         if f.slow_worker == self.wid and f.slow_ms:
             time.sleep(f.slow_ms / 1000.0)
+        if f.kill_worker == self.wid and clock == f.kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_sub_step(self, clock: int, k: int) -> None:
+        f = self.faults
+        if f.kill_worker == self.wid and clock == f.kill_at_step and k == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int) -> None:

@@ -9,6 +9,7 @@ the server says stop, when the server is gone, or when its launcher is.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 import traceback
@@ -17,6 +18,7 @@ import numpy as np
 
 from psrv import config as config_mod
 from psrv import data, models, proc, blocks, sources, sparse_model
+from psrv import group as group_mod
 from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import OpStr
@@ -200,6 +202,7 @@ class Worker:
         self.stopped_by = ""   # the reason the server gave when it said stop
         self.sessions = 0
         self.rejoin = True
+        self._group: group_mod.Group | None = None   # train.group_steps > 1: the shared segment, attached once
 
     def run(self) -> int:
         """Sessions until the server says stop: a session ends early when this incarnation is declared dead or
@@ -248,8 +251,11 @@ class Worker:
         request_s = 0.0
 
         local_steps, lr = train.get("local_steps", 1), train.get("lr", 0.0)
-        # local SGD: its own copy of theta, and each local step's gradient
-        work, step_grad = (np.empty_like(plane.grad), np.empty_like(plane.grad)) if local_steps > 1 else (None, None)
+        group_steps = train.get("group_steps", 1)
+        member = self._member(welcome) if group_steps > 1 else None
+        # local SGD and group steps: a copy of theta of its own (and local SGD: each local step's gradient)
+        work, step_grad = (np.empty_like(plane.grad), np.empty_like(plane.grad)) \
+            if local_steps > 1 or member is not None else (None, None)
         h, arrays = self.client.pull(0)
         ready = None      # the batch whose rows are already in Xb, yb (gathered while waiting for the server)
         hits = misses = 0  # of those guesses; guessing pauses while they mostly miss (a worker holding several
@@ -261,7 +267,10 @@ class Worker:
             batch = h["batch"]
             X, y = self.rows.get(batch[0])
             count = batch[3]
-            if work is not None:
+            if member is not None:
+                loss = self._group_step(model, theta, X, y, batch, train["seed"], b, h, member, group_steps, Xb, yb,
+                                        work, plane.grad)
+            elif work is not None:
                 loss = self._local_steps(model, theta, X, y, batch, train["seed"], b, lr, Xb, yb, work, step_grad,
                                          plane.grad)
             else:
@@ -383,6 +392,9 @@ class Worker:
         """Called once per step between computing the gradient and pushing it: nothing here; a subclass may
         change the step (workers/faults.py injects failures, delays and broken gradients this way)."""
 
+    def before_sub_step(self, clock: int, k: int) -> None:
+        """Called before each sub-step of a group step: nothing here; workers/faults.py kills a worker there."""
+
     def _gather(self, X, y, batch, seed: int, Xb, yb) -> None:
         """Copy a batch's rows into the preallocated buffers."""
         shard, epoch, start, count = batch
@@ -412,6 +424,61 @@ class Worker:
             work -= g
         return total / count
 
+    def _member(self, welcome: dict) -> group_mod.Member:
+        """This worker's place in the group steps' shared segment (psrv/group.py)."""
+        spec = (welcome["data"].get("shm") or {}).get("group")
+        if not isinstance(spec, dict):
+            raise RunError(f"worker {self.wid}", "train.group_steps > 1 needs the server's shared memory (a worker on "
+                                                 "its machine, worker.shm = true)")
+        if self._group is not None:   # a session before this one (the worker registered again)
+            self._group.close()
+            self._group = None
+        g = group_mod.Group.attach(spec["name"], spec["members"], tuple(welcome["theta_shape"]),
+                                   welcome["theta_dtype"])
+        self._group = g
+        try:
+            return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]))
+        except ValueError as e:
+            raise RunError(f"worker {self.wid}", str(e)) from None
+
+    def _group_step(self, model, theta, X, y, batch, seed: int, b: int, h: dict, member, k_steps: int, Xb, yb,
+                    work, out) -> float:
+        """Group steps (train.group_steps = K, psrv/group.py): the batch's rows b at a time, each sub-step's
+        gradient averaged with the other members' through shared memory and applied to a copy of theta at the
+        step's rate; `out` gets the sum of this worker's gradients (the push). Returns the mean loss of the rows."""
+        shard, epoch, start, count = batch
+        lr, members = h.get("lr"), h.get("group")
+        if type(lr) is not float or not math.isfinite(lr) or type(members) is not list \
+                or not all(type(m) is int for m in members):
+            raise RunError(f"worker {self.wid}", f"a theta reply for group steps needs a float lr and a list of "
+                                                 f"worker ids; got lr {lr!r}, group {members!r}")
+        subs = -(-count // b)
+        if subs > k_steps:
+            raise RunError(f"worker {self.wid}", f"{count} rows are more than {k_steps} sub-steps of {b}")
+        try:
+            member.begin(h["clock"], k_steps, subs, members)
+        except ValueError as e:
+            raise RunError(f"worker {self.wid}", str(e)) from None
+        idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
+        np.copyto(work, theta)
+        out[...] = 0.0
+        total = 0.0
+        for k in range(subs):
+            self.before_sub_step(h["clock"], k)
+            lo = k * b
+            rows = min(b, count - lo)
+            Xr, yr = _rows(X, y, idx[lo:lo + rows], Xb, yb, self.block_rows > 0)
+            g = member.grad(k)
+            total += model.loss_grad(work, Xr, yr, g) * rows
+            out += g
+            member.step(k, work, lr)
+        if subs < k_steps:
+            member.finish()
+        if member.left:
+            log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
+                        "the step alone", self.wid, h["clock"], member.timeout_s)
+        return total / count
+
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
         """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
         sort per step would cost more than the gradient)."""
@@ -430,6 +497,8 @@ class Worker:
             self.rows.close()
         if self.sparse_rows is not None:
             self.sparse_rows.close()
+        if self._group is not None:
+            self._group.close()
 
 
 def _take(X, y, idx, Xb, yb) -> None:

@@ -1,0 +1,185 @@
+"""Group steps (train.group_steps = K): BSP among the workers on the server's machine through shared memory, with
+one push to the server every K steps instead of every step.
+
+Why: under BSP each step costs a push and a reply per worker, handled one after another by the server's Python
+(tens of microseconds each), which a small model's step (tens of microseconds) cannot pay for and which grows with
+the number of workers. Within a group step the workers exchange their gradients through this segment and apply the
+same mean themselves, so the server is off the critical path for K - 1 steps out of K.
+
+What a group step computes. The server serves step t (its clock) to every worker with K * batch_size rows, the
+members of the step (`group`, worker ids) and the learning rate lr of step t. Each worker copies theta_t and, for
+each sub-step k, computes its gradient g_i,k on its k-th batch_size rows, publishes it here, waits until every
+member has published sub-step k, and applies theta <- theta - lr / n * sum_i g_i,k (n: the members; a member whose
+rows ran out at the end of an epoch adds nothing from then on). It then pushes P_i = sum_k g_i,k, and the server's
+BSP step theta_t - lr * (1/n) sum_i P_i is exactly the workers' last iterate (in exact arithmetic; in floating
+point the sums are taken in another order). Every member sums the gradients in the same order (by worker id), so
+their copies of theta are the same bit for bit. The result is BSP with batch_size rows per worker and step, the
+schedule's rate held for K steps.
+
+The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS; a line each, so that no two
+workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may publish
+sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped like theta.
+
+    SUBS: the sub-steps with rows in this group step, written before the step's first publish;
+    COUNT: (global sub-step number published, counting from clock * K + 1) << 1 | LEFT.
+
+A wait that outlasts timeout_s (a member died, or stalls) makes the waiting worker leave the group for the rest of
+the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes as usual;
+the others stop waiting for it. The server's step is then the mean of the pushes it gets, which is not the members'
+last iterate: the result is exact only while no member leaves. Stores become visible in program order on x86-64
+(TSO), which this relies on as the theta seqlock does (shmarray.ORDERED_STORES).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .shmarray import SharedArray
+
+LINE = 64                  # bytes of control per member: a cache line of its own
+COUNT, SUBS = 0, 1         # u64 words in a member's control line
+LEFT = 1
+SPIN_S = 0.002             # a wait polls without pausing this long, then with short sleeps
+SLEEP_S = 50e-6
+
+
+def segment_bytes(members: int, size: int, itemsize: int) -> int:
+    return members * LINE + 2 * members * size * itemsize
+
+
+class Group:
+    """The shared segment of one run's group steps: `members` control lines, then two buffers of `members`
+    gradients of theta's shape."""
+
+    def __init__(self, seg: SharedArray, members: int, shape: tuple, dtype):
+        self.seg, self.members, self.shape = seg, members, tuple(shape)
+        self.dtype = np.dtype(dtype)
+        raw = seg.array
+        ctl_bytes = members * LINE
+        self._ctl = memoryview(raw[:ctl_bytes]).cast("B").cast("Q")   # one aligned 8-byte load or store per access
+        size = int(np.prod(self.shape))
+        self.grads = raw[ctl_bytes:].view(self.dtype).reshape((2, members, *self.shape))
+        self._size = size
+
+    @classmethod
+    def create(cls, name: str, members: int, shape: tuple, dtype) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize)
+        return cls(SharedArray.create(name, (n,), np.uint8), members, shape, dtype)
+
+    @classmethod
+    def attach(cls, name: str, members: int, shape: tuple, dtype) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize)
+        return cls(SharedArray.attach(name, (n,), np.uint8), members, shape, dtype)
+
+    @property
+    def name(self) -> str:
+        return self.seg.name
+
+    def word(self, member: int, which: int) -> int:
+        return self._ctl[member * (LINE // 8) + which]
+
+    def set_word(self, member: int, which: int, value: int) -> None:
+        self._ctl[member * (LINE // 8) + which] = value
+
+    def close(self) -> None:
+        self._ctl.release()
+        del self.grads, self._ctl
+        self.seg.close()
+
+
+class Member:
+    """One worker's side of a group step (see the module's docstring)."""
+
+    def __init__(self, group: Group, me: int, timeout_s: float):
+        if not 0 <= me < group.members:
+            raise ValueError(f"worker {me} has no place in a group of {group.members}")
+        self.group, self.me, self.timeout_s = group, me, timeout_s
+        self.left = False
+        self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
+        self._sum = np.empty(group.shape, group.dtype)
+        self._own = np.empty(group.shape, group.dtype)   # gradients once it has left: never in the shared buffers
+
+    def begin(self, clock: int, k_steps: int, subs: int, members: list[int]) -> None:
+        """A group step at `clock` of k_steps sub-steps, `subs` of them with rows here, among `members`."""
+        if self.me not in members or any(not 0 <= m < self.group.members for m in members):
+            raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
+                             f"including worker {self.me}")
+        self.base, self.k_steps, self.subs = clock * k_steps, k_steps, subs
+        self.members = sorted(members)
+        self.scale = 1.0 / len(self.members)
+        per = LINE // 8
+        self._words = [(j, j * per + COUNT, j * per + SUBS) for j in self.members]   # where each one's words are
+        self.left = False
+        self.group.set_word(self.me, SUBS, subs)
+
+    def grad(self, k: int) -> np.ndarray:
+        """Where sub-step k's gradient goes: straight into the shared buffer (after leaving, a buffer of its own:
+        a member that counted it in may still be reading the shared one)."""
+        return self._own if self.left else self.group.grads[k & 1, self.me]
+
+    def step(self, k: int, theta: np.ndarray, lr: float) -> None:
+        """Publish sub-step k's gradient (already in grad(k)), wait for the members, and apply their mean to theta
+        (this worker's copy). Alone (after leaving): apply its own gradient, as plain SGD."""
+        if self.left:
+            theta -= lr * self._own
+            return
+        target = self.base + k + 1
+        self._publish(target)
+        included = self._wait(k, target)
+        if included is None:
+            self.leave()
+            theta -= lr * self.group.grads[k & 1, self.me]
+            return
+        g = self.group.grads[k & 1]
+        s = self._sum
+        # in the members' order, the same in every member (a reduction along the first axis costs more at small d)
+        if len(included) == 1:
+            np.multiply(g[included[0]], lr * self.scale, out=s)
+        else:
+            np.add(g[included[0]], g[included[1]], out=s)
+            for j in included[2:]:
+                s += g[j]
+            s *= lr * self.scale
+        theta -= s
+
+    def finish(self) -> None:
+        """This worker's rows are done before the group step's last sub-step: it publishes the end at once, so
+        that nobody waits for it (it adds nothing to those sub-steps)."""
+        if not self.left:
+            self._publish(self.base + self.k_steps)
+
+    def leave(self) -> None:
+        self.left = True
+        self.group.set_word(self.me, COUNT, (self.base + self.k_steps) << 1 | LEFT)
+
+    def _publish(self, count: int) -> None:
+        self.group.set_word(self.me, COUNT, count << 1)
+
+    def _wait(self, k: int, target: int) -> list[int] | None:
+        """The members whose sub-step k gradient is in (by worker id), once every member has published it or left;
+        None after timeout_s."""
+        ctl, words, start = self.group._ctl, self._words, None
+        while True:
+            included = []
+            for j, count_at, subs_at in words:
+                c = ctl[count_at]
+                if c >> 1 < target:
+                    break
+                if not c & LEFT and k < ctl[subs_at]:
+                    included.append(j)
+            else:   # every member has published sub-step k (or left)
+                if start is not None:
+                    self.waited_s += time.monotonic() - start
+                return included
+            now = time.monotonic()
+            if start is None:
+                start = now
+            elif now - start > self.timeout_s:
+                self.waited_s += now - start
+                return None
+            if now - start < SPIN_S:
+                os.sched_yield()
+            else:
+                time.sleep(SLEEP_S)

@@ -1,0 +1,125 @@
+"""Group steps' shared segment (psrv/group.py): the members' barrier and mean, in one process with threads (the
+whole run against the serial oracle is tests/test_e2e.py::test_group_steps_equal_serial_bsp_of_the_sub_steps)."""
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from psrv import blocks
+from psrv.group import Group, Member
+
+
+@pytest.fixture
+def segment():
+    g = Group.create(blocks.run_prefix() + "grouptest", 3, (4,), np.float64)
+    yield g
+    g.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_switch():
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)   # threads that poll share one interpreter lock: hand it over often
+    yield
+    sys.setswitchinterval(old)
+
+
+def grad_of(member: int, k: int) -> np.ndarray:
+    return np.arange(4.0) * (member + 1) + 10.0 * k
+
+
+def run_members(segment, plan: dict, k_steps: int, lr: float, timeout_s: float = 30.0, clock: int = 0) -> dict:
+    """Each worker in `plan` (wid -> sub-steps with rows) on a thread of its own: sub-step k's gradient is
+    grad_of(wid, k) + its theta (so that it depends on the step's iterate). Returns wid -> (theta, member)."""
+    members, out = sorted(plan), {}
+
+    def work(wid):
+        m = Member(Attached(segment), wid, timeout_s)
+        m.begin(clock, k_steps, plan[wid], members)
+        theta = np.ones(4)
+        for k in range(plan[wid]):
+            np.add(grad_of(wid, k), theta, out=m.grad(k))
+            m.step(k, theta, lr)
+        if plan[wid] < k_steps:
+            m.finish()
+        m.group.close()
+        out[wid] = (theta, m)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in members]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def Attached(segment):
+    return Group.attach(segment.name, segment.members, segment.shape, segment.dtype)
+
+
+def serial(plan: dict, k_steps: int, lr: float, n: int) -> np.ndarray:
+    theta = np.ones(4)
+    for k in range(k_steps):
+        s = sum(grad_of(w, k) + theta for w in sorted(plan) if k < plan[w])
+        if isinstance(s, np.ndarray):
+            theta = theta - lr / n * s
+    return theta
+
+
+def test_members_apply_the_same_mean_bit_for_bit(segment):
+    plan = {0: 5, 1: 5, 2: 5}
+    out = run_members(segment, plan, 5, 0.1)
+    thetas = [out[w][0] for w in plan]
+    assert all(np.array_equal(thetas[0], t) for t in thetas)
+    np.testing.assert_allclose(thetas[0], serial(plan, 5, 0.1, 3), rtol=1e-13)
+
+
+def test_a_member_whose_rows_end_early_adds_nothing_after_and_nobody_waits(segment):
+    plan = {0: 4, 1: 2, 2: 4}            # worker 1's batch ended at its epoch's end, after 2 of 4 sub-steps
+    out = run_members(segment, plan, 4, 0.05, timeout_s=30.0)
+    np.testing.assert_allclose(out[0][0], serial(plan, 4, 0.05, 3), rtol=1e-13)
+    assert np.array_equal(out[0][0], out[2][0])
+    assert not any(m.left for _, m in out.values())
+
+
+def test_a_subset_of_members_and_later_clocks(segment):
+    plan = {0: 3, 2: 3}                  # worker 1 is not in this step (dead, or finished)
+    for clock in (0, 1, 7):              # counts go on growing over the run
+        out = run_members(segment, plan, 3, 0.1, clock=clock)
+        np.testing.assert_allclose(out[0][0], serial(plan, 3, 0.1, 2), rtol=1e-13)
+
+
+def test_a_member_that_never_publishes_is_left_behind_after_the_timeout(segment):
+    """Worker 2 is in the step but never comes: the others leave the group at the first sub-step, after
+    timeout_s, and take their sub-steps alone (plain SGD on their own gradients)."""
+    m0, lr = Member(Attached(segment), 0, 0.05), 0.1
+    m0.begin(0, 3, 3, [0, 2])
+    theta = np.ones(4)
+    expected = theta.copy()
+    for k in range(3):
+        np.add(grad_of(0, k), theta, out=m0.grad(k))
+        expected -= lr * (grad_of(0, k) + expected)
+        m0.step(k, theta, lr)
+    assert m0.left and m0.waited_s >= 0.05
+    np.testing.assert_allclose(theta, expected, rtol=1e-13)
+    # it says so in its count, so that worker 2, arriving late, does not wait for it either
+    late = Member(Attached(segment), 2, 5.0)
+    late.begin(0, 3, 3, [0, 2])
+    theta2 = np.ones(4)
+    np.add(grad_of(2, 0), theta2, out=late.grad(0))
+    late.step(0, theta2, lr)
+    assert not late.left
+    np.testing.assert_allclose(theta2, 1 - lr / 2 * (grad_of(2, 0) + 1), rtol=1e-13)
+    m0.group.close()
+    late.group.close()
+
+
+def test_places_are_checked(segment):
+    with pytest.raises(ValueError, match="no place"):
+        Member(segment, 3, 1.0)
+    m = Member(segment, 1, 1.0)
+    with pytest.raises(ValueError, match="including worker 1"):
+        m.begin(0, 2, 2, [0, 2])
+    with pytest.raises(ValueError, match="is not a set"):
+        m.begin(0, 2, 2, [1, 5])
