@@ -126,9 +126,10 @@ class Data:
     worker_copy: str = opt("auto", "auto: a worker on the server's machine copies the rows of the shards it reads "
                            "from shared memory into its own memory, where the kernel gives them huge pages (shared "
                            "memory gets 4 KiB pages, and a batch's random rows then cost a TLB miss each; measured "
-                           "15-20 % of a step), while its copies stay within 1.5 x its share of the training rows "
-                           "and a quarter of the memory available; the rest it reads in place. off: always in place "
-                           "(one copy of the data in all)", choices=("auto", "off"))
+                           "15-20 % of a step), within 1.5 x its share of the training rows, and only if all the "
+                           "workers' copies (1.5 x the training rows' bytes) fit in half of the memory available; the "
+                           "rest it reads in place. The data is then held about twice. off: always in place (one "
+                           "copy of the data in all)", choices=("auto", "off"))
     dtype: str = opt("float64", "dtype of X, y and theta in shared memory and on the wire",
                      choices=("float64", "float32"))
 

@@ -8,9 +8,9 @@ from psrv.blocks import BlockSpec, DataBlock
 from workers.worker import Rows
 
 
-@pytest.fixture
-def block():
-    spec = BlockSpec(name=f"psrv_test_rows_{os.getpid()}", dtype="float64", d=3, n_train=400)
+@pytest.fixture(params=["float64", "float32"])
+def block(request):
+    spec = BlockSpec(name=f"psrv_test_rows_{os.getpid()}", dtype=request.param, d=3, n_train=400)
     b = DataBlock.create(spec)
     b.X[:] = np.arange(1200.0).reshape(400, 3)
     b.y[:] = np.arange(400.0)
@@ -50,9 +50,38 @@ def test_off_reads_every_shard_in_place(block):
 
 def test_auto_copies_nothing_when_memory_is_short(block, monkeypatch):
     from psrv import sources
-    monkeypatch.setattr(sources, "available_memory_bytes", lambda: 4 * 100 * 4 * 8 - 1)   # a shard is 3200 bytes
+    shard_bytes = 100 * 4 * block.X.itemsize
+    monkeypatch.setattr(sources, "available_memory_bytes", lambda: 4 * shard_bytes - 1)
     rows = Rows(welcome(block, "auto"), local=True, prefix="", wid=0)
     try:
         assert np.shares_memory(rows.get(0)[0], rows.block.X)
+    finally:
+        rows.close()
+
+
+@pytest.mark.parametrize("spare", [-1, 0])
+def test_auto_copies_only_if_every_workers_copies_fit_in_half_the_memory_available(block, monkeypatch, spare):
+    """The workers decide together (their first batches come at once): each must allow for all their copies, not
+    only its own shard's. 4 workers, 400 rows: together at most 1.5 x 400 rows; a shard alone is 100 rows."""
+    from psrv import sources
+    row_bytes = 4 * block.X.itemsize
+    all_copies = int(1.5 * 400 * row_bytes)
+    reads = []
+    monkeypatch.setattr(sources, "available_memory_bytes", lambda: reads.append(1) or 2 * all_copies + spare)
+    rows = Rows(welcome(block, "auto", workers=4), local=True, prefix="", wid=0)
+    try:
+        copied = [not np.shares_memory(rows.get(s)[0], rows.block.X) for s in (0, 1, 0, 1)]
+        # with memory to spare, the worker's own shard (100 rows, its share) is copied, a second one is over budget
+        assert copied == ([True, False, True, False] if spare >= 0 else [False] * 4)
+        assert len(reads) == 1   # once, at the start: not a read of /proc/meminfo per step
+    finally:
+        rows.close()
+
+
+def test_a_worker_attached_from_elsewhere_copies_nothing(block):
+    """local=False: it loads its shards into segments of its own (Rows._load) and reads those; nothing to copy."""
+    rows = Rows(welcome(block, "auto"), local=False, prefix="", wid=0)
+    try:
+        assert rows.block is None and rows.copy_budget == 0
     finally:
         rows.close()

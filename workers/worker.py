@@ -53,11 +53,26 @@ class Rows:
         self.d = self.spec["block"]["d"]
         self.dtype = self.spec["block"]["dtype"]
         # data.worker_copy = "auto": private copies of the shards read, within 1.5 x this worker's share of the rows
-        row_bytes = (self.d + 1) * np.dtype(self.dtype).itemsize
-        share = self.spec["block"]["n_train"] / max(welcome["train"].get("workers", 1), 1)
-        self.copy_budget = int(1.5 * share * row_bytes) \
-            if local and self.spec["config"].get("worker_copy", "off") == "auto" else 0
+        self.copy_budget = self._copy_budget(welcome) if local else 0
         self.copies: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _copy_budget(self, welcome: dict) -> int:
+        """Bytes of private copies this worker may hold: 1.5 x its share of the training rows, or 0. The launcher's
+        workers all get here (at their hello) before any of them copies: their first batches come together when
+        the gate opens. So each must allow for all of them at once: copies are made only if every worker's budget
+        together, 1.5 x the training rows' bytes, fits in half of the memory available now (a check per shard,
+        against what each saw before the others copied, let N workers take N times what each allowed for)."""
+        if self.spec["config"].get("worker_copy", "off") != "auto":
+            return 0
+        workers = max(welcome["train"].get("workers", 1), 1)
+        budget = int(1.5 * self.spec["block"]["n_train"] / workers * (self.d + 1) * np.dtype(self.dtype).itemsize)
+        free = sources.available_memory_bytes()
+        if free is None or workers * budget > free // 2:
+            log.info("worker %d: data.worker_copy = auto: the workers' copies (%.1f MB in all) would not fit in half "
+                     "of the memory available (%s); shards are read in place", self.wid, workers * budget / 1e6,
+                     "unknown" if free is None else f"{free / 1e6:.1f} MB")
+            return 0
+        return budget
 
     def get(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
         """(X, y) of a shard, in storage order."""
@@ -78,11 +93,7 @@ class Rows:
         return b.X, b.y
 
     def _may_copy(self, nbytes: int) -> bool:
-        held = sum(X.nbytes + y.nbytes for X, y in self.copies.values())
-        if held + nbytes > self.copy_budget:
-            return False
-        free = sources.available_memory_bytes()
-        return free is not None and nbytes <= free // 4
+        return sum(X.nbytes + y.nbytes for X, y in self.copies.values()) + nbytes <= self.copy_budget
 
     def _load(self, shard: int) -> DataBlock:
         expected = dict((s, c) for s, c in self.spec["checksums"])[shard]
