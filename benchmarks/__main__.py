@@ -23,7 +23,8 @@ BENCHMARKS = ["pushpull", "training", "scaling", "serverload", "overhead", "stra
               "accuracy", "csvread", "keyserver", "sparse", "shards"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RATIO_KEYS = ["pushpull_small_vs_raw_zmq", "pull_large_shm_vs_memcpy", "pull_large_zmq_vs_raw_zmq",
-              "bsp2_vs_single_process", "pss_vs_dataset_bytes", "samples_per_s_vs_torch_ddp"]
+              "bsp2_vs_single_process", "pss_vs_dataset_bytes", "pss_vs_dataset_bytes_worker_copy",
+              "samples_per_s_vs_torch_ddp"]
 
 
 def _table(columns: list[str], rows: list[list]) -> str:
