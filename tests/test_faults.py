@@ -80,7 +80,10 @@ def test_a_worker_killed_during_group_steps_is_survived(launch, tmp_path):
     code, out, err = la.wait()
     assert code == 0, err
     s = summary(tmp_path / "out")
-    assert s["worker_deaths"] == 1 and s["steps"] == 600
+    # the server left it behind as a straggler (server.progress_deadline_s), or declared it dead first if the run
+    # lasted past server.heartbeat_timeout_s
+    assert s["worker_deaths"] + s["straggles"] >= 1 and s["steps"] == 600
+    assert "worker 1 (pid" in err and "killed by SIGKILL" in err
     assert sorted(re.findall(r"worker (\d+): left group step 100 ", err)) == ["0", "2"], err   # a timeout, no hang
     assert s["final_loss"] == pytest.approx(reference_loss(tmp_path, run), rel=0.01)
     la.assert_no_leftovers()
