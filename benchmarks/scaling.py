@@ -18,12 +18,14 @@ same arithmetic on the same rows.
   BSP, SSP (staleness 2), ASP, and every further mode this psrv's config offers (another train.consistency
   choice; local SGD with train.local_steps = H when that key exists, "localH": H = 8 on the compute-bound job, 32
   on the small model, where a step is short and communication costs more of it; group steps with
-  train.group_steps = H when that key exists, "groupH": BSP whose workers average H steps' gradients among
-  themselves in shared memory per push, psrv/group.py). samples/s is psrv's own summary
+  train.group_steps = K when that key exists, "groupK": BSP whose workers average each of K steps' gradients
+  among themselves in shared memory, one push per K steps, psrv/group.py; K = 8 on the compute-bound job, 64 on
+  the small model: K changes only how often the server is asked, not what is computed). samples/s is psrv's own summary
   figure (rows whose gradient was applied per second of training); the time split per push is the summary's
   time_per_push_ms as psrv measures it. Each run is stopped by train.max_wall_s (the window below).
 - **Time to a target loss**: seconds from the start of training (theta = 0) until the logged training loss (the
-  mean mini-batch loss over train.log_every steps, computed the same way in both) first reaches the target: the
+  mean mini-batch loss over train.log_every steps, computed the same way in both; for localH and groupK, whose
+  steps hold H or K batches, train.log_every / H or / K steps, at least 1) first reaches the target: the
   least-squares optimum's loss (np.linalg.lstsq on the same rows) x 1.05. The plain loop's figure comes from its
   own runs (copy 0 alone, restarted from theta = 0 at the window's start), psrv's from metrics.jsonl, for N up to
   4. Constant lr. psrv's BSP applies the mean of the N gradients of a step (psrv/store.py), so one BSP step is
@@ -31,7 +33,7 @@ same arithmetic on the same rows.
   SSP and ASP run at N x lr (the linear scaling rule for N times the rows per step; Goyal et al., 2017), capped
   at LR_CAP_FACTOR x the plain lr (group steps too: each of their steps is a BSP step); local SGD runs at the
   plain lr (each worker's local steps are plain SGD steps). The "steps" shown are psrv's steps (BSP: synchronized
-  steps; SSP/ASP: gradients applied / N; localH and groupH: rounds of H batches per worker).
+  steps; SSP/ASP: gradients applied / N; localH and groupK: rounds of H or K batches per worker).
 - **Batch order**: psrv's default reads each batch as random rows of its shard (a gather), as the plain loop does.
   The "+blocks" modes use data.batch_order = "blocks" (rows shuffled once at load; a batch is a random block of
   consecutive rows, read in place). So that a gain from the order is never shown as a gain from parallelism, the
@@ -82,10 +84,11 @@ class Job:
     lr: float
     log_every: int
     local_steps: int      # H of the local SGD mode
+    group_steps: int      # K of the group steps mode (it changes how often the server is asked, not the result)
 
 
-JOBS = (Job("compute", "compute-bound", 100_000, 20_000, 1000, 2000, 0.02, 5, 8),
-        Job("small", "small model", 200_000, 50_000, 100, 256, 0.002, 20, 32))
+JOBS = (Job("compute", "compute-bound", 100_000, 20_000, 1000, 2000, 0.02, 5, 8, 8),
+        Job("small", "small model", 200_000, 50_000, 100, 256, 0.002, 20, 32, 64))
 
 
 def worker_counts(cores: int, quick: bool = False) -> list[int]:
@@ -113,10 +116,10 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
         # H comes from the job (Job.local_steps) when the run starts
         modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
     if "train.group_steps" in config.keys():   # BSP, the workers averaging H steps among themselves per push
-        modes.append(("groupH", ["train.consistency=bsp", "train.group_steps={H}"]))
+        modes.append(("groupK", ["train.consistency=bsp", "train.group_steps={K}"]))
     if "data.batch_order" in config.keys():  # the same modes reading batches as blocks of consecutive rows
         modes += [(f"{m}+blocks", o + ["data.batch_order=blocks"]) for m, o in list(modes)
-                  if m in ("bsp", "asp", "localH", "groupH")]
+                  if m in ("bsp", "asp", "localH", "groupK")]
     return modes
 
 
@@ -152,7 +155,12 @@ def _lr(job: Job, n_workers: int, overrides: list[str]) -> float:
 
 def _psrv(job: Job, paths: dict, n_workers: int, overrides: list[str], window_s: float, steps: int,
           seed: int, target: float) -> dict:
-    overrides = [o.format(H=job.local_steps) for o in overrides]
+    overrides = [o.format(H=job.local_steps, K=job.group_steps) for o in overrides]
+    # a metrics line per log_every batches of each worker, whatever a step holds (local SGD and group steps: H or
+    # K batches), so that the time to target is read at the same resolution in every mode
+    per_step = max([int(o.split("=")[1]) for o in overrides
+                    if o.startswith(("train.local_steps=", "train.group_steps="))] or [1])
+    log_every = max(1, round(job.log_every / per_step))
     meter = CpuMeter()
     t = time.monotonic()
     try:
@@ -161,7 +169,7 @@ def _psrv(job: Job, paths: dict, n_workers: int, overrides: list[str], window_s:
                           f"train.workers={n_workers}", f"train.batch_size={job.batch}", f"train.steps={steps}",
                           f"train.max_wall_s={window_s}", f"train.lr={_lr(job, n_workers, overrides)}",
                           "train.lr_schedule=constant",
-                          f"train.log_every={job.log_every}", "train.pin=true", "train.blas_threads=1",
+                          f"train.log_every={log_every}", "train.pin=true", "train.blas_threads=1",
                           f"train.seed={seed}", *overrides])
     except Exception as e:  # a mode that fails here is reported in its row, the others still run
         log(f"scaling: psrv {overrides} with {n_workers} workers failed: {type(e).__name__}: {e}")
@@ -384,24 +392,31 @@ def _report(results: dict, data: dict, cores: list[int], ns: list[int], modes, r
                       "x": ns, "xlabel": "workers / copies (N)", "ylabel": "samples/s", "series": series,
                       "styles": {"ceiling (N plain loops)": "ko--", "N x one plain loop": "k:",
                                  "ceiling, block order": "kx-."}, "xticks": True})
+    # BSP's goals, for a push per step ("bsp") and for group steps ("groupK": the same arithmetic, the workers
+    # synchronizing K steps per push among themselves)
+    bsps = [(m, "BSP" if m == "bsp" else f"BSP with group steps, {m}") for m in ("bsp", "groupK") if m in mode_names]
     for job in JOBS:
-        targets.append(_target(f"{job.title}: one worker (BSP) / the plain loop, samples/s",
-                               f"scaling_{job.key}_n1_bsp_vs_plain", 0.9, ratios))
-        if "bsp+blocks" in mode_names:
-            targets.append(_target(f"{job.title}: one worker (BSP, block order) / the plain loop in block order",
-                                   f"scaling_{job.key}_n1_bsp+blocks_vs_plain_same_order", 0.9, ratios))
+        for m, name in bsps:
+            targets.append(_target(f"{job.title}: one worker ({name}) / the plain loop, samples/s",
+                                   f"scaling_{job.key}_n1_{m}_vs_plain", 0.9, ratios))
+            if f"{m}+blocks" in mode_names:
+                targets.append(_target(f"{job.title}: one worker ({name}, block order) / the plain loop in block "
+                                       f"order", f"scaling_{job.key}_n1_{m}+blocks_vs_plain_same_order", 0.9, ratios))
     if 2 in ns:
-        targets.append(_target("compute-bound, N = 2: BSP / one plain loop", "scaling_compute_n2_bsp_vs_plain", 1.7,
-                               ratios))
-        targets.append(_target("compute-bound, N = 2: BSP / the ceiling (2 plain loops together)",
-                               "scaling_compute_n2_bsp_vs_ceiling", 0.9, ratios))
+        for m, name in bsps:
+            targets.append(_target(f"compute-bound, N = 2: {name} / one plain loop",
+                                   f"scaling_compute_n2_{m}_vs_plain", 1.7, ratios))
+            targets.append(_target(f"compute-bound, N = 2: {name} / the ceiling (2 plain loops together)",
+                                   f"scaling_compute_n2_{m}_vs_ceiling", 0.9, ratios))
     if top > 2:
-        targets.append(_target(f"compute-bound, N = {top}: BSP / the ceiling", "scaling_compute_top_bsp_vs_ceiling",
-                               0.8, ratios))
+        for m, name in bsps:
+            targets.append(_target(f"compute-bound, N = {top}: {name} / the ceiling",
+                                   f"scaling_compute_top_{m}_vs_ceiling", 0.8, ratios))
         targets.append(_target(f"compute-bound, N = {top}: ASP / the ceiling", "scaling_compute_top_asp_vs_ceiling",
                                0.9, ratios))
-        targets.append(_target(f"small model, N = {top}: BSP / one plain loop", "scaling_small_top_bsp_vs_plain", 2.0,
-                               ratios))
+        for m, name in bsps:
+            targets.append(_target(f"small model, N = {top}: {name} / one plain loop",
+                                   f"scaling_small_top_{m}_vs_plain", 2.0, ratios))
         saving = [m for m in mode_names if m not in BASE_MODES]
         if saving:
             best = max(saving, key=lambda m: ratios.get(f"scaling_small_top_{m}_vs_ceiling", -1))

@@ -27,6 +27,7 @@ class _Glm:
         rows = d + int(fit_intercept)
         self.theta_shape = (rows,) if classes == 0 else (rows, classes)
         self._z = np.empty(0, dtype=self.dtype)
+        self._z_of: dict[int, np.ndarray] = {}   # rows -> the view of _z that holds their scores
         self.l2_rows = d  # the L2 term penalizes the weights, never the intercept row
 
     def init_theta(self) -> np.ndarray:
@@ -35,11 +36,14 @@ class _Glm:
     def _scores(self, theta: np.ndarray, X: np.ndarray) -> np.ndarray:
         """z = X.W (+ b) into a reused buffer."""
         m = len(X)
-        size = m * max(self.k, 1)
-        if self._z.size < size:
-            self._z = np.empty(size, dtype=self.dtype)
-        z = self._z[:size].reshape((m, self.k) if self.k else (m,))
-        np.matmul(X, theta[:self.d], out=z)
+        z = self._z_of.get(m)   # the view for m rows, made once (batches mostly have one size)
+        if z is None:
+            size = m * max(self.k, 1)
+            if self._z.size < size:
+                self._z = np.empty(size, dtype=self.dtype)
+                self._z_of.clear()
+            z = self._z_of[m] = self._z[:size].reshape((m, self.k) if self.k else (m,))
+        np.matmul(X, theta[:self.d] if self.fit_intercept else theta, out=z)
         if self.fit_intercept:
             z += theta[self.d]
         return z
@@ -49,8 +53,9 @@ class _Glm:
         m = len(X)
         z = self._scores(theta, X)
         loss = self._loss_dz(z, y)  # turns z into dL/dz (per row, not yet divided by m)
-        np.matmul(X.T, z, out=out[:self.d])
-        out[:self.d] *= 1.0 / m
+        w = out[:self.d] if self.fit_intercept else out
+        np.matmul(X.T, z, out=w)
+        w *= 1.0 / m
         if self.fit_intercept:
             out[self.d] = z.sum(axis=0) / m
         return loss / m
@@ -75,7 +80,7 @@ class Linear(_Glm):
 
     def _loss_dz(self, z, y):
         z -= y
-        loss = float(z.astype(np.float64, copy=False) @ z)
+        loss = float((z if z.dtype == np.float64 else z.astype(np.float64)) @ z)
         z *= 2.0
         return loss
 
