@@ -385,8 +385,9 @@ class Server:
         spec["explicit"] = sorted(k for k in self.cfg.explicit if k.startswith("data."))
         if not p.local:
             spec["checksums"] = [[s, self._checksum(s)] for s in range(len(self.layout.shards))]
-            # to load before the first pull, which puts it in the run (the others wait for it from then on)
-            spec["expected_shards"] = self.coord.expected_shards(p.wid)
+        # to load (or, locally, copy: data.worker_copy) before the first pull, which puts it in the run: the others
+        # wait for it from then on
+        spec["expected_shards"] = self.coord.expected_shards(p.wid)
         if self.links is not None:   # each range's keys go to its server; range 0's come here
             spec["ranges"] = {"cuts": [int(c) for c in self.links.ranges.cuts],
                               "addresses": [self.address, *self.links.addresses]}

@@ -83,9 +83,10 @@ class Rows:
             X, y = self.block.X[off:off + size], self.block.y[off:off + size]
             if self._may_copy(X.nbytes + y.nbytes):
                 # np.array allocates privately; numpy asks the kernel for huge pages on large allocations
+                t0 = time.monotonic()
                 X, y = self.copies[shard] = (np.array(X), np.array(y))
-                log.debug("worker %d: shard %d's rows copied into private memory (%.1f MB)", self.wid, shard,
-                          (X.nbytes + y.nbytes) / 1e6)
+                log.info("worker %d: shard %d's rows copied into private memory (%.1f MB in %.2f s)", self.wid,
+                         shard, (X.nbytes + y.nbytes) / 1e6, time.monotonic() - t0)
             return X, y
         if shard not in self.blocks:
             self.blocks[shard] = self._load(shard)
@@ -242,9 +243,10 @@ class Worker:
             return self._sparse_session(welcome, train)
         if self.rows is None:
             self.rows = Rows(welcome, self.local, self.prefix, self.wid)
-        if not self.local:  # load the rows it will read before its first pull: only then does it enter the run
-            for shard in welcome["data"].get("expected_shards", []):
-                self.rows.get(shard)
+        # load the rows it will read before its first pull: only then does it enter the run (a local worker copies
+        # them into its own memory here, under data.worker_copy = "auto": a second or so per GB, before training)
+        for shard in welcome["data"].get("expected_shards", []):
+            self.rows.get(shard)
         plane = RangePlane(welcome, self.client) if welcome["data"].get("ranges") else Plane(welcome)
         try:
             return self._steps(welcome, train, m, plane)
