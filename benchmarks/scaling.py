@@ -68,6 +68,7 @@ TTT_MAX_N = 4            # time to target: for N up to this
 TARGET_FACTOR = 1.05     # target loss = least-squares optimum x this
 LR_CAP_FACTOR = 16       # BSP/SSP/ASP run at lr x min(N, this): stable on these standardized problems (lr < 1)
 SAME_AT_ONE = ("ssp", "asp")   # with one worker these do what BSP does (no one to wait for): not run at N = 1
+ONLY_AT_ONE = ("bsp-inplace",)  # BSP reading its rows in place in shared memory: what the private copy buys
 BUDGET_S = {False: 500.0, True: 100.0}       # whole benchmark, full and --quick (10 and 2 minutes asked)
 WINDOW_S = {False: (0.8, 2.5), True: (0.6, 1.5)}   # bounds of the training window per run
 WARMUP_S = {False: 0.4, True: 0.3}           # the plain loop's warm-up before its window
@@ -117,6 +118,8 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
         modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
     if "train.group_steps" in config.keys():   # BSP, the workers averaging H steps among themselves per push
         modes.append(("groupK", ["train.consistency=bsp", "train.group_steps={K}"]))
+    if "data.worker_copy" in config.keys():   # BSP without the workers' private copies of their rows (N = 1 only)
+        modes.append(("bsp-inplace", ["train.consistency=bsp", "data.worker_copy=off"]))
     if "data.batch_order" in config.keys():  # the same modes reading batches as blocks of consecutive rows
         modes += [(f"{m}+blocks", o + ["data.batch_order=blocks"]) for m, o in list(modes)
                   if m in ("bsp", "asp", "localH", "groupK")]
@@ -193,7 +196,8 @@ def _plain(loops: PlainLoops, cores: list[int], warmup_s: float, window_s: float
 
 
 def modes_at(N: int, modes: list) -> list:
-    return [(m, o) for m, o in modes if not (N == 1 and m.split("+")[0] in SAME_AT_ONE)]
+    return [(m, o) for m, o in modes if not (N == 1 and m.split("+")[0] in SAME_AT_ONE)
+            and not (N > 1 and m in ONLY_AT_ONE)]
 
 
 def _overhead(job: Job, paths: dict, ns: list[int], modes) -> dict:
@@ -482,7 +486,9 @@ def _notes(results, data, cores, ns, modes, repeats, window, quick, took_s) -> l
         f"N = {', '.join(map(str, ns))} on {len(cores)} usable cores"
         + (f"; with N = {', '.join(map(str, shared))} the server shares a core with a worker" if shared else "")
         + f". Modes: {', '.join(m for m, _ in modes)} ({' and '.join(SAME_AT_ONE)} not at N = 1, where they do "
-        f"what BSP does). {repeats} round(s), medians; training window "
+        f"what BSP does; {' and '.join(ONLY_AT_ONE)} only at N = 1: BSP with data.worker_copy = off, every worker "
+        f"reading its rows in place in shared memory, which the default's private copies are measured "
+        f"against). {repeats} round(s), medians; training window "
         f"{window:.2f} s per run (psrv: train.max_wall_s; plain: the common window after a "
         f"{WARMUP_S[quick]} s warm-up). The whole benchmark took {took_s / 60:.1f} min. Time to target: seconds "
         f"(psrv's step at that line, or the plain loop's step); 'not reached' when the window ended first; the "
