@@ -125,8 +125,8 @@ class Data:
                       lo=0, hi=1024)
     worker_copy: str = opt("auto", "auto: a worker on the server's machine copies the rows of the shards it reads "
                            "from shared memory into its own memory, where the kernel gives them huge pages (shared "
-                           "memory gets 4 KiB pages, and a batch's random rows then cost a TLB miss each; measured "
-                           "15-20 % of a step), within 1.5 x its share of the training rows, and only if all the "
+                           "memory gets 4 KiB pages, and a batch's random rows then cost a TLB miss each: python -m "
+                           "benchmarks --only scaling compares bsp with bsp-inplace), within 1.5 x its share of the training rows, and only if all the "
                            "workers' copies (1.5 x the training rows' bytes) fit in half of the memory available; the "
                            "rest it reads in place. The data is then held about twice. off: always in place (one "
                            "copy of the data in all)", choices=("auto", "off"))
@@ -223,8 +223,8 @@ class Server:
                             "(with server.shards > 1: range servers, in all)", lo=0)
     spin_s: float = opt(0.005, "when the server has a core of its own (train.workers < usable cores): after each "
                         "request, how long it polls its local workers' shared-memory mailboxes instead of sleeping "
-                        "until a worker rings its bell (a round trip of microseconds, against tens for a bell and "
-                        "ZeroMQ's 100-250 us); 0 turns polling off",
+                        "until a worker rings its bell (polling answers within microseconds; a bell costs a system "
+                        "call or two, ZeroMQ four thread wake-ups); 0 turns polling off",
                         lo=0, hi=1)
     shards: int = opt(1, "server processes that hold theta, each a key range of its rows (a sparse model, or a "
                       "linear or logistic model's d + 1 rows; docs/sparse.md, \"Several servers\"): server 0 "
