@@ -17,6 +17,26 @@ Time to target: seconds of training until the logged training loss (the mean min
 averaged over both workers, each batch at the parameters it was computed at) first reaches the target, the
 least-squares optimum's mean squared error times 1.02. Both systems run the same number of steps; the repeats
 alternate which system goes first; figures are medians over the repeats.
+
+This tiny model (d = 100, 256 rows per step) measures mostly fixed per-step costs, so the comparison is also run on
+benchmarks/scaling.py's two jobs (its JOBS and its data files, scaling._dataset: float64, no intercept, no
+standardization; compute-bound n = 100,000, d = 1000, batch 2000, and small model n = 200,000, d = 100, batch 256;
+--quick: scaling's quick_n rows). DDP (2 ranks, nn.Linear without bias in float64) against psrv with 2 workers under
+BSP and with train.group_steps = K (scaling's groupK, K = the job's group_steps: BSP whose workers average K steps'
+gradients among themselves in shared memory, one push per K steps), run through scaling._psrv exactly as
+`python -m benchmarks --only scaling` runs them (pinned, one BLAS thread, the range partition). All three use the
+same batch per worker and the same constant lr, scaling's BSP lr at N = 2 (the job's lr x 2: DDP and BSP both apply
+the mean of the two workers' gradients), and read the same number of batches per worker (psrv group steps: steps / K
+steps of K batches). Samples/s as above; the ratios are psrv / DDP of the medians.
+
+Fairness, rechecked (2026-11-30): same job (the same rows, split the same way, the same per-epoch shuffled batches
+of the same size per worker, the same update, lr and initial parameters); same threads (every process pinned to
+its own core where it can be, one BLAS/OpenMP/torch intra-op thread per process; psrv's server takes a third
+process on the 2 cores, DDP has none, which is psrv's design and stays in the figures); same timed region (the
+training loop only: DDP from a barrier after loading its rows and joining the group, psrv from the moment all
+workers joined, both to the last step). The check found nothing in the original job to change; what it lacked was a
+job where the per-step arithmetic is not negligible, hence the scaling jobs. DDP's ranks are pinned even when other
+psrv runs hold the cores, when psrv declines to pin: run it on a quiet machine.
 """
 from __future__ import annotations
 
@@ -30,6 +50,7 @@ import numpy as np
 
 from psrv import config, data, proc
 
+from . import scaling
 from .common import log, lstsq_loss, median, spread, time_to_target, train
 
 N, D, BATCH, LR = 200_000, 100, 256, 0.01
@@ -39,6 +60,10 @@ TARGET_REL = 0.02                 # target = least-squares MSE * (1 + TARGET_REL
 STEPS, QUICK_STEPS = 3_000, 1_000
 RANK_TIMEOUT_S = 300.0
 TORCH_PIN = "torch==2.13.0"
+SCALING_MODES = ("bsp", "groupK")   # psrv's modes run against DDP on scaling's jobs: BSP and its fastest form
+# batches per worker on scaling's jobs, full and --quick: multiples of both jobs' group_steps K (8 and 64)
+SCALING_STEPS = {"compute": (400, 200), "small": (1536, 512)}
+SCALING_REPEATS = {False: 3, True: 1}
 
 
 def _free_port() -> int:
@@ -47,9 +72,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank: int, world: int, port: int, core: int | None, data_dir: str, steps: int, batch: int,
-              lr: float, seed: int, log_every: int, results) -> None:
-    """One DDP rank: train on its contiguous block of rows, report (history, timing, final loss) on `results`."""
+def _ddp_rank(rank: int, world: int, port: int, core: int | None, paths: dict, steps: int, batch: int,
+              lr: float, bias: bool, seed: int, log_every: int, results) -> None:
+    """One DDP rank: train on its contiguous block of rows of paths["X"], paths["y"] (.npy, in their own dtype),
+    report (history, timing, final loss) on `results`."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     from datetime import timedelta
@@ -60,8 +86,8 @@ def _ddp_rank(rank: int, world: int, port: int, core: int | None, data_dir: str,
     from torch.nn.parallel import DistributedDataParallel as DDP
     torch.set_num_threads(1)
     try:
-        X_all = np.load(os.path.join(data_dir, "X.npy"), mmap_mode="r")
-        y_all = np.load(os.path.join(data_dir, "y.npy"), mmap_mode="r")
+        X_all = np.load(paths["X"], mmap_mode="r")
+        y_all = np.load(paths["y"], mmap_mode="r")
         # psrv's range partition: the first n % world blocks get one row more (as np.array_split)
         lo, hi = [(int(a[0]), int(a[-1]) + 1) for a in np.array_split(np.arange(len(X_all)), world)][rank]
         X = torch.from_numpy(np.array(X_all[lo:hi]))
@@ -70,10 +96,10 @@ def _ddp_rank(rank: int, world: int, port: int, core: int | None, data_dir: str,
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=120))
-        lin = torch.nn.Linear(X.shape[1], 1)
+        lin = torch.nn.Linear(X.shape[1], 1, bias=bias, dtype=X.dtype)  # the data's dtype, as psrv computes in
         with torch.no_grad():
-            lin.weight.zero_()
-            lin.bias.zero_()
+            for p in lin.parameters():
+                p.zero_()
         model = DDP(lin)
         opt = torch.optim.SGD(model.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
@@ -111,8 +137,10 @@ def _ddp_rank(rank: int, world: int, port: int, core: int | None, data_dir: str,
         raise
 
 
-def run_ddp(data_dir: str, steps: int, seed: int = 0) -> dict:
-    """One DDP run with WORKERS ranks; returns samples/s, the loss history (mean over ranks) and the final loss."""
+def run_ddp(paths: dict, steps: int, batch: int = BATCH, lr: float = LR, bias: bool = True, seed: int = 0,
+            log_every: int = LOG_EVERY) -> dict:
+    """One DDP run with WORKERS ranks, `batch` rows per rank per step; returns samples/s, the loss history (mean
+    over ranks) and the final loss."""
     cores = proc.usable_cores()
     port = _free_port()
     results = proc.SPAWN.Queue()
@@ -124,8 +152,8 @@ def run_ddp(data_dir: str, steps: int, seed: int = 0) -> dict:
         with proc.blas_threads(1), proc.main_hidden():
             for rank in range(WORKERS):
                 p = proc.SPAWN.Process(target=_ddp_rank, daemon=True,
-                                       args=(rank, WORKERS, port, cores[rank % len(cores)], data_dir, steps, BATCH,
-                                             LR, seed, LOG_EVERY, results))
+                                       args=(rank, WORKERS, port, cores[rank % len(cores)], paths, steps, batch,
+                                             lr, bias, seed, log_every, results))
                 p.start()
                 procs.append(p)
         got: dict[int, dict] = {}
@@ -173,6 +201,31 @@ def run_psrv(steps: int, seed: int = 0) -> dict:
             "final_loss": summary["final_loss"], "steps": summary["steps"]}
 
 
+def run_scaling_job(job: scaling.Job, paths: dict, steps: int, repeats: int) -> dict:
+    """DDP and psrv (BSP, and group steps where this psrv has them) with WORKERS workers on one of scaling's jobs:
+    `steps` batches of job.batch rows per worker in every system. {system: [run, ...]}"""
+    lr = scaling._lr(job, WORKERS, [])   # job.lr x N, as scaling runs BSP; DDP makes the same averaged step
+    target = paths["optimum"] * scaling.TARGET_FACTOR
+    modes = [(m, o) for m, o in scaling.psrv_modes() if m in SCALING_MODES]
+    systems = ["torch", *[m for m, _ in modes]]
+    runs: dict[str, list[dict]] = {x: [] for x in systems}
+    for r in range(repeats):
+        for system in systems[r % len(systems):] + systems[:r % len(systems)]:   # who goes first rotates
+            log(f"peers: {job.key} job, {system}, repeat {r + 1} of {repeats}, {steps} batches per worker")
+            if system == "torch":
+                x = run_ddp(paths, steps, job.batch, lr, bias=False, seed=r, log_every=job.log_every)
+                x["ttt"], x["ttt_step"] = time_to_target(x["lines"], target), steps_to_target(x["lines"], target)
+            else:
+                # a group step holds K batches per worker: steps / K of them read as many rows as DDP's steps
+                per_step = job.group_steps if system == "groupK" else 1
+                x = scaling._psrv(job, paths, WORKERS, dict(modes)[system], RANK_TIMEOUT_S, steps // per_step, r,
+                                  target)
+                if "error" in x:
+                    raise RuntimeError(f"psrv {system} on the {job.key} job: {x['error']}")
+            runs[system].append(x)
+    return runs
+
+
 def _skipped() -> dict:
     return {"name": "peers", "title": "psrv against PyTorch DDP (gloo, CPU)", "method": __doc__, "rows": [],
             "ratios": {"samples_per_s_vs_torch_ddp": None},
@@ -184,6 +237,21 @@ def _skipped() -> dict:
 def _target(ratio: float | None) -> dict:
     return {"what": "psrv is at least as fast as PyTorch DDP/gloo on the same job, in samples/s",
             "key": "samples_per_s_vs_torch_ddp", "target": ">= 1", "met": None if ratio is None else ratio >= 1}
+
+
+def _row(job: str, label: str, rs: list[dict]) -> list:
+    sps = [x["samples_per_s"] for x in rs]
+    ttt, stt = [x["ttt"] for x in rs], [x["ttt_step"] for x in rs]
+    t_med, t_spread = _fmt_s(ttt)
+    st_med = "-" if None in stt else f"{median(stt):.0f}"
+    return [job, label, f"{rs[0]['steps']:,}", f"{median(sps):,.0f}", spread(sps), t_med, t_spread, st_med,
+            f"{median([x['wall_s'] for x in rs]):.2f}", f"{median([x['final_loss'] for x in rs]):.5f}"]
+
+
+def _stats(rs: list[dict]) -> dict:
+    return {"samples_per_s": [x["samples_per_s"] for x in rs], "time_to_target_s": [x["ttt"] for x in rs],
+            "steps_to_target": [x["ttt_step"] for x in rs], "wall_s": [x["wall_s"] for x in rs],
+            "final_loss": [x["final_loss"] for x in rs]}
 
 
 def steps_to_target(lines: list[dict], target: float) -> int | None:
@@ -213,39 +281,63 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="psrv_bench_peers_") as tmp:
         X, y, _, _ = data.load_arrays(dcfg)
         mean, scale = X.mean(axis=0), X.std(axis=0)  # float64 statistics over all (training) rows, ddof 0
-        np.save(os.path.join(tmp, "X.npy"), ((X - mean) / scale).astype(np.float32))
-        np.save(os.path.join(tmp, "y.npy"), y.astype(np.float32))
+        paths = {"X": os.path.join(tmp, "X.npy"), "y": os.path.join(tmp, "y.npy")}
+        np.save(paths["X"], ((X - mean) / scale).astype(np.float32))
+        np.save(paths["y"], y.astype(np.float32))
         del X, y
         for r in range(repeats):
             order = ("psrv", "torch") if r % 2 == 0 else ("torch", "psrv")
             for system in order:
                 log(f"peers: {system}, repeat {r + 1} of {repeats}, {steps} steps")
-                runs[system].append(run_psrv(steps) if system == "psrv" else run_ddp(tmp, steps))
+                runs[system].append(run_psrv(steps) if system == "psrv" else run_ddp(paths, steps))
+        scaled: dict[str, dict] = {}
+        for job in scaling.JOBS:
+            jpaths = scaling._dataset(tmp, job, job.quick_n if quick else job.n)
+            scaled[job.key] = {"job": job, "runs": run_scaling_job(job, jpaths, SCALING_STEPS[job.key][quick],
+                                                                   SCALING_REPEATS[quick])}
+            for f in ("X", "y"):
+                os.remove(jpaths[f])
+    ddp_label = f"PyTorch {torch.__version__} DDP, gloo (2 ranks)"
     rows, stats = [], {}
-    for system, label in (("psrv", "psrv (BSP, 2 workers + server)"),
-                          ("torch", f"PyTorch {torch.__version__} DDP, gloo (2 ranks)")):
+    for system, label in (("psrv", "psrv (BSP, 2 workers + server)"), ("torch", ddp_label)):
         rs = runs[system]
-        sps = [x["samples_per_s"] for x in rs]
-        ttt = [time_to_target(x["lines"], target) for x in rs]
-        stats[system] = {"samples_per_s": sps, "time_to_target_s": ttt, "wall_s": [x["wall_s"] for x in rs],
-                         "final_loss": [x["final_loss"] for x in rs]}
-        stt = [steps_to_target(x["lines"], target) for x in rs]
-        stats[system]["steps_to_target"] = stt
-        t_med, t_spread = _fmt_s(ttt)
-        st_med = "-" if None in stt else f"{median(stt):.0f}"
-        rows.append([label, f"{rs[0]['steps']:,}", f"{median(sps):,.0f}", spread(sps), t_med, t_spread, st_med,
-                     f"{median([x['wall_s'] for x in rs]):.2f}", f"{median([x['final_loss'] for x in rs]):.5f}"])
+        for x in rs:
+            x["ttt"] = time_to_target(x["lines"], target)
+            x["ttt_step"] = steps_to_target(x["lines"], target)
+        rows.append(_row(f"original: n = {N:,}, d = {D}, float32, intercept", label, rs))
+        stats[system] = _stats(rs)
     ratio = median(stats["psrv"]["samples_per_s"]) / median(stats["torch"]["samples_per_s"])
+    ratios = {"samples_per_s_vs_torch_ddp": ratio}
+    scaled_notes = []
+    for key, sj in scaled.items():
+        job, jruns = sj["job"], sj["runs"]
+        n = job.quick_n if quick else job.n
+        what = f"{job.title}: n = {n:,}, d = {job.d}, float64, no intercept"
+        labels = {"torch": ddp_label, "bsp": "psrv BSP (2 workers + server)",
+                  "groupK": f"psrv BSP, group steps K = {job.group_steps} (2 workers + server)"}
+        ddp = median([x["samples_per_s"] for x in jruns["torch"]])
+        parts = []
+        for system, rs in jruns.items():
+            rows.append(_row(what, labels[system], rs))
+            stats[f"{key}/{system}"] = _stats(rs)
+            if system != "torch":
+                ratios[f"peers_{key}_{system}_vs_torch_ddp"] = median([x["samples_per_s"] for x in rs]) / ddp
+                parts.append(f"{system} {ratios[f'peers_{key}_{system}_vs_torch_ddp']:.2f}")
+        scaled_notes.append(
+            f"{job.title} job (benchmarks/scaling.py's, its data and lr): batch {job.batch} per worker, lr "
+            f"{scaling._lr(job, WORKERS, []):g} (the job's {job.lr:g} x 2 workers, constant) in all three, "
+            f"{SCALING_STEPS[key][quick]:,} batches per worker, {SCALING_REPEATS[quick]} repeat(s); target loss the "
+            f"optimum x {scaling.TARGET_FACTOR:g}. psrv / DDP samples/s: {', '.join(parts)}.")
     return {
         "name": "peers",
         "title": "psrv against PyTorch DDP (gloo, CPU)",
         "method": __doc__,
-        "columns": ["system", "steps", "samples/s (median)", "samples/s (min-max)", "time to target s (median)",
+        "columns": ["job", "system", "steps", "samples/s (median)", "samples/s (min-max)", "time to target s (median)",
                     "time to target s (min-max)", "steps to target (median)", "training s (median)",
                     "final training MSE"],
         "rows": rows,
         "raw": stats,
-        "ratios": {"samples_per_s_vs_torch_ddp": ratio},
+        "ratios": ratios,
         "targets": [_target(ratio)],
         "notes": [
             f"{repeats} repeats per system, {steps:,} steps each ({WORKERS} x {BATCH} rows per step), n = {N:,}, "
@@ -256,5 +348,6 @@ def run(quick: bool = False) -> dict:
             "is on all rows with the final parameters.",
             f"psrv / DDP samples/s = {ratio:.2f}. psrv runs 3 processes (server + 2 workers) on "
             f"{len(proc.usable_cores())} cores; DDP runs 2 ranks, one per core, with no server.",
+            *scaled_notes,
         ],
     }
