@@ -9,7 +9,8 @@ which is psrv's BSP update (theta -= lr * mean of the workers' gradients).
 
 - torch: each rank is a spawned process pinned to its own core, with torch.set_num_threads(1) and OMP/MKL/OpenBLAS
   at 1 thread; the batch gathered with index_select; nn.Linear(d, 1) in DistributedDataParallel, torch.optim.SGD,
-  F.mse_loss, init_process_group("gloo") over loopback TCP. Samples/s is timed over the training loop only (from a barrier after start-up to the last step).
+  F.mse_loss, init_process_group("gloo") over loopback TCP. Samples/s is timed over the training loop
+  only (from a barrier after start-up to the last step).
 - psrv: `psrv.train` with data.partition=range, train.workers=2, train.consistency=bsp and the same batch, lr,
   constant schedule, dtype and steps. Samples/s is the run's own figure (training only, start-up excluded).
 
