@@ -423,18 +423,27 @@ class Worker:
         """Local SGD: plain SGD steps at `lr` on a copy of theta over the batch's rows, b at a time, in the batch
         order; `out` gets the sum of their gradients (theta - lr * out is the local model). Returns the mean loss
         of the rows."""
+        def apply(k, g):
+            g *= lr
+            np.subtract(work, g, out=work)
+        return self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, lambda k: g, apply)
+
+    def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply) -> float:
+        """What local SGD and group steps share: a copy of theta in `work`, then the batch's rows b at a time in its
+        order, sub-step k's gradient computed at `work` into grad_of(k), added to `out` (the push), then
+        apply(k, gradient) changes `work`. Returns the mean loss of the rows."""
         shard, epoch, start, count = batch
         idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
         np.copyto(work, theta)
         out[...] = 0.0
         total = 0.0
-        for lo in range(0, count, b):
-            k = min(b, count - lo)
-            Xr, yr = _rows(X, y, idx[lo:lo + k], Xb, yb, self.block_rows > 0)
-            total += model.loss_grad(work, Xr, yr, g) * k
+        for k, lo in enumerate(range(0, count, b)):
+            rows = min(b, count - lo)
+            Xr, yr = _rows(X, y, idx[lo:lo + rows], Xb, yb, self.block_rows > 0)
+            g = grad_of(k)
+            total += model.loss_grad(work, Xr, yr, g) * rows
             out += g
-            g *= lr
-            work -= g
+            apply(k, g)
         return total / count
 
     def _member(self, welcome: dict) -> group_mod.Member:
@@ -459,7 +468,7 @@ class Worker:
         """Group steps (train.group_steps = K, psrv/group.py): the batch's rows b at a time, each sub-step's
         gradient averaged with the other members' through shared memory and applied to a copy of theta at the
         step's rate; `out` gets the sum of this worker's gradients (the push). Returns the mean loss of the rows."""
-        shard, epoch, start, count = batch
+        count = batch[3]
         lr, members = h.get("lr"), h.get("group")
         if type(lr) is not float or not math.isfinite(lr) or type(members) is not list \
                 or not all(type(m) is int for m in members):
@@ -472,25 +481,19 @@ class Worker:
             member.begin(h["clock"], k_steps, subs, members)
         except ValueError as e:
             raise RunError(f"worker {self.wid}", str(e)) from None
-        idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
-        np.copyto(work, theta)
-        out[...] = 0.0
-        total = 0.0
-        for k in range(subs):
-            self.before_sub_step(h["clock"], k)
-            lo = k * b
-            rows = min(b, count - lo)
-            Xr, yr = _rows(X, y, idx[lo:lo + rows], Xb, yb, self.block_rows > 0)
-            g = member.grad(k)
-            total += model.loss_grad(work, Xr, yr, g) * rows
-            out += g
-            member.step(k, work, lr)
+        clock = h["clock"]
+
+        def grad_of(k):
+            self.before_sub_step(clock, k)
+            return member.grad(k)
+        loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, grad_of,
+                               lambda k, g: member.step(k, work, lr))
         if subs < k_steps:
             member.finish()
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
-                        "the step alone", self.wid, h["clock"], member.timeout_s)
-        return total / count
+                        "the step alone", self.wid, clock, member.timeout_s)
+        return loss
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
         """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
