@@ -139,10 +139,16 @@ def test_oversized_frame_is_cut_off_without_hurting_others(cluster):
     assert result["summary"]["steps"] == 30
 
 
+@pytest.mark.as_worker_1
 def test_status_reply(cluster):
-    server, ctx, result, _ = cluster
+    """The test is worker 1, so the run cannot end (and the server stop answering) before the test has looked:
+    with two honest worker threads a 30-step run can finish between two status polls."""
+    server, ctx, result, (st, wt) = cluster
     h = ask(ctx, server.address, [msgpack.packb({"op": "status", "rid": 4})])
     assert h["op"] == "status" and h["rid"] == 4 and h["state"]["steps"] == 30
+    me = Client(server.address, timeout_s=10)
+    welcome = me.hello(1)
+    zeros = np.zeros(tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"]))
     state = wait_for(lambda: (lambda st: st if len(st["workers"]) == 2 else None)(
         ask(ctx, server.address, [msgpack.packb({"op": "status"})])["state"]), 10, what="both workers to join")
     assert sorted(w["wid"] for w in state["workers"]) == [0, 1]
@@ -150,6 +156,14 @@ def test_status_reply(cluster):
         # a worker is in the run (in the gate, with a clock) from its first pull on; before it, its clock is -1
         assert w["pid"] > 0 and w["host"] and w["clock"] >= (0 if w["ready"] else -1) and w["last_seen_s"] >= 0 \
             and w["alive"] in (True, False)
+    assert [w["clock"] for w in state["workers"] if w["wid"] == 1] == [-1]   # hello'd, not yet pulled
+    h, _ = me.pull(0)      # then play worker 1 to the end of the run, so that nothing is left waiting
+    while h["op"] == "theta":
+        h, _ = me.push(h["clock"], zeros, 0.0, h["batch"][3], h["version"])
+    assert h["op"] == "stop"
+    me.close()
+    st.join(20)
+    assert result["summary"]["steps"] == 30
 
 
 def played_server(interval_s: float):
