@@ -24,6 +24,12 @@ a quiet one). Each figure, in µs, is the least over a few passes of a median ov
   time minus the plain step is what psrv's worker adds per step (its loss and gradient are computed as the plain
   loop's are, plus the copy of theta).
 
+- **worker's first step**: one launched worker (the launcher's processes, as a user runs it) on data of the
+  compute-bound scaling job's size (100,000 x 1000, batch 2000): the time from the opening of the run to its first
+  applied step, next to the median time between the steps after it. The first step used to pay for the pages of
+  the worker's fresh batch buffers and its first epoch order inside the training time; workers/worker.py now does
+  both before its first pull.
+
 What it leaves out on purpose: ZeroMQ and the operating system (wake-ups, scheduling), which pushpull and serverload
 measure end to end.
 """
@@ -51,6 +57,7 @@ CHUNKS = {False: 400, True: 200}       # per figure (coordinator, mailbox, plain
 PASSES = {False: 5, True: 3}            # the whole set, figure by figure the least of the passes
 WORKER_RUNS = {False: 5, True: 3}
 WORKER_STEPS = {False: 3000, True: 1500}
+FIRST_STEPS, FIRST_ROWS = 8, 100_000   # the first-step figure: steps after the first, and rows: the scaling job's
 ENCODE_LOOPS = 20                      # calls per protocol chunk
 
 
@@ -185,6 +192,7 @@ def _client_class():
         def send(self, header, arrays=(), timeout_s=None):
             if header["op"] == Op.PUSH.value:
                 self.turns.marks.append((time.perf_counter(), self.turns.server_s))
+
             super().send(header, arrays, timeout_s)
             if self._pending[3]:
                 self.turns.mailbox()
@@ -286,6 +294,24 @@ def worker_step_costs(order: str, steps: int, runs: int, chunks: int) -> dict:
             "worker": _median_chunk(own, CHUNK), "plain": plain_step(order, chunks)}
 
 
+def first_step_costs(runs: int) -> dict:
+    """A launched worker's first step against its later ones, at the compute-bound job's width (d = 1000, batch
+    2000, benchmarks/scaling.py), one worker, BSP: the seconds from the opening of the run to the first applied
+    step (metrics.jsonl at train.log_every = 1), against the median time between the next FIRST_STEPS steps. A
+    launched worker, not an in-process one: what its first step pays (fresh pages of its batch buffers, its first
+    epoch order) depends on what its process did before; the medians over the runs."""
+    from .common import train
+    first, later = [], []
+    for _ in range(runs):
+        _, lines = train(["data.n=%d" % FIRST_ROWS, "data.d=1000", "model.fit_intercept=false",
+                          "train.workers=1", "train.batch_size=2000", f"train.steps={FIRST_STEPS + 1}", "train.lr=0.001",
+                          "train.log_every=1", "train.pin=true", "train.blas_threads=1"])
+        t = [x["elapsed_s"] for x in lines if "loss" in x and not x.get("full")]
+        first.append(t[0])
+        later.append(float(statistics.median(np.diff(t))))
+    return {"first": statistics.median(first), "later": statistics.median(later)}
+
+
 def plain_step(order: str, chunks: int) -> float:
     """benchmarks/plain.py's step (the loop a user would write), in this process, on data of the same shape."""
     from .plain import _gather_steps
@@ -318,7 +344,10 @@ def measure(quick: bool) -> dict:
     for k in range(PASSES[quick]):
         log(f"overhead: pass {k + 1} of {PASSES[quick]}")
         passes.append(measure_once(quick))
-    return _least(passes)
+    res = _least(passes)
+    # launched runs (seconds each, medians over the runs): once, not per pass
+    res["first step"] = first_step_costs(WORKER_RUNS[quick])
+    return res
 
 
 def _least(results: list):
@@ -351,6 +380,10 @@ def figures(res: dict) -> list[tuple[str, str, str, float]]:
                 (part, "of which the worker", where, v["worker"]),
                 (part, "plain numpy loop's whole step", where, v["plain"]),
                 (part, "worker minus plain step", where, v["worker"] - v["plain"])]
+    if "first step" in res:    # (not in the reference measurement)
+        part, where = "worker's first step (d = 1000, batch 2000)", "N = 1, BSP, row order"
+        out += [(part, "from the run's opening to its first step", where, res["first step"]["first"]),
+                (part, f"between two steps (median of the next {FIRST_STEPS})", where, res["first step"]["later"])]
     return out
 
 
@@ -381,7 +414,9 @@ def run(quick: bool = False) -> dict:
              f"(coordinator, mailbox), {CHUNK} steps (plain loop) or {ENCODE_LOOPS} calls (protocol), and, "
              f"for the worker, over the chunks of {CHUNK} steps of {WORKER_RUNS[quick]} runs of "
              f"{WORKER_STEPS[quick]:,} steps each (from each run's tenth on): a chunk is about a millisecond, "
-             "so the median drops those that another process interrupted. Load average (1, 5, 15 min) when it "
+             "so the median drops those that another process interrupted. Except the worker's first step: "
+             f"{FIRST_ROWS:,} x 1000 rows, the medians over {WORKER_RUNS[quick]} launched runs of "
+             f"{FIRST_STEPS + 1} steps. Load average (1, 5, 15 min) when it "
              f"ended: {', '.join(f'{x:.2f}' for x in os.getloadavg())}."]
     if before:
         notes.append(f"'before': {before['what']}")
@@ -394,7 +429,6 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    import sys
     r = run(quick="--quick" in sys.argv)
     for row in r["rows"]:
         print(" | ".join(row))

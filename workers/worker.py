@@ -269,6 +269,7 @@ class Worker:
         # local SGD and group steps: a copy of theta of its own (and local SGD: each local step's gradient)
         work, step_grad = (np.empty_like(plane.grad), np.empty_like(plane.grad)) \
             if local_steps > 1 or member is not None else (None, None)
+        self._warm(welcome, train["seed"], Xb, yb)
         h, arrays = self.client.pull(0)
         ready = None      # the batch whose rows are already in Xb, yb (gathered while waiting for the server)
         hits = misses = 0  # of those guesses; guessing pauses while they mostly miss (a worker holding several
@@ -315,6 +316,16 @@ class Worker:
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
         return 0
+
+    def _warm(self, welcome: dict, seed: int, Xb: np.ndarray, yb: np.ndarray) -> None:
+        """Before the first pull (which lets this worker into the run and starts its clock): touch the batch
+        buffers and build the first epoch order of each shard it expects. Else the first step pays for them inside
+        the training time: after the copy of its rows, a fresh 16 MB batch buffer (d = 1000, 2000 rows) faults in
+        page by page, over ten times a step (python -m benchmarks --only overhead, "worker's first step")."""
+        Xb.fill(0.0)
+        yb.fill(0.0)
+        for shard in welcome["data"].get("expected_shards", []):
+            self._positions(shard, 0, seed, len(self.rows.get(shard)[0]))
 
     def _sparse_session(self, welcome: dict, train: dict) -> int:
         """A sparse model's steps: each batch's keys read from theta (a keyed read from shared memory under the
