@@ -24,6 +24,8 @@ a quiet one). Each figure, in µs, is the least over a few passes of a median ov
   time minus the plain step is what psrv's worker adds per step (its loss and gradient are computed as the plain
   loop's are, plus the copy of theta).
 
+- **epoch order**: psrv.schedule.epoch_order on a shard of 200,000 rows (the small scaling job's, one worker), next
+  to an argsort of the same hashes, which is how its rule is stated and how it was computed before.
 - **worker's first step**: one launched worker (the launcher's processes, as a user runs it) on data of the
   compute-bound scaling job's size (100,000 x 1000, batch 2000): the time from the opening of the run to its first
   applied step, next to the median time between the steps after it. The first step used to pay for the pages of
@@ -96,6 +98,24 @@ def protocol_costs(chunks: int) -> dict:
         "encode theta reply": _per_call(lambda: protocol.encode(theta), n, chunks),
         "decode theta reply": _per_call(lambda: protocol.decode(theta_frames, protocol.REPLIES), n, chunks),
     }
+
+
+ORDER_ROWS = 200_000   # the epoch-order figure: a shard of the small scaling job run by one worker
+
+
+def order_costs(chunks: int) -> dict:
+    """psrv.schedule.epoch_order on a shard of ORDER_ROWS rows, next to the argsort of the same hashes that its
+    rule states (what it computed before: the same order)."""
+    from psrv.partition import splitmix64
+    from psrv.schedule import epoch_key, epoch_order
+    key = np.uint64(epoch_key(1, 0, 3))
+
+    def argsort_way():
+        with np.errstate(over="ignore"):
+            return np.argsort(splitmix64(key + np.arange(ORDER_ROWS, dtype=np.uint64)))
+    calls = max(5, chunks // 20)    # a call takes milliseconds: fewer than the microsecond figures' chunks
+    return {"epoch_order": _per_call(lambda: epoch_order(1, 0, 3, ORDER_ROWS), 1, calls),
+            "argsort": _per_call(argsort_way, 1, calls)}
 
 
 # ------------------------------------------------------------------------------------------------ coordinator
@@ -327,7 +347,8 @@ def plain_step(order: str, chunks: int) -> float:
 # ------------------------------------------------------------------------------------------------ the benchmark
 def measure_once(quick: bool) -> dict:
     chunks = CHUNKS[quick]
-    res: dict = {"protocol": protocol_costs(chunks), "coordinator": {}, "mailbox": {}, "worker": {}}
+    res: dict = {"protocol": protocol_costs(chunks), "order": order_costs(chunks), "coordinator": {}, "mailbox": {},
+                 "worker": {}}
     for n in (1, 2):
         for mode in ("bsp", "asp"):
             res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, chunks)
@@ -366,6 +387,10 @@ def _us(x: float) -> str:
 def figures(res: dict) -> list[tuple[str, str, str, float]]:
     """(part, what, where, seconds) of every figure of a measurement."""
     out = [("protocol", what, "", v) for what, v in res["protocol"].items()]
+    if "order" in res:    # (not in the reference measurement)
+        part = f"epoch order of a shard ({ORDER_ROWS:,} rows)"
+        out += [(part, "epoch_order (a sort of the hashes, then splitmix64 inverted)", "", res["order"]["epoch_order"]),
+                (part, "an argsort of the hashes (the rule as stated; the same order)", "", res["order"]["argsort"])]
     for key, v in res["coordinator"].items():
         n, mode = key.split()
         out.append(("coordinator (no shell)", "handle() per push", f"N = {n}, {mode.upper()}", v["handle"]))

@@ -32,12 +32,47 @@ def epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
     """The order in which a shard's rows are visited in one epoch: positions 0..size-1 sorted by
     splitmix64(key + position), ties by position. Defined with nothing but 64-bit integer arithmetic, so a client
     in any language can reproduce it (docs/protocol.md)."""
+    key = np.uint64(epoch_key(seed, shard, epoch))
     with np.errstate(over="ignore"):
-        h = splitmix64(np.uint64(epoch_key(seed, shard, epoch)) + np.arange(size, dtype=np.uint64))
-    # splitmix64 is a bijection of 2**64 and key + position differs for every position, so no two hashes are
-    # equal: any sort gives the same order, and the default one is about twice as fast as a stable one (it runs
-    # once per epoch of a shard, a cost a small model's short steps feel)
-    return np.argsort(h)
+        h = splitmix64(key + np.arange(size, dtype=np.uint64))
+        # splitmix64 is a bijection of 2**64 and key + position differs for every position, so no two hashes are
+        # equal (no ties) and each hash names its position: sorting the hashes and inverting splitmix64 gives the
+        # positions in hash order. Sorting values is cheaper than an argsort, which moves an index with each (this
+        # runs once per epoch of a shard, a cost a small model's short steps feel).
+        h.sort()
+        h = unsplitmix64(h)
+        h -= key
+    return h.view(np.int64)
+
+
+def _inverse_mod_2_64(a: int) -> int:
+    """The inverse of an odd a modulo 2**64 (Newton's iteration: each step doubles the correct low bits)."""
+    x = a
+    for _ in range(6):
+        x = x * (2 - a * x) % (1 << 64)
+    return x
+
+
+_INV_M1 = np.uint64(_inverse_mod_2_64(0xBF58476D1CE4E5B9))
+_INV_M2 = np.uint64(_inverse_mod_2_64(0x94D049BB133111EB))
+
+
+def unsplitmix64(h: np.ndarray) -> np.ndarray:
+    """x such that splitmix64(x) == h, in place in h (uint64). Each step of splitmix64 is undone in reverse order:
+    x = z ^ (z >> s) gives back z = x ^ (x >> s) ^ (x >> 2s) when 3s >= 64 (s = 31, 27, 30 here); a product by an
+    odd constant is undone by the constant's inverse modulo 2**64. One scratch array serves every shift."""
+    t = np.empty_like(h)
+    with np.errstate(over="ignore"):
+        for s, inverse in ((31, _INV_M2), (27, _INV_M1), (30, None)):
+            shift = np.uint64(s)
+            np.right_shift(h, shift, out=t)      # x >> s
+            h ^= t
+            np.right_shift(t, shift, out=t)      # x >> 2s
+            h ^= t
+            if inverse is not None:
+                h *= inverse
+        h -= np.uint64(0x9E3779B97F4A7C15)
+    return h
 
 
 def block_order(seed: int, shard: int, epoch: int, size: int, batch_size: int) -> np.ndarray:

@@ -1,16 +1,34 @@
 import numpy as np
 import pytest
 
-from psrv.schedule import Cursor, Schedule, assign, block_order, epoch_order, share, storage_order
+from psrv import schedule
+from psrv.partition import splitmix64
+from psrv.schedule import Cursor, Schedule, assign, block_order, epoch_order, share, storage_order, unsplitmix64
 
 from .test_e2e import M64, block_order as block_order_py, epoch_order as epoch_order_py
 
 
-@pytest.mark.parametrize("seed,shard,epoch,size", [(0, 0, 0, 10), (7, 3, 2, 1000), (2**40, 1, 9, 1)])
+@pytest.mark.parametrize("seed,shard,epoch,size", [(0, 0, 0, 10), (7, 3, 2, 1000), (2**40, 1, 9, 1), (3, 0, 0, 0)])
 def test_epoch_order_matches_the_documented_rule(seed, shard, epoch, size):
     got = epoch_order(seed, shard, epoch, size)
-    assert got.tolist() == epoch_order_py(seed, shard, epoch, size)
+    assert got.dtype == np.int64 and got.tolist() == epoch_order_py(seed, shard, epoch, size)
     assert sorted(got.tolist()) == list(range(size))
+
+
+def test_unsplitmix64_inverts_splitmix64():
+    x = np.random.default_rng(3).integers(0, 2**64, 10_000, dtype=np.uint64, endpoint=False)
+    x = np.concatenate([x, np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)])
+    assert (unsplitmix64(splitmix64(x)) == x).all()
+
+
+def test_epoch_order_when_key_plus_position_wraps_past_2_64(monkeypatch):
+    """key + position is taken modulo 2**64: a key just below 2**64 wraps for the later positions, and the
+    positions must still come back (an argsort of the hashes is the oracle)."""
+    key = 2**64 - 5
+    monkeypatch.setattr(schedule, "epoch_key", lambda seed, shard, epoch: key)
+    with np.errstate(over="ignore"):
+        h = splitmix64(np.uint64(key) + np.arange(50, dtype=np.uint64))
+    assert epoch_order(0, 0, 0, 50).tolist() == np.argsort(h, kind="stable").tolist()
 
 
 @pytest.mark.parametrize("seed,shard,epoch,size,batch", [(0, 0, 0, 10, 3), (7, 3, 2, 1000, 32), (5, 1, 0, 7, 10),
