@@ -13,6 +13,7 @@ import pytest
 
 import psrv
 from psrv import checkpoint
+from psrv.errors import ServerLost
 from psrv.launch import status
 from workers import faults
 
@@ -28,6 +29,14 @@ DATA = ["--set", "data.n=20000", "--set", "data.d=10"]
 
 def state(address):
     return status(address, timeout_s=10)
+
+
+def answer(address):
+    """The state, or None while no server answers (between a server's death and its restart)."""
+    try:
+        return status(address, timeout_s=3)
+    except ServerLost:
+        return None
 
 
 def worker_pid(address, wid):
@@ -53,12 +62,12 @@ def test_killed_worker_is_survived(launch, tmp_path):
     # what a death does under SSP and ASP (the gate, leases, batches handed back) is decided by the coordinator and
     # tested there, for every mode, without processes (tests/test_coordinator.py); here: a real SIGKILL end to end
     # 1500 steps: the loss has reached its floor by step 1000 with 3 workers or 2, so the run that loses one at
-    # step 300 and the reference run without the fault must end at the same loss
+    # step 300 and the reference run without the fault must end at the same loss. Worker 1 sends itself the
+    # SIGKILL at step 300 (workers/faults.py): the 1500 steps take under a second, so a kill from the test after
+    # it saw step 300 could come after the run's end
     run = DATA + args(train__workers=3, train__steps=1500, train__max_restarts=0)
-    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'out'}", "-v")
-    address = address_of(tmp_path / "out")
-    reach_step(address, 300)
-    os.kill(worker_pid(address, 1), signal.SIGKILL)
+    la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
+                env=faults.env(kill_worker=1, kill_at_step=300))
     code, out, err = la.wait()
     assert code == 0, err
     s = summary(tmp_path / "out")
@@ -91,12 +100,11 @@ def test_a_worker_killed_during_group_steps_is_survived(launch, tmp_path):
 
 def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
     # epochs: every row must be visited once per epoch, even though a worker dies mid-epoch with a batch in flight
+    # worker 1 sends itself the SIGKILL at step 50, its batch computed and not pushed (workers/faults.py): the whole
+    # run is a second or two, so a kill from the test after it saw step 50 could come after the run's end
     run = DATA + args(train__workers=2, train__epochs=3, train__batch_size=64, train__max_restarts=1)
     la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
-                env=faults.env(slow_worker=1, slow_ms=2))
-    address = address_of(tmp_path / "out")
-    reach_step(address, 50)
-    os.kill(worker_pid(address, 1), signal.SIGKILL)
+                env=faults.env(kill_worker=1, kill_at_step=50))
     code, out, err = la.wait()
     assert code == 0, err
     assert "worker 1 (pid" in err and "restarting it (1 of 1)" in err
@@ -108,9 +116,10 @@ def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
 
 @pytest.mark.parametrize("rejoin", [True, False])
 def test_paused_worker_is_declared_dead_and_its_late_push_refused(launch, tmp_path, rejoin):
-    # worker 1 is slow (it sleeps 300 ms a step), so the pause almost surely catches it between pull and push
-    # (the waits below take about 2 s of the run's 5 on a machine with five times more runnable processes than cores)
-    run = DATA + args(train__workers=3, train__steps=10**9, train__max_wall_s=5, train__consistency="asp",
+    # worker 1 is slow (it sleeps 300 ms a step), so the pause almost surely catches it between pull and push.
+    # The run lasts until the test ends it, once it has seen what it waits for: a run that ends by itself (it
+    # once had train.max_wall_s = 5) could end on a loaded machine before the test has seen the death or the rejoin
+    run = DATA + args(train__workers=3, train__steps=10**9, train__consistency="asp",
                       train__max_restarts=0, worker__rejoin=str(rejoin).lower())
     la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
                 env=faults.env(slow_worker=1, slow_ms=300))
@@ -123,12 +132,18 @@ def test_paused_worker_is_declared_dead_and_its_late_push_refused(launch, tmp_pa
         wait_for(lambda: state(address)["deaths"] == 1, 30, what="the paused worker to be declared dead")
     finally:
         os.kill(pid, signal.SIGCONT)
-    if rejoin:  # it comes back as incarnation 2
+    # resumed, it pushes what it computed as the dead incarnation (refused), and then comes back as incarnation 2
+    # or, not allowed to, exits
+    if rejoin:
         wait_for(lambda: any(w["wid"] == 1 and w["inc"] == 2 and w["alive"] for w in state(address)["workers"]),
                  30, what="worker 1 to rejoin")
+    else:
+        wait_for(lambda: pid not in tagged_pids(la.tag), 30, what="worker 1 to exit")
+    os.kill(state(address)["pid"], signal.SIGTERM)      # ends the run, keeping its results
     code, out, err = la.wait()
     assert code == 0, err
     s = summary(tmp_path / "out")
+    assert s["stopped_by"] == "terminated"
     assert s["worker_deaths"] == 1
     assert s["stale_pushes"] >= 1                        # its push from the dead incarnation was refused
     assert s["worker_restarts"] == (1 if rejoin else 0)
@@ -138,21 +153,31 @@ def test_paused_worker_is_declared_dead_and_its_late_push_refused(launch, tmp_pa
 
 
 def test_killed_server_is_restarted_and_matches_a_resumed_run(launch, tmp_path):
-    run = DATA + args(train__workers=2, train__steps=3000, checkpoint__every_steps=500, checkpoint__keep=100)
-    la = launch(*run, *FAST, "--set", f"output.dir={tmp_path / 'a'}", "-v")
+    # the run lasts until the test ends it (SIGTERM to the restarted server, which keeps the results): a run of a
+    # fixed number of steps could end (in about a second) between its first checkpoint and the test's kill. A
+    # constant rate, so that run b, resumed by hand to the step where run a ended, takes the same steps
+    run = DATA + args(train__workers=2, train__lr_schedule="constant", checkpoint__every_steps=500,
+                      checkpoint__keep=100)
+    la = launch(*run, *args(train__steps=10**9), *FAST, "--set", f"output.dir={tmp_path / 'a'}", "-v")
     address = address_of(tmp_path / "a")
     ckpts = tmp_path / "a" / "checkpoints"
     wait_for(lambda: checkpoint.checkpoints(str(ckpts)), 60, what="a first checkpoint")
     os.kill(state(address)["pid"], signal.SIGKILL)
+    # the launcher restarts it (at the same address) from its newest checkpoint, and it trains on from there
+    restarted = wait_for(lambda: (lambda st: st if st and st["server_restarts"] == 1 else None)(answer(address)),
+                         60, what="the server's restart")
+    reach_step(address, restarted["step"] + 200)
+    os.kill(state(address)["pid"], signal.SIGTERM)
     code, out, err = la.wait()
     assert code == 0, err
     assert "server (pid" in err and "restarting it from its newest checkpoint (1 of 2)" in err
     s = summary(tmp_path / "a")
-    assert s["server_restarts"] == 1 and s["steps"] == 3000 and s["resumed_from"]
-    # the same checkpoint, resumed by hand in a fresh folder: the same theta
+    assert s["server_restarts"] == 1 and s["stopped_by"] == "terminated" and s["resumed_from"]
+    # the same checkpoint, resumed by hand in a fresh folder to the same step: the same theta
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copy(s["resumed_from"], tmp_path / "b" / "checkpoints")
-    lb = launch(*run, "--resume", str(tmp_path / "b"), "--set", f"output.dir={tmp_path / 'b'}")
+    lb = launch(*run, *args(train__steps=s["steps"]), "--resume", str(tmp_path / "b"),
+                "--set", f"output.dir={tmp_path / 'b'}")
     code, out, err = lb.wait()
     assert code == 0, err
     a, b = np.load(tmp_path / "a" / "theta.npy"), np.load(tmp_path / "b" / "theta.npy")

@@ -9,8 +9,8 @@ which every child inherits at spawn and reads once at start:
 Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
 slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
 gradient at those steps, which the server must refuse), kill_worker + kill_at_step (that worker kills itself with
-SIGKILL at that step: in a group step during its second sub-step, else before its push). A worker id of -1 means
-none.
+SIGKILL at that step: in a group step during its second sub-step, else before its push; only as incarnation 1, so
+that its restart, which may be handed the same step again, lives on). A worker id of -1 means none.
 """
 from __future__ import annotations
 
@@ -128,13 +128,16 @@ class FaultyWorker(worker.Worker):
             grad[...] = np.nan
         if f.slow_worker == self.wid and f.slow_ms:
             time.sleep(f.slow_ms / 1000.0)
-        if f.kill_worker == self.wid and clock == f.kill_at_step:
+        if self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def before_sub_step(self, clock: int, k: int) -> None:
-        f = self.faults
-        if f.kill_worker == self.wid and clock == f.kill_at_step and k == 1:
+        if k == 1 and self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _kills_at(self, clock: int) -> bool:
+        f = self.faults
+        return f.kill_worker == self.wid and clock == f.kill_at_step and self.client.inc == 1
 
 
 def main(spec: WorkerSpec, conn, parent_pid: int, core, log_level: int) -> None:
