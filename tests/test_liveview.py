@@ -22,6 +22,7 @@ import pytest
 from psrv import livestate
 from psrv.launch import Progress
 from psrv.liveview import LiveView
+from workers import faults
 
 from .conftest import FAST, ROOT, Launch, sets, shm_of, tagged_pids, tcp_listeners, wait_for
 
@@ -246,13 +247,22 @@ def test_a_taken_port_is_an_os_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- a real run
 class Run(Launch):
-    """launch.py with the live view, its stdout read line by line as the run goes (the address is printed there)."""
+    """launch.py with the live view, its stdout read line by line as the run goes (the address is printed there).
+    Worker 0 holds the run before its push of step HOLD_AT_STEP for as long as the file `hold` exists
+    (workers/faults.py): the tests that look at the live run cannot find it over, however long a browser takes to
+    start on a loaded machine; the last test removes it and the run ends normally."""
+    HOLD_AT_STEP = 400   # each gradient sleeps 20 ms: the tests that watch the steps advance have 8 s before it
 
     def __init__(self, tmp_path: Path):
-        env = {"PYTHONPATH": str(ROOT), "PSRV_TEST_GRAD_S": "0.02"}   # each gradient sleeps: 600 x 20 ms >= 12 s
+        self.hold = tmp_path / "hold"
+        self.hold.touch()
+        env = {"PYTHONPATH": str(ROOT), "PSRV_TEST_GRAD_S": "0.02",
+               **faults.env(hold_worker=0, hold_at_step=self.HOLD_AT_STEP, hold_file=str(self.hold))}
+        # no progress deadline: it would leave the held worker behind, and the run would go on without it
         super().__init__([*FAST, "--workers", "2",
                           *sets(data__n=2000, data__d=5, train__steps=600, train__log_every=5, data__test_fraction=0.2,
-                                train__eval_every=50, model__kind="tests.slow_model:SlowSteps")], tmp_path, env)
+                                train__eval_every=50, model__kind="tests.slow_model:SlowSteps",
+                                server__progress_deadline_s=0, worker__entry=faults.ENTRY)], tmp_path, env)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")),
                                        daemon=True)
@@ -265,6 +275,7 @@ class Run(Launch):
         return json.loads(_get(self.url + "api/state")[2])
 
     def finish(self, timeout_s: float = 120.0) -> tuple[int, str]:
+        self.hold.unlink(missing_ok=True)
         try:
             self.proc.wait(timeout_s)
         finally:

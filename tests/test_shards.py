@@ -439,12 +439,18 @@ def test_a_killed_range_server_is_restarted_and_the_run_stays_exact(launch, tmp_
     from tests.test_sparse_job import RUN as SPARSE_RUN, _serial_ftrl
     from workers import faults
     n, k, steps = 4000, 9, 120
+    # worker 0 holds the run before its push of step 45 until the test removes the hold file, so that the range
+    # server is killed after its checkpoint of step 30 and before the run's end, however slow the test is; no
+    # progress deadline, which would leave the held worker behind and change the batches
+    hold = tmp_path / "hold"
+    hold.touch()
     la = launch(*SPARSE_RUN, "--set", "data.source=criteo", "--set", f"data.n={n}", "--set", f"data.log2_buckets={k}",
                 "--set", "model.kind=sparse_logistic", "--set", "train.optimizer=ftrl", "--set", "train.lr=0.2",
                 "--set", "train.l1=0.5", "--set", "model.l2=0.1", "--set", f"train.steps={steps}",
                 "--set", "train.eval_every=20", "--set", "checkpoint.every_steps=30", "--set", "checkpoint.keep=10",
-                "--set", "server.shards=2", "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'a'}",
-                env={faults.ENV: json.dumps({"slow_worker": 0, "slow_ms": 15})})
+                "--set", "server.shards=2", "--set", "server.progress_deadline_s=0", "--set", faults.OVERRIDE,
+                "--set", f"output.dir={tmp_path / 'a'}",
+                env=faults.env(hold_worker=0, hold_at_step=45, hold_file=str(hold)))
     wait_for(lambda: checkpoint.checkpoints(str(tmp_path / "a" / "checkpoints" / "range1")), 60,
              what="range 1's first checkpoint")
     pids = tagged_pids(la.tag)
@@ -452,6 +458,7 @@ def test_a_killed_range_server_is_restarted_and_the_run_stays_exact(launch, tmp_
     os.kill(_pid_named(pids, "psrv range1"), signal.SIGKILL)
     wait_for(lambda: (tmp_path / "a" / "ranges.json").exists(), 60, what="range 1's restart")
     assert others <= set(tagged_pids(la.tag))      # nothing else was restarted
+    hold.unlink()
     code, _, err = la.wait()
     assert code == 0, err
     assert "restarting it, and the run goes back to its newest checkpoint (1 of 2)" in err

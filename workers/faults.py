@@ -10,7 +10,9 @@ Keys (all optional): fail_worker + fail_at_step (that worker raises at that step
 slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
 gradient at those steps, which the server must refuse), kill_worker + kill_at_step (that worker kills itself with
 SIGKILL at that step: in a group step during its second sub-step, else before its push; only as incarnation 1, so
-that its restart, which may be handed the same step again, lives on). A worker id of -1 means none.
+that its restart, which may be handed the same step again, lives on), hold_worker + hold_at_step + hold_file (that
+worker waits before its push at that step for as long as the file exists: a test holds the run where it wants to
+look at it, and lets it go on by removing the file). A worker id of -1 means none.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class Faults:
     nan_steps: tuple = ()
     kill_worker: int = -1
     kill_at_step: int = 0
+    hold_worker: int = -1
+    hold_at_step: int = 0
+    hold_file: str = ""
 
     @classmethod
     def parse(cls, text: str) -> "Faults":
@@ -90,7 +95,12 @@ CHECKS = {  # key -> (test, what it must be)
                   "a list of steps >= 0"),
     "kill_worker": (_wid, "a worker id (-1: none)"),
     "kill_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
+    "hold_worker": (_wid, "a worker id (-1: none)"),
+    "hold_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
+    "hold_file": (lambda v: isinstance(v, str), "a path"),
 }
+
+HOLD_POLL_S = 0.01   # how often a held worker looks whether its hold file is gone
 
 
 def env(**faults) -> dict[str, str]:
@@ -130,6 +140,9 @@ class FaultyWorker(worker.Worker):
             time.sleep(f.slow_ms / 1000.0)
         if self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
+        if f.hold_worker == self.wid and clock == f.hold_at_step and f.hold_file:
+            while os.path.exists(f.hold_file):   # its heartbeat thread goes on: held, not silent
+                time.sleep(HOLD_POLL_S)
 
     def before_sub_step(self, clock: int, k: int) -> None:
         if k == 1 and self._kills_at(clock):
