@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from psrv.launch import status
+from workers import faults
 from workers.client import Client
 
 from .conftest import FAST, ROOT, address_of, sets, wait_for
@@ -36,9 +37,14 @@ def strict_json_lines(path):
 def test_a_push_of_1e300_is_refused_and_the_run_finishes_normally(launch, tmp_path):
     out = tmp_path / "out"
     # 1000 steps: under BSP the run cannot end while the peer below holds a step, and the loss is at its floor
-    # (the noise's variance, 0.25) well before
+    # (the noise's variance, 0.25) well before. The 1000 steps take about half a second, so until the peer is in,
+    # worker 0 holds the run before its push of step 60 (workers/faults.py; no progress deadline, which would
+    # leave it behind): however slow the test, the peer joins a live run past the guard's warm-up
+    hold = tmp_path / "hold"
+    hold.touch()
     la = launch(*sets(data__n=20000, data__d=10, data__shards=4, train__workers=2, train__steps=1000,
-                      train__batch_size=32), *FAST, "--set", f"output.dir={out}")
+                      train__batch_size=32, server__progress_deadline_s=0, worker__entry=faults.ENTRY), *FAST,
+                "--set", f"output.dir={out}", env=faults.env(hold_worker=0, hold_at_step=60, hold_file=str(hold)))
     address = address_of(out)
     wait_for(lambda: step_of(address) >= 50, 60, what="step 50 (past the guard's warm-up)")
     peer = Client(address, timeout_s=10)        # a peer on loopback, speaking the protocol
@@ -47,6 +53,7 @@ def test_a_push_of_1e300_is_refused_and_the_run_finishes_normally(launch, tmp_pa
         shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
         h, _ = peer.pull(0)
         assert h["op"] == "theta"
+        hold.unlink()                           # the peer holds the run now
         # one finite gradient of 1e300 (its norm overflows), then one "merely" 1e10 times too big
         for value in (1e300, 1e10):
             ack, _ = peer.push(h["clock"], np.full(shape, value, dtype), 0.5, h["batch"][3], h["version"],
