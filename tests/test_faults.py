@@ -230,7 +230,8 @@ def test_corrupt_newest_checkpoint_is_skipped(launch, tmp_path):
 
 
 def test_workers_attach_mid_run_show_in_status_and_leave(launch, tmp_path):
-    la = launch(*DATA, *args(train__workers=2, data__shards=6, train__steps=200000, train__consistency="asp"),
+    # it runs until the test stops it (about 2,500 steps a second: a step budget would be a race with the attach)
+    la = launch(*DATA, *args(train__workers=2, data__shards=6, train__steps=10**9, train__consistency="asp"),
                 *FAST, "--set", f"output.dir={tmp_path / 'out'}")
     address = address_of(tmp_path / "out")
     reach_step(address, 100)
