@@ -63,6 +63,7 @@ def test_next_batch_guess_follows_the_servers_cursor():
     ('{"slow_ms": -1}', "slow_ms = -1"),
     ('{"nan_steps": [1.5]}', "nan_steps"),
     ('{"fail_worker": true}', "fail_worker = True"),
+    ('{"hold_file": 3}', "hold_file = 3"),
 ])
 def test_malformed_faults_are_a_clear_error(text, message):
     with pytest.raises(ValueError, match="PSRV_FAULTS") as e:
@@ -92,6 +93,34 @@ def test_faulty_worker_hook_fails_slows_and_breaks_only_its_worker():
                 w.after_gradient(6, grad)
         finally:
             w.close()
+
+
+def test_a_held_worker_waits_at_its_step_until_the_file_is_gone_and_only_a_first_incarnation_kills(tmp_path):
+    import threading
+    hold = tmp_path / "hold"
+    hold.touch()
+    f = faults.Faults(hold_worker=1, hold_at_step=3, hold_file=str(hold), kill_worker=1, kill_at_step=5)
+    w = faults.FaultyWorker(f, "tcp://127.0.0.1:9", 1)   # never connects: only the hook is called
+    other = faults.FaultyWorker(f, "tcp://127.0.0.1:9", 0)
+    try:
+        w.after_gradient(2, np.zeros(3))                  # another step, another worker: no wait
+        other.after_gradient(3, np.zeros(3))
+        held = threading.Thread(target=w.after_gradient, args=(3, np.zeros(3)), daemon=True)
+        held.start()
+        held.join(0.2)
+        assert held.is_alive()                            # still waiting for the file to go
+        hold.unlink()
+        held.join(30)
+        assert not held.is_alive()
+        # (_kills_at, not after_gradient: the kill is a real SIGKILL)
+        w.client.inc = 1
+        assert w._kills_at(5) and not w._kills_at(4) and not other._kills_at(5)
+        w.client.inc = 2                                  # a restart of it, handed step 5 again, lives on
+        assert not w._kills_at(5)
+    finally:
+        hold.unlink(missing_ok=True)
+        w.close()
+        other.close()
 
 
 def test_a_workers_entry_resolves_to_the_installed_name_when_there_is_no_workers_package(tmp_path, monkeypatch):
