@@ -189,16 +189,22 @@ def test_a_burst_of_heartbeat_answers_after_a_stall_is_not_a_lost_request():
     stop = threading.Event()
 
     def fake_server():
-        time.sleep(1.2)                                  # stalled: 12 heartbeat periods, everything queued
-        held = []
-        while router.poll(0):
-            held.append(router.recv_multipart())
+        # stalled: it answers nothing until the pull and 12 heartbeats (12 heartbeat periods) have come; it reads
+        # them as they come rather than sleeping a while, which on a loaded machine may pass before the pull is sent
+        held, beats = [], 0
+        deadline = time.monotonic() + 30
+        while (beats < 12 or not any(protocol.decode(f)[0]["op"] == "pull" for _, *f in held)) \
+                and time.monotonic() < deadline:
+            if router.poll(20):
+                held.append(router.recv_multipart())
+                beats += protocol.decode(held[-1][1:])[0]["op"] == "heartbeat"
         for ident, *frames in held:                      # heartbeats first, in a burst
             h, _ = protocol.decode(frames)
             if h["op"] == "heartbeat":
                 router.send_multipart([ident, msgpack.packb({"op": "heartbeat", "server_id": "srv", "step": 0,
                                                              "alive": True, "waiting": False})])
-        time.sleep(0.05)
+        # the client has heard the burst before the pull's answer comes (it once slept 50 ms for this)
+        wait_for(lambda: len(client.heartbeat.heard) >= beats, 10, what="the client to hear the burst")
         for ident, *frames in held:                      # then the pull
             h, _ = protocol.decode(frames)
             if h["op"] == "pull":
