@@ -250,8 +250,8 @@ def _run_on_data(cfg, progress, log_level, prefix, role, ckpt, arrays=None, loca
         with Cluster(cfg, out, log_level, layout=layout, resume=ckpt, alone=role == "server",
                      prefix=prefix) as cluster:
             address = cluster.start_server()
-            with open(os.path.join(out, "address"), "w") as fh:
-                fh.write(address + "\n")
+            # whole or not there: `--attach RUN_DIR`, `--status RUN_DIR` and scripts read it as soon as it exists
+            outputs.write_text(os.path.join(out, "address"), address + "\n")
             if on_address is not None:
                 on_address(address)
             if role == "server":

@@ -33,11 +33,16 @@ def writing(what: str, path: str):
 
 
 def write_json(path: str, obj) -> None:
+    write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    """Written under another name and renamed: whoever reads `path` (another process, as soon as it exists) finds
+    it whole, never empty or cut short."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as fh:
-            json.dump(strict(obj), fh, indent=2, allow_nan=False)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -42,6 +42,27 @@ def test_status_takes_an_address_a_run_folder_or_its_address_file(tmp_path):
         server_address(str(empty))
 
 
+@pytest.mark.slow
+def test_a_run_folders_address_file_appears_whole(tmp_path, monkeypatch):
+    """`--attach RUN_DIR`, `--status RUN_DIR` and scripts read the address file as soon as it exists: it is written
+    under another name and renamed into place, so that no reader finds it empty or cut short (an empty one is
+    "'' is not a server address")."""
+    import psrv
+    renamed = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        with open(src) as fh:
+            renamed.append((os.fspath(dst), fh.read()))   # what a reader finds the moment `dst` appears
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)   # in this process, the launcher's: the children spawn afresh
+    r = psrv.train(None, ["data.n=200", "data.d=2", "train.workers=1", "train.steps=2", "output.plot=false",
+                          "output.live_view=false", f"output.dir={tmp_path}"])
+    address = (tmp_path / "address").read_text()
+    assert address == r.summary["address"] + "\n"
+    assert (str(tmp_path / "address"), address) in renamed
+
+
 def test_status_of_a_folder_with_no_address_is_a_usage_error(tmp_path, capsys):
     assert main(["--status", str(tmp_path)]) == 2
     assert "without an address file" in capsys.readouterr().err
