@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,8 @@ from psrv import proc
 from psrv.spec import WorkerSpec
 
 from . import worker
+
+log = logging.getLogger(__name__)
 
 ENTRY = "workers.faults:main"
 ENV = "PSRV_FAULTS"
@@ -101,6 +104,7 @@ CHECKS = {  # key -> (test, what it must be)
 }
 
 HOLD_POLL_S = 0.01   # how often a held worker looks whether its hold file is gone
+HOLD_MAX_S = 300.0   # ... and how long at most: a test that died without removing it must not leave a worker held
 
 
 def env(**faults) -> dict[str, str]:
@@ -141,7 +145,12 @@ class FaultyWorker(worker.Worker):
         if self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
         if f.hold_worker == self.wid and clock == f.hold_at_step and f.hold_file:
+            deadline = time.monotonic() + HOLD_MAX_S
             while os.path.exists(f.hold_file):   # its heartbeat thread goes on: held, not silent
+                if time.monotonic() > deadline:
+                    log.warning("worker %d: held at step %d for %g s; %s is still there, going on", self.wid,
+                                clock, HOLD_MAX_S, f.hold_file)
+                    break
                 time.sleep(HOLD_POLL_S)
 
     def before_sub_step(self, clock: int, k: int) -> None:
