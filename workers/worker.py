@@ -321,7 +321,7 @@ class Worker:
         """Before the first pull (which lets this worker into the run and starts its clock): touch the batch
         buffers and build the first epoch order of each shard it expects. Else the first step pays for them inside
         the training time: after the copy of its rows, a fresh 16 MB batch buffer (d = 1000, 2000 rows) faults in
-        page by page, over ten times a step (python -m benchmarks --only overhead, "worker's first step")."""
+        page by page (python -m benchmarks --only overhead times the first step against the later ones)."""
         Xb.fill(0.0)
         yb.fill(0.0)
         for shard in welcome["data"].get("expected_shards", []):
