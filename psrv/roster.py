@@ -69,7 +69,14 @@ class Roster:
         then)."""
         if self.schedule.dynamic:
             return list(range(len(self.schedule.cursors)))
-        live = sorted({p.wid for p in self.members.participants()} | {wid})
+        live = {p.wid for p in self.members.participants()} | {wid}
+        if not self.gate.open:
+            # the run opens with every worker the gate waits for, whether it has pulled yet or not: the launcher's
+            # (or those training at the checkpoint it resumes from). Counting only those already in, each of the
+            # launcher's workers, all saying hello before any pulls, was told it would hold every shard: it
+            # copied the first (data.worker_copy) and then read the one it was given in place
+            live |= set(self.saved_clocks) if self.resumed else set(range(self.n_start))
+        live = sorted(live)
         n = len(self.schedule.cursors)
         lease = assign(n, live, self.schedule.lease)
         held = sorted(s for s, w in lease.items() if w == wid)

@@ -153,6 +153,20 @@ def test_ssp_a_straggler_comes_back_not_behind_the_others():
     assert out[0][:3] == ("Theta", 2, 3)             # back at the slowest clock of the others, not at 1
 
 
+def test_the_launchers_workers_are_told_the_shards_they_will_hold_when_all_say_hello_before_any_pulls():
+    """Before the gate opens, the hint counts every worker it waits for: told each shard of the run, a worker
+    copied the first into its memory and read the one it was given in place (data.worker_copy)."""
+    h = H(3, shards=[40, 40, 40], **HB)            # a shard per worker, as the launcher cuts them
+    hints = {}
+    for w in (2, 0, 1):                              # all hellos first, in any order, as the launcher's come
+        h.hello(w)
+        hints[w] = h.c.expected_shards(w)
+    for w in (1, 2, 0):
+        h.pull(w)
+    assert h.c.gate.open
+    assert {w: h.c.schedule.held_by(w) for w in (0, 1, 2)} == hints == {0: [0], 1: [1], 2: [2]}
+
+
 def test_a_new_worker_is_told_which_shards_to_load_before_its_first_pull():
     h = H(2, shards=[40, 40, 40, 40], **HB)
     h.start()
