@@ -27,12 +27,24 @@ class Roster:
         self.started_s = self._now
         log.info("%d workers joined; training %s", len(self.members.participants()),
                  f"resumes at step {self.step}" if self.resumed else "starts")
+        self._membership_changed()   # over those in alone (a resumed run may open without some: _on_tick)
+
+    def _awaited(self) -> set[int]:
+        """Before the gate opens: the workers it waits for, whether they have pulled yet or not (the launcher's,
+        or those training at the checkpoint the run resumes from)."""
+        return set(self.saved_clocks) if self.resumed else set(range(self.n_start))
 
     def _membership_changed(self) -> None:
         """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
-        member that lost its last lease and is not computing leaves it (it waits, parked, for a shard)."""
+        member that lost its last lease and is not computing leaves it (it waits, parked, for a shard). Before
+        the gate opens, the shards are leased over every worker it waits for, in or not: the lease it opens with
+        is then the same whatever order they pulled in, and the one each was told at its hello
+        (expected_shards), so a worker copies the rows it will read (data.worker_copy)."""
         live = self.members.participants()
-        self.schedule.rebalance([p.wid for p in live])
+        wids = {p.wid for p in live}
+        if not self.gate.open:
+            wids |= self._awaited()
+        self.schedule.rebalance(sorted(wids))
         for p in live:
             held = self.schedule.held_by(p.wid)
             member = self.gate.members.get(p.wid)
@@ -71,11 +83,10 @@ class Roster:
             return list(range(len(self.schedule.cursors)))
         live = {p.wid for p in self.members.participants()} | {wid}
         if not self.gate.open:
-            # the run opens with every worker the gate waits for, whether it has pulled yet or not: the launcher's
-            # (or those training at the checkpoint it resumes from). Counting only those already in, each of the
-            # launcher's workers, all saying hello before any pulls, was told it would hold every shard: it
-            # copied the first (data.worker_copy) and then read the one it was given in place
-            live |= set(self.saved_clocks) if self.resumed else set(range(self.n_start))
+            # as _membership_changed leases them. Counting only those already in, each of the launcher's workers,
+            # all saying hello before any pulls, was told it would hold every shard: it copied the first
+            # (data.worker_copy) and then read the one it was given in place
+            live |= self._awaited()
         live = sorted(live)
         n = len(self.schedule.cursors)
         lease = assign(n, live, self.schedule.lease)

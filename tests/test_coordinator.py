@@ -39,7 +39,8 @@ def test_join_welcomes_and_the_nth_first_pull_opens_the_gate_for_the_parked_pull
     assert not h.c.gate.open and sorted(h.c.parked) == [0, 1]
     # a hello registers; the worker enters the run (shards, the gate) at its first pull, when its rows are ready
     assert h.hello(2) == [ev.Welcome(ident(2), h.c.members.peers[2], 5)]
-    assert not h.c.gate.open and sorted(h.c.gate.members) == [0, 1] and h.c.schedule.lease == {0: 0, 1: 1, 2: 0}
+    # before the gate opens, shards are leased over every worker it waits for: shard 2 waits for worker 2
+    assert not h.c.gate.open and sorted(h.c.gate.members) == [0, 1] and h.c.schedule.lease == {0: 0, 1: 1, 2: 2}
     assert h.P(h.pull(2)) == [("Theta", 0, 0, 0, [0, 0, 0, 4], 2), ("Theta", 1, 0, 0, [1, 0, 0, 4], 4),
                               ("Theta", 2, 0, 0, [2, 0, 0, 4], 6)]   # in the order they asked
     assert h.c.gate.open and h.c.started_s == 0.0 and not h.c.parked

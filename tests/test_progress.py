@@ -167,6 +167,18 @@ def test_the_launchers_workers_are_told_the_shards_they_will_hold_when_all_say_h
     assert {w: h.c.schedule.held_by(w) for w in (0, 1, 2)} == hints == {0: [0], 1: [1], 2: [2]}
 
 
+def test_with_more_shards_than_workers_the_hints_and_the_opening_lease_do_not_depend_on_the_pull_order():
+    for order in [(1, 2, 0), (0, 1, 2), (2, 0, 1)]:
+        h = H(3, shards=[40] * 6, **HB)
+        for w in (2, 0, 1):
+            h.hello(w)
+        hints = {w: h.c.expected_shards(w) for w in (0, 1, 2)}
+        for w in order:
+            h.pull(w)
+        assert h.c.gate.open
+        assert {w: h.c.schedule.held_by(w) for w in (0, 1, 2)} == hints == {0: [0, 3], 1: [1, 4], 2: [2, 5]}, order
+
+
 def test_a_new_worker_is_told_which_shards_to_load_before_its_first_pull():
     h = H(2, shards=[40, 40, 40, 40], **HB)
     h.start()
