@@ -27,7 +27,7 @@ class Roster:
         self.started_s = self._now
         log.info("%d workers joined; training %s", len(self.members.participants()),
                  f"resumes at step {self.step}" if self.resumed else "starts")
-        self._membership_changed()   # over those in alone (a resumed run may open without some: _on_tick)
+        self._membership_changed()   # leased over the workers in only: a resumed run may open without some
 
     def _awaited(self) -> set[int]:
         """Before the gate opens: the workers it waits for, whether they have pulled yet or not (the launcher's,
