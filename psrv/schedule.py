@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .partition import splitmix64
+from .partition import GAMMA, CHUNK, splitmix64, splitmix64_inplace
 
 # Epochs whose rows visited are counted one by one; older ones are folded into one total. A count per epoch for the
 # whole run grew without bound: it travels in every status reply, summary.json and checkpoint.
@@ -31,16 +31,20 @@ def epoch_key(seed: int, shard: int, epoch: int) -> int:
 def epoch_order(seed: int, shard: int, epoch: int, size: int) -> np.ndarray:
     """The order in which a shard's rows are visited in one epoch: positions 0..size-1 sorted by
     splitmix64(key + position), ties by position. Defined with nothing but 64-bit integer arithmetic, so a client
-    in any language can reproduce it (docs/protocol.md)."""
+    in any language can reproduce it (docs/protocol.md). One array of the shard's size is made, and worked on in
+    place: a worker computes an order per epoch of each shard, and fresh temporaries of that size cost more in page
+    faults than the arithmetic."""
     key = np.uint64(epoch_key(seed, shard, epoch))
+    h = np.arange(size, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        h = splitmix64(key + np.arange(size, dtype=np.uint64))
+        h += key
+        splitmix64_inplace(h)
         # splitmix64 is a bijection of 2**64 and key + position differs for every position, so no two hashes are
         # equal (no ties) and each hash names its position: sorting the hashes and inverting splitmix64 gives the
         # positions in hash order. Sorting values is cheaper than an argsort, which moves an index with each (this
         # runs once per epoch of a shard, a cost a small model's short steps feel).
         h.sort()
-        h = unsplitmix64(h)
+        unsplitmix64(h)
         h -= key
     return h.view(np.int64)
 
@@ -55,23 +59,27 @@ def _inverse_mod_2_64(a: int) -> int:
 
 _INV_M1 = np.uint64(_inverse_mod_2_64(0xBF58476D1CE4E5B9))
 _INV_M2 = np.uint64(_inverse_mod_2_64(0x94D049BB133111EB))
+_UNDO = ((np.uint64(31), _INV_M2), (np.uint64(27), _INV_M1), (np.uint64(30), None))
 
 
 def unsplitmix64(h: np.ndarray) -> np.ndarray:
-    """x such that splitmix64(x) == h, in place in h (uint64). Each step of splitmix64 is undone in reverse order:
-    x = z ^ (z >> s) gives back z = x ^ (x >> s) ^ (x >> 2s) when 3s >= 64 (s = 31, 27, 30 here); a product by an
-    odd constant is undone by the constant's inverse modulo 2**64. One scratch array serves every shift."""
-    t = np.empty_like(h)
+    """x such that splitmix64(x) == h, in place in h (a 1-D uint64 array); returns h. Each step of splitmix64 is
+    undone in reverse order: x = z ^ (z >> s) gives back z = x ^ (x >> s) ^ (x >> 2s) when 3s >= 64 (s = 31, 27,
+    30 here); a product by an odd constant is undone by the constant's inverse modulo 2**64. Chunk by chunk, with
+    one small scratch array (psrv/partition.py, splitmix64_inplace, says why)."""
+    t = np.empty(min(CHUNK, len(h)), np.uint64)
     with np.errstate(over="ignore"):
-        for s, inverse in ((31, _INV_M2), (27, _INV_M1), (30, None)):
-            shift = np.uint64(s)
-            np.right_shift(h, shift, out=t)      # x >> s
-            h ^= t
-            np.right_shift(t, shift, out=t)      # x >> 2s
-            h ^= t
-            if inverse is not None:
-                h *= inverse
-        h -= np.uint64(0x9E3779B97F4A7C15)
+        for lo in range(0, len(h), CHUNK):
+            c = h[lo:lo + CHUNK]
+            s = t[:len(c)]
+            for shift, inverse in _UNDO:
+                np.right_shift(c, shift, out=s)      # x >> s
+                c ^= s
+                np.right_shift(s, shift, out=s)      # x >> 2s
+                c ^= s
+                if inverse is not None:
+                    c *= inverse
+            c -= GAMMA
     return h
 
 

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 
 from psrv import schedule
-from psrv.partition import splitmix64
+from psrv.partition import CHUNK, splitmix64, splitmix64_inplace
 from psrv.schedule import Cursor, Schedule, assign, block_order, epoch_order, share, storage_order, unsplitmix64
 
 from .test_e2e import M64, block_order as block_order_py, epoch_order as epoch_order_py
 
 
-@pytest.mark.parametrize("seed,shard,epoch,size", [(0, 0, 0, 10), (7, 3, 2, 1000), (2**40, 1, 9, 1), (3, 0, 0, 0)])
+@pytest.mark.parametrize("seed,shard,epoch,size", [(0, 0, 0, 10), (7, 3, 2, 1000), (2**40, 1, 9, 1), (3, 0, 0, 0),
+                                                   (5, 2, 1, 2 * CHUNK + 7)])   # the mixes work chunk by chunk
 def test_epoch_order_matches_the_documented_rule(seed, shard, epoch, size):
     got = epoch_order(seed, shard, epoch, size)
     assert got.dtype == np.int64 and got.tolist() == epoch_order_py(seed, shard, epoch, size)
@@ -19,6 +20,21 @@ def test_unsplitmix64_inverts_splitmix64():
     x = np.random.default_rng(3).integers(0, 2**64, 10_000, dtype=np.uint64, endpoint=False)
     x = np.concatenate([x, np.array([0, 1, 2**63, 2**64 - 1], dtype=np.uint64)])
     assert (unsplitmix64(splitmix64(x)) == x).all()
+
+
+def test_splitmix64_in_place_over_several_chunks_and_shapes_matches_python_ints():
+    from .test_keyrange import mix
+    x = np.random.default_rng(4).integers(0, 2**64, 2 * CHUNK + 3, dtype=np.uint64, endpoint=False)
+    x[:3] = [0, 2**63, 2**64 - 1]
+    want = [mix(int(v)) for v in x]
+    assert splitmix64(x).tolist() == want and x[1] == 2**63        # the input left as it was
+    grid = x[:-3].reshape(2, CHUNK).copy()                         # two dimensions: mixed element by element
+    assert splitmix64_inplace(grid) is grid and grid.ravel().tolist() == want[:-3]
+    assert int(splitmix64(np.uint64(x[5]))) == want[5]             # a scalar
+    with pytest.raises(ValueError, match="C-contiguous uint64"):
+        splitmix64_inplace(x[::2])                                 # in place in a copy would be lost
+    with pytest.raises(ValueError, match="C-contiguous uint64"):
+        splitmix64_inplace(x.view(np.int64))
 
 
 def test_epoch_order_when_key_plus_position_wraps_past_2_64(monkeypatch):
