@@ -118,6 +118,49 @@ def order_costs(chunks: int) -> dict:
             "argsort": _per_call(argsort_way, 1, calls)}
 
 
+GROUP_MEMBERS = (1, 2, 8, 15)   # group steps' members: up to a 16-core machine's workers
+
+
+def group_costs(chunks: int) -> dict:
+    """psrv/group.py's Member.step, a group sub-step's own cost, with every other member's gradient already in
+    (no wait): publish, one look at the members' counts, the mean of M gradients of d = D, theta updated. Next to
+    it the same mean summed one by one in id order, as Member.step summed it before (and still does when the ids
+    are not consecutive)."""
+    from psrv import blocks
+    from psrv.group import COUNT, SUBS, Group, Member
+    out = {}
+    for m in GROUP_MEMBERS:
+        seg = Group.create(blocks.run_prefix() + f"overhead{m}", m, (D,), np.float64)
+        try:
+            for j in range(1, m):   # the others: far ahead, with rows in every sub-step
+                seg.set_word(j, COUNT, 1 << 61)
+                seg.set_word(j, SUBS, 1 << 60)
+            me = Member(seg, 0, 10.0)
+            me.begin(0, 1 << 40, 1 << 40, list(range(m)))
+            seg.grads[...] = np.random.default_rng(0).standard_normal(seg.grads.shape)
+            theta, total, k = np.zeros(D), np.empty(D), [0]
+
+            def step():
+                me.step(k[0], theta, 1e-9)
+                k[0] += 1
+
+            def one_by_one():
+                g = seg.grads[0]
+                if m == 1:
+                    np.multiply(g[0], 1e-9, out=total)
+                else:
+                    np.add(g[0], g[1], out=total)
+                    for j in range(2, m):
+                        np.add(total, g[j], out=total)
+                    np.multiply(total, 1e-9 / m, out=total)
+                np.subtract(theta, total, out=theta)
+            out[m] = {"step": _per_call(step, CHUNK, chunks), "one by one": _per_call(one_by_one, CHUNK, chunks)}
+            del me, step, one_by_one
+        finally:
+            seg.close()
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ coordinator
 def coordinator_costs(n: int, mode: str, chunks: int) -> dict:
     """(handle s, store s) per push for n workers pushing with pull = true in turn: medians over chunks."""
@@ -347,8 +390,8 @@ def plain_step(order: str, chunks: int) -> float:
 # ------------------------------------------------------------------------------------------------ the benchmark
 def measure_once(quick: bool) -> dict:
     chunks = CHUNKS[quick]
-    res: dict = {"protocol": protocol_costs(chunks), "order": order_costs(chunks), "coordinator": {}, "mailbox": {},
-                 "worker": {}}
+    res: dict = {"protocol": protocol_costs(chunks), "order": order_costs(chunks), "group": group_costs(chunks),
+                 "coordinator": {}, "mailbox": {}, "worker": {}}
     for n in (1, 2):
         for mode in ("bsp", "asp"):
             res["coordinator"][f"{n} {mode}"] = coordinator_costs(n, mode, chunks)
@@ -391,6 +434,10 @@ def figures(res: dict) -> list[tuple[str, str, str, float]]:
         part = f"epoch order of a shard ({ORDER_ROWS:,} rows)"
         out += [(part, "epoch_order (a sort of the hashes, then splitmix64 inverted)", "", res["order"]["epoch_order"]),
                 (part, "an argsort of the hashes (the rule as stated; the same order)", "", res["order"]["argsort"])]
+    for m, v in res.get("group", {}).items():   # (not in the reference measurement)
+        part, where = f"group sub-step (d = {D}, the others' gradients in)", f"M = {m} members"
+        out += [(part, "Member.step: publish, look, mean of the M gradients, theta updated", where, v["step"]),
+                (part, "the mean summed one by one, theta updated (the rule before)", where, v["one by one"])]
     for key, v in res["coordinator"].items():
         n, mode = key.split()
         out.append(("coordinator (no shell)", "handle() per push", f"N = {n}, {mode.upper()}", v["handle"]))

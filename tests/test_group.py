@@ -123,3 +123,37 @@ def test_places_are_checked(segment):
         m.begin(0, 2, 2, [0, 2])
     with pytest.raises(ValueError, match="is not a set"):
         m.begin(0, 2, 2, [1, 5])
+
+
+@pytest.mark.parametrize("members", [[0, 1, 2, 3, 4], [1, 2, 3], [0, 1, 3, 4]])
+def test_the_mean_adds_the_gradients_in_id_order_whichever_way_it_is_summed(members):
+    """Consecutive ids are summed in one reduction, others one by one: both must add in id order, as every
+    member's copy of theta must be the same bit for bit (oracle: the same arithmetic written out)."""
+    seg = Group.create(blocks.run_prefix() + "groupsum", 5, (64,), np.float64)
+    try:
+        lr, rng = 0.1, np.random.default_rng(9)
+        # magnitudes far apart, so that another order of the additions rounds differently
+        grads = {w: rng.standard_normal(64) * 10.0 ** rng.integers(-8, 8, 64) for w in members}
+        out = {}
+
+        def work(wid):
+            m = Member(Attached(seg), wid, 30.0)
+            m.begin(0, 1, 1, members)
+            theta = np.ones(64)
+            m.grad(0)[...] = grads[wid]
+            m.step(0, theta, lr)
+            m.group.close()
+            out[wid] = theta
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in members]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        s = grads[members[0]] + grads[members[1]]
+        for w in members[2:]:
+            s = s + grads[w]
+        want = np.ones(64) - s * (lr * (1.0 / len(members)))
+        assert all(np.array_equal(out[w], want) for w in members)
+    finally:
+        seg.close()
