@@ -25,7 +25,14 @@ a quiet one). Each figure, in µs, is the least over a few passes of a median ov
   loop's are, plus the copy of theta).
 
 - **epoch order**: psrv.schedule.epoch_order on a shard of 200,000 rows (the small scaling job's, one worker), next
-  to an argsort of the same hashes, which is how its rule is stated and how it was computed before.
+  to the same order written out as numpy expressions (how it was computed before: each step makes temporaries of
+  the shard's size, and every fresh one faults its pages in) and to an argsort of the same hashes (how its rule is
+  stated). Each in a fresh process of its own, as a worker computes it: what a fresh array costs depends on what
+  the process allocated and freed before; the page faults per call are in the notes.
+- **group sub-step**: psrv/group.py's Member.step for M = 1, 2, 8 and 15 members (d = 100), every other member's
+  gradient already in, so no wait: publish, one look at the members' counts, the mean of the M gradients, theta
+  updated. Next to it the same mean summed one by one in id order, as Member.step summed it before (a 16-core
+  machine runs 15 workers).
 - **worker's first step**: one launched worker (the launcher's processes, as a user runs it) on data of the
   compute-bound scaling job's size (100,000 x 1000, batch 2000): the time from the opening of the run to its first
   applied step, next to the median time between the steps after it. The first step used to pay for the pages of
@@ -103,19 +110,60 @@ def protocol_costs(chunks: int) -> dict:
 ORDER_ROWS = 200_000   # the epoch-order figure: a shard of the small scaling job run by one worker
 
 
-def order_costs(chunks: int) -> dict:
-    """psrv.schedule.epoch_order on a shard of ORDER_ROWS rows, next to the argsort of the same hashes that its
-    rule states (what it computed before: the same order)."""
+def _written_out(key: np.uint64) -> np.ndarray:
+    """epoch_order as it was computed before (the same order): splitmix64 and its inverse written as numpy
+    expressions, each step making temporaries of the shard's size."""
+    from psrv.schedule import _INV_M1, _INV_M2
+    with np.errstate(over="ignore"):
+        z = key + np.arange(ORDER_ROWS, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h = z ^ (z >> np.uint64(31))
+        h.sort()
+        t = np.empty_like(h)
+        for s, inverse in ((31, _INV_M2), (27, _INV_M1), (30, None)):
+            np.right_shift(h, np.uint64(s), out=t)
+            h ^= t
+            np.right_shift(t, np.uint64(s), out=t)
+            h ^= t
+            if inverse is not None:
+                h *= inverse
+        h -= np.uint64(0x9E3779B97F4A7C15) + key
+    return h.view(np.int64)
+
+
+def _order_child(way: str, calls: int) -> tuple[float, float]:
+    """In a fresh process, as a worker computes its epoch orders: (seconds per call, minor page faults per call),
+    medians over `calls` calls after one unmeasured call. How much a fresh array costs depends on what the process
+    allocated and freed before (the C library's allocator), so each way runs in a process of its own."""
+    import resource
     from psrv.partition import splitmix64
     from psrv.schedule import epoch_key, epoch_order
     key = np.uint64(epoch_key(1, 0, 3))
+    fn = {"epoch_order": lambda: epoch_order(1, 0, 3, ORDER_ROWS),
+          "written out": lambda: _written_out(key),
+          "argsort": lambda: np.argsort(splitmix64(key + np.arange(ORDER_ROWS, dtype=np.uint64)))}[way]
+    fn()
+    times, faults = [], []
+    for _ in range(calls):
+        f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return statistics.median(times), statistics.median(faults)
 
-    def argsort_way():
-        with np.errstate(over="ignore"):
-            return np.argsort(splitmix64(key + np.arange(ORDER_ROWS, dtype=np.uint64)))
+
+def order_costs(chunks: int) -> dict:
+    """psrv.schedule.epoch_order on a shard of ORDER_ROWS rows, each way in a fresh process: now, written out as
+    before (the same order), and the argsort of the same hashes that its rule states."""
+    import concurrent.futures
+    import multiprocessing
     calls = max(5, chunks // 20)    # a call takes milliseconds: fewer than the microsecond figures' chunks
-    return {"epoch_order": _per_call(lambda: epoch_order(1, 0, 3, ORDER_ROWS), 1, calls),
-            "argsort": _per_call(argsort_way, 1, calls)}
+    out = {}
+    for way in ("epoch_order", "written out", "argsort"):
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            out[way], out[way + " faults"] = pool.submit(_order_child, way, calls).result(timeout=300)
+    return out
 
 
 GROUP_MEMBERS = (1, 2, 8, 15)   # group steps' members: up to a 16-core machine's workers
@@ -432,8 +480,12 @@ def figures(res: dict) -> list[tuple[str, str, str, float]]:
     out = [("protocol", what, "", v) for what, v in res["protocol"].items()]
     if "order" in res:    # (not in the reference measurement)
         part = f"epoch order of a shard ({ORDER_ROWS:,} rows)"
-        out += [(part, "epoch_order (a sort of the hashes, then splitmix64 inverted)", "", res["order"]["epoch_order"]),
-                (part, "an argsort of the hashes (the rule as stated; the same order)", "", res["order"]["argsort"])]
+        o, where = res["order"], "a fresh process"
+        out += [(part, "epoch_order (a sort of the hashes, then splitmix64 inverted in place)", where, o["epoch_order"])]
+        if "written out" in o:
+            out += [(part, "the same, written out with temporaries (how it was computed before)", where,
+                     o["written out"])]
+        out += [(part, "an argsort of the hashes (the rule as stated; the same order)", where, o["argsort"])]
     for m, v in res.get("group", {}).items():   # (not in the reference measurement)
         part, where = f"group sub-step (d = {D}, the others' gradients in)", f"M = {m} members"
         out += [(part, "Member.step: publish, look, mean of the M gradients, theta updated", where, v["step"]),
@@ -490,6 +542,11 @@ def run(quick: bool = False) -> dict:
              f"{FIRST_ROWS:,} x 1000 rows, the medians over {WORKER_RUNS[quick]} launched runs of "
              f"{FIRST_STEPS + 1} steps. Load average (1, 5, 15 min) when it "
              f"ended: {', '.join(f'{x:.2f}' for x in os.getloadavg())}."]
+    o = res.get("order", {})
+    if "written out faults" in o:
+        notes.append(f"Epoch order, minor page faults per call (the median): epoch_order {o['epoch_order faults']:.0f}, "
+                     f"written out with temporaries {o['written out faults']:.0f}, the argsort "
+                     f"{o['argsort faults']:.0f}.")
     if before:
         notes.append(f"'before': {before['what']}")
     return {
