@@ -176,7 +176,9 @@ class Train:
                            "a BSP step averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
     group_steps: int = opt(1, "BSP among the workers on the server's machine through shared memory: each push covers "
                            "this many steps, in each of which the workers average their gradients themselves and "
-                           "apply the mean at the step's rate (psrv/group.py); the result is BSP's, with one server "
+                           "apply the mean at the step's rate, each gradient clipped to train.clip_norm and "
+                           "model.l2's term added as the server would (psrv/group.py); the result is BSP's (with "
+                           "sgd), with one server "
                            "round trip per group_steps steps; train.steps, the schedule and the logs count group "
                            "steps (of group_steps batches per worker each); 1: every step goes through the server",
                            lo=1, hi=1_000_000)
@@ -390,7 +392,6 @@ def check_combinations(cfg: Config) -> None:
     if t.group_steps > 1:
         need = {"train.consistency": (t.consistency, "bsp"), "train.optimizer": (t.optimizer, "sgd"),
                 "train.local_steps": (t.local_steps, 1), "train.backup_workers": (t.backup_workers, 0),
-                "train.clip_norm": (t.clip_norm, 0.0), "model.l2": (cfg.model.l2, 0.0),
                 "server.shards": (cfg.server.shards, 1), "worker.shm": (cfg.worker.shm, True)}
         for key, (got, want) in need.items():
             if got != want:

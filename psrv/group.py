@@ -16,6 +16,15 @@ point the sums are taken in another order). Every member sums the gradients in t
 their copies of theta are the same bit for bit. The result is BSP with batch_size rows per worker and step, the
 schedule's rate held for K steps.
 
+Clipping and L2, which the server applies to each push at a BSP step, are the members' here, at each sub-step:
+each clips its own g_i,k to train.clip_norm before publishing it, and each adds model.l2's term, l2 * w_k (w_k:
+theta_k's penalized rows, the weights; the intercept row is not), to the mean it applies. The push becomes
+P_i = sum_k g_i,k + sum_k l2 * w_k, so that (1/n) sum_i P_i is again (theta_t - last iterate) / lr, and the server
+neither clips nor penalizes these pushes (rangeserver.make_store). The term moves theta at every sub-step, so with
+l2 > 0 a member whose rows ran out follows the remaining sub-steps without a gradient of its own (it publishes,
+waits and applies the mean like the others) until a sub-step no member has rows for, which changes nothing and
+ends the group step, as a BSP step without gradients does.
+
 The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS; a line each, so that no two
 workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may publish
 sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped like theta.
@@ -31,6 +40,7 @@ last iterate: the result is exact only while no member leaves. Stores become vis
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -92,14 +102,25 @@ class Group:
 class Member:
     """One worker's side of a group step (see the module's docstring)."""
 
-    def __init__(self, group: Group, me: int, timeout_s: float):
+    def __init__(self, group: Group, me: int, timeout_s: float, l2: float = 0.0, l2_rows: int = 0,
+                 clip_norm: float = 0.0):
+        """l2: model.l2, on theta's first l2_rows rows (the weights, not the intercept); clip_norm:
+        train.clip_norm. The server applies neither to a group step's pushes: the members apply them at each
+        sub-step, as the server does at each BSP step (see the module's docstring)."""
         if not 0 <= me < group.members:
             raise ValueError(f"worker {me} has no place in a group of {group.members}")
+        if not (0 <= l2 < math.inf and 0 <= clip_norm < math.inf and 0 <= l2_rows <= (group.shape or (1,))[0]):
+            raise ValueError(f"l2 {l2}, l2_rows {l2_rows} or clip_norm {clip_norm} do not fit theta {group.shape}")
         self.group, self.me, self.timeout_s = group, me, timeout_s
+        self.l2, self.l2_rows, self.clip_norm = l2, l2_rows, clip_norm
         self.left = False
         self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
+        self.clipped = 0             # own gradients scaled down to clip_norm, over the run
         self._sum = np.empty(group.shape, group.dtype)
         self._own = np.empty(group.shape, group.dtype)   # gradients once it has left: never in the shared buffers
+        # the L2 terms of the group step's sub-steps, l2 * theta_k on the penalized rows, summed: part of the push
+        self.penalty = np.zeros(group.shape, group.dtype) if l2 else None
+        self._term = np.empty(group.shape, group.dtype) if l2 else None
 
     def begin(self, clock: int, k_steps: int, subs: int, members: list[int]) -> None:
         """A group step at `clock` of k_steps sub-steps, `subs` of them with rows here, among `members`."""
@@ -112,26 +133,49 @@ class Member:
         per = LINE // 8
         self._words = [(j, j * per + COUNT, j * per + SUBS) for j in self.members]   # where each one's words are
         self.left = False
+        if self.penalty is not None:
+            self.penalty[...] = 0.0
         self.group.set_word(self.me, SUBS, subs)
+
+    @property
+    def follows(self) -> bool:
+        """Whether it takes part in the sub-steps after its own rows have ended: with an L2 term, each sub-step
+        changes theta even without this member's gradient, and its push must carry that sub-step's term."""
+        return self.penalty is not None
+
+    def clip(self, g: np.ndarray) -> None:
+        """Scale its own gradient down to clip_norm, in place, before it is published (the server's clipping of
+        each worker's gradient at a BSP step: the norm by np.vdot, as psrv/store.py's)."""
+        if self.clip_norm > 0:
+            norm = math.sqrt(float(np.vdot(g, g)))
+            if norm > self.clip_norm:
+                self.clipped += 1
+                g *= self.clip_norm / norm
 
     def grad(self, k: int) -> np.ndarray:
         """Where sub-step k's gradient goes: straight into the shared buffer (after leaving, a buffer of its own:
         a member that counted it in may still be reading the shared one)."""
         return self._own if self.left else self.group.grads[k & 1, self.me]
 
-    def step(self, k: int, theta: np.ndarray, lr: float) -> None:
-        """Publish sub-step k's gradient (already in grad(k)), wait for the members, and apply their mean to theta
-        (this worker's copy). Alone (after leaving): apply its own gradient, as plain SGD."""
+    def step(self, k: int, theta: np.ndarray, lr: float, rows: bool = True) -> bool:
+        """Publish sub-step k's gradient (already in grad(k); rows = False: it has none, it only follows), wait
+        for the members, and apply their mean (and the L2 term) to theta, this worker's copy. Alone (after
+        leaving): apply its own gradient, as plain SGD. False when no member had rows at k: nothing was applied,
+        and no later sub-step of this group step has any either."""
         if self.left:
-            theta -= lr * self._own
-            return
+            if rows:
+                self._apply_alone(theta, self._own, lr)
+            return rows
         target = self.base + k + 1
         self._publish(target)
         included = self._wait(k, target)
         if included is None:
             self.leave()
-            theta -= lr * self.group.grads[k & 1, self.me]
-            return
+            if rows:
+                self._apply_alone(theta, self.group.grads[k & 1, self.me], lr)
+            return rows
+        if not included:
+            return False
         g = self.group.grads[k & 1]
         s = self._sum
         # in the members' order, the same in every member, which all get the same `included` and so take the same
@@ -149,6 +193,25 @@ class Member:
             for j in included[2:]:
                 s += g[j]
             s *= lr * self.scale
+        if self.penalty is not None:
+            self._add_l2(s, theta, lr)
+        theta -= s
+        return True
+
+    def _add_l2(self, s: np.ndarray, theta: np.ndarray, lr: float) -> None:
+        """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step), and the term into the
+        push's penalty."""
+        r, t = self.l2_rows, self._term
+        np.multiply(theta[:r], self.l2, out=t[:r])
+        self.penalty[:r] += t[:r]
+        t[:r] *= lr
+        s[:r] += t[:r]
+
+    def _apply_alone(self, theta: np.ndarray, g: np.ndarray, lr: float) -> None:
+        s = self._sum
+        np.multiply(g, lr, out=s)
+        if self.penalty is not None:
+            self._add_l2(s, theta, lr)
         theta -= s
 
     def finish(self) -> None:

@@ -399,8 +399,10 @@ class Server:
                                                        self.store.theta.shape, self.store.theta.dtype)
             spec["shm"] = {"theta": self.theta_shm.name, "slot": self.slots[p.wid].name}
             if self.group is not None:
+                # the members clip and penalize at each sub-step; the server's store does neither to their pushes
                 spec["shm"]["group"] = {"name": self.group.name, "members": self.group.members,
-                                        "timeout_s": self._group_timeout_s()}
+                                        "timeout_s": self._group_timeout_s(), "l2": self.cfg.model.l2,
+                                        "l2_rows": self.model.l2_rows, "clip_norm": t.clip_norm}
             if self.spin_s > 0 or self.bell is not None:
                 # one per incarnation: a reply to the previous one's last request (an error, by now) must never
                 # reach the new one, whose request ids may start again from 1 (a restarted process)
@@ -561,7 +563,9 @@ class Server:
             "metric": self.model.metric_name, "test_loss": test[0] if test else None,
             "test_metric": test[1] if test else None, "partition": self.cfg.data.partition,
             "shards": len(self.layout.shards), "rows": self.block.spec.n_train, "test_rows": self.block.spec.n_test,
-            "cols": self.block.spec.d, "model": self.cfg.model.kind, "clipped": self.store.clipped,
+            "cols": self.block.spec.d, "model": self.cfg.model.kind,
+            # group steps: the workers clip at each sub-step, which no push tells the server (each worker logs it)
+            "clipped": None if self.group is not None and self.cfg.train.clip_norm > 0 else self.store.clipped,
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
             "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,

@@ -74,8 +74,6 @@ def test_override_values_are_read_as_toml(override, expected):
     ({"train": {"group_steps": 4, "optimizer": "adam"}}, "train.group_steps: group steps need train.optimizer = 'sgd'"),
     ({"train": {"group_steps": 4, "local_steps": 2, "lr_schedule": "constant"}},
      "train.group_steps: group steps need train.local_steps = 1"),
-    ({"train": {"group_steps": 4, "clip_norm": 1.0}}, "train.group_steps: group steps need train.clip_norm = 0.0"),
-    ({"train": {"group_steps": 4}, "model": {"l2": 0.1}}, "train.group_steps: group steps need model.l2 = 0.0"),
     ({"train": {"group_steps": 4}, "worker": {"shm": False}}, "train.group_steps: group steps need worker.shm = True"),
     ({"train": {"group_steps": 2, "workers": 3, "backup_workers": 1}},
      "train.group_steps: group steps need train.backup_workers = 0"),

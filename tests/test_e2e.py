@@ -158,10 +158,12 @@ def test_local_sgd_equals_serial_model_averaging(tmp_path, order):
     assert r.summary["samples"] == steps * workers * 4 * batch
 
 
-def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False):
+def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False, l2=0.0, clip_norm=0.0):
     """train.group_steps = K in one process: step t takes each shard's next K * batch rows (never across an epoch's
-    end), and for each sub-step k applies theta <- theta - lr_at(t) / N * (sum over the shards that still have rows
-    at k of the gradient on their k-th `batch` rows), N the number of shards (workers)."""
+    end), and for each sub-step k applies theta <- theta - lr_at(t) * (1/N * (sum over the shards that still have
+    rows at k of the gradient on their k-th `batch` rows, each scaled down to norm clip_norm if longer) + l2 * the
+    weights (theta without the intercept)), N the number of shards (workers); a sub-step no shard has rows for
+    changes nothing, as a BSP step without gradients."""
     A, unscale = standardized(X)
     theta = np.zeros(A.shape[1])
     batches = Batches(shards, batch, seed, blocks)
@@ -171,12 +173,16 @@ def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False)
             idx = batches.take(s, batch * k_steps)
             parts.append([idx[lo:lo + batch] for lo in range(0, len(idx), batch)])
         for k in range(k_steps):
-            g = np.zeros_like(theta)
+            grads = []
             for sub in parts:
                 if k < len(sub):
                     p = sub[k]
-                    g += 2.0 / len(p) * A[p].T @ (A[p] @ theta - y[p])
-            theta -= lr_at(t) / len(shards) * g
+                    gi = 2.0 / len(p) * A[p].T @ (A[p] @ theta - y[p])
+                    norm = np.linalg.norm(gi)
+                    grads.append(gi * (clip_norm / norm) if 0 < clip_norm < norm else gi)
+            if grads:
+                weights = np.r_[theta[:-1], 0.0]
+                theta = theta - lr_at(t) * (sum(grads) / len(shards) + l2 * weights)
     return unscale(theta)
 
 
@@ -196,6 +202,31 @@ def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
     expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["steps"] == steps and r.summary["workers"] == workers
+
+
+@pytest.mark.parametrize("l2,clip_norm", [(0.05, 0.0), (0.0, 1.5), (0.05, 1.5)])
+def test_group_steps_with_l2_and_clipping_equal_serial_bsp_of_the_sub_steps(tmp_path, l2, clip_norm):
+    """The members clip each gradient and add model.l2's term at every sub-step, as the server does at a BSP step,
+    and push the sub-steps' L2 terms with their gradients; a member whose rows end early (an epoch's end) still
+    follows the sub-steps, which the L2 term moves. The serial oracle does the same arithmetic in one process."""
+    # shards of 632, 647 and 621 rows: at step 5, worker 1's epoch ends after one sub-step of 7 rows while the
+    # others take 4 sub-steps of their next epoch, which it follows
+    n, d, batch, steps, lr, workers, k = 1900, 5, 32, 12, 0.05, 3, 4
+    r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4},
+                    "model": {"l2": l2},
+                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
+                              "lr_schedule": "cosine", "group_steps": k, "clip_norm": clip_norm},
+                    "output": {"dir": str(tmp_path), "plot": False}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
+    shards = shard_rows(n, workers, "hash")
+    expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, l2=l2,
+                            clip_norm=clip_norm)
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    # the oracle without the term or the clipping is another run: the test can tell them apart
+    plain = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k)
+    assert np.abs(plain - expected).max() > 1e-4 * np.abs(expected).max()
+    # the workers clip, which no push tells the server: its summary does not pretend to have counted
+    assert r.summary["clipped"] == (None if clip_norm else 0)
 
 
 def lstsq_loss(X, y):

@@ -29,19 +29,26 @@ def grad_of(member: int, k: int) -> np.ndarray:
     return np.arange(4.0) * (member + 1) + 10.0 * k
 
 
-def run_members(segment, plan: dict, k_steps: int, lr: float, timeout_s: float = 30.0, clock: int = 0) -> dict:
+def run_members(segment, plan: dict, k_steps: int, lr: float, timeout_s: float = 30.0, clock: int = 0,
+                l2: float = 0.0, l2_rows: int = 0) -> dict:
     """Each worker in `plan` (wid -> sub-steps with rows) on a thread of its own: sub-step k's gradient is
-    grad_of(wid, k) + its theta (so that it depends on the step's iterate). Returns wid -> (theta, member)."""
+    grad_of(wid, k) + its theta (so that it depends on the step's iterate). With model.l2's term, a member whose
+    rows end early follows the remaining sub-steps without rows, as workers/worker.py does. Returns wid ->
+    (theta, member)."""
     members, out = sorted(plan), {}
 
     def work(wid):
-        m = Member(Attached(segment), wid, timeout_s)
+        m = Member(Attached(segment), wid, timeout_s, l2=l2, l2_rows=l2_rows)
         m.begin(clock, k_steps, plan[wid], members)
         theta = np.ones(4)
         for k in range(plan[wid]):
             np.add(grad_of(wid, k), theta, out=m.grad(k))
             m.step(k, theta, lr)
-        if plan[wid] < k_steps:
+        k = plan[wid]
+        if m.follows:
+            while k < k_steps and m.step(k, theta, lr, rows=False):
+                k += 1
+        elif k < k_steps:
             m.finish()
         m.group.close()
         out[wid] = (theta, m)
@@ -157,3 +164,46 @@ def test_the_mean_adds_the_gradients_in_id_order_whichever_way_it_is_summed(memb
         assert all(np.array_equal(out[w], want) for w in members)
     finally:
         seg.close()
+
+
+def serial_l2(plan: dict, k_steps: int, lr: float, n: int, l2: float, l2_rows: int) -> tuple:
+    """(theta, the summed L2 terms) of the sub-steps, in one process; a sub-step no member has rows for is
+    skipped."""
+    theta, penalty = np.ones(4), np.zeros(4)
+    for k in range(k_steps):
+        grads = [grad_of(w, k) + theta for w in sorted(plan) if k < plan[w]]
+        if grads:
+            term = np.zeros(4)
+            term[:l2_rows] = l2 * theta[:l2_rows]
+            penalty += term
+            theta = theta - lr * (sum(grads) / n + term)
+    return theta, penalty
+
+
+@pytest.mark.parametrize("plan", [{0: 4, 1: 2, 2: 4}, {0: 2, 1: 1, 2: 2}])
+def test_with_l2_a_member_whose_rows_end_early_follows_the_sub_steps(segment, plan):
+    """model.l2 moves theta at every sub-step, with or without a member's gradient: a member out of rows follows
+    (its copy of theta stays the same bit for bit as the others') and sums every sub-step's term for its push;
+    sub-steps no member has rows for (the second plan's last two) change nothing and end the following."""
+    lr, l2, rows = 0.05, 0.3, 3     # the last row unpenalized, as an intercept
+    out = run_members(segment, plan, 4, lr, l2=l2, l2_rows=rows)
+    want_theta, want_penalty = serial_l2(plan, 4, lr, 3, l2, rows)
+    for theta, m in out.values():
+        assert np.array_equal(theta, out[0][0]) and np.array_equal(m.penalty, out[0][1].penalty)
+        assert not m.left
+    np.testing.assert_allclose(out[0][0], want_theta, rtol=1e-13)
+    np.testing.assert_allclose(out[0][1].penalty, want_penalty, rtol=1e-13)
+    assert out[0][1].penalty[3] == 0.0
+
+
+def test_a_member_clips_its_own_gradient_before_it_is_published(segment):
+    m = Member(segment, 0, 1.0, clip_norm=2.0)
+    g = np.array([3.0, 4.0, 0.0, 0.0])             # norm 5
+    m.clip(g)
+    np.testing.assert_allclose(g, [1.2, 1.6, 0.0, 0.0], rtol=1e-15)
+    small = np.array([0.3, 0.4, 0.0, 0.0])
+    m.clip(small)                                  # shorter than clip_norm: left as it is
+    assert small.tolist() == [0.3, 0.4, 0.0, 0.0] and m.clipped == 1
+    for bad in ({"l2": -1.0}, {"clip_norm": float("nan")}, {"l2": 0.1, "l2_rows": 5}):
+        with pytest.raises(ValueError, match="do not fit theta"):
+            Member(segment, 0, 1.0, **bad)

@@ -315,6 +315,8 @@ class Worker:
         # the server has already counted us out when it says stop; no goodbye needed
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
+        if member is not None and member.clipped:   # the server's summary cannot count these: it never sees them
+            log.info("worker %d: %d of its gradients clipped to train.clip_norm", self.wid, member.clipped)
         return 0
 
     def _warm(self, welcome: dict, seed: int, Xb: np.ndarray, yb: np.ndarray) -> None:
@@ -439,10 +441,11 @@ class Worker:
             np.subtract(work, g, out=work)
         return self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, lambda k: g, apply)
 
-    def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply) -> float:
+    def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply,
+                   clip=None) -> float:
         """What local SGD and group steps share: a copy of theta in `work`, then the batch's rows b at a time in its
-        order, sub-step k's gradient computed at `work` into grad_of(k), added to `out` (the push), then
-        apply(k, gradient) changes `work`. Returns the mean loss of the rows."""
+        order, sub-step k's gradient computed at `work` into grad_of(k) (then clip(gradient), if given), added to
+        `out` (the push), then apply(k, gradient) changes `work`. Returns the mean loss of the rows."""
         shard, epoch, start, count = batch
         idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
         np.copyto(work, theta)
@@ -453,6 +456,8 @@ class Worker:
             Xr, yr = _rows(X, y, idx[lo:lo + rows], Xb, yb, self.block_rows > 0)
             g = grad_of(k)
             total += model.loss_grad(work, Xr, yr, g) * rows
+            if clip is not None:
+                clip(g)
             out += g
             apply(k, g)
         return total / count
@@ -470,15 +475,17 @@ class Worker:
                                    welcome["theta_dtype"])
         self._group = g
         try:
-            return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]))
-        except ValueError as e:
+            return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]), float(spec.get("l2", 0.0)),
+                                    int(spec.get("l2_rows", 0)), float(spec.get("clip_norm", 0.0)))
+        except (TypeError, ValueError) as e:
             raise RunError(f"worker {self.wid}", str(e)) from None
 
     def _group_step(self, model, theta, X, y, batch, seed: int, b: int, h: dict, member, k_steps: int, Xb, yb,
                     work, out) -> float:
         """Group steps (train.group_steps = K, psrv/group.py): the batch's rows b at a time, each sub-step's
         gradient averaged with the other members' through shared memory and applied to a copy of theta at the
-        step's rate; `out` gets the sum of this worker's gradients (the push). Returns the mean loss of the rows."""
+        step's rate, with train.clip_norm and model.l2 as the server would apply them; `out` gets the push: the
+        sum of this worker's (clipped) gradients, plus the sub-steps' L2 terms. Returns the mean loss of the rows."""
         count = batch[3]
         lr, members = h.get("lr"), h.get("group")
         if type(lr) is not float or not math.isfinite(lr) or type(members) is not list \
@@ -498,9 +505,16 @@ class Worker:
             self.before_sub_step(clock, k)
             return member.grad(k)
         loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, grad_of,
-                               lambda k, g: member.step(k, work, lr))
+                               lambda k, g: member.step(k, work, lr), member.clip if member.clip_norm > 0 else None)
         if subs < k_steps:
-            member.finish()
+            if member.follows:   # an L2 term moves theta at every sub-step: it follows them without rows
+                k = subs
+                while k < k_steps and member.step(k, work, lr, rows=False):
+                    k += 1
+            else:
+                member.finish()
+        if member.penalty is not None:   # the sub-steps' L2 terms, which the server leaves to the members
+            out += member.penalty
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
                         "the step alone", self.wid, clock, member.timeout_s)
