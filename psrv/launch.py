@@ -465,8 +465,34 @@ def _print_summary(r: Result, stream=sys.stdout) -> None:
     if s["worker_deaths"] or s["worker_restarts"] or s["server_restarts"]:
         lines.append(f"faults survived: {s['worker_deaths']} worker deaths, {s['worker_restarts']} worker "
                      f"re-registrations, {s['server_restarts']} server restarts")
+    hint = group_steps_hint(s)
+    if hint:
+        lines.append(hint)
     lines.append(f"outputs: {r.out_dir}/")
     stream.write("\n".join(lines) + "\n")
+
+
+HINT_SHARE = 0.25      # a round trip at least this share of a step's gradient time is worth saving
+HINT_TARGET = 10       # ... by enough steps per push that their gradients take this many round trips
+HINT_MAX_K = 64
+
+
+def group_steps_hint(s: dict) -> str:
+    """A line for the summary when a BSP run's pushes waited on the server's round trip for a good share of each
+    step's gradient time (the run's own time split) and group steps could save it; "" otherwise. Group steps give
+    the same result (BSP with sgd, docs/protocol.md), asking the server once per K steps."""
+    split = s.get("time_per_push_ms") or {}
+    compute, trip = split.get("compute") or 0.0, split.get("communication") or 0.0
+    if (s.get("consistency") != "bsp" or s.get("optimizer") != "sgd" or s.get("group_steps", 1) != 1
+            or s.get("local_steps", 1) != 1 or s.get("backup_workers") or compute <= 0
+            or trip < HINT_SHARE * compute):
+        return ""
+    k = 4   # (the least that a round trip of HINT_SHARE of the gradient's time can ask for)
+    while k < HINT_MAX_K and k * compute < HINT_TARGET * trip:
+        k *= 2
+    return (f"hint: each push waited {trip:.3g} ms on the server's round trip, for {compute:.3g} ms of gradient.\n"
+            f"      train.group_steps = {k} gives the same BSP result with one push per {k} steps (the launcher's "
+            f"workers, on one machine; train.steps then counts steps of {k} batches per worker).")
 
 
 def main(argv=None) -> int:

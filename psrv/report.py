@@ -122,7 +122,8 @@ def summary(c, now: float) -> dict:
         # every worker whose gradients were applied, attached ones included (the launcher's count if none was)
         "stopped_by": c.stopping, "workers": len(s.pushes) or c.n_expected, "consistency": c.gate.mode,
         "staleness": t.staleness if c.gate.mode == "ssp" else None, "backup_workers": t.backup_workers,
-        "schedule": t.schedule, "optimizer": t.optimizer, "lr": t.lr,
+        "schedule": t.schedule, "optimizer": t.optimizer, "lr": t.lr, "local_steps": t.local_steps,
+        "group_steps": t.group_steps,
         "batch_size": batch_used(t.batch_size, [cur.size for cur in c.schedule.cursors]),
         "theta_version": c.version, "gradients_applied": s.applied, "samples": s.samples, "rejected": s.rejected,
         "duplicates": s.duplicates, "stale_pushes": m.stale_pushes, "bad_messages": s.bad_messages,

@@ -176,3 +176,33 @@ def test_a_used_output_dir_is_refused_unless_overwrite_and_a_finished_run_is_not
     assert main([*job, "--overwrite"]) == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 20 and s["resumed_from"] is None
+
+
+BSP_RUN = {"consistency": "bsp", "optimizer": "sgd", "group_steps": 1, "local_steps": 1, "backup_workers": 0,
+           "time_per_push_ms": {"compute": 0.219, "wait": 0.08, "communication": 0.243}}
+
+
+def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
+    """The default job's own split (python launch.py): the round trip costs more than the gradient, so the
+    summary suggests K with K gradients >= 10 round trips (16 here), and says what train.steps then counts."""
+    from psrv.launch import group_steps_hint
+    hint = group_steps_hint(BSP_RUN)
+    assert "train.group_steps = 16 " in hint and "0.243 ms" in hint and "0.219 ms" in hint
+    assert "steps of 16 batches" in hint
+    # a round trip far longer than the gradient: K stops at 64
+    assert "train.group_steps = 64 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 0.01,
+                                                                                          "communication": 1.0}})
+    # the shortest round trip hinted at, a quarter of the gradient's time: 4 gradients of 1 ms >= 10 of 0.25 ms
+    assert "train.group_steps = 4 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 1.0,
+                                                                                         "communication": 0.25}})
+
+
+@pytest.mark.parametrize("change", [{"consistency": "asp"}, {"optimizer": "adam"}, {"group_steps": 8},
+                                    {"local_steps": 4}, {"backup_workers": 1}, {"time_per_push_ms": {}},
+                                    {"time_per_push_ms": {"compute": 1.0, "wait": 5.0, "communication": 0.2}}])
+def test_no_group_steps_hint_where_they_do_not_apply_or_would_not_pay(change):
+    """Not for modes group steps cannot run (ASP, another optimizer, backup workers), nor when a mode that talks
+    less is on already, nor without a split, nor when the round trip is under a quarter of the gradient's time
+    (a long barrier wait is another worker's slowness, which group steps do not remove)."""
+    from psrv.launch import group_steps_hint
+    assert group_steps_hint({**BSP_RUN, **change}) == ""
