@@ -19,7 +19,7 @@ import traceback
 
 from .common import CpuMeter, log, machine
 
-BENCHMARKS = ["pushpull", "training", "scaling", "serverload", "overhead", "stragglers", "memory", "peers", "seed",
+BENCHMARKS = ["pushpull", "training", "scaling", "defaultjob", "serverload", "overhead", "stragglers", "memory", "peers", "seed",
               "accuracy", "csvread", "keyserver", "sparse", "shards"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 RATIO_KEYS = ["pushpull_small_vs_raw_zmq", "pull_large_shm_vs_memcpy", "pull_large_zmq_vs_raw_zmq",

@@ -473,26 +473,39 @@ def _print_summary(r: Result, stream=sys.stdout) -> None:
 
 
 HINT_SHARE = 0.25      # a round trip at least this share of a step's gradient time is worth saving
-HINT_TARGET = 10       # ... by enough steps per push that their gradients take this many round trips
+HINT_TARGET = 20       # ... by enough steps per push that their gradients take this many round trips (a round of
+                       # group steps costs more than the round trip measured here: the server's work then interrupts
+                       # a worker on a shared core; 20 keeps that to a few per cent, benchmarks/defaultjob.py)
 HINT_MAX_K = 64
 
 
-def group_steps_hint(s: dict) -> str:
-    """A line for the summary when a BSP run's pushes waited on the server's round trip for a good share of each
-    step's gradient time (the run's own time split) and group steps could save it; "" otherwise. Group steps give
-    the same result (BSP with sgd, docs/protocol.md), asking the server once per K steps."""
+def hint_k(s: dict) -> int:
+    """The train.group_steps K to suggest for a finished run (its summary), 0 for none: a BSP run with sgd whose
+    pushes waited on the server's round trip for HINT_SHARE of their gradient's time or more (the run's own time
+    split), K the least power of 2 whose K gradients take HINT_TARGET round trips, 4 to HINT_MAX_K. Group steps
+    take BSP's steps (docs/protocol.md), asking the server once per K."""
     split = s.get("time_per_push_ms") or {}
     compute, trip = split.get("compute") or 0.0, split.get("communication") or 0.0
     if (s.get("consistency") != "bsp" or s.get("optimizer") != "sgd" or s.get("group_steps", 1) != 1
             or s.get("local_steps", 1) != 1 or s.get("backup_workers") or compute <= 0
             or trip < HINT_SHARE * compute):
-        return ""
-    k = 4   # (the least that a round trip of HINT_SHARE of the gradient's time can ask for)
+        return 0
+    k = 4
     while k < HINT_MAX_K and k * compute < HINT_TARGET * trip:
         k *= 2
-    return (f"hint: each push waited {trip:.3g} ms on the server's round trip, for {compute:.3g} ms of gradient.\n"
-            f"      train.group_steps = {k} gives the same BSP result with one push per {k} steps (the launcher's "
-            f"workers, on one machine; train.steps then counts steps of {k} batches per worker).")
+    return k
+
+
+def group_steps_hint(s: dict) -> str:
+    """The summary's line naming hint_k(s), "" when there is none."""
+    k = hint_k(s)
+    if not k:
+        return ""
+    split = s["time_per_push_ms"]
+    return (f"hint: each push waited {split['communication']:.3g} ms on the server's round trip, for "
+            f"{split['compute']:.3g} ms of gradient.\n"
+            f"      train.group_steps = {k} takes BSP's steps with one push per {k} (the launcher's workers, on one "
+            f"machine; train.steps and the lr schedule then count steps of {k} batches per worker).")
 
 
 def main(argv=None) -> int:

@@ -184,16 +184,16 @@ BSP_RUN = {"consistency": "bsp", "optimizer": "sgd", "group_steps": 1, "local_st
 
 def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
     """The default job's own split (python launch.py): the round trip costs more than the gradient, so the
-    summary suggests K with K gradients >= 10 round trips (16 here), and says what train.steps then counts."""
+    summary suggests K with K gradients >= 20 round trips (32 here), and says what train.steps then counts."""
     from psrv.launch import group_steps_hint
     hint = group_steps_hint(BSP_RUN)
-    assert "train.group_steps = 16 " in hint and "0.243 ms" in hint and "0.219 ms" in hint
-    assert "steps of 16 batches" in hint
+    assert "train.group_steps = 32 " in hint and "0.243 ms" in hint and "0.219 ms" in hint
+    assert "steps of 32 batches" in hint
     # a round trip far longer than the gradient: K stops at 64
     assert "train.group_steps = 64 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 0.01,
                                                                                           "communication": 1.0}})
-    # the shortest round trip hinted at, a quarter of the gradient's time: 4 gradients of 1 ms >= 10 of 0.25 ms
-    assert "train.group_steps = 4 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 1.0,
+    # the shortest round trip hinted at, a quarter of the gradient's time: 8 gradients of 1 ms >= 20 of 0.25 ms
+    assert "train.group_steps = 8 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 1.0,
                                                                                          "communication": 0.25}})
 
 
