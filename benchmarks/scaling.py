@@ -41,6 +41,9 @@ same arithmetic on the same rows.
   mode is reported against both: the usual columns (row-order loop) and "x same-order loop / its ceiling"; its
   time to target is compared with the block-order loop's.
 
+PSRV_SCALING_MODES (comma-separated mode names) keeps only those modes: benchmarks/device.sh uses it to fit a short
+lease of a 16-core machine.
+
 Every measurement is repeated (3 times in full, once with --quick) in rounds: each round measures, for every N, the
 ceiling and then each psrv mode; figures are medians over the rounds and ratios are ratios of medians. The window
 (seconds of training per run) is chosen at start so that the whole benchmark fits its time budget (under 10
@@ -124,6 +127,16 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
         modes += [(f"{m}+blocks", o + ["data.batch_order=blocks"]) for m, o in list(modes)
                   if m in ("bsp", "asp", "localH", "groupK")]
     return modes
+
+
+def chosen_modes(modes: list, names: str) -> list:
+    """The modes named in `names` (comma-separated, the PSRV_SCALING_MODES environment variable: fewer modes, so
+    that more rounds fit a short lease of a large machine, benchmarks/device.sh); all of them when it is empty."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - {m for m, _ in modes})
+    if unknown:
+        raise ValueError(f"PSRV_SCALING_MODES: unknown mode(s) {unknown}; known: {[m for m, _ in modes]}")
+    return [(m, o) for m, o in modes if not wanted or m in wanted]
 
 
 def order_of(mode: str) -> str:
@@ -231,7 +244,7 @@ def run(quick: bool = False, budget_s: float | None = None) -> dict:
     t_start = time.monotonic()
     cores = proc.usable_cores()
     ns = worker_counts(len(cores), quick)
-    modes = psrv_modes()
+    modes = chosen_modes(psrv_modes(), os.environ.get("PSRV_SCALING_MODES", ""))
     repeats = 1 if quick else 3
     log(f"scaling: {len(cores)} usable cores, N = {ns}, modes {[m for m, _ in modes]}, {repeats} round(s)")
     with tempfile.TemporaryDirectory(prefix="psrv-scaling-") as tmp:
