@@ -2,10 +2,12 @@
 columns, batch 512, one worker per usable core, BSP) as it comes, and with train.group_steps = K, against the
 plain numpy loop and its N-copy ceiling, in the same run.
 
-- **psrv, as it comes**: the built-in defaults, a push per step (train.steps = 4000).
-- **psrv, group steps**: the same with train.group_steps = K and train.steps = 4000 // K, about the same number
-  of batches; K is what the first run's printed summary hints at (psrv/launch.py, hint_k; 16 if it names none).
-  Its steps are BSP's; the cosine schedule then moves once per K steps, so the final loss is shown beside each.
+- **psrv, as it comes**: the built-in defaults, a push per step (train.steps = 4000), checkpoints included.
+- **psrv, group steps**: the same with train.group_steps = K, K what the first run's summary hints at
+  (summary.json's group_steps_hint, psrv/report.py; 16 if it names none), and train.steps the group steps that
+  read as many rows per worker (a group step never crosses an epoch's end, so this is more than 4000 / K: the
+  schedule's own cursor counts them). Its steps are BSP's; the cosine schedule then moves once per K steps, so
+  the final loss and the rows read per worker are shown beside each.
 - **Plain loop** and **ceiling**: benchmarks/plain.py's loop on the same rows (X and y as psrv generates them),
   batch 512, one process pinned to a core; the ceiling is N copies together, N the default job's worker count.
 
@@ -20,9 +22,10 @@ import tempfile
 
 import numpy as np
 
-from psrv import config, data, launch, proc
+import psrv
+from psrv import config, data, partition, proc, schedule
 
-from .common import CpuMeter, log, median, spread, train
+from .common import CpuMeter, log, median, spread
 from .plain import PlainLoops
 
 STEPS = 4000            # the default train.steps (checked at start against psrv's defaults)
@@ -32,11 +35,25 @@ WINDOW_S = {False: 2.0, True: 1.0}
 
 
 def _psrv(extra: list[str]) -> dict:
+    """One run of the default job (its checkpoints included, unlike common.train's runs), quiet."""
     meter = CpuMeter()
-    s, _ = train(extra)
+    with tempfile.TemporaryDirectory() as out:
+        s = psrv.train(None, extra + [f"output.dir={out}", "output.plot=false"]).summary
     return {"samples_per_s": s["samples_per_s"], "wall_s": s["wall_s"], "final_loss": s["final_loss"],
-            "steps": s["steps"], "workers": s["workers"], "split": s.get("time_per_push_ms") or {},
-            "hint_k": launch.hint_k(s), "cpu": meter.stop()}
+            "steps": s["steps"], "rows_per_worker": s["samples"] / s["workers"],
+            "split": s.get("time_per_push_ms") or {}, "hint_k": s.get("group_steps_hint") or 0,
+            "rows": s["rows"], "cpu": meter.stop()}
+
+
+def group_steps_for(rows: int, workers: int, how: str, rows_per_worker: int, k: int, batch: int) -> int:
+    """The group steps of k batches that read rows_per_worker rows of shard 0 (of `workers` shards of `rows`
+    training rows, partitioned `how`), as the schedule's cursor serves them: a step never crosses an epoch."""
+    _, shards = partition.layout(np.arange(rows), workers, how)
+    cursor, read, steps = schedule.Cursor(size=shards[0][1]), 0, 0
+    while read < rows_per_worker:
+        read += cursor.take(k * batch)[2]
+        steps += 1
+    return steps
 
 
 def run(quick: bool = False) -> dict:
@@ -59,13 +76,16 @@ def run(quick: bool = False) -> dict:
                 runs["plain"].append(loops.run([cores[0]], 0.3, WINDOW_S[quick], seed=r))
                 runs["ceiling"].append(loops.run(cores[:n], 0.3, WINDOW_S[quick], seed=r))
                 runs["default"].append(_psrv([]))
-                k = k or runs["default"][0]["hint_k"] or K_NO_HINT   # the first run's hint, for every round
-                runs["group"].append(_psrv([f"train.group_steps={k}", f"train.steps={STEPS // k}"]))
+                if not k:   # the first run's hint, for every round
+                    k = runs["default"][0]["hint_k"] or K_NO_HINT
+                    k_steps = group_steps_for(runs["default"][0]["rows"], n, cfg.data.partition,
+                                              runs["default"][0]["rows_per_worker"], k, cfg.train.batch_size)
+                runs["group"].append(_psrv([f"train.group_steps={k}", f"train.steps={k_steps}"]))
     plain = median([x["samples_per_s"] for x in runs["plain"]])
     ceiling = median([x["samples_per_s"] for x in runs["ceiling"]])
     labels = {"plain": "plain loop, alone", "ceiling": f"ceiling: {n} copies of the plain loop together",
               "default": f"psrv as it comes ({n} workers, BSP, a push per step, {STEPS} steps)",
-              "group": f"psrv, train.group_steps = {k} ({STEPS // k} steps of {k} batches per worker)"}
+              "group": f"psrv, train.group_steps = {k} ({k_steps} steps of up to {k} batches per worker)"}
     rows, raw = [], {}
     for key, rs in runs.items():
         rates = [x["samples_per_s"] for x in rs]
@@ -76,6 +96,7 @@ def run(quick: bool = False) -> dict:
                      f"{rate / ceiling:.2f}" if key != "plain" else "",
                      f"{median([x['final_loss'] for x in rs]):.6g}" if psrv_run else "",
                      f"{median([x['wall_s'] for x in rs]):.2f}" if psrv_run else "",
+                     f"{median([x['rows_per_worker'] for x in rs]):,.0f}" if psrv_run else "",
                      ", ".join(f"{k} {v:.3g}" for k, v in split.items())])
         raw[key] = {"samples_per_s": rates}
     ratios = {"defaultjob_vs_plain": median(raw["default"]["samples_per_s"]) / plain,
@@ -89,6 +110,6 @@ def run(quick: bool = False) -> dict:
         "name": "defaultjob", "title": "The default job: as it comes, with group steps, and the plain loop",
         "method": __doc__,
         "columns": ["run", "samples/s", "spread (min-max)", "x one plain loop", "x ceiling", "final loss",
-                    "training s", "time per push ms"],
+                    "training s", "rows read per worker", "time per push ms"],
         "rows": rows, "raw": raw, "ratios": ratios, "targets": [], "notes": notes,
     }

@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from .shmarray import SharedArray
+from .store import l2norm
 
 LINE = 64                  # bytes of control per member: a cache line of its own
 COUNT, SUBS = 0, 1         # u64 words in a member's control line
@@ -145,9 +146,9 @@ class Member:
 
     def clip(self, g: np.ndarray) -> None:
         """Scale its own gradient down to clip_norm, in place, before it is published (the server's clipping of
-        each worker's gradient at a BSP step: the norm by np.vdot, as psrv/store.py's)."""
+        each worker's gradient at a BSP step, with its norm)."""
         if self.clip_norm > 0:
-            norm = math.sqrt(float(np.vdot(g, g)))
+            norm = l2norm(g)
             if norm > self.clip_norm:
                 self.clipped += 1
                 g *= self.clip_norm / norm
@@ -183,9 +184,11 @@ class Member:
         first, n = included[0], len(included)
         if n == 1:
             np.multiply(g[first], lr * self.scale, out=s)
-        elif n > 2 and included[-1] - first == n - 1:
-            # consecutive ids (every member in, the usual case): one call; it adds row after row, as the loop
-            # below does, at a fifth of the loop's cost for 15 members at d = 100 (benchmarks/overhead.py)
+        elif n > 2 and included[-1] - first == n - 1 and s.size > 1:
+            # consecutive ids (every member in, the usual case): one call, at a fifth of the loop's cost for 15
+            # members at d = 100 (benchmarks/overhead.py). Along the first axis of a C-ordered array numpy adds
+            # row after row, as the loop below does; with a single element per row that axis would be the
+            # contiguous one, which numpy sums pairwise, in another order
             np.add.reduce(g[first:first + n], axis=0, out=s)
             s *= lr * self.scale
         else:

@@ -472,36 +472,13 @@ def _print_summary(r: Result, stream=sys.stdout) -> None:
     stream.write("\n".join(lines) + "\n")
 
 
-HINT_SHARE = 0.25      # a round trip at least this share of a step's gradient time is worth saving
-HINT_TARGET = 20       # ... by enough steps per push that their gradients take this many round trips (a round of
-                       # group steps costs more than the round trip measured here: the server's work then interrupts
-                       # a worker on a shared core; 20 keeps that to a few per cent, benchmarks/defaultjob.py)
-HINT_MAX_K = 64
-
-
-def hint_k(s: dict) -> int:
-    """The train.group_steps K to suggest for a finished run (its summary), 0 for none: a BSP run with sgd whose
-    pushes waited on the server's round trip for HINT_SHARE of their gradient's time or more (the run's own time
-    split), K the least power of 2 whose K gradients take HINT_TARGET round trips, 4 to HINT_MAX_K. Group steps
-    take BSP's steps (docs/protocol.md), asking the server once per K."""
-    split = s.get("time_per_push_ms") or {}
-    compute, trip = split.get("compute") or 0.0, split.get("communication") or 0.0
-    if (s.get("consistency") != "bsp" or s.get("optimizer") != "sgd" or s.get("group_steps", 1) != 1
-            or s.get("local_steps", 1) != 1 or s.get("backup_workers") or compute <= 0
-            or trip < HINT_SHARE * compute):
-        return 0
-    k = 4
-    while k < HINT_MAX_K and k * compute < HINT_TARGET * trip:
-        k *= 2
-    return k
-
-
 def group_steps_hint(s: dict) -> str:
-    """The summary's line naming hint_k(s), "" when there is none."""
-    k = hint_k(s)
-    if not k:
+    """The summary's line naming the train.group_steps K the server suggests (report.group_steps_hint), "" when
+    it suggests none."""
+    k = s.get("group_steps_hint") or 0
+    split = s.get("time_per_push_ms") or {}
+    if not k or not split:
         return ""
-    split = s["time_per_push_ms"]
     return (f"hint: each push waited {split['communication']:.3g} ms on the server's round trip, for "
             f"{split['compute']:.3g} ms of gradient.\n"
             f"      train.group_steps = {k} takes BSP's steps with one push per {k} (the launcher's workers, on one "

@@ -16,7 +16,7 @@ CHUNK = 8192   # elements per pass of the in-place mixes: 64 KiB of scratch, reu
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finalizer (Steele et al. 2014) on uint64 values; wraps modulo 2**64 by design."""
-    z = np.array(x, dtype=np.uint64)   # a copy: the caller's array is left as it was
+    z = np.array(x, dtype=np.uint64, order="C")   # a copy (the caller's array is left as it was), C-ordered
     if z.ndim == 0:   # a scalar: numpy scalars have no in-place operations, and warn when they wrap
         with np.errstate(over="ignore"):
             z = z + GAMMA

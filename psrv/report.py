@@ -2,8 +2,12 @@
 (pure: reads a Coordinator, changes nothing). Both stay bounded whatever the run's length or churn."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+from . import config
+from .errors import ConfigError
 
 STATUS_WORKERS = 200   # workers listed in a status reply (live ones first), so it stays far under the header cap
 SUMMARY_PEERS = 10     # connections named in the summary's count of malformed messages
@@ -112,6 +116,34 @@ def batch_used(batch_size: int, shard_sizes: list[int]) -> int:
     return min(batch_size, max(shard_sizes, default=batch_size))
 
 
+HINT_SHARE = 0.25      # a round trip at least this share of a step's gradient time is worth saving
+HINT_TARGET = 20       # ... by enough steps per push that their gradients take this many round trips (a round of
+                       # group steps costs more than the round trip measured here: the server's work then interrupts
+                       # a worker on a shared core; 20 keeps that to a few per cent, benchmarks/defaultjob.py)
+HINT_MAX_K = 64
+
+
+def group_steps_hint(cfg, split: dict) -> int:
+    """The train.group_steps K to suggest after a run (0: none): when its pushes waited on the server's round trip
+    (`split`, the run's own time_per_push_ms) for HINT_SHARE of their gradient's time or more, the least power of 2
+    from 8 whose K gradients take HINT_TARGET round trips, at most HINT_MAX_K; and only if the config's own rules
+    accept the run with group steps (BSP, sgd, a dense model, worker.shm, one server, ...: check_combinations),
+    which then takes BSP's steps asking the server once per K (docs/protocol.md, Group steps)."""
+    t = cfg.train
+    compute, trip = split.get("compute") or 0.0, split.get("communication") or 0.0
+    if t.group_steps != 1 or t.local_steps != 1 or compute <= 0 or trip < HINT_SHARE * compute:
+        return 0
+    k = 8   # the least that a round trip of HINT_SHARE of the gradient's time asks for (8 >= 20 x 0.25)
+    while k < HINT_MAX_K and k * compute < HINT_TARGET * trip:
+        k *= 2
+    grouped = dataclasses.replace(cfg, train=dataclasses.replace(t, group_steps=k))
+    try:
+        config.check_combinations(grouped)
+    except ConfigError:
+        return 0
+    return k
+
+
 def summary(c, now: float) -> dict:
     """The coordinator's part of summary.json."""
     s, m, t = c.stats, c.members, c.cfg.train
@@ -134,6 +166,7 @@ def summary(c, now: float) -> dict:
         "version_lag_max": s.version_lag_max,
         "dropped_grads": _per_worker(s.dropped), "pushes_applied": _per_worker(s.pushes),
         "time_per_push_ms": time_split(s),
+        "group_steps_hint": group_steps_hint(c.cfg, time_split(s)),
         "rows_visited": {str(k): v for k, v in c.schedule.rows_visited().items()},
         "rows_visited_before": c.schedule.rows_visited_before(),
     }

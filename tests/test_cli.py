@@ -178,31 +178,46 @@ def test_a_used_output_dir_is_refused_unless_overwrite_and_a_finished_run_is_not
     assert s["steps"] == 20 and s["resumed_from"] is None
 
 
-BSP_RUN = {"consistency": "bsp", "optimizer": "sgd", "group_steps": 1, "local_steps": 1, "backup_workers": 0,
-           "time_per_push_ms": {"compute": 0.219, "wait": 0.08, "communication": 0.243}}
+DEFAULT_SPLIT = {"compute": 0.219, "wait": 0.08, "communication": 0.243}   # the default job's, measured here
 
 
 def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
     """The default job's own split (python launch.py): the round trip costs more than the gradient, so the
-    summary suggests K with K gradients >= 20 round trips (32 here), and says what train.steps then counts."""
+    summary suggests K with K gradients >= 20 round trips (32 here); the printed line says what train.steps then
+    counts."""
+    from psrv import config
     from psrv.launch import group_steps_hint
-    hint = group_steps_hint(BSP_RUN)
-    assert "train.group_steps = 32 " in hint and "0.243 ms" in hint and "0.219 ms" in hint
-    assert "steps of 32 batches" in hint
-    # a round trip far longer than the gradient: K stops at 64
-    assert "train.group_steps = 64 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 0.01,
-                                                                                          "communication": 1.0}})
-    # the shortest round trip hinted at, a quarter of the gradient's time: 8 gradients of 1 ms >= 20 of 0.25 ms
-    assert "train.group_steps = 8 " in group_steps_hint({**BSP_RUN, "time_per_push_ms": {"compute": 1.0,
-                                                                                         "communication": 0.25}})
+    from psrv.report import group_steps_hint as hint_k
+    cfg = config.load(None)
+    assert hint_k(cfg, DEFAULT_SPLIT) == 32
+    line = group_steps_hint({"group_steps_hint": 32, "time_per_push_ms": DEFAULT_SPLIT})
+    assert "train.group_steps = 32 " in line and "0.243 ms" in line and "0.219 ms" in line
+    assert "steps of 32 batches" in line
+    assert group_steps_hint({"group_steps_hint": 0, "time_per_push_ms": DEFAULT_SPLIT}) == ""
+    # a round trip far longer than the gradient: K stops at 64; the shortest hinted at, a quarter: 8 x 1 >= 20 x 0.25
+    assert hint_k(cfg, {"compute": 0.01, "communication": 1.0}) == 64
+    assert hint_k(cfg, {"compute": 1.0, "communication": 0.25}) == 8
 
 
-@pytest.mark.parametrize("change", [{"consistency": "asp"}, {"optimizer": "adam"}, {"group_steps": 8},
-                                    {"local_steps": 4}, {"backup_workers": 1}, {"time_per_push_ms": {}},
-                                    {"time_per_push_ms": {"compute": 1.0, "wait": 5.0, "communication": 0.2}}])
-def test_no_group_steps_hint_where_they_do_not_apply_or_would_not_pay(change):
-    """Not for modes group steps cannot run (ASP, another optimizer, backup workers), nor when a mode that talks
-    less is on already, nor without a split, nor when the round trip is under a quarter of the gradient's time
-    (a long barrier wait is another worker's slowness, which group steps do not remove)."""
-    from psrv.launch import group_steps_hint
-    assert group_steps_hint({**BSP_RUN, **change}) == ""
+@pytest.mark.parametrize("change", [{"train": {"consistency": "asp"}}, {"train": {"optimizer": "adam"}},
+                                    {"train": {"group_steps": 8}}, {"train": {"local_steps": 4,
+                                                                              "lr_schedule": "constant"}},
+                                    {"train": {"workers": 3, "backup_workers": 1}}, {"worker": {"shm": False}},
+                                    {"server": {"shards": 2}},
+                                    {"model": {"kind": "sparse_logistic"}, "train": {"optimizer": "sgd"},
+                                     "data": {"source": "criteo"}}])
+def test_no_group_steps_hint_where_the_config_refuses_them(change):
+    """Not for a run that group steps cannot take, by the config's own rules (ASP, another optimizer, a mode that
+    talks less already, backup workers, no shared memory, several servers, a sparse model)."""
+    from psrv import config
+    from psrv.report import group_steps_hint as hint_k
+    assert hint_k(config.load(None), DEFAULT_SPLIT) == 32   # the same split would be hinted at in the default job
+    assert hint_k(config.load(change), DEFAULT_SPLIT) == 0
+
+
+@pytest.mark.parametrize("split", [{}, {"compute": 1.0, "wait": 5.0, "communication": 0.2}])
+def test_no_group_steps_hint_without_a_split_or_with_a_short_round_trip(split):
+    """A long barrier wait is another worker's slowness, which group steps do not remove."""
+    from psrv import config
+    from psrv.report import group_steps_hint as hint_k
+    assert hint_k(config.load(None), split) == 0

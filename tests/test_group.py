@@ -132,11 +132,12 @@ def test_places_are_checked(segment):
         m.begin(0, 2, 2, [1, 5])
 
 
-@pytest.mark.parametrize("members", [[0, 1, 2, 3, 4], [1, 2, 3], [0, 1, 3, 4]])
+@pytest.mark.parametrize("members", [[0, 1, 2, 3, 4], [1, 2, 3], [0, 1, 3, 4], list(range(16)), list(range(2, 15))])
 def test_the_mean_adds_the_gradients_in_id_order_whichever_way_it_is_summed(members):
     """Consecutive ids are summed in one reduction, others one by one: both must add in id order, as every
-    member's copy of theta must be the same bit for bit (oracle: the same arithmetic written out)."""
-    seg = Group.create(blocks.run_prefix() + "groupsum", 5, (64,), np.float64)
+    member's copy of theta must be the same bit for bit (oracle: the same arithmetic written out). Past 8 rows a
+    pairwise sum (numpy's along a contiguous axis) would add in another order."""
+    seg = Group.create(blocks.run_prefix() + "groupsum", 16, (64,), np.float64)
     try:
         lr, rng = 0.1, np.random.default_rng(9)
         # magnitudes far apart, so that another order of the additions rounds differently

@@ -31,6 +31,10 @@ def test_splitmix64_in_place_over_several_chunks_and_shapes_matches_python_ints(
     grid = x[:-3].reshape(2, CHUNK).copy()                         # two dimensions: mixed element by element
     assert splitmix64_inplace(grid) is grid and grid.ravel().tolist() == want[:-3]
     assert int(splitmix64(np.uint64(x[5]))) == want[5]             # a scalar
+    # any layout of the input: transposed, Fortran-ordered, broadcast
+    assert splitmix64(x[:-3].reshape(2, CHUNK).T.copy().T).ravel().tolist() == want[:-3]   # (not the mixed grid)
+    assert splitmix64(np.asfortranarray(x[:-3].reshape(2, CHUNK))).ravel().tolist() == want[:-3]
+    assert splitmix64(np.broadcast_to(x[:3], (2, 3))).tolist() == [want[:3]] * 2
     with pytest.raises(ValueError, match="C-contiguous uint64"):
         splitmix64_inplace(x[::2])                                 # in place in a copy would be lost
     with pytest.raises(ValueError, match="C-contiguous uint64"):
