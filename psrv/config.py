@@ -172,8 +172,9 @@ class Train:
     optimizer: str = opt("sgd", "server-side optimizer (ftrl: FTRL-Proximal, train.lr is its alpha)",
                          choices=("sgd", "momentum", "adagrad", "adam", "ftrl"))
     local_steps: int = opt(1, "local SGD: each worker takes this many plain SGD steps (one batch_size batch each, at "
-                           "train.lr) on its own copy of theta between pushes, and pushes their summed gradient, so "
-                           "a BSP step averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
+                           "train.lr) on its own copy of theta between pushes, each gradient clipped to train.clip_norm "
+                           "and model.l2's term added as the server would, and pushes their sum, so a BSP step "
+                           "averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
     group_steps: int = opt(1, "BSP among the workers on the server's machine through shared memory: each push covers "
                            "this many steps, in each of which the workers average their gradients themselves and "
                            "apply the mean at the step's rate, each gradient clipped to train.clip_norm and "
@@ -383,8 +384,7 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError(f"train.backup_workers: must be less than train.workers ({t.workers}); "
                           f"got {t.backup_workers}")
     if t.local_steps > 1:
-        other = {"train.optimizer": (t.optimizer, "sgd"), "train.lr_schedule": (t.lr_schedule, "constant"),
-                 "model.l2": (cfg.model.l2, 0.0), "train.clip_norm": (t.clip_norm, 0.0)}
+        other = {"train.optimizer": (t.optimizer, "sgd"), "train.lr_schedule": (t.lr_schedule, "constant")}
         for key, (got, need) in other.items():
             if got != need:
                 raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "

@@ -47,17 +47,18 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.n
     """The store of a sparse or dense theta as server.py builds it: train.optimizer and its learning-rate schedule,
     clipping, the L2 term on the rows below `weight_rows` (FTRL's L2 is in its closed form instead). `rows`: the
     rows of the whole theta that this store's rows are, in order (a range server's); None: all of them. With
-    group steps (train.group_steps > 1) the workers clip and penalize at each sub-step (psrv/group.py), so the
-    store does neither to their pushes."""
+    group steps or local SGD (train.group_steps or train.local_steps > 1) the workers clip and penalize at each of
+    their steps (psrv/group.py, workers/worker.py), so the store does neither to their pushes."""
     t = cfg.train
     held = np.arange(theta.shape[0]) if rows is None else rows
     total_steps = run_steps(cfg) or t.steps
     ftrl = t.optimizer == "ftrl"
+    workers_penalize = t.group_steps > 1 or t.local_steps > 1
     return Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
                  lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every,
                                           t.lr_min),
-                 clip_norm=0.0 if t.group_steps > 1 else t.clip_norm,
-                 l2=0.0 if ftrl or t.group_steps > 1 else cfg.model.l2,
+                 clip_norm=0.0 if workers_penalize else t.clip_norm,
+                 l2=0.0 if ftrl or workers_penalize else cfg.model.l2,
                  l2_mask=held < weight_rows, writer=writer)
 
 

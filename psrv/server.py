@@ -357,6 +357,11 @@ class Server:
         self.links.update(i.wid, i.clock, i.slices, i.step, i.version, i.scale)
         self.store.update(i.grad, i.step, i.version, i.scale, i.keys)
 
+    def _workers_clip(self) -> bool:
+        """Group steps and local SGD: the workers clip their own gradients, which no push tells the server."""
+        t = self.cfg.train
+        return t.clip_norm > 0 and (self.group is not None or t.local_steps > 1)
+
     def _group_timeout_s(self) -> float:
         """How long a group member waits for the others before it leaves the group step: as long as the server
         waits for a straggler (server.progress_deadline_s), else for a silent worker."""
@@ -430,6 +435,8 @@ class Server:
             "model": {"kind": m.kind, "fit_intercept": m.fit_intercept, "classes": self.layout.extra.get("classes", 0)},
             **_rid(i.rid),
         }
+        if t.local_steps > 1:   # local SGD: the client clips and penalizes its own steps; the server does neither
+            header["train"]["local"] = {"l2": m.l2, "l2_rows": self.model.l2_rows, "clip_norm": t.clip_norm}
         transport.send(self.sock, protocol.encode(header, [self.block.mean, self.block.scale]), i.ident, block=False)
 
     def _checksum(self, shard: int) -> int:
@@ -564,8 +571,8 @@ class Server:
             "test_metric": test[1] if test else None, "partition": self.cfg.data.partition,
             "shards": len(self.layout.shards), "rows": self.block.spec.n_train, "test_rows": self.block.spec.n_test,
             "cols": self.block.spec.d, "model": self.cfg.model.kind,
-            # group steps: the workers clip at each sub-step, which no push tells the server (each worker logs it)
-            "clipped": None if self.group is not None and self.cfg.train.clip_norm > 0 else self.store.clipped,
+            # group steps and local SGD: the workers clip (each logs its count), which no push tells the server
+            "clipped": None if self._workers_clip() else self.store.clipped,
             "server_restarts": self.server_restarts, "resumed_from": self.resumed_from,
             "rows_dropped": self.layout.rows_dropped, "address": self.address,
             "source": self.cfg.data.source, "test_source": self.cfg.data.test_source or None,

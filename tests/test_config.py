@@ -68,8 +68,6 @@ def test_override_values_are_read_as_toml(override, expected):
     ({"train": 3}, "train: expected a [train] table"),
     ({"train": {"local_steps": 4, "optimizer": "adam"}}, "train.local_steps: local SGD needs train.optimizer = 'sgd'"),
     ({"train": {"local_steps": 4}}, "train.local_steps: local SGD needs train.lr_schedule = 'constant'"),
-    ({"train": {"local_steps": 2, "lr_schedule": "constant"}, "model": {"l2": 0.1}},
-     "train.local_steps: local SGD needs model.l2 = 0.0"),
     ({"train": {"group_steps": 4, "consistency": "asp"}}, "train.group_steps: group steps need train.consistency = 'bsp'"),
     ({"train": {"group_steps": 4, "optimizer": "adam"}}, "train.group_steps: group steps need train.optimizer = 'sgd'"),
     ({"train": {"group_steps": 4, "local_steps": 2, "lr_schedule": "constant"}},

@@ -83,12 +83,15 @@ def standardized(X):
     return np.c_[(X - mean) / scale, np.ones(len(X))], unscale
 
 
-def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_steps=1, blocks=False):
+def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_steps=1, blocks=False, l2=0.0,
+               clip_norm=0.0):
     """The same algorithm in one process: standardize, then each step average every shard's mini-batch gradient
     of the mean squared loss, the batches as Batches hands them out. `skip` holds (worker, step) pairs whose
     gradient is left out of that step's mean (a rejected push); the batch is still consumed. With local_steps = H
     (local SGD), each shard's step takes H * batch rows and its gradient is the sum of H plain SGD steps'
-    gradients, taken `batch` rows at a time from a copy of theta."""
+    gradients, taken `batch` rows at a time from a copy of theta. Each gradient is scaled down to norm clip_norm
+    if longer, and l2 * the weights (theta without the intercept) is added: to the mean at a BSP step, to each
+    local step's gradient under local SGD (where the workers apply both)."""
     A, unscale = standardized(X)
     theta = np.zeros(A.shape[1])
     batches = Batches(shards, batch, seed, blocks)
@@ -102,11 +105,17 @@ def serial_bsp(X, y, shards, batch, steps, lr_at, seed, skip=frozenset(), local_
                 for lo in range(0, len(idx), batch):
                     part = idx[lo:lo + batch]
                     step_grad = 2.0 / len(part) * A[part].T @ (A[part] @ local - y[part])
+                    norm = np.linalg.norm(step_grad)
+                    if 0 < clip_norm < norm:
+                        step_grad = step_grad * (clip_norm / norm)
+                    if local_steps > 1:
+                        step_grad = step_grad + l2 * np.r_[local[:-1], 0.0]
                     g += step_grad
                     local -= lr_at(t) * step_grad
                 used += 1
         if used:
-            theta -= lr_at(t) * g / used
+            term = l2 * np.r_[theta[:-1], 0.0] if local_steps == 1 else 0.0
+            theta = theta - lr_at(t) * (g / used + term)
     return unscale(theta)
 
 
@@ -156,6 +165,39 @@ def test_local_sgd_equals_serial_model_averaging(tmp_path, order):
     expected = serial_bsp(X, y, shards, batch, steps, lambda t: lr, seed=5, local_steps=4, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["samples"] == steps * workers * 4 * batch
+
+
+PENALIZED = {"batch_size": 32, "steps": 12, "lr": 0.05}   # the runs with model.l2 and train.clip_norm below
+
+
+def penalized_run(tmp_path, n: int, workers: int, how: str, data_seed: int, l2: float, train: dict):
+    """A run of the synthetic job (d = 5) with model.l2 and PENALIZED + `train`, and what it read:
+    (result, X, y, shards)."""
+    r = psrv.train({"data": {"n": n, "d": 5, "partition": how, "seed": data_seed}, "model": {"l2": l2},
+                    "train": {"workers": workers, **PENALIZED, **train},
+                    "output": {"dir": str(tmp_path), "plot": False}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": 5, "seed": data_seed}}).data)
+    return r, X, y, shard_rows(n, workers, how)
+
+
+@pytest.mark.parametrize("local_steps", [1, 4])
+@pytest.mark.parametrize("l2,clip_norm", [(0.05, 0.0), (0.0, 1.5), (0.05, 1.5)])
+def test_l2_and_clipping_equal_the_serial_algorithm_with_a_push_per_step_and_with_local_sgd(tmp_path, local_steps,
+                                                                                          l2, clip_norm):
+    """With a push per batch the server clips each push and adds the L2 term to the step's mean; under local SGD
+    each worker clips and penalizes its own local steps (welcome.train.local) and the server does neither: both
+    against the serial algorithm doing the same (1e-10)."""
+    batch, steps, lr = PENALIZED["batch_size"], PENALIZED["steps"], PENALIZED["lr"]
+    r, X, y, shards = penalized_run(tmp_path, 2000, 2, "range", 2, l2, {"seed": 5, "lr_schedule": "constant",
+                                                                        "local_steps": local_steps,
+                                                                        "clip_norm": clip_norm})
+    expected = serial_bsp(X, y, shards, batch, steps, lambda t: lr, seed=5, local_steps=local_steps, l2=l2,
+                          clip_norm=clip_norm)
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    plain = serial_bsp(X, y, shards, batch, steps, lambda t: lr, seed=5, local_steps=local_steps)
+    assert np.abs(plain - expected).max() > 1e-4 * np.abs(expected).max()   # the test tells them apart
+    # who clipped: the server counts its own; the workers' (local SGD) are theirs to log
+    assert (r.summary["clipped"] is None) == (local_steps > 1 and clip_norm > 0)
 
 
 def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False, l2=0.0, clip_norm=0.0):
@@ -211,14 +253,9 @@ def test_group_steps_with_l2_and_clipping_equal_serial_bsp_of_the_sub_steps(tmp_
     follows the sub-steps, which the L2 term moves. The serial oracle does the same arithmetic in one process."""
     # shards of 632, 647 and 621 rows: at step 5, worker 1's epoch ends after one sub-step of 7 rows while the
     # others take 4 sub-steps of their next epoch, which it follows
-    n, d, batch, steps, lr, workers, k = 1900, 5, 32, 12, 0.05, 3, 4
-    r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4},
-                    "model": {"l2": l2},
-                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
-                              "lr_schedule": "cosine", "group_steps": k, "clip_norm": clip_norm},
-                    "output": {"dir": str(tmp_path), "plot": False}})
-    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
-    shards = shard_rows(n, workers, "hash")
+    batch, steps, lr, k = PENALIZED["batch_size"], PENALIZED["steps"], PENALIZED["lr"], 4
+    r, X, y, shards = penalized_run(tmp_path, 1900, 3, "hash", 4, l2, {"seed": 11, "lr_schedule": "cosine",
+                                                                       "group_steps": k, "clip_norm": clip_norm})
     expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, l2=l2,
                             clip_norm=clip_norm)
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()

@@ -28,6 +28,7 @@ from psrv.blocks import BlockSpec, DataBlock
 from psrv.keyrange import Ranges
 from psrv.rangeserver import range_rows
 from psrv.shmarray import SeqlockArray, SharedArray
+from psrv.store import l2norm
 
 from .client import Client, RangeClients, RemoteError, ServerRestarted
 
@@ -266,6 +267,7 @@ class Worker:
         local_steps, lr = train.get("local_steps", 1), train.get("lr", 0.0)
         group_steps = train.get("group_steps", 1)
         member = self._member(welcome) if group_steps > 1 else None
+        penalties = self._penalties(train.get("local") or {}, plane.grad) if local_steps > 1 else None
         # local SGD and group steps: a copy of theta of its own (and local SGD: each local step's gradient)
         work, step_grad = (np.empty_like(plane.grad), np.empty_like(plane.grad)) \
             if local_steps > 1 or member is not None else (None, None)
@@ -286,7 +288,7 @@ class Worker:
                                         work, plane.grad)
             elif work is not None:
                 loss = self._local_steps(model, theta, X, y, batch, train["seed"], b, lr, Xb, yb, work, step_grad,
-                                         plane.grad)
+                                         plane.grad, penalties)
             else:
                 if ready is not None:
                     hits, misses = (hits + 1, misses) if batch == ready else (hits, misses + 1)
@@ -432,14 +434,41 @@ class Worker:
         return _rows(X, y, self._positions(shard, epoch, seed, len(X))[start:start + count], Xb, yb,
                      self.block_rows > 0)
 
-    def _local_steps(self, model, theta, X, y, batch, seed: int, b: int, lr: float, Xb, yb, work, g, out) -> float:
+    def _local_steps(self, model, theta, X, y, batch, seed: int, b: int, lr: float, Xb, yb, work, g, out,
+                     penalties=None) -> float:
         """Local SGD: plain SGD steps at `lr` on a copy of theta over the batch's rows, b at a time, in the batch
-        order; `out` gets the sum of their gradients (theta - lr * out is the local model). Returns the mean loss
-        of the rows."""
+        order, each gradient clipped and given the L2 term as the server would (`penalties`, _penalties); `out`
+        gets the sum of those steps' gradients (theta - lr * out is the local model). Returns the mean loss of the
+        rows."""
         def apply(k, g):
             g *= lr
             np.subtract(work, g, out=work)
-        return self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, lambda k: g, apply)
+        return self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, lambda k: g, apply,
+                               None if penalties is None else lambda g: penalties(g, work))
+
+    def _penalties(self, spec: dict, like: np.ndarray):
+        """Local SGD's clipping and L2 term (welcome.train.local, which the server leaves to the workers): a
+        function g, w -> g clipped to clip_norm, plus l2 * w on the first l2_rows rows, in place; None when both
+        are off."""
+        l2, rows, clip_norm = spec.get("l2", 0.0), spec.get("l2_rows", 0), spec.get("clip_norm", 0.0)
+        shape = like.shape
+        if not (type(l2) is float and type(clip_norm) is float and type(rows) is int and 0 <= l2 < math.inf
+                and 0 <= clip_norm < math.inf and 0 <= rows <= (shape or (1,))[0]):
+            raise RunError(f"worker {self.wid}", f"welcome.train.local needs floats l2, clip_norm >= 0 and an int "
+                                                 f"l2_rows within theta {shape}; got {spec!r}")
+        if not l2 and not clip_norm:
+            return None
+        term = np.empty_like(like)
+
+        def penalize(g, w):
+            if clip_norm:
+                norm = l2norm(g)
+                if norm > clip_norm:
+                    g *= clip_norm / norm
+            if l2:
+                np.multiply(w[:rows], l2, out=term[:rows])
+                g[:rows] += term[:rows]
+        return penalize
 
     def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply,
                    clip=None) -> float:
