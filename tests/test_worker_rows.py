@@ -98,6 +98,7 @@ def test_local_sgd_penalties_clip_then_add_the_l2_term_and_refuse_a_bad_spec():
     g, w = np.array([3.0, 0.0, 4.0]), np.array([1.0, 2.0, 10.0])   # |g| = 5: scaled to 2
     pen(g, w)
     np.testing.assert_allclose(g, [1.2 + 0.5, 0.0 + 1.0, 1.6], rtol=1e-15)   # the last row is not penalized
+    assert pen.clipped == 1
     assert Worker._penalties(me, {"l2": 0.0, "l2_rows": 2, "clip_norm": 0.0}, np.zeros(3)) is None
     for bad in ({"l2": -0.1}, {"l2": 1}, {"clip_norm": float("inf")}, {"l2_rows": 4}, {"l2_rows": "2"}):
         with pytest.raises(RunError, match="welcome.train.local"):

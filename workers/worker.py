@@ -317,8 +317,9 @@ class Worker:
         # the server has already counted us out when it says stop; no goodbye needed
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
-        if member is not None and member.clipped:   # the server's summary cannot count these: it never sees them
-            log.info("worker %d: %d of its gradients clipped to train.clip_norm", self.wid, member.clipped)
+        clipped = member.clipped if member is not None else penalties.clipped if penalties is not None else 0
+        if clipped:   # the server's summary cannot count these: it never sees them
+            log.info("worker %d: %d of its gradients clipped to train.clip_norm", self.wid, clipped)
         return 0
 
     def _warm(self, welcome: dict, seed: int, Xb: np.ndarray, yb: np.ndarray) -> None:
@@ -464,10 +465,12 @@ class Worker:
             if clip_norm:
                 norm = l2norm(g)
                 if norm > clip_norm:
+                    penalize.clipped += 1
                     g *= clip_norm / norm
             if l2:
                 np.multiply(w[:rows], l2, out=term[:rows])
                 g[:rows] += term[:rows]
+        penalize.clipped = 0   # gradients scaled down, over the run: logged at its end (the server never sees them)
         return penalize
 
     def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply,
