@@ -122,6 +122,44 @@ def test_a_member_that_never_publishes_is_left_behind_after_the_timeout(segment)
     late.group.close()
 
 
+def test_a_follower_whose_peer_stops_coming_leaves_after_the_timeout_and_ends_its_step():
+    """With model.l2, worker 1 (rows for one sub-step) follows the others; worker 0 stops after its first sub-step
+    (a member died). The follower waits timeout_s at sub-step 1, leaves, and its following ends there, with its
+    push holding the terms of the sub-steps it applied: no wait without an end."""
+    seg = Group.create(blocks.run_prefix() + "groupleave", 2, (4,), np.float64)
+    try:
+        lr, l2 = 0.1, 0.5
+        dead = Member(Attached(seg), 0, 30.0, l2=l2, l2_rows=3)
+        dead.begin(0, 3, 3, [0, 1])
+        follower = Member(Attached(seg), 1, 0.05, l2=l2, l2_rows=3)
+        follower.begin(0, 3, 1, [0, 1])
+        theta0, theta1 = np.ones(4), np.ones(4)
+        done = threading.Event()
+
+        def first_sub_step():   # worker 0's only sub-step, beside worker 1's
+            np.add(grad_of(0, 0), theta0, out=dead.grad(0))
+            dead.step(0, theta0, lr)
+            done.set()
+
+        t = threading.Thread(target=first_sub_step)
+        t.start()
+        np.add(grad_of(1, 0), theta1, out=follower.grad(0))
+        assert follower.step(0, theta1, lr)
+        t.join(30)
+        assert done.is_set() and np.array_equal(theta0, theta1)
+        after_first = theta1.copy()
+        penalty_first = follower.penalty.copy()
+        # sub-step 1: worker 0 never publishes it; the follower leaves after timeout_s and stops following
+        assert follower.step(1, theta1, lr, rows=False) is False
+        assert follower.left and follower.waited_s >= 0.05
+        assert np.array_equal(theta1, after_first) and np.array_equal(follower.penalty, penalty_first)
+        np.testing.assert_allclose(penalty_first, l2 * np.r_[np.ones(3), 0.0], rtol=1e-15)
+        dead.group.close()
+        follower.group.close()
+    finally:
+        seg.close()
+
+
 def test_places_are_checked(segment):
     with pytest.raises(ValueError, match="no place"):
         Member(segment, 3, 1.0)
