@@ -148,6 +148,7 @@ def summary(c, now: float) -> dict:
     """The coordinator's part of summary.json."""
     s, m, t = c.stats, c.members, c.cfg.train
     wall = c.elapsed_s(now)
+    split = time_split(s)
     noisy = sorted(m.bad_by_conn.items(), key=lambda kv: -kv[1])[:SUMMARY_PEERS]
     return {
         "steps": c.step, "wall_s": wall, "samples_per_s": s.samples / wall if wall > 0 else None,
@@ -165,8 +166,8 @@ def summary(c, now: float) -> dict:
         "staleness_hist": {str(k): v for k, v in sorted(s.staleness_hist.items())},
         "version_lag_max": s.version_lag_max,
         "dropped_grads": _per_worker(s.dropped), "pushes_applied": _per_worker(s.pushes),
-        "time_per_push_ms": time_split(s),
-        "group_steps_hint": group_steps_hint(c.cfg, time_split(s)),
+        "time_per_push_ms": split,
+        "group_steps_hint": group_steps_hint(c.cfg, split),
         "rows_visited": {str(k): v for k, v in c.schedule.rows_visited().items()},
         "rows_visited_before": c.schedule.rows_visited_before(),
     }
