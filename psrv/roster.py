@@ -29,10 +29,18 @@ class Roster:
                  f"resumes at step {self.step}" if self.resumed else "starts")
         self._membership_changed()   # leased over the workers in only: a resumed run may open without some
 
-    def _awaited(self) -> set[int]:
-        """Before the gate opens: the workers it waits for, whether they have pulled yet or not (the launcher's,
-        or those training at the checkpoint the run resumes from)."""
-        return set(self.saved_clocks) if self.resumed else set(range(self.n_start))
+    def _lease_wids(self, also: int | None = None) -> list[int]:
+        """The workers the shards are leased over: those in the run (and `also`); before the gate opens, also
+        every worker it waits for, whether it has pulled yet or not (the launcher's, or those training at the
+        checkpoint the run resumes from). Counting only those already in, each of the launcher's workers, all
+        saying hello before any pulls, was told it would hold every shard: it copied the first
+        (data.worker_copy) and then read the one it was given in place."""
+        wids = {p.wid for p in self.members.participants()}
+        if also is not None:
+            wids.add(also)
+        if not self.gate.open:
+            wids |= set(self.saved_clocks) if self.resumed else set(range(self.n_start))
+        return sorted(wids)
 
     def _membership_changed(self) -> None:
         """Re-lease the shards over the live workers, and let into the gate exactly those with work to do: a
@@ -41,10 +49,7 @@ class Roster:
         is then the same whatever order they pulled in, and the one each was told at its hello
         (expected_shards), so a worker copies the rows it will read (data.worker_copy)."""
         live = self.members.participants()
-        wids = {p.wid for p in live}
-        if not self.gate.open:
-            wids |= self._awaited()
-        self.schedule.rebalance(sorted(wids))
+        self.schedule.rebalance(self._lease_wids())
         for p in live:
             held = self.schedule.held_by(p.wid)
             member = self.gate.members.get(p.wid)
@@ -81,13 +86,7 @@ class Roster:
         then)."""
         if self.schedule.dynamic:
             return list(range(len(self.schedule.cursors)))
-        live = {p.wid for p in self.members.participants()} | {wid}
-        if not self.gate.open:
-            # as _membership_changed leases them. Counting only those already in, each of the launcher's workers,
-            # all saying hello before any pulls, was told it would hold every shard: it copied the first
-            # (data.worker_copy) and then read the one it was given in place
-            live |= self._awaited()
-        live = sorted(live)
+        live = self._lease_wids(also=wid)   # as _membership_changed leases them
         n = len(self.schedule.cursors)
         lease = assign(n, live, self.schedule.lease)
         held = sorted(s for s, w in lease.items() if w == wid)
