@@ -4,10 +4,9 @@ plain numpy loop and its N-copy ceiling, in the same run.
 
 - **psrv, as it comes**: the built-in defaults, a push per step (train.steps = 4000), checkpoints included.
 - **psrv, group steps**: the same with train.group_steps = K, K what the first run's summary hints at
-  (summary.json's group_steps_hint, psrv/report.py; 16 if it names none), and train.steps the group steps that
-  read as many rows per worker (a group step never crosses an epoch's end, so this is more than 4000 / K: the
-  schedule's own cursor counts them). Its steps are BSP's; the cosine schedule then moves once per K steps, so
-  the final loss and the rows read per worker are shown beside each.
+  (summary.json's group_steps_hint, psrv/report.py; 16 if it names none), nothing else changed: its 4000 steps
+  are BSP's, each at its own rate of the schedule, so the final loss is the same (it is shown beside each, with
+  the rows read per worker).
 - **Plain loop** and **ceiling**: benchmarks/plain.py's loop on the same rows (X and y as psrv generates them),
   batch 512, one process pinned to a core; the ceiling is N copies together, N the default job's worker count.
 
@@ -23,7 +22,7 @@ import tempfile
 import numpy as np
 
 import psrv
-from psrv import config, data, partition, proc, schedule
+from psrv import config, data, proc
 
 from .common import CpuMeter, log, median, spread
 from .plain import PlainLoops
@@ -43,17 +42,6 @@ def _psrv(extra: list[str]) -> dict:
             "steps": s["steps"], "rows_per_worker": s["samples"] / s["workers"],
             "split": s.get("time_per_push_ms") or {}, "hint_k": s.get("group_steps_hint") or 0,
             "rows": s["rows"], "cpu": meter.stop()}
-
-
-def group_steps_for(rows: int, workers: int, how: str, rows_per_worker: int, k: int, batch: int) -> int:
-    """The group steps of k batches that read rows_per_worker rows of shard 0 (of `workers` shards of `rows`
-    training rows, partitioned `how`), as the schedule's cursor serves them: a step never crosses an epoch."""
-    _, shards = partition.layout(np.arange(rows), workers, how)
-    cursor, read, steps = schedule.Cursor(size=shards[0][1]), 0, 0
-    while read < rows_per_worker:
-        read += cursor.take(k * batch)[2]
-        steps += 1
-    return steps
 
 
 def run(quick: bool = False) -> dict:
@@ -76,16 +64,13 @@ def run(quick: bool = False) -> dict:
                 runs["plain"].append(loops.run([cores[0]], 0.3, WINDOW_S[quick], seed=r))
                 runs["ceiling"].append(loops.run(cores[:n], 0.3, WINDOW_S[quick], seed=r))
                 runs["default"].append(_psrv([]))
-                if not k:   # the first run's hint, for every round
-                    k = runs["default"][0]["hint_k"] or K_NO_HINT
-                    k_steps = group_steps_for(runs["default"][0]["rows"], n, cfg.data.partition,
-                                              runs["default"][0]["rows_per_worker"], k, cfg.train.batch_size)
-                runs["group"].append(_psrv([f"train.group_steps={k}", f"train.steps={k_steps}"]))
+                k = k or runs["default"][0]["hint_k"] or K_NO_HINT   # the first run's hint, for every round
+                runs["group"].append(_psrv([f"train.group_steps={k}"]))
     plain = median([x["samples_per_s"] for x in runs["plain"]])
     ceiling = median([x["samples_per_s"] for x in runs["ceiling"]])
     labels = {"plain": "plain loop, alone", "ceiling": f"ceiling: {n} copies of the plain loop together",
               "default": f"psrv as it comes ({n} workers, BSP, a push per step, {STEPS} steps)",
-              "group": f"psrv, train.group_steps = {k} ({k_steps} steps of up to {k} batches per worker)"}
+              "group": f"psrv, train.group_steps = {k} (the same {STEPS} steps, a push per {k})"}
     rows, raw = [], {}
     for key, rs in runs.items():
         rates = [x["samples_per_s"] for x in rs]

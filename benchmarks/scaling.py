@@ -24,8 +24,9 @@ same arithmetic on the same rows.
   figure (rows whose gradient was applied per second of training); the time split per push is the summary's
   time_per_push_ms as psrv measures it. Each run is stopped by train.max_wall_s (the window below).
 - **Time to a target loss**: seconds from the start of training (theta = 0) until the logged training loss (the
-  mean mini-batch loss over train.log_every steps, computed the same way in both; for localH and groupK, whose
-  steps hold H or K batches, train.log_every / H or / K steps, at least 1) first reaches the target: the
+  mean mini-batch loss over train.log_every steps, computed the same way in both; for localH, whose steps hold H
+  batches, train.log_every / H steps, at least 1; groupK's steps are BSP's, logged at the first group step past
+  each train.log_every) first reaches the target: the
   least-squares optimum's loss (np.linalg.lstsq on the same rows) x 1.05. The plain loop's figure comes from its
   own runs (copy 0 alone, restarted from theta = 0 at the window's start), psrv's from metrics.jsonl, for N up to
   4. Constant lr. psrv's BSP applies the mean of the N gradients of a step (psrv/store.py), so one BSP step is
@@ -33,7 +34,7 @@ same arithmetic on the same rows.
   SSP and ASP run at N x lr (the linear scaling rule for N times the rows per step; Goyal et al., 2017), capped
   at LR_CAP_FACTOR x the plain lr (group steps too: each of their steps is a BSP step); local SGD runs at the
   plain lr (each worker's local steps are plain SGD steps). The "steps" shown are psrv's steps (BSP: synchronized
-  steps; SSP/ASP: gradients applied / N; localH and groupK: rounds of H or K batches per worker).
+  steps, groupK's too; SSP/ASP: gradients applied / N; localH: rounds of H batches per worker).
 - **Batch order**: psrv's default reads each batch as random rows of its shard (a gather), as the plain loop does.
   The "+blocks" modes use data.batch_order = "blocks" (rows shuffled once at load; a batch is a random block of
   consecutive rows, read in place). So that a gain from the order is never shown as a gain from parallelism, the
@@ -172,10 +173,9 @@ def _lr(job: Job, n_workers: int, overrides: list[str]) -> float:
 def _psrv(job: Job, paths: dict, n_workers: int, overrides: list[str], window_s: float, steps: int,
           seed: int, target: float) -> dict:
     overrides = [o.format(H=job.local_steps, K=job.group_steps) for o in overrides]
-    # a metrics line per log_every batches of each worker, whatever a step holds (local SGD and group steps: H or
-    # K batches), so that the time to target is read at the same resolution in every mode
-    per_step = max([int(o.split("=")[1]) for o in overrides
-                    if o.startswith(("train.local_steps=", "train.group_steps="))] or [1])
+    # a metrics line per log_every batches of each worker, whatever a step holds (local SGD: H batches; group
+    # steps count BSP's steps), so that the time to target is read at the same resolution in every mode
+    per_step = max([int(o.split("=")[1]) for o in overrides if o.startswith("train.local_steps=")] or [1])
     log_every = max(1, round(job.log_every / per_step))
     meter = CpuMeter()
     t = time.monotonic()

@@ -176,12 +176,11 @@ class Train:
                            "and model.l2's term added as the server would, and pushes their sum, so a BSP step "
                            "averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
     group_steps: int = opt(1, "BSP among the workers on the server's machine through shared memory: each push covers "
-                           "this many steps, in each of which the workers average their gradients themselves and "
-                           "apply the mean at the step's rate, each gradient clipped to train.clip_norm and "
+                           "up to this many steps, in each of which the workers average their gradients themselves "
+                           "and apply the mean at the step's rate, each gradient clipped to train.clip_norm and "
                            "model.l2's term added as the server would (psrv/group.py); the result is BSP's (with "
-                           "sgd), with one server "
-                           "round trip per group_steps steps; train.steps, the schedule and the logs count group "
-                           "steps (of group_steps batches per worker each); 1: every step goes through the server",
+                           "sgd), with one server round trip per group_steps steps; train.steps, the schedule and "
+                           "the logs still count BSP's steps; 1: every step goes through the server",
                            lo=1, hi=1_000_000)
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")

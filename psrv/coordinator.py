@@ -52,6 +52,11 @@ class Coordinator(Roster, Sanctions):
         self.max_steps = run_steps(cfg)
         # local SGD and group steps: one pull serves every local step's (sub-step's) rows
         self.rows_per_pull = t.batch_size * t.local_steps * t.group_steps
+        # group steps: each gate step holds up to K of BSP's steps, which train.steps, the schedule and the logs
+        # count; sub_steps of them are done, and the step being served has step_subs (its members' most batches)
+        self.group_k = t.group_steps if t.group_steps > 1 else 0
+        self.sub_steps = 0
+        self.step_subs = 0
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
@@ -311,6 +316,8 @@ class Coordinator(Roster, Sanctions):
     @property
     def step(self) -> int:
         """Steps done: BSP steps applied; under SSP/ASP, gradients applied / workers."""
+        if self.group_k:
+            return self.sub_steps
         if self.gate.mode == "bsp":
             return self.gate.step
         n = self.n_expected
@@ -327,7 +334,7 @@ class Coordinator(Roster, Sanctions):
         elif limit is not None and self.step >= limit:  # resumed from its last step
             self._stop_all("steps")
             self._finish(p, rid, "steps")
-        elif limit is not None and clock >= limit and self.gate.mode == "bsp":
+        elif limit is not None and clock >= limit and self.gate.mode == "bsp" and not self.group_k:
             self._finish(p, rid, "steps")  # the others finish the last step without it
         elif self.gate.may_serve(p.wid, clock):
             self._serve(p, clock, rid)
@@ -340,9 +347,12 @@ class Coordinator(Roster, Sanctions):
         if batch is not None and serving is not None:
             # asked again before pushing (its reply was lost, or the client repeats itself): the same batch and
             # clock again, so that no rows are handed out and skipped
-            self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid))
+            self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid, *self._sub_budget()))
             return
-        batch = self.schedule.next_batch(p.wid, self.rows_per_pull, self.cfg.train.epochs)
+        rows = self.rows_per_pull
+        if self.group_k:   # the run's last group step holds only the steps train.steps has left
+            rows = self._sub_budget()[1] * self.cfg.train.batch_size
+        batch = self.schedule.next_batch(p.wid, rows, self.cfg.train.epochs)
         if batch is None:
             if self.schedule.held_by(p.wid):
                 # every shard it reads has had its epochs; the others finish their steps without it
@@ -356,7 +366,18 @@ class Coordinator(Roster, Sanctions):
         clock = self.gate.serve(p.wid, clock)
         self.batches[p.wid] = batch
         self.progress.served(p.wid, self._now)
-        self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid))
+        if self.group_k:
+            b = self.cfg.train.batch_size
+            self.step_subs = max(self.step_subs, (batch[3] + b - 1) // b)
+        self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid, *self._sub_budget()))
+
+    def _sub_budget(self) -> tuple[int, int]:
+        """Group steps: (the first BSP step of the group step being served, how many it may hold: K, or fewer
+        at the end of train.steps); (0, 0) otherwise."""
+        if not self.group_k:
+            return 0, 0
+        limit = self.max_steps
+        return self.sub_steps, self.group_k if limit is None else max(1, min(self.group_k, limit - self.sub_steps))
 
     def _settle(self) -> None:
         """The work loop: answer every parked pull the gate now allows (or tell it to stop), until answering one
@@ -385,6 +406,9 @@ class Coordinator(Roster, Sanctions):
         self.applied_records += self.step_records
         n = len(self.step_records)
         self.step_records = []
+        # group steps: the members took the step's sub-steps whatever the server makes of their pushes
+        self.sub_steps += self.step_subs
+        self.step_subs = 0
         if n == 0:
             return
         self.stats.applied += n

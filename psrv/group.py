@@ -6,24 +6,23 @@ Why: under BSP each step costs a push and a reply per worker, handled one after 
 the number of workers. Within a group step the workers exchange their gradients through this segment and apply the
 same mean themselves, so the server is off the critical path for K - 1 steps out of K.
 
-What a group step computes. The server serves step t (its clock) to every worker with K * batch_size rows, the
-members of the step (`group`, worker ids) and the learning rate lr of step t. Each worker copies theta_t and, for
-each sub-step k, computes its gradient g_i,k on its k-th batch_size rows, publishes it here, waits until every
-member has published sub-step k, and applies theta <- theta - lr / n * sum_i g_i,k (n: the members; a member whose
-rows ran out at the end of an epoch adds nothing from then on). It then pushes P_i = sum_k g_i,k, and the server's
-BSP step theta_t - lr * (1/n) sum_i P_i is exactly the workers' last iterate (in exact arithmetic; in floating
-point the sums are taken in another order). Every member sums the gradients in the same order (by worker id), so
-their copies of theta are the same bit for bit. The result is BSP with batch_size rows per worker and step, the
-schedule's rate held for K steps.
+What a group step computes. The server serves its step t (its clock) to every worker with up to K * batch_size
+rows, the members of the step (`group`, worker ids) and the learning rates of the BSP steps it holds: lr_s, lr_s+1,
+... (s: the BSP steps done before it; K of them, fewer at the end of train.steps). Each worker copies theta_t and,
+for each sub-step k, computes its gradient g_i,k on its k-th batch_size rows, publishes it here, waits until every
+member has published sub-step k, and applies theta <- theta - lr_s+k / n * sum_i g_i,k (n: the members; a member
+whose rows ran out at the end of an epoch adds nothing from then on, but still follows the sub-steps, applying the
+others' mean, until one no member has rows for). Every member sums the gradients in the same order (by worker id),
+so their copies of theta are the same bit for bit, and each pushes D = theta_t - its last iterate, how far the
+step moved theta. The server applies the mean of the pushes at rate 1 (rangeserver.make_store), which gives that
+iterate back (up to rounding: the mean of n equal vectors). The result is BSP with batch_size rows per worker and
+step, each step at its own rate; train.steps, the schedule and the logs count those steps (the coordinator adds a
+group step's longest batch, in sub-steps, once it is applied).
 
 Clipping and L2, which the server applies to each push at a BSP step, are the members' here, at each sub-step:
 each clips its own g_i,k to train.clip_norm before publishing it, and each adds model.l2's term, l2 * w_k (w_k:
-theta_k's penalized rows, the weights; the intercept row is not), to the mean it applies. The push becomes
-P_i = sum_k g_i,k + sum_k l2 * w_k, so that (1/n) sum_i P_i is again (theta_t - last iterate) / lr, and the server
-neither clips nor penalizes these pushes (rangeserver.make_store). The term moves theta at every sub-step, so with
-l2 > 0 a member whose rows ran out follows the remaining sub-steps without a gradient of its own (it publishes,
-waits and applies the mean like the others) until a sub-step no member has rows for, which changes nothing and
-ends the group step, as a BSP step without gradients does.
+theta_k's penalized rows, the weights; the intercept row is not), to the mean it applies. They are in D, so the
+server neither clips nor penalizes these pushes.
 
 The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS; a line each, so that no two
 workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may publish
@@ -33,10 +32,11 @@ sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped lik
     COUNT: (global sub-step number published, counting from clock * K + 1) << 1 | LEFT.
 
 A wait that outlasts timeout_s (a member died, or stalls) makes the waiting worker leave the group for the rest of
-the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes as usual;
-the others stop waiting for it. The server's step is then the mean of the pushes it gets, which is not the members'
-last iterate: the result is exact only while no member leaves. Stores become visible in program order on x86-64
-(TSO), which this relies on as the theta seqlock does (shmarray.ORDERED_STORES).
+the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes how far it
+moved; the others stop waiting for it. The server's step is then the mean of the pushes it gets, the average of
+the members' models (as local SGD's), not BSP's: the result is exact only while no member leaves. Stores become
+visible in program order on x86-64 (TSO), which this relies on as the theta seqlock does
+(shmarray.ORDERED_STORES).
 """
 from __future__ import annotations
 
@@ -119,12 +119,11 @@ class Member:
         self.clipped = 0             # own gradients scaled down to clip_norm, over the run
         self._sum = np.empty(group.shape, group.dtype)
         self._own = np.empty(group.shape, group.dtype)   # gradients once it has left: never in the shared buffers
-        # the L2 terms of the group step's sub-steps, l2 * theta_k on the penalized rows, summed: part of the push
-        self.penalty = np.zeros(group.shape, group.dtype) if l2 else None
-        self._term = np.empty(group.shape, group.dtype) if l2 else None
+        self._term = np.empty(group.shape, group.dtype) if l2 else None   # a sub-step's L2 term
 
     def begin(self, clock: int, k_steps: int, subs: int, members: list[int]) -> None:
-        """A group step at `clock` of k_steps sub-steps, `subs` of them with rows here, among `members`."""
+        """A group step at `clock` of train.group_steps = k_steps sub-steps, `subs` of them with rows here, among
+        `members`."""
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")
@@ -134,15 +133,7 @@ class Member:
         per = LINE // 8
         self._words = [(j, j * per + COUNT, j * per + SUBS) for j in self.members]   # where each one's words are
         self.left = False
-        if self.penalty is not None:
-            self.penalty[...] = 0.0
         self.group.set_word(self.me, SUBS, subs)
-
-    @property
-    def follows(self) -> bool:
-        """Whether it takes part in the sub-steps after its own rows have ended: with an L2 term, each sub-step
-        changes theta even without this member's gradient, and its push must carry that sub-step's term."""
-        return self.penalty is not None
 
     def clip(self, g: np.ndarray) -> None:
         """Scale its own gradient down to clip_norm, in place, before it is published (the server's clipping of
@@ -196,32 +187,23 @@ class Member:
             for j in included[2:]:
                 s += g[j]
             s *= lr * self.scale
-        if self.penalty is not None:
+        if self._term is not None:
             self._add_l2(s, theta, lr)
         theta -= s
         return True
 
     def _add_l2(self, s: np.ndarray, theta: np.ndarray, lr: float) -> None:
-        """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step), and the term into the
-        push's penalty."""
+        """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step)."""
         r, t = self.l2_rows, self._term
-        np.multiply(theta[:r], self.l2, out=t[:r])
-        self.penalty[:r] += t[:r]
-        t[:r] *= lr
+        np.multiply(theta[:r], self.l2 * lr, out=t[:r])
         s[:r] += t[:r]
 
     def _apply_alone(self, theta: np.ndarray, g: np.ndarray, lr: float) -> None:
         s = self._sum
         np.multiply(g, lr, out=s)
-        if self.penalty is not None:
+        if self._term is not None:
             self._add_l2(s, theta, lr)
         theta -= s
-
-    def finish(self) -> None:
-        """This worker's rows are done before the group step's last sub-step: it publishes the end at once, so
-        that nobody waits for it (it adds nothing to those sub-steps)."""
-        if not self.left:
-            self._publish(self.base + self.k_steps)
 
     def leave(self) -> None:
         self.left = True

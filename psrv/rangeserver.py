@@ -51,15 +51,22 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.n
     their steps (psrv/group.py, workers/worker.py), so the store does neither to their pushes."""
     t = cfg.train
     held = np.arange(theta.shape[0]) if rows is None else rows
-    total_steps = run_steps(cfg) or t.steps
     ftrl = t.optimizer == "ftrl"
     workers_penalize = t.group_steps > 1 or t.local_steps > 1
+    # group steps: a push is how far its member moved theta, each sub-step at its own rate, which the server
+    # applies as it is (rate 1)
     return Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
-                 lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every,
-                                          t.lr_min),
+                 (lambda step: 1.0) if t.group_steps > 1 else rate_at(cfg),
                  clip_norm=0.0 if workers_penalize else t.clip_norm,
                  l2=0.0 if ftrl or workers_penalize else cfg.model.l2,
                  l2_mask=held < weight_rows, writer=writer)
+
+
+def rate_at(cfg):
+    """The learning rate of each step (0-based): train.lr under train.lr_schedule, over the run's steps."""
+    t = cfg.train
+    total_steps = run_steps(cfg) or t.steps
+    return lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every, t.lr_min)
 
 
 def range_dir(ckpt_dir: str, index: int) -> str:

@@ -20,7 +20,7 @@ def state(c, now: float) -> dict:
     # its epochs early has exited: a restarted server does not wait for it.
     done = c.finished_at if c.stopping else {}
     clocks = {**done, **{w: m.pushed for w, m in c.gate.members.items()}}
-    return {"step": c.step, "version": c.version, "gate_step": c.gate.step,
+    return {"step": c.step, "version": c.version, "gate_step": c.gate.step, "sub_steps": c.sub_steps,
             # a BSP step not applied yet is redone: its pushers resume at that step, not after it
             "clocks": [[w, min(k, c.gate.step) if c.gate.mode == "bsp" else k] for w, k in clocks.items()],
             "incarnations": [[w, i] for w, i in c.members.incarnations.items()],
@@ -32,6 +32,8 @@ def state(c, now: float) -> dict:
 
 def restore(c, st: dict) -> None:
     c.version, c.gate.step = st["version"], st["gate_step"]
+    # group steps: BSP's steps done (a checkpoint from before group steps, or of a run without them: its steps)
+    c.sub_steps = st.get("sub_steps") or (st["step"] if c.group_k else 0)
     c.saved_clocks = {w: k for w, k in st["clocks"]}
     c.n_start = max(1, len(c.saved_clocks))  # the workers training at the checkpoint, not train.workers
     c.members.incarnations = {w: i for w, i in st["incarnations"]}

@@ -27,7 +27,7 @@ from .blocks import DataBlock
 from . import report
 from .coordinator import Coordinator
 from .keyrange import Ranges
-from .rangeserver import RangeGone, RangeLinks, make_store, range_dir
+from .rangeserver import RangeGone, RangeLinks, make_store, range_dir, rate_at
 from .errors import ConfigError, ProtocolError, RunError
 from .metrics import Metrics
 from .outputs import num as _num, write_json as _write_json, writing as _writing
@@ -84,6 +84,7 @@ class Server:
         else:
             theta = theta0
         self.store = make_store(cfg, theta, self.model.l2_rows, self.theta_shm)
+        self.rate_at = rate_at(cfg)
         # train.group_steps > 1: where the launcher's workers average each sub-step's gradients (psrv/group.py)
         self.group = group.Group.create(f"{self.shm_prefix}group_{self.server_id}", t.workers, theta0.shape,
                                         theta0.dtype) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
@@ -336,9 +337,9 @@ class Server:
     def _theta(self, i: ev.Theta) -> None:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         header = {"op": OpStr.THETA, "clock": i.clock, "version": i.version, "batch": i.batch}
-        if self.group is not None:   # the step's members and rate: the workers apply its sub-steps themselves
+        if self.group is not None:   # the step's members and rates: the workers apply its sub-steps themselves
             header["group"] = sorted(self.coord.gate.members)
-            header["lr"] = float(self.store.lr_at(i.clock))
+            header["lr"] = [float(self.rate_at(i.sub_base + k)) for k in range(i.sub_budget)]
         if i.rid is not None:
             header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)

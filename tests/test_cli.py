@@ -183,8 +183,7 @@ DEFAULT_SPLIT = {"compute": 0.219, "wait": 0.08, "communication": 0.243}   # the
 
 def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
     """The default job's own split (python launch.py): the round trip costs more than the gradient, so the
-    summary suggests K with K gradients >= 20 round trips (32 here); the printed line says what train.steps then
-    counts."""
+    summary suggests K with K gradients >= 20 round trips (32 here); the printed line says that the result stays."""
     from psrv import config
     from psrv.launch import group_steps_hint
     from psrv.report import group_steps_hint as hint_k
@@ -192,7 +191,7 @@ def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
     assert hint_k(cfg, DEFAULT_SPLIT) == 32
     line = group_steps_hint({"group_steps_hint": 32, "time_per_push_ms": DEFAULT_SPLIT})
     assert "train.group_steps = 32 " in line and "0.243 ms" in line and "0.219 ms" in line
-    assert "steps of 32 batches" in line
+    assert "the same BSP steps" in line and "the same result" in line
     assert group_steps_hint({"group_steps_hint": 0, "time_per_push_ms": DEFAULT_SPLIT}) == ""
     # a round trip far longer than the gradient: K stops at 64; the shortest hinted at, a quarter: 8 x 1 >= 20 x 0.25
     assert hint_k(cfg, {"compute": 0.01, "communication": 1.0}) == 64

@@ -201,20 +201,21 @@ def test_l2_and_clipping_equal_the_serial_algorithm_with_a_push_per_step_and_wit
 
 
 def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False, l2=0.0, clip_norm=0.0):
-    """train.group_steps = K in one process: step t takes each shard's next K * batch rows (never across an epoch's
-    end), and for each sub-step k applies theta <- theta - lr_at(t) * (1/N * (sum over the shards that still have
-    rows at k of the gradient on their k-th `batch` rows, each scaled down to norm clip_norm if longer) + l2 * the
-    weights (theta without the intercept)), N the number of shards (workers); a sub-step no shard has rows for
-    changes nothing, as a BSP step without gradients."""
+    """train.group_steps = K in one process: BSP's steps, taken K at a time. A group step takes each shard's next
+    min(K, steps left) * batch rows (never across an epoch's end) and holds as many steps as the longest of those
+    has batches; its step k (the run's step t) applies theta <- theta - lr_at(t) * (1/N * (sum over the shards
+    that still have rows at k of the gradient on their k-th `batch` rows, each scaled down to norm clip_norm if
+    longer) + l2 * the weights (theta without the intercept)), N the number of shards (workers)."""
     A, unscale = standardized(X)
     theta = np.zeros(A.shape[1])
     batches = Batches(shards, batch, seed, blocks)
-    for t in range(steps):
+    t = 0
+    while t < steps:
         parts = []
         for s in range(len(shards)):
-            idx = batches.take(s, batch * k_steps)
+            idx = batches.take(s, batch * min(k_steps, steps - t))
             parts.append([idx[lo:lo + batch] for lo in range(0, len(idx), batch)])
-        for k in range(k_steps):
+        for k in range(max(len(sub) for sub in parts)):
             grads = []
             for sub in parts:
                 if k < len(sub):
@@ -222,17 +223,18 @@ def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False,
                     gi = 2.0 / len(p) * A[p].T @ (A[p] @ theta - y[p])
                     norm = np.linalg.norm(gi)
                     grads.append(gi * (clip_norm / norm) if 0 < clip_norm < norm else gi)
-            if grads:
-                weights = np.r_[theta[:-1], 0.0]
-                theta = theta - lr_at(t) * (sum(grads) / len(shards) + l2 * weights)
+            weights = np.r_[theta[:-1], 0.0]
+            theta = theta - lr_at(t) * (sum(grads) / len(shards) + l2 * weights)
+            t += 1
     return unscale(theta)
 
 
 @pytest.mark.parametrize("order", ["rows", "blocks"])
 def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
     """train.group_steps = 4: each push covers 4 steps that the workers synchronize among themselves through
-    shared memory (psrv/group.py); the run equals the serial algorithm's sub-steps, epoch ends included."""
-    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 12, 0.05, 3, 4   # 12 x 128 rows cross an epoch of each shard
+    shared memory (psrv/group.py); the run equals the serial algorithm's steps, epoch ends included, each at its
+    own rate of the schedule, and train.steps counts those steps (the last group step holds the 2 left)."""
+    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 46, 0.05, 3, 4   # 46 x 32 rows cross an epoch of each shard
     r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4, "batch_order": order},
                     "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
                               "lr_schedule": "cosine", "group_steps": k},
@@ -244,6 +246,10 @@ def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
     expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["steps"] == steps and r.summary["workers"] == workers
+    # the rate held for each group step is another run: the test tells them apart
+    held = serial_group(X, y, shards, batch, steps, lambda t: cosine(lr, steps)(t - t % k), seed=11, k_steps=k,
+                        blocks=order == "blocks")
+    assert np.abs(held - expected).max() > 1e-6 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("l2,clip_norm", [(0.05, 0.0), (0.0, 1.5), (0.05, 1.5)])
@@ -251,11 +257,12 @@ def test_group_steps_with_l2_and_clipping_equal_serial_bsp_of_the_sub_steps(tmp_
     """The members clip each gradient and add model.l2's term at every sub-step, as the server does at a BSP step,
     and push the sub-steps' L2 terms with their gradients; a member whose rows end early (an epoch's end) still
     follows the sub-steps, which the L2 term moves. The serial oracle does the same arithmetic in one process."""
-    # shards of 632, 647 and 621 rows: at step 5, worker 1's epoch ends after one sub-step of 7 rows while the
-    # others take 4 sub-steps of their next epoch, which it follows
-    batch, steps, lr, k = PENALIZED["batch_size"], PENALIZED["steps"], PENALIZED["lr"], 4
+    # shards of 632, 647 and 621 rows: at group step 5 (steps 20 to 23), worker 1's epoch ends after one sub-step
+    # of 7 rows while the others take 4 sub-steps of their next epoch, which it follows
+    batch, steps, lr, k = PENALIZED["batch_size"], 47, PENALIZED["lr"], 4
     r, X, y, shards = penalized_run(tmp_path, 1900, 3, "hash", 4, l2, {"seed": 11, "lr_schedule": "cosine",
-                                                                       "group_steps": k, "clip_norm": clip_norm})
+                                                                       "group_steps": k, "clip_norm": clip_norm,
+                                                                       "steps": steps})
     expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, l2=l2,
                             clip_norm=clip_norm)
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()

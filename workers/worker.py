@@ -477,11 +477,13 @@ class Worker:
                    clip=None) -> float:
         """What local SGD and group steps share: a copy of theta in `work`, then the batch's rows b at a time in its
         order, sub-step k's gradient computed at `work` into grad_of(k) (then clip(gradient), if given), added to
-        `out` (the push), then apply(k, gradient) changes `work`. Returns the mean loss of the rows."""
+        `out` (the push; out None: no sum), then apply(k, gradient) changes `work`. Returns the mean loss of the
+        rows."""
         shard, epoch, start, count = batch
         idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
         np.copyto(work, theta)
-        out[...] = 0.0
+        if out is not None:
+            out[...] = 0.0
         total = 0.0
         for k, lo in enumerate(range(0, count, b)):
             rows = min(b, count - lo)
@@ -490,7 +492,8 @@ class Worker:
             total += model.loss_grad(work, Xr, yr, g) * rows
             if clip is not None:
                 clip(g)
-            out += g
+            if out is not None:
+                out += g
             apply(k, g)
         return total / count
 
@@ -515,18 +518,21 @@ class Worker:
     def _group_step(self, model, theta, X, y, batch, seed: int, b: int, h: dict, member, k_steps: int, Xb, yb,
                     work, out) -> float:
         """Group steps (train.group_steps = K, psrv/group.py): the batch's rows b at a time, each sub-step's
-        gradient averaged with the other members' through shared memory and applied to a copy of theta at the
-        step's rate, with train.clip_norm and model.l2 as the server would apply them; `out` gets the push: the
-        sum of this worker's (clipped) gradients, plus the sub-steps' L2 terms. Returns the mean loss of the rows."""
+        gradient averaged with the other members' through shared memory and applied to a copy of theta at that
+        step's rate, with train.clip_norm and model.l2 as the server would apply them; `out` gets the push: how
+        far the sub-steps moved theta (theta - the copy). Returns the mean loss of the rows."""
         count = batch[3]
-        lr, members = h.get("lr"), h.get("group")
-        if type(lr) is not float or not math.isfinite(lr) or type(members) is not list \
-                or not all(type(m) is int for m in members):
-            raise RunError(f"worker {self.wid}", f"a theta reply for group steps needs a float lr and a list of "
-                                                 f"worker ids; got lr {lr!r}, group {members!r}")
+        lrs, members = h.get("lr"), h.get("group")
+        if type(lrs) is not list or not 0 < len(lrs) <= k_steps \
+                or not all(type(r) is float and 0 <= r < math.inf for r in lrs) \
+                or type(members) is not list or not all(type(m) is int for m in members):
+            raise RunError(f"worker {self.wid}", f"a theta reply for group steps needs a list of 1 to {k_steps} "
+                                                 f"learning rates (floats >= 0) and a list of worker ids; got lr "
+                                                 f"{lrs!r}, group {members!r}")
+        budget = len(lrs)   # the step's sub-steps: K, or fewer at the end of train.steps
         subs = -(-count // b)
-        if subs > k_steps:
-            raise RunError(f"worker {self.wid}", f"{count} rows are more than {k_steps} sub-steps of {b}")
+        if subs > budget:
+            raise RunError(f"worker {self.wid}", f"{count} rows are more than {budget} sub-steps of {b}")
         try:
             member.begin(h["clock"], k_steps, subs, members)
         except ValueError as e:
@@ -536,17 +542,16 @@ class Worker:
         def grad_of(k):
             self.before_sub_step(clock, k)
             return member.grad(k)
-        loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, out, grad_of,
-                               lambda k, g: member.step(k, work, lr), member.clip if member.clip_norm > 0 else None)
-        if subs < k_steps:
-            if member.follows:   # an L2 term moves theta at every sub-step: it follows them without rows
-                k = subs
-                while k < k_steps and member.step(k, work, lr, rows=False):
-                    k += 1
-            else:
-                member.finish()
-        if member.penalty is not None:   # the sub-steps' L2 terms, which the server leaves to the members
-            out += member.penalty
+        loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, None, grad_of,
+                               lambda k, g: member.step(k, work, lrs[k]),
+                               member.clip if member.clip_norm > 0 else None)
+        # rows ended early (an epoch's end): it follows the others' sub-steps without a gradient, so that every
+        # member ends the group step at the same theta, and the server's step theta - (the pushes' mean) is that
+        # theta (psrv/group.py)
+        k = subs
+        while k < budget and member.step(k, work, lrs[k], rows=False):
+            k += 1
+        np.subtract(theta, work, out=out)
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
                         "the step alone", self.wid, clock, member.timeout_s)
