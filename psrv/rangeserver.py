@@ -69,6 +69,14 @@ def rate_at(cfg):
     return lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every, t.lr_min)
 
 
+def rates(cfg):
+    """rate_at's rates of `count` steps from `start`, as a list: (start, count) -> [float]."""
+    t = cfg.train
+    total_steps = run_steps(cfg) or t.steps
+    return lambda start, count: optim.lr_range(start, count, t.lr, t.lr_schedule, total_steps, t.lr_decay,
+                                               t.lr_decay_every, t.lr_min)
+
+
 def range_dir(ckpt_dir: str, index: int) -> str:
     """Where range `index` keeps its own checkpoints (keyrange.save_range's format), beside server 0's."""
     return os.path.join(ckpt_dir, f"range{index}")

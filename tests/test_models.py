@@ -169,6 +169,20 @@ def test_lr_schedules(schedule, step, expected):
     assert lr == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "step", "inv_sqrt", "cosine"])
+def test_lr_range_is_lr_at_of_each_step(schedule):
+    """Group steps' replies carry a step's rates computed at once (lr_range); each is lr_at's, to rounding, across
+    decay boundaries and past the end of a cosine schedule."""
+    kw = {"decay": 0.5, "decay_every": 100, "lr_min": 0.01}
+    for start, count in [(0, 64), (90, 20), (980, 40), (5, 1)]:
+        got = optim.lr_range(start, count, 0.1, schedule, 1000, **kw)
+        want = [optim.lr_at(start + k, 0.1, schedule, 1000, **kw) for k in range(count)]
+        assert len(got) == count and all(type(r) is float for r in got)
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        optim.lr_range(0, 3, 0.1, "linear", 1000)
+
+
 def test_sgd_step_in_place_without_new_arrays():
     theta = np.ones(10_000)
     g = np.full(10_000, 2.0)
