@@ -27,8 +27,8 @@ BSP and with train.group_steps = K (scaling's groupK, K = the job's group_steps:
 gradients among themselves in shared memory, one push per K steps), run through scaling._psrv exactly as
 `python -m benchmarks --only scaling` runs them (pinned, one BLAS thread, the range partition). All three use the
 same batch per worker and the same constant lr, scaling's BSP lr at N = 2 (the job's lr x 2: DDP and BSP both apply
-the mean of the two workers' gradients), and read the same number of batches per worker (psrv group steps: steps / K
-steps of K batches). Samples/s as above; the ratios are psrv / DDP of the medians.
+the mean of the two workers' gradients), and read the same number of batches per worker (psrv's group steps count
+BSP's steps, as DDP's). Samples/s as above; the ratios are psrv / DDP of the medians.
 
 Fairness, rechecked (2026-11-30): same job (the same rows, split the same way, the same per-epoch shuffled batches
 of the same size per worker, the same update, lr and initial parameters); same threads (one BLAS/OpenMP/torch
@@ -227,10 +227,8 @@ def run_scaling_job(job: scaling.Job, paths: dict, steps: int, repeats: int) -> 
                 x = run_ddp(paths, steps, job.batch, lr, bias=False, seed=r, log_every=job.log_every)
                 x["ttt"], x["ttt_step"] = time_to_target(x["lines"], target), steps_to_target(x["lines"], target)
             else:
-                # a group step holds K batches per worker: steps / K of them read as many rows as DDP's steps
-                per_step = job.group_steps if system == "groupK" else 1
-                x = scaling._psrv(job, paths, WORKERS, dict(modes)[system], RANK_TIMEOUT_S, steps // per_step, r,
-                                  target)
+                # group steps count BSP's steps: as many batches per worker as DDP's
+                x = scaling._psrv(job, paths, WORKERS, dict(modes)[system], RANK_TIMEOUT_S, steps, r, target)
                 if "error" in x:
                     raise RuntimeError(f"psrv {system} on the {job.key} job: {x['error']}")
             runs[system].append(x)

@@ -120,7 +120,7 @@ def psrv_modes() -> list[tuple[str, list[str]]]:
     if "train.local_steps" in config.keys():
         # H comes from the job (Job.local_steps) when the run starts
         modes.append(("localH", ["train.consistency=bsp", "train.local_steps={H}"]))
-    if "train.group_steps" in config.keys():   # BSP, the workers averaging H steps among themselves per push
+    if "train.group_steps" in config.keys():   # BSP, the workers averaging K steps among themselves per push
         modes.append(("groupK", ["train.consistency=bsp", "train.group_steps={K}"]))
     if "data.worker_copy" in config.keys():   # BSP without the workers' private copies of their rows (N = 1 only)
         modes.append(("bsp-inplace", ["train.consistency=bsp", "data.worker_copy=off"]))

@@ -878,3 +878,62 @@ def test_a_second_push_for_a_clock_already_pushed_is_a_duplicate_and_changes_not
     assert h.c.version == version and h.c.stats.duplicates == 1
     assert h.P(h.push(0, clock=served[0] + 5, rid=901)) == [("Error", 0, "bad_field", 901)]  # no batch held
     assert h.P(h.pull(0, served[0] + 1))[0][:3] == ("Theta", 0, served[0] + 1)
+
+
+def _group_run(h, seen: list) -> None:
+    """Both workers pull, then push with pull = true until the run stops; each Theta as (clock, first BSP step,
+    budget, rows) into `seen`."""
+    def note(out):
+        seen.extend((i.clock, i.sub_base, i.sub_budget, i.batch[3]) for i in out if isinstance(i, ev.Theta))
+    for w in range(h.n):
+        note(h.pull(w, 0))
+    for _ in range(100):
+        if h.c.stopping:
+            return
+        for w in range(h.n):
+            if w not in h.stopped:
+                note(h.push(w))
+
+
+@pytest.mark.parametrize("steps,last", [(14, (3, 10, 4, 16)), (13, (3, 10, 3, 12))])
+def test_group_steps_count_bsp_steps_and_the_last_holds_what_train_steps_has_left(steps, last):
+    """train.group_steps = 4, batch 4, shards of 40 rows (10 batches an epoch): a group step serves up to 16 rows
+    and the BSP steps from sub_base on; the epoch's end cuts one to 8 rows (2 steps), which the count follows; the
+    last holds only the steps train.steps has left. The run's step is BSP's."""
+    h = H(2, shm=True, train__group_steps=4, train__steps=steps)
+    h.hellos(range(2))
+    seen = []
+    _group_run(h, seen)
+    want = [(0, 0, 4, 16), (1, 4, 4, 16), (2, 8, 4, 8), last]
+    assert seen == [s for s in want for _ in range(2)]
+    assert h.c.step == steps and h.c.stopping == "steps" and h.c.gate.step == 4
+    # a pull asked again before its push (a lost reply) gets the same step and budget
+    h2 = H(2, shm=True, train__group_steps=4, train__steps=steps)
+    h2.hellos(range(2))
+    first = [i for i in h2.pull(0, 0) + h2.pull(1, 0) if isinstance(i, ev.Theta) and i.ident == ident(1)]
+    again = [i for i in h2.pull(1, 0) if isinstance(i, ev.Theta)]
+    assert len(first) == len(again) == 1
+    assert (again[0].clock, again[0].sub_base, again[0].sub_budget, again[0].batch) == (0, 0, 4, first[0].batch)
+
+
+def test_a_group_steps_checkpoint_resumed_with_other_group_steps_or_none_counts_bsp_steps():
+    """The gate's clock counts group steps: resumed without them (or with another K) the run goes on from the BSP
+    steps done, every worker at that step; a plain checkpoint resumed with group steps keeps its steps."""
+    h = H(2, shm=True, train__group_steps=4, train__steps=14)
+    h.hellos(range(2))
+    _group_run(h, [])
+    st = h.c.state(h.now)
+    assert (st["step"], st["gate_step"], st["group_steps"]) == (14, 4, 4)
+    for changes in ({}, {"train__group_steps": 2}):
+        r = H(2, shm=True, train__steps=20, **changes)
+        r.c.restore(st)
+        assert (r.c.step, r.c.gate.step, r.c.saved_clocks) == (14, 14, {0: 14, 1: 14})
+    same = H(2, shm=True, train__group_steps=4, train__steps=20)
+    same.c.restore(st)
+    assert (same.c.step, same.c.gate.step, same.c.saved_clocks) == (14, 4, {0: 4, 1: 4})
+    plain = H(2, shm=True, train__steps=10)
+    plain.hellos(range(2))
+    _group_run(plain, [])
+    grouped = H(2, shm=True, train__group_steps=4, train__steps=20)
+    grouped.c.restore(plain.c.state(plain.now))
+    assert (grouped.c.step, grouped.c.gate.step) == (10, 10)

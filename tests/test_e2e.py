@@ -48,8 +48,8 @@ def shard_rows(n, k, how):
     return [np.flatnonzero(owner == s) for s in range(k)]
 
 
-def cosine(lr, steps):
-    return lambda t: 0.5 * lr * (1 + math.cos(math.pi * t / steps))
+def cosine(lr, steps, lr_min=0.0):
+    return lambda t: lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * min(t, steps) / steps))
 
 
 class Batches:
@@ -233,30 +233,50 @@ def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False,
 def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
     """train.group_steps = 4: each push covers 4 steps that the workers synchronize among themselves through
     shared memory (psrv/group.py); the run equals the serial algorithm's steps, epoch ends included, each at its
-    own rate of the schedule, and train.steps counts those steps (the last group step holds the 2 left)."""
-    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 46, 0.05, 3, 4   # 46 x 32 rows cross an epoch of each shard
+    own rate of the schedule, and train.steps counts those steps. Shards of 671, 672 and 657 rows: each epoch is 5
+    group steps of 4 steps and one of 1; the last, from step 42, holds the 2 steps left (the schedule's floor
+    lr_min, above 0, makes a step past train.steps change theta)."""
+    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 44, 0.05, 3, 4   # 44 x 32 rows cross an epoch of each shard
     r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4, "batch_order": order},
                     "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
-                              "lr_schedule": "cosine", "group_steps": k},
+                              "lr_schedule": "cosine", "lr_min": 0.01, "group_steps": k},
                     "output": {"dir": str(tmp_path), "plot": False}})
     X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
     shards = shard_rows(n, workers, "hash")
     if order == "blocks":
         shards = stored(shards, data_seed=4)
-    expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, blocks=order == "blocks")
+    rate = cosine(lr, steps, 0.01)
+    expected = serial_group(X, y, shards, batch, steps, rate, seed=11, k_steps=k, blocks=order == "blocks")
     assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
     assert r.summary["steps"] == steps and r.summary["workers"] == workers
-    # the rate held for each group step is another run: the test tells them apart
-    held = serial_group(X, y, shards, batch, steps, lambda t: cosine(lr, steps)(t - t % k), seed=11, k_steps=k,
+    # the test tells apart a rate held for each group step, and 2 more steps (a last group step of 4)
+    held = serial_group(X, y, shards, batch, steps, lambda t: rate(t - t % k), seed=11, k_steps=k,
                         blocks=order == "blocks")
-    assert np.abs(held - expected).max() > 1e-6 * np.abs(expected).max()
+    longer = serial_group(X, y, shards, batch, steps + 2, rate, seed=11, k_steps=k, blocks=order == "blocks")
+    for other in (held, longer):
+        assert np.abs(other - expected).max() > 1e-6 * np.abs(expected).max()
+
+
+def test_a_group_step_whose_longest_batch_ends_in_a_part_of_a_step_counts_that_step(tmp_path):
+    """Range shards of 600 rows: each epoch ends with a group step of 88 rows, 3 steps of which the last has 24
+    rows; the step count (and so every later rate) must count it."""
+    n, d, batch, steps, lr, workers, k = 1800, 5, 32, 30, 0.05, 3, 4
+    r = psrv.train({"data": {"n": n, "d": d, "partition": "range", "seed": 4},
+                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
+                              "lr_schedule": "cosine", "group_steps": k},
+                    "output": {"dir": str(tmp_path), "plot": False}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
+    expected = serial_group(X, y, shard_rows(n, workers, "range"), batch, steps, cosine(lr, steps), seed=11,
+                            k_steps=k)
+    assert r.summary["steps"] == steps
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
 
 
 @pytest.mark.parametrize("l2,clip_norm", [(0.05, 0.0), (0.0, 1.5), (0.05, 1.5)])
 def test_group_steps_with_l2_and_clipping_equal_serial_bsp_of_the_sub_steps(tmp_path, l2, clip_norm):
     """The members clip each gradient and add model.l2's term at every sub-step, as the server does at a BSP step,
-    and push the sub-steps' L2 terms with their gradients; a member whose rows end early (an epoch's end) still
-    follows the sub-steps, which the L2 term moves. The serial oracle does the same arithmetic in one process."""
+    and push how far theta moved; a member whose rows end early (an epoch's end) still follows the sub-steps,
+    which the L2 term moves. The serial oracle does the same arithmetic in one process."""
     # shards of 632, 647 and 621 rows: at group step 5 (steps 20 to 23), worker 1's epoch ends after one sub-step
     # of 7 rows while the others take 4 sub-steps of their next epoch, which it follows
     batch, steps, lr, k = PENALIZED["batch_size"], 47, PENALIZED["lr"], 4
@@ -265,7 +285,7 @@ def test_group_steps_with_l2_and_clipping_equal_serial_bsp_of_the_sub_steps(tmp_
                                                                        "steps": steps})
     expected = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k, l2=l2,
                             clip_norm=clip_norm)
-    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max() and r.summary["steps"] == steps
     # the oracle without the term or the clipping is another run: the test can tell them apart
     plain = serial_group(X, y, shards, batch, steps, cosine(lr, steps), seed=11, k_steps=k)
     assert np.abs(plain - expected).max() > 1e-4 * np.abs(expected).max()

@@ -216,6 +216,7 @@ class Worker:
         self.sessions = 0
         self.rejoin = True
         self._group: group_mod.Group | None = None   # train.group_steps > 1: the shared segment, attached once
+        self.group_subs = 0                          # ... and the sub-steps the last group step held here
 
     def run(self) -> int:
         """Sessions until the server says stop: a session ends early when this incarnation is declared dead or
@@ -313,7 +314,7 @@ class Worker:
             t2 = time.perf_counter()
             h, arrays = self.client.wait()
             carried_s, request_s = t2 - t1, time.perf_counter() - t2
-            self.steps_done += 1
+            self.steps_done += 1 if member is None else self.group_subs   # BSP's steps, as the server counts
         # the server has already counted us out when it says stop; no goodbye needed
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
@@ -551,6 +552,7 @@ class Worker:
         k = subs
         while k < budget and member.step(k, work, lrs[k], rows=False):
             k += 1
+        self.group_subs = k
         np.subtract(theta, work, out=out)
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
