@@ -369,7 +369,9 @@ class Coordinator(Roster, Sanctions):
         if self.group_k:
             b = self.cfg.train.batch_size
             self.step_subs = max(self.step_subs, (batch[3] + b - 1) // b)
-        self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid, *self._sub_budget()))
+            self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid, *self._sub_budget()))
+        else:
+            self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid))
 
     def _sub_budget(self) -> tuple[int, int]:
         """Group steps: (the first BSP step of the group step being served, how many it may hold: K, or fewer
