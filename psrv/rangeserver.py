@@ -62,19 +62,22 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.n
                  l2_mask=held < weight_rows, writer=writer)
 
 
-def rate_at(cfg):
-    """The learning rate of each step (0-based): train.lr under train.lr_schedule, over the run's steps."""
+def _schedule(cfg) -> tuple:
+    """optim.lr_at's arguments after the step: train.lr under train.lr_schedule, over the run's steps."""
     t = cfg.train
-    total_steps = run_steps(cfg) or t.steps
-    return lambda step: optim.lr_at(step, t.lr, t.lr_schedule, total_steps, t.lr_decay, t.lr_decay_every, t.lr_min)
+    return t.lr, t.lr_schedule, run_steps(cfg) or t.steps, t.lr_decay, t.lr_decay_every, t.lr_min
+
+
+def rate_at(cfg):
+    """The learning rate of each step (0-based)."""
+    schedule = _schedule(cfg)
+    return lambda step: optim.lr_at(step, *schedule)
 
 
 def rates(cfg):
     """rate_at's rates of `count` steps from `start`, as a list: (start, count) -> [float]."""
-    t = cfg.train
-    total_steps = run_steps(cfg) or t.steps
-    return lambda start, count: optim.lr_range(start, count, t.lr, t.lr_schedule, total_steps, t.lr_decay,
-                                               t.lr_decay_every, t.lr_min)
+    schedule = _schedule(cfg)
+    return lambda start, count: optim.lr_range(start, count, *schedule)
 
 
 def range_dir(ckpt_dir: str, index: int) -> str:
