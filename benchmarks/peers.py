@@ -69,7 +69,7 @@ STEPS, QUICK_STEPS = 3_000, 1_000
 RANK_TIMEOUT_S = 300.0
 TORCH_PIN = "torch==2.13.0"
 SCALING_MODES = ("bsp", "groupK")   # psrv's modes run against DDP on scaling's jobs: BSP and its fastest form
-# batches per worker on scaling's jobs, full and --quick: multiples of both jobs' group_steps K (8 and 64)
+# batches per worker on scaling's jobs, full and --quick
 SCALING_STEPS = {"compute": (400, 200), "small": (1536, 512)}
 SCALING_REPEATS = {False: 3, True: 1}
 

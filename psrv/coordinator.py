@@ -50,13 +50,13 @@ class Coordinator(Roster, Sanctions):
         self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
         self.schedule = Schedule(shard_sizes, dynamic=t.schedule == "dynamic")
         self.max_steps = run_steps(cfg)
-        # local SGD and group steps: one pull serves every local step's (sub-step's) rows
-        self.rows_per_pull = t.batch_size * t.local_steps * t.group_steps
+        # local SGD: one pull serves every local step's rows (group steps: _group_budget)
+        self.rows_per_pull = t.batch_size * t.local_steps
         # group steps: each gate step holds up to K of BSP's steps, which train.steps, the schedule and the logs
-        # count; sub_steps of them are done, and the step being served has step_subs (its members' most batches)
+        # count: bsp_steps of them are done, and the group step being served holds group_len (its longest batch)
         self.group_k = t.group_steps if t.group_steps > 1 else 0
-        self.sub_steps = 0
-        self.step_subs = 0
+        self.bsp_steps = 0
+        self.group_len = 0
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
@@ -317,7 +317,7 @@ class Coordinator(Roster, Sanctions):
     def step(self) -> int:
         """Steps done: BSP steps applied; under SSP/ASP, gradients applied / workers."""
         if self.group_k:
-            return self.sub_steps
+            return self.bsp_steps
         if self.gate.mode == "bsp":
             return self.gate.step
         n = self.n_expected
@@ -347,11 +347,12 @@ class Coordinator(Roster, Sanctions):
         if batch is not None and serving is not None:
             # asked again before pushing (its reply was lost, or the client repeats itself): the same batch and
             # clock again, so that no rows are handed out and skipped
-            self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid, *self._sub_budget()))
+            self._out.append(ev.Theta(p.ident, serving, self.version, batch, p.shm, rid, *self._group_budget()))
             return
-        rows = self.rows_per_pull
+        rows, budget = self.rows_per_pull, None
         if self.group_k:   # the run's last group step holds only the steps train.steps has left
-            rows = self._sub_budget()[1] * self.cfg.train.batch_size
+            budget = self._group_budget()
+            rows = budget[1] * self.cfg.train.batch_size
         batch = self.schedule.next_batch(p.wid, rows, self.cfg.train.epochs)
         if batch is None:
             if self.schedule.held_by(p.wid):
@@ -366,20 +367,18 @@ class Coordinator(Roster, Sanctions):
         clock = self.gate.serve(p.wid, clock)
         self.batches[p.wid] = batch
         self.progress.served(p.wid, self._now)
-        if self.group_k:
+        if budget is not None:
             b = self.cfg.train.batch_size
-            self.step_subs = max(self.step_subs, (batch[3] + b - 1) // b)
-            self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid, *self._sub_budget()))
+            self.group_len = max(self.group_len, (batch[3] + b - 1) // b)
+            self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid, *budget))
         else:
             self._out.append(ev.Theta(p.ident, clock, self.version, batch, p.shm, rid))
 
-    def _sub_budget(self) -> tuple[int, int]:
-        """Group steps: (the first BSP step of the group step being served, how many it may hold: K, or fewer
-        at the end of train.steps); (0, 0) otherwise."""
-        if not self.group_k:
-            return 0, 0
+    def _group_budget(self) -> tuple[int, int]:
+        """Group steps: (the first BSP step of the group step being served, how many BSP steps it may hold: K, or
+        fewer at the end of train.steps)."""
         limit = self.max_steps
-        return self.sub_steps, self.group_k if limit is None else max(1, min(self.group_k, limit - self.sub_steps))
+        return self.bsp_steps, self.group_k if limit is None else max(1, min(self.group_k, limit - self.bsp_steps))
 
     def _settle(self) -> None:
         """The work loop: answer every parked pull the gate now allows (or tell it to stop), until answering one
@@ -404,13 +403,14 @@ class Coordinator(Roster, Sanctions):
 
     # ------------------------------------------------------------------ updates
     def _apply_step(self) -> None:
-        """BSP: the gate has moved on; the collected gradients become one update (none: theta stays)."""
+        """BSP: the gate has moved on; the collected gradients (group steps: how far the members moved theta)
+        become one update (none: theta stays)."""
         self.applied_records += self.step_records
         n = len(self.step_records)
         self.step_records = []
         # group steps: the members took the step's sub-steps whatever the server makes of their pushes
-        self.sub_steps += self.step_subs
-        self.step_subs = 0
+        self.bsp_steps += self.group_len
+        self.group_len = 0
         if n == 0:
             return
         self.stats.applied += n

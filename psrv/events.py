@@ -116,8 +116,8 @@ class Theta:
     batch: list
     shm: bool
     rid: int | None
-    sub_base: int = 0      # group steps: the first of BSP's steps this group step holds, and how many it may hold
-    sub_budget: int = 0
+    first_step: int = 0    # group steps: the first of BSP's steps this group step holds, and how many it may hold
+    step_budget: int = 0
 
 
 @dataclass(slots=True)

@@ -70,9 +70,7 @@ class Group:
         raw = seg.array
         ctl_bytes = members * LINE
         self._ctl = memoryview(raw[:ctl_bytes]).cast("B").cast("Q")   # one aligned 8-byte load or store per access
-        size = int(np.prod(self.shape))
         self.grads = raw[ctl_bytes:].view(self.dtype).reshape((2, members, *self.shape))
-        self._size = size
 
     @classmethod
     def create(cls, name: str, members: int, shape: tuple, dtype) -> "Group":
@@ -87,9 +85,6 @@ class Group:
     @property
     def name(self) -> str:
         return self.seg.name
-
-    def word(self, member: int, which: int) -> int:
-        return self._ctl[member * (LINE // 8) + which]
 
     def set_word(self, member: int, which: int, value: int) -> None:
         self._ctl[member * (LINE // 8) + which] = value
@@ -127,7 +122,7 @@ class Member:
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")
-        self.base, self.k_steps, self.subs = clock * k_steps, k_steps, subs
+        self.base, self.k_steps = clock * k_steps, k_steps
         self.members = sorted(members)
         self.scale = 1.0 / len(self.members)
         per = LINE // 8

@@ -20,8 +20,7 @@ def state(c, now: float) -> dict:
     # its epochs early has exited: a restarted server does not wait for it.
     done = c.finished_at if c.stopping else {}
     clocks = {**done, **{w: m.pushed for w, m in c.gate.members.items()}}
-    return {"step": c.step, "version": c.version, "gate_step": c.gate.step, "sub_steps": c.sub_steps,
-            "group_steps": c.group_k or 1,
+    return {"step": c.step, "version": c.version, "gate_step": c.gate.step, "group_steps": c.group_k or 1,
             # a BSP step not applied yet is redone: its pushers resume at that step, not after it
             "clocks": [[w, min(k, c.gate.step) if c.gate.mode == "bsp" else k] for w, k in clocks.items()],
             "incarnations": [[w, i] for w, i in c.members.incarnations.items()],
@@ -37,7 +36,7 @@ def restore(c, st: dict) -> None:
     # group steps: BSP's steps done. The gate's clock counts group steps; resumed with another train.group_steps
     # (or none), it starts again from the steps done, where every worker that was training resumes (group steps
     # are BSP: they were all at the gate's step)
-    c.sub_steps = st["step"] if c.group_k else 0
+    c.bsp_steps = st["step"] if c.group_k else 0
     if st.get("group_steps", 1) != (c.group_k or 1):
         c.gate.step = st["step"]
         c.saved_clocks = {w: st["step"] for w in c.saved_clocks}

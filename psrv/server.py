@@ -84,8 +84,8 @@ class Server:
         else:
             theta = theta0
         self.store = make_store(cfg, theta, self.model.l2_rows, self.theta_shm)
-        self.rates = rates(cfg)
-        self._rates_for: tuple = (None, [])
+        self.rates_of = rates(cfg)        # (first step, count) -> the schedule's rates of those steps
+        self._rates_cache: tuple = (None, [])
         # train.group_steps > 1: where the launcher's workers average each sub-step's gradients (psrv/group.py)
         self.group = group.Group.create(f"{self.shm_prefix}group_{self.server_id}", t.workers, theta0.shape,
                                         theta0.dtype) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
@@ -340,18 +340,18 @@ class Server:
         header = {"op": OpStr.THETA, "clock": i.clock, "version": i.version, "batch": i.batch}
         if self.group is not None:   # the step's members and rates: the workers apply its sub-steps themselves
             header["group"] = sorted(self.coord.gate.members)
-            header["lr"] = self._rates(i.sub_base, i.sub_budget)
+            header["lr"] = self._group_rates(i.first_step, i.step_budget)
         if i.rid is not None:
             header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
         self._out(protocol.encode(header, () if i.shm or self.keyed else (self.store.snapshot(),)), i.ident)
 
-    def _rates(self, base: int, budget: int) -> list[float]:
-        """Group steps: the learning rates of steps base .. base + budget - 1, computed once for all the members
-        of a step."""
-        if self._rates_for[0] != (base, budget):
-            self._rates_for = ((base, budget), self.rates(base, budget))
-        return self._rates_for[1]
+    def _group_rates(self, first: int, budget: int) -> list[float]:
+        """Group steps: the learning rates of BSP steps first .. first + budget - 1, computed once for all the
+        members of a step."""
+        if self._rates_cache[0] != (first, budget):
+            self._rates_cache = ((first, budget), self.rates_of(first, budget))
+        return self._rates_cache[1]
 
     # server.shards > 1: each update of range 0 is ordered to the other ranges too (psrv/rangeserver.py)
     def _accumulate(self, i: ev.Accumulate) -> None:

@@ -884,7 +884,7 @@ def _group_run(h, seen: list) -> None:
     """Both workers pull, then push with pull = true until the run stops; each Theta as (clock, first BSP step,
     budget, rows) into `seen`."""
     def note(out):
-        seen.extend((i.clock, i.sub_base, i.sub_budget, i.batch[3]) for i in out if isinstance(i, ev.Theta))
+        seen.extend((i.clock, i.first_step, i.step_budget, i.batch[3]) for i in out if isinstance(i, ev.Theta))
     for w in range(h.n):
         note(h.pull(w, 0))
     for _ in range(100):
@@ -898,7 +898,7 @@ def _group_run(h, seen: list) -> None:
 @pytest.mark.parametrize("steps,last", [(14, (3, 10, 4, 16)), (13, (3, 10, 3, 12))])
 def test_group_steps_count_bsp_steps_and_the_last_holds_what_train_steps_has_left(steps, last):
     """train.group_steps = 4, batch 4, shards of 40 rows (10 batches an epoch): a group step serves up to 16 rows
-    and the BSP steps from sub_base on; the epoch's end cuts one to 8 rows (2 steps), which the count follows; the
+    and the BSP steps from first_step on; the epoch's end cuts one to 8 rows (2 steps), which the count follows; the
     last holds only the steps train.steps has left. The run's step is BSP's."""
     h = H(2, shm=True, train__group_steps=4, train__steps=steps)
     h.hellos(range(2))
@@ -913,7 +913,7 @@ def test_group_steps_count_bsp_steps_and_the_last_holds_what_train_steps_has_lef
     first = [i for i in h2.pull(0, 0) + h2.pull(1, 0) if isinstance(i, ev.Theta) and i.ident == ident(1)]
     again = [i for i in h2.pull(1, 0) if isinstance(i, ev.Theta)]
     assert len(first) == len(again) == 1
-    assert (again[0].clock, again[0].sub_base, again[0].sub_budget, again[0].batch) == (0, 0, 4, first[0].batch)
+    assert (again[0].clock, again[0].first_step, again[0].step_budget, again[0].batch) == (0, 0, 4, first[0].batch)
 
 
 def test_a_group_steps_checkpoint_resumed_with_other_group_steps_or_none_counts_bsp_steps():

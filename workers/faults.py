@@ -9,11 +9,11 @@ which every child inherits at spawn and reads once at start:
 Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
 slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
 gradient at those steps, which the server must refuse), kill_worker + kill_at_step (that worker kills itself with
-SIGKILL at that step, before its push; under group steps, whose steps here are the server's clocks, during the
-second sub-step of that group step; only as incarnation 1, so that its restart, which may be handed the same step
-again, lives on), hold_worker + hold_at_step + hold_file (that
-worker waits before its push at that step for as long as the file exists: a test holds the run where it wants to
-look at it, and lets it go on by removing the file). A worker id of -1 means none.
+SIGKILL at that step, before its push (under group steps, during the second sub-step of that group step); only as
+incarnation 1, so that its restart, which may be handed the same step again, lives on), hold_worker +
+hold_at_step + hold_file (that worker waits before its push at that step for as long as the file exists: a test
+holds the run where it wants to look at it, and lets it go on by removing the file). A worker id of -1 means none.
+A step here is the server's clock, the step a theta reply names: under group steps, one group step.
 """
 from __future__ import annotations
 

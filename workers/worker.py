@@ -216,7 +216,6 @@ class Worker:
         self.sessions = 0
         self.rejoin = True
         self._group: group_mod.Group | None = None   # train.group_steps > 1: the shared segment, attached once
-        self.group_subs = 0                          # ... and the sub-steps the last group step held here
 
     def run(self) -> int:
         """Sessions until the server says stop: a session ends early when this incarnation is declared dead or
@@ -284,9 +283,10 @@ class Worker:
             batch = h["batch"]
             X, y = self.rows.get(batch[0])
             count = batch[3]
+            steps = 1
             if member is not None:
-                loss = self._group_step(model, theta, X, y, batch, train["seed"], b, h, member, group_steps, Xb, yb,
-                                        work, plane.grad)
+                loss, steps = self._group_step(model, theta, X, y, batch, train["seed"], b, h, member, group_steps,
+                                               Xb, yb, work, plane.grad)
             elif work is not None:
                 loss = self._local_steps(model, theta, X, y, batch, train["seed"], b, lr, Xb, yb, work, step_grad,
                                          plane.grad, penalties)
@@ -314,7 +314,7 @@ class Worker:
             t2 = time.perf_counter()
             h, arrays = self.client.wait()
             carried_s, request_s = t2 - t1, time.perf_counter() - t2
-            self.steps_done += 1 if member is None else self.group_subs   # BSP's steps, as the server counts
+            self.steps_done += steps   # BSP's steps, as the server counts them
         # the server has already counted us out when it says stop; no goodbye needed
         self.stopped_by = h.get("reason", "")
         log.info("worker %d: stop (%s) after %d steps", self.wid, h.get("reason"), self.steps_done)
@@ -517,11 +517,12 @@ class Worker:
             raise RunError(f"worker {self.wid}", str(e)) from None
 
     def _group_step(self, model, theta, X, y, batch, seed: int, b: int, h: dict, member, k_steps: int, Xb, yb,
-                    work, out) -> float:
+                    work, out) -> tuple[float, int]:
         """Group steps (train.group_steps = K, psrv/group.py): the batch's rows b at a time, each sub-step's
         gradient averaged with the other members' through shared memory and applied to a copy of theta at that
         step's rate, with train.clip_norm and model.l2 as the server would apply them; `out` gets the push: how
-        far the sub-steps moved theta (theta - the copy). Returns the mean loss of the rows."""
+        far the sub-steps moved theta (theta - the copy). Returns (the mean loss of the rows, the sub-steps it
+        applied)."""
         count = batch[3]
         lrs, members = h.get("lr"), h.get("group")
         if type(lrs) is not list or not 0 < len(lrs) <= k_steps \
@@ -552,12 +553,11 @@ class Worker:
         k = subs
         while k < budget and member.step(k, work, lrs[k], rows=False):
             k += 1
-        self.group_subs = k
         np.subtract(theta, work, out=out)
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
                         "the step alone", self.wid, clock, member.timeout_s)
-        return loss
+        return loss, k
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
         """A shard's epoch order, cached per shard (a worker holding several shards alternates between them; a
