@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
+
 from . import events as ev
 from . import resume
 from .consistency import APPLY, COMPLETE, LATE, Gate
@@ -57,6 +59,7 @@ class Coordinator(Roster, Sanctions):
         self.group_k = t.group_steps if t.group_steps > 1 else 0
         self.bsp_steps = 0
         self.group_len = 0
+        self.group_first = 0   # ... and the first BSP step of the group step applied last
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed
@@ -235,7 +238,8 @@ class Coordinator(Roster, Sanctions):
             # pull for held_s (the barrier or the staleness bound), at most all of it
             held_s = p.held_s if p.held_s <= e.request_s else e.request_s  # min(), spelled out
             record = Record(p, batch, e.count, e.loss, e.compute_s, e.request_s, held_s,
-                            self.gate.staleness_of(p.wid, e.clock), self.version - e.version)
+                            self.gate.staleness_of(p.wid, e.clock), self.version - e.version,
+                            _checked_notes(e.notes, e.count) if e.notes is not None else None)
             if decision == APPLY:
                 # each gradient counts 1/N, so N pushes move theta as far as one BSP step (exactly so for SGD)
                 self.version += 1
@@ -409,6 +413,7 @@ class Coordinator(Roster, Sanctions):
         n = len(self.step_records)
         self.step_records = []
         # group steps: the members took the step's sub-steps whatever the server makes of their pushes
+        self.group_first = self.bsp_steps
         self.bsp_steps += self.group_len
         self.group_len = 0
         if n == 0:
@@ -433,13 +438,19 @@ class Coordinator(Roster, Sanctions):
 
     def _bookkeeping(self) -> None:
         """After the replies: account the applied gradients, then the metrics line, evaluation and checkpoint."""
+        samples, notes = self.stats.samples, None
         for r in self.applied_records:
             if r.batch is not None:
                 self.schedule.commit(r.batch)
             self.stats.account(r)
-            self.loss_sum += r.loss * r.count
-            self.loss_rows += r.count
+            if r.notes is not None and self.group_k:
+                notes = r.notes if notes is None else _merge_notes(notes, r.notes)
+            else:
+                self.loss_sum += r.loss * r.count
+                self.loss_rows += r.count
             self.watch.add(r.loss)
+        if notes is not None:
+            self._log_group_step(notes, samples)
         if self.applied_records and not self.stopping:
             self._check_divergence()
         self.applied_records.clear()
@@ -459,6 +470,21 @@ class Coordinator(Roster, Sanctions):
             self._out.append(ev.Checkpoint(step))
 
     # ------------------------------------------------------------------ stopping (joining, leaving: psrv/roster.py)
+    def _log_group_step(self, notes, samples: int) -> None:
+        """Group steps: a metrics line at each of the applied group step's BSP steps that train.log_every names, as
+        BSP without group steps writes it (the loss of the rows since the last line, the time the step ended),
+        from the members' notes summed over members (psrv/group.py)."""
+        every = self.cfg.train.log_every
+        for k, (rows, loss_sum, end_s) in enumerate(notes.tolist()):
+            self.loss_sum += loss_sum
+            self.loss_rows += int(rows)
+            samples += int(rows)
+            step = self.group_first + k + 1
+            if step >= self.logged_step + every and self.loss_rows:
+                self.last_loss = self.loss_sum / self.loss_rows
+                self._out.append(ev.Log(step, self.elapsed_s(end_s), samples, self.last_loss))
+                self.loss_sum, self.loss_rows, self.logged_step = 0.0, 0, step
+
     def _stop_all(self, reason: str) -> None:
         """End the run: every worker is told to stop at its next request; waiting ones are told by _settle."""
         if not self.stopping:
@@ -475,3 +501,26 @@ class Coordinator(Roster, Sanctions):
 
     def restore(self, st: dict) -> None:
         resume.restore(self, st)
+
+
+def _checked_notes(notes, count: int):
+    """A member's notes (psrv/group.py) as a (sub-steps, 3) float64 array, if they make sense for a push of `count`
+    rows: whole non-negative rows summing to count, finite losses and times; None otherwise (its push's one loss
+    is then logged instead, at the group step's end)."""
+    if not (isinstance(notes, np.ndarray) and notes.ndim == 2 and notes.shape[1] == 3 and notes.dtype == np.float64):
+        return None
+    rows = notes[:, 0]
+    if not (np.isfinite(notes).all() and (rows >= 0).all() and (rows == np.floor(rows)).all()
+            and int(rows.sum()) == count):
+        return None
+    return notes
+
+
+def _merge_notes(a, b):
+    """Two members' notes of one group step, summed per sub-step (rows, loss sums), the later end time kept."""
+    n = max(len(a), len(b))
+    out = np.zeros((n, 3))
+    for x in (a, b):
+        out[:len(x), :2] += x[:, :2]
+        np.maximum(out[:len(x), 2], x[:, 2], out=out[:len(x), 2])
+    return out

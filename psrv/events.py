@@ -52,6 +52,7 @@ class Push:
     rid: int | None = None
     ranges: tuple = ()        # server.shards > 1: each range server's (slice number, finite, sum of squares) of its
                               # slice of this push, in range order (psrv/rangeserver.py)
+    notes: Any = None         # group steps: the member's (rows, loss sum, end time) of each sub-step (psrv/group.py)
 
 
 @dataclass(slots=True)

@@ -24,12 +24,16 @@ each clips its own g_i,k to train.clip_norm before publishing it, and each adds 
 theta_k's penalized rows, the weights; the intercept row is not), to the mean it applies. They are in D, so the
 server neither clips nor penalizes these pushes.
 
-The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS; a line each, so that no two
-workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may publish
-sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped like theta.
+The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS, NOTED; a line each, so that
+no two workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may
+publish sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped like theta; then its notes, K
+rows of three float64: for each sub-step it applied, its rows (0 when following), their loss sum and when the
+sub-step ended (time.monotonic(), one clock for every process on the machine). The server reads a member's notes
+when its push arrives and logs a metrics line at every step train.log_every names, as BSP without group steps.
 
     SUBS: the sub-steps with rows in this group step, written before the step's first publish;
-    COUNT: (global sub-step number published, counting from clock * K + 1) << 1 | LEFT.
+    COUNT: (global sub-step number published, counting from clock * K + 1) << 1 | LEFT;
+    NOTED: how many notes of this group step are written (0 at its start; set before the push).
 
 A wait that outlasts timeout_s (a member died, or stalls) makes the waiting worker leave the group for the rest of
 the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes how far it
@@ -50,37 +54,48 @@ from .shmarray import SharedArray
 from .store import l2norm
 
 LINE = 64                  # bytes of control per member: a cache line of its own
-COUNT, SUBS = 0, 1         # u64 words in a member's control line
+COUNT, SUBS, NOTED = 0, 1, 2   # u64 words in a member's control line
+NOTE = 3                   # float64 per sub-step in a member's notes: its rows, their loss sum, when it ended
 LEFT = 1
 SPIN_S = 0.002             # a wait polls without pausing this long, then with short sleeps
 SLEEP_S = 50e-6
 
 
-def segment_bytes(members: int, size: int, itemsize: int) -> int:
-    return members * LINE + 2 * members * size * itemsize
+def segment_bytes(members: int, size: int, itemsize: int, k_steps: int = 0) -> int:
+    return members * LINE + 2 * members * size * itemsize + members * k_steps * NOTE * 8
 
 
 class Group:
     """The shared segment of one run's group steps: `members` control lines, then two buffers of `members`
-    gradients of theta's shape."""
+    gradients of theta's shape, then (k_steps > 0) each member's notes of the last group step's sub-steps."""
 
-    def __init__(self, seg: SharedArray, members: int, shape: tuple, dtype):
-        self.seg, self.members, self.shape = seg, members, tuple(shape)
+    def __init__(self, seg: SharedArray, members: int, shape: tuple, dtype, k_steps: int = 0):
+        self.seg, self.members, self.shape, self.k_steps = seg, members, tuple(shape), k_steps
         self.dtype = np.dtype(dtype)
         raw = seg.array
         ctl_bytes = members * LINE
         self._ctl = memoryview(raw[:ctl_bytes]).cast("B").cast("Q")   # one aligned 8-byte load or store per access
-        self.grads = raw[ctl_bytes:].view(self.dtype).reshape((2, members, *self.shape))
+        grads_end = ctl_bytes + 2 * members * int(np.prod(self.shape)) * self.dtype.itemsize   # a multiple of 8
+        self.grads = raw[ctl_bytes:grads_end].view(self.dtype).reshape((2, members, *self.shape))
+        self.notes = raw[grads_end:].view(np.float64).reshape((members, k_steps, NOTE))
 
     @classmethod
-    def create(cls, name: str, members: int, shape: tuple, dtype) -> "Group":
-        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize)
-        return cls(SharedArray.create(name, (n,), np.uint8), members, shape, dtype)
+    def create(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps)
+        return cls(SharedArray.create(name, (n,), np.uint8), members, shape, dtype, k_steps)
 
     @classmethod
-    def attach(cls, name: str, members: int, shape: tuple, dtype) -> "Group":
-        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize)
-        return cls(SharedArray.attach(name, (n,), np.uint8), members, shape, dtype)
+    def attach(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps)
+        return cls(SharedArray.attach(name, (n,), np.uint8), members, shape, dtype, k_steps)
+
+    def read_notes(self, member: int) -> np.ndarray | None:
+        """A copy of `member`'s notes of its last group step, (sub-steps, NOTE), or None when it left none that
+        fit (the server reads them when the member's push arrives: the member wrote them before pushing)."""
+        n = self._ctl[member * (LINE // 8) + NOTED]
+        if not 0 < n <= self.k_steps:
+            return None
+        return self.notes[member, :n].copy()
 
     @property
     def name(self) -> str:
@@ -91,7 +106,7 @@ class Group:
 
     def close(self) -> None:
         self._ctl.release()
-        del self.grads, self._ctl
+        del self.grads, self.notes, self._ctl
         self.seg.close()
 
 
@@ -115,6 +130,8 @@ class Member:
         self._sum = np.empty(group.shape, group.dtype)
         self._own = np.empty(group.shape, group.dtype)   # gradients once it has left: never in the shared buffers
         self._term = np.empty(group.shape, group.dtype) if l2 else None   # a sub-step's L2 term
+        # its notes as flat doubles: three item stores per sub-step cost a tenth of a numpy row assignment
+        self._notes = memoryview(group.notes[me]).cast("B").cast("d") if group.k_steps else None
 
     def begin(self, clock: int, k_steps: int, subs: int, members: list[int]) -> None:
         """A group step at `clock` of train.group_steps = k_steps sub-steps, `subs` of them with rows here, among
@@ -128,7 +145,21 @@ class Member:
         per = LINE // 8
         self._words = [(j, j * per + COUNT, j * per + SUBS) for j in self.members]   # where each one's words are
         self.left = False
+        self.group.set_word(self.me, NOTED, 0)
         self.group.set_word(self.me, SUBS, subs)
+
+    def note(self, k: int, rows: int, loss: float) -> None:
+        """Sub-step k is done here: its rows (0 when following), their mean loss, and the time (time.monotonic(),
+        one clock for every process of the machine), for the server's per-step logs."""
+        notes = self._notes
+        if notes is not None and k < self.group.k_steps:
+            i = NOTE * k
+            notes[i], notes[i + 1], notes[i + 2] = rows, loss * rows, time.monotonic()
+
+    def seal(self, n: int) -> None:
+        """The group step's notes are complete: sub-steps 0 .. n - 1 (written before the push, which the server
+        reads them at)."""
+        self.group.set_word(self.me, NOTED, min(n, self.group.k_steps))
 
     def clip(self, g: np.ndarray) -> None:
         """Scale its own gradient down to clip_norm, in place, before it is published (the server's clipping of

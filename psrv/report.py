@@ -24,6 +24,7 @@ class Record(NamedTuple):
     held_s: float                 # of request_s, the time the server held the pull (barrier, staleness bound)
     staleness: int
     lag: int                      # theta versions between the one it was computed at and the one it updated
+    notes: Any = None             # group steps: the member's checked (rows, loss sum, end time) per sub-step
 
 
 @dataclass

@@ -88,7 +88,7 @@ class Server:
         self._rates_cache: tuple = (None, [])
         # train.group_steps > 1: where the launcher's workers average each sub-step's gradients (psrv/group.py)
         self.group = group.Group.create(f"{self.shm_prefix}group_{self.server_id}", t.workers, theta0.shape,
-                                        theta0.dtype) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
+                                        theta0.dtype, t.group_steps) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
@@ -294,8 +294,11 @@ class Server:
         else:  # in the worker's slot
             slot = self.slots.get(h["wid"])
             grad = slot.array if slot is not None else None
-        return ev.Push(ident, h["wid"], h["inc"], h["sid"], h["seq"], h["clock"], h["version"], h["loss"], h["count"],
+        push = ev.Push(ident, h["wid"], h["inc"], h["sid"], h["seq"], h["clock"], h["version"], h["loss"], h["count"],
                        h["pull"], h["compute_s"], h["request_s"], grad, framed, keys, h.get("rid"))
+        if self.group is not None and not framed and 0 <= h["wid"] < self.group.members:
+            push.notes = self.group.read_notes(h["wid"])   # the coordinator checks them before it logs them
+        return push
 
     def _get(self, ident: bytes, h: dict, arrays: list) -> None:
         """A read of some rows of theta, never held by the gate: answered here, no event for the coordinator."""

@@ -937,3 +937,18 @@ def test_a_group_steps_checkpoint_resumed_with_other_group_steps_or_none_counts_
     grouped = H(2, shm=True, train__group_steps=4, train__steps=20)
     grouped.c.restore(plain.c.state(plain.now))
     assert (grouped.c.step, grouped.c.gate.step) == (10, 10)
+
+
+def test_a_members_notes_are_logged_only_when_they_fit_its_push():
+    """The notes come from a worker's shared memory: whole rows summing to the push's count, finite losses and
+    times, else the push's one loss is logged instead (psrv/coordinator.py, _checked_notes)."""
+    from psrv.coordinator import _checked_notes, _merge_notes
+    good = np.array([[32.0, 16.0, 5.0], [8.0, 2.0, 6.0], [0.0, 0.0, 7.0]])
+    assert _checked_notes(good, 40) is good
+    for bad, count in [(good, 41), (good.astype(np.float32), 40), (good[:, :2], 40),
+                       (np.array([[32.5, 16.0, 5.0], [7.5, 2.0, 6.0]]), 40),
+                       (np.array([[48.0, 16.0, 5.0], [-8.0, 2.0, 6.0]]), 40),
+                       (np.array([[40.0, np.nan, 5.0]]), 40), (np.array([[40.0, 1.0, np.inf]]), 40), ([[40, 1, 1]], 40)]:
+        assert _checked_notes(bad, count) is None
+    merged = _merge_notes(good[:2], np.array([[32.0, 8.0, 5.5], [32.0, 4.0, 5.9], [32.0, 1.0, 7.5]]))
+    assert merged.tolist() == [[64.0, 24.0, 5.5], [40.0, 6.0, 6.0], [32.0, 1.0, 7.5]]

@@ -257,6 +257,26 @@ def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
         assert np.abs(other - expected).max() > 1e-6 * np.abs(expected).max()
 
 
+def test_group_steps_log_the_lines_bsp_logs(tmp_path):
+    """metrics.jsonl under group steps: a line at each step train.log_every names, inside group steps too, with
+    the loss BSP without group steps logs there (the members note each sub-step's loss and end in shared memory;
+    psrv/group.py). The oracle is the same run with a push per step."""
+    def lines(k):
+        out = tmp_path / f"k{k}"
+        psrv.train({"data": {"n": 2000, "d": 5, "partition": "hash", "seed": 4},
+                    "train": {"workers": 3, "batch_size": 32, "steps": 57, "lr": 0.05, "seed": 11,
+                              "lr_schedule": "cosine", "group_steps": k, "log_every": 5},
+                    "output": {"dir": str(out), "plot": False}})
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    plain, grouped = lines(1), lines(4)
+    steps = [x["step"] for x in grouped if not x.get("full")]
+    assert steps == [x["step"] for x in plain if not x.get("full")] == [*range(5, 56, 5), 57]
+    for x, y in zip(plain, grouped):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-9)
+    times = [x["elapsed_s"] for x in grouped if not x.get("full")]
+    assert times == sorted(times) and times[0] > 0
+
+
 def test_a_group_step_whose_longest_batch_ends_in_a_part_of_a_step_counts_that_step(tmp_path):
     """Range shards of 600 rows: each epoch ends with a group step of 88 rows, 3 steps of which the last has 24
     rows; the step count (and so every later rate) must count it."""

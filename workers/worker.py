@@ -475,11 +475,11 @@ class Worker:
         return penalize
 
     def _sub_steps(self, model, theta, X, y, batch, seed: int, b: int, Xb, yb, work, out, grad_of, apply,
-                   clip=None) -> float:
+                   clip=None, after=None) -> float:
         """What local SGD and group steps share: a copy of theta in `work`, then the batch's rows b at a time in its
         order, sub-step k's gradient computed at `work` into grad_of(k) (then clip(gradient), if given), added to
-        `out` (the push; out None: no sum), then apply(k, gradient) changes `work`. Returns the mean loss of the
-        rows."""
+        `out` (the push; out None: no sum), then apply(k, gradient) changes `work`, then after(k, rows, their mean
+        loss), if given. Returns the mean loss of the rows."""
         shard, epoch, start, count = batch
         idx = self._positions(shard, epoch, seed, len(X))[start:start + count]
         np.copyto(work, theta)
@@ -490,12 +490,15 @@ class Worker:
             rows = min(b, count - lo)
             Xr, yr = _rows(X, y, idx[lo:lo + rows], Xb, yb, self.block_rows > 0)
             g = grad_of(k)
-            total += model.loss_grad(work, Xr, yr, g) * rows
+            loss = model.loss_grad(work, Xr, yr, g)
+            total += loss * rows
             if clip is not None:
                 clip(g)
             if out is not None:
                 out += g
             apply(k, g)
+            if after is not None:
+                after(k, rows, loss)
         return total / count
 
     def _member(self, welcome: dict) -> group_mod.Member:
@@ -508,7 +511,7 @@ class Worker:
             self._group.close()
             self._group = None
         g = group_mod.Group.attach(spec["name"], spec["members"], tuple(welcome["theta_shape"]),
-                                   welcome["theta_dtype"])
+                                   welcome["theta_dtype"], welcome["train"]["group_steps"])
         self._group = g
         try:
             return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]), float(spec.get("l2", 0.0)),
@@ -546,13 +549,15 @@ class Worker:
             return member.grad(k)
         loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, None, grad_of,
                                lambda k, g: member.step(k, work, lrs[k]),
-                               member.clip if member.clip_norm > 0 else None)
+                               member.clip if member.clip_norm > 0 else None, member.note)
         # rows ended early (an epoch's end): it follows the others' sub-steps without a gradient, so that every
         # member ends the group step at the same theta, and the server's step theta - (the pushes' mean) is that
         # theta (psrv/group.py)
         k = subs
         while k < budget and member.step(k, work, lrs[k], rows=False):
+            member.note(k, 0, 0.0)
             k += 1
+        member.seal(k)   # its sub-steps' losses and times, which the server logs per step
         np.subtract(theta, work, out=out)
         if member.left:
             log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
