@@ -482,7 +482,8 @@ class Coordinator(Roster, Sanctions):
             step = self.group_first + k + 1
             if step >= self.logged_step + every and self.loss_rows:
                 self.last_loss = self.loss_sum / self.loss_rows
-                self._out.append(ev.Log(step, self.elapsed_s(end_s), samples, self.last_loss))
+                # a worker's clock reading, never later than the push that brought it
+                self._out.append(ev.Log(step, self.elapsed_s(min(end_s, self._now)), samples, self.last_loss))
                 self.loss_sum, self.loss_rows, self.logged_step = 0.0, 0, step
 
     def _stop_all(self, reason: str) -> None:
