@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 from .shmarray import SharedArray
-from .store import l2norm
+from .store import clip_in_place
 
 LINE = 64                  # bytes of control per member: a cache line of its own
 COUNT, SUBS, NOTED = 0, 1, 2   # u64 words in a member's control line
@@ -164,11 +164,8 @@ class Member:
     def clip(self, g: np.ndarray) -> None:
         """Scale its own gradient down to clip_norm, in place, before it is published (the server's clipping of
         each worker's gradient at a BSP step, with its norm)."""
-        if self.clip_norm > 0:
-            norm = l2norm(g)
-            if norm > self.clip_norm:
-                self.clipped += 1
-                g *= self.clip_norm / norm
+        if clip_in_place(g, self.clip_norm):
+            self.clipped += 1
 
     def grad(self, k: int) -> np.ndarray:
         """Where sub-step k's gradient goes: straight into the shared buffer (after leaving, a buffer of its own:

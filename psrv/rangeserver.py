@@ -34,7 +34,7 @@ from .keyrange import Ranges
 from .protocol import OpStr
 from .shmarray import SeqlockArray
 from .spec import RangeSpec
-from .store import Store
+from .store import Store, workers_penalize
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.n
     t = cfg.train
     held = np.arange(theta.shape[0]) if rows is None else rows
     ftrl = t.optimizer == "ftrl"
-    workers_penalize = t.group_steps > 1 or t.local_steps > 1
+    workers = workers_penalize(t)
     # group steps: a push is how far its member moved theta, each sub-step at its own rate, which the server
     # applies as it is (rate 1)
     return Store(theta, optim.make(t.optimizer, theta, t, l2=cfg.model.l2),
                  (lambda step: 1.0) if t.group_steps > 1 else rate_at(cfg),
-                 clip_norm=0.0 if workers_penalize else t.clip_norm,
-                 l2=0.0 if ftrl or workers_penalize else cfg.model.l2,
+                 clip_norm=0.0 if workers else t.clip_norm,
+                 l2=0.0 if ftrl or workers else cfg.model.l2,
                  l2_mask=held < weight_rows, writer=writer)
 
 

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from . import checkpoint, data, group, identity, mailbox, models, optim, plot, protocol, proc, shmarray, sparse_data
+from . import checkpoint, data, group, identity, mailbox, models, plot, protocol, proc, shmarray, sparse_data
 from . import transport
 from . import config as config_mod
 from . import events as ev
@@ -35,7 +35,7 @@ from .protocol import Op, OpStr
 from .shmarray import SeqlockArray, SharedArray
 from .sparse_model import SparseLogistic
 from .spec import RANGES_FILE, ServerSpec
-from .store import Store
+from .store import workers_penalize
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +369,14 @@ class Server:
         self.links.update(i.wid, i.clock, i.slices, i.step, i.version, i.scale)
         self.store.update(i.grad, i.step, i.version, i.scale, i.keys)
 
+    def _penalties(self) -> dict:
+        """What the workers apply at each of their steps under group steps and local SGD (the welcome's
+        data.shm.group and train.local): model.l2 on theta's first l2_rows rows, and train.clip_norm."""
+        return {"l2": self.cfg.model.l2, "l2_rows": self.model.l2_rows, "clip_norm": self.cfg.train.clip_norm}
+
     def _workers_clip(self) -> bool:
         """Group steps and local SGD: the workers clip their own gradients, which no push tells the server."""
-        t = self.cfg.train
-        return t.clip_norm > 0 and (self.group is not None or t.local_steps > 1)
+        return self.cfg.train.clip_norm > 0 and workers_penalize(self.cfg.train)
 
     def _group_timeout_s(self) -> float:
         """How long a group member waits for the others before it leaves the group step: as long as the server
@@ -418,8 +422,7 @@ class Server:
             if self.group is not None:
                 # the members clip and penalize at each sub-step; the server's store does neither to their pushes
                 spec["shm"]["group"] = {"name": self.group.name, "members": self.group.members,
-                                        "timeout_s": self._group_timeout_s(), "l2": self.cfg.model.l2,
-                                        "l2_rows": self.model.l2_rows, "clip_norm": t.clip_norm}
+                                        "timeout_s": self._group_timeout_s(), **self._penalties()}
             if self.spin_s > 0 or self.bell is not None:
                 # one per incarnation: a reply to the previous one's last request (an error, by now) must never
                 # reach the new one, whose request ids may start again from 1 (a restarted process)
@@ -448,7 +451,7 @@ class Server:
             **_rid(i.rid),
         }
         if t.local_steps > 1:   # local SGD: the client clips and penalizes its own steps; the server does neither
-            header["train"]["local"] = {"l2": m.l2, "l2_rows": self.model.l2_rows, "clip_norm": t.clip_norm}
+            header["train"]["local"] = self._penalties()
         transport.send(self.sock, protocol.encode(header, [self.block.mean, self.block.scale]), i.ident, block=False)
 
     def _checksum(self, shard: int) -> int:

@@ -21,6 +21,23 @@ def l2norm(a: np.ndarray) -> float:
     return math.sqrt(sq) if type(sq) is np.float64 else float(np.sqrt(sq))
 
 
+def clip_in_place(g: np.ndarray, clip_norm: float) -> bool:
+    """Scale g down to norm clip_norm, in place, if it is longer (clip_norm > 0); True when it was. The workers'
+    clipping under group steps and local SGD, which must match the store's own (_clip) on the same gradient."""
+    if clip_norm > 0:
+        norm = l2norm(g)
+        if norm > clip_norm:
+            g *= clip_norm / norm
+            return True
+    return False
+
+
+def workers_penalize(train) -> bool:
+    """Whether the workers clip and add the L2 term at each of their steps (group steps, local SGD), so that the
+    server's store does neither to their pushes."""
+    return train.group_steps > 1 or train.local_steps > 1
+
+
 class Store:
     def __init__(self, theta: np.ndarray, opt, lr_at: Callable[[int], float], clip_norm: float = 0.0,
                  l2: float = 0.0, l2_mask: np.ndarray | None = None, writer=None):

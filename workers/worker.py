@@ -28,7 +28,7 @@ from psrv.blocks import BlockSpec, DataBlock
 from psrv.keyrange import Ranges
 from psrv.rangeserver import range_rows
 from psrv.shmarray import SeqlockArray, SharedArray
-from psrv.store import l2norm
+from psrv.store import clip_in_place
 
 from .client import Client, RangeClients, RemoteError, ServerRestarted
 
@@ -463,11 +463,8 @@ class Worker:
         term = np.empty_like(like)
 
         def penalize(g, w):
-            if clip_norm:
-                norm = l2norm(g)
-                if norm > clip_norm:
-                    penalize.clipped += 1
-                    g *= clip_norm / norm
+            if clip_in_place(g, clip_norm):
+                penalize.clipped += 1
             if l2:
                 np.multiply(w[:rows], l2, out=term[:rows])
                 g[:rows] += term[:rows]
