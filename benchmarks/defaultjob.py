@@ -7,6 +7,10 @@ plain numpy loop and its N-copy ceiling, in the same run.
   (summary.json's group_steps_hint, psrv/report.py; 16 if it names none), nothing else changed: its 4000 steps
   are BSP's, each at its own rate of the schedule, so the final loss is the same (it is shown beside each, with
   the rows read per worker).
+- **psrv, momentum**: the same two runs with train.optimizer = "momentum" (the server's heavy-ball momentum, 0.9),
+  a push per step and then with group steps of the same K, where each worker applies momentum's rule from the
+  server's state. The plain loop stays plain SGD: momentum adds one vector update per step to it (d = 51), nothing
+  next to the loop's gather and products.
 - **Plain loop** and **ceiling**: benchmarks/plain.py's loop on the same rows (X and y as psrv generates them),
   batch 512, one process pinned to a core; the ceiling is N copies together, N the default job's worker count.
 
@@ -51,7 +55,8 @@ def run(quick: bool = False) -> dict:
     cores = proc.usable_cores()
     n = cfg.train.workers or len(cores)
     X, y, _, _ = data.load_arrays(cfg.data)
-    runs: dict[str, list[dict]] = {"plain": [], "ceiling": [], "default": [], "group": []}
+    runs: dict[str, list[dict]] = {"plain": [], "ceiling": [], "default": [], "group": [], "momentum": [],
+                                   "momentum_group": []}
     k = 0
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"X": os.path.join(tmp, "X.npy"), "y": os.path.join(tmp, "y.npy")}
@@ -66,16 +71,20 @@ def run(quick: bool = False) -> dict:
                 runs["default"].append(_psrv([]))
                 k = k or runs["default"][0]["hint_k"] or K_NO_HINT   # the first run's hint, for every round
                 runs["group"].append(_psrv([f"train.group_steps={k}"]))
+                runs["momentum"].append(_psrv(["train.optimizer=momentum"]))
+                runs["momentum_group"].append(_psrv(["train.optimizer=momentum", f"train.group_steps={k}"]))
     plain = median([x["samples_per_s"] for x in runs["plain"]])
     ceiling = median([x["samples_per_s"] for x in runs["ceiling"]])
     labels = {"plain": "plain loop, alone", "ceiling": f"ceiling: {n} copies of the plain loop together",
               "default": f"psrv as it comes ({n} workers, BSP, a push per step, {STEPS} steps)",
-              "group": f"psrv, train.group_steps = {k} (the same {STEPS} steps, a push per {k})"}
+              "group": f"psrv, train.group_steps = {k} (the same {STEPS} steps, a push per {k})",
+              "momentum": "psrv, train.optimizer = momentum, a push per step",
+              "momentum_group": f"psrv, momentum and train.group_steps = {k}"}
     rows, raw = [], {}
     for key, rs in runs.items():
         rates = [x["samples_per_s"] for x in rs]
         rate = median(rates)
-        psrv_run = key in ("default", "group")
+        psrv_run = key not in ("plain", "ceiling")
         split = rs[len(rs) // 2]["split"] if psrv_run else {}
         rows.append([labels[key], f"{rate:,.0f}", spread(rates), f"{rate / plain:.2f}",
                      f"{rate / ceiling:.2f}" if key != "plain" else "",
@@ -85,7 +94,9 @@ def run(quick: bool = False) -> dict:
                      ", ".join(f"{k} {v:.3g}" for k, v in split.items())])
         raw[key] = {"samples_per_s": rates}
     ratios = {"defaultjob_vs_plain": median(raw["default"]["samples_per_s"]) / plain,
-              "defaultjob_group_vs_plain": median(raw["group"]["samples_per_s"]) / plain}
+              "defaultjob_group_vs_plain": median(raw["group"]["samples_per_s"]) / plain,
+              "defaultjob_momentum_group_vs_momentum": median(raw["momentum_group"]["samples_per_s"])
+              / median(raw["momentum"]["samples_per_s"])}
     hinted = runs["default"][0]["hint_k"]
     notes = [f"The first run's summary hinted at train.group_steps = {hinted}." if hinted else
              f"The first run's summary named no train.group_steps; K = {K_NO_HINT}.",

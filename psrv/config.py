@@ -177,10 +177,11 @@ class Train:
                            "averages the workers' models; 1: one push per batch", lo=1, hi=1_000_000)
     group_steps: int = opt(1, "BSP among the workers on the server's machine through shared memory: each push covers "
                            "up to this many steps, in each of which the workers average their gradients themselves "
-                           "and apply the mean at the step's rate, each gradient clipped to train.clip_norm and "
-                           "model.l2's term added as the server would (psrv/group.py); the result is BSP's (with "
-                           "sgd), with one server round trip per group_steps steps; train.steps, the schedule and "
-                           "the logs still count BSP's steps; 1: every step goes through the server",
+                           "and apply the mean at the step's rate with train.optimizer's rule (from the server's "
+                           "state; not ftrl), each gradient clipped to train.clip_norm and model.l2's term added as "
+                           "the server would (psrv/group.py); the result is BSP's, with one server round trip per "
+                           "group_steps steps; train.steps, the schedule and the logs still count BSP's steps; 1: "
+                           "every step goes through the server",
                            lo=1, hi=1_000_000)
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
@@ -389,14 +390,17 @@ def check_combinations(cfg: Config) -> None:
                 raise ConfigError(f"train.local_steps: local SGD needs {key} = {need!r} (the workers' local steps "
                                   f"use plain SGD at a constant train.lr); got {got!r}")
     if t.group_steps > 1:
-        need = {"train.consistency": (t.consistency, "bsp"), "train.optimizer": (t.optimizer, "sgd"),
-                "train.local_steps": (t.local_steps, 1), "train.backup_workers": (t.backup_workers, 0),
-                "server.shards": (cfg.server.shards, 1), "worker.shm": (cfg.worker.shm, True)}
+        need = {"train.consistency": (t.consistency, "bsp"), "train.local_steps": (t.local_steps, 1),
+                "train.backup_workers": (t.backup_workers, 0), "server.shards": (cfg.server.shards, 1),
+                "worker.shm": (cfg.worker.shm, True)}
         for key, (got, want) in need.items():
             if got != want:
-                raise ConfigError(f"train.group_steps: group steps need {key} = {want!r} (the workers apply plain "
-                                  f"SGD steps themselves, through the server's shared memory; psrv/group.py); got "
+                raise ConfigError(f"train.group_steps: group steps need {key} = {want!r} (the workers take BSP's "
+                                  f"steps themselves, through the server's shared memory; psrv/group.py); got "
                                   f"{got!r}")
+        if t.optimizer == "ftrl":
+            raise ConfigError("train.group_steps: group steps need a dense optimizer (sgd, momentum, adagrad or "
+                              "adam), which the workers apply themselves at each step; got 'ftrl'")
     dc = cfg.data
     if dc.test_source:
         if dc.test_fraction > 0:

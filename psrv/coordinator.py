@@ -211,6 +211,8 @@ class Coordinator(Roster, Sanctions):
             norm = math.sqrt(sq)
         else:
             finite, norm = self.store.measure(e.grad)
+        if e.state is not None and finite:   # group steps: the member's optimizer state, which the step takes too
+            finite = bool(np.isfinite(e.state).all())
         refused = self.guard.judge(norm, e.loss) if finite else "nonfinite"
         if late is not None:
             self._late_push(p, e, refused, norm)
@@ -251,7 +253,8 @@ class Coordinator(Roster, Sanctions):
                 self._updated()
             else:
                 # its rows count as visited, and it in the statistics, once the step it belongs to is applied
-                self._out.append(ev.Accumulate(e.grad, e.keys, p.wid, e.clock, tuple(m[0] for m in e.ranges)))
+                self._out.append(ev.Accumulate(e.grad, e.keys, p.wid, e.clock, tuple(m[0] for m in e.ranges),
+                                               e.state))
                 self.step_records.append(record)
                 if decision == COMPLETE:
                     self._apply_step()
@@ -420,7 +423,8 @@ class Coordinator(Roster, Sanctions):
             return
         self.stats.applied += n
         self.version += 1
-        self._out.append(ev.ApplyStep(self.gate.step - 1, self.version))
+        self._out.append(ev.ApplyStep(self.gate.step - 1, self.version,
+                                      self.bsp_steps - self.group_first if self.group_k else 1))
         self._updated()
 
     def _updated(self) -> None:

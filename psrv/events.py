@@ -53,6 +53,7 @@ class Push:
     ranges: tuple = ()        # server.shards > 1: each range server's (slice number, finite, sum of squares) of its
                               # slice of this push, in range order (psrv/rangeserver.py)
     notes: Any = None         # group steps: the member's (rows, loss sum, end time) of each sub-step (psrv/group.py)
+    state: Any = None         # ... and, for an optimizer with state, the member's at the step's end (a view)
 
 
 @dataclass(slots=True)
@@ -129,6 +130,7 @@ class Accumulate:
     wid: int = -1             # whose push, for which clock: with server.shards > 1 the range servers' apply names it
     clock: int = -1
     slices: tuple = ()        # ... and each range's number for its slice (ev.Push.ranges)
+    state: Any = None         # group steps: the member's optimizer state (ev.Push.state)
 
 
 @dataclass(slots=True)
@@ -136,6 +138,7 @@ class ApplyStep:
     """BSP: apply the mean of the collected gradients with the learning rate of `step`, making `version`."""
     step: int
     version: int
+    steps: int = 1            # group steps: the BSP steps the group step held
 
 
 @dataclass(slots=True)

@@ -24,6 +24,17 @@ each clips its own g_i,k to train.clip_norm before publishing it, and each adds 
 theta_k's penalized rows, the weights; the intercept row is not), to the mean it applies. They are in D, so the
 server neither clips nor penalizes these pushes.
 
+An optimizer with state (train.optimizer momentum, adagrad or adam; its state arrays shaped like theta: the
+velocity, the sum of squares, Adam's m and v). Each sub-step then applies the optimizer's rule (psrv/optim.py, the
+server's own code) to the mean gradient plus the L2 term at lr_s+k, rather than the plain step above. The rule's
+state must be the server's at the group step's start, so the server publishes it in this segment (its line: the
+version of theta it belongs to and the update count, Adam's bias correction), and each member loads it after its
+reply, checking the version; before pushing, each member writes its state at the step's end in its own area. The
+server's step is then theta - the pushes' mean (no rule of its own) and the mean of the members' states, after as
+many updates as BSP steps the group step held; it publishes that for the next. The members' states are equal bit
+for bit like their thetas, so this is BSP under the optimizer; checkpoints hold the server's state as without group
+steps.
+
 The segment, per member i (its worker id): a control line of 64 bytes (COUNT, SUBS, NOTED; a line each, so that
 no two workers write the same cache line) and, twice over (sub-steps alternate between the two, so a worker may
 publish sub-step k + 1 while a slower one still reads sub-step k), a gradient shaped like theta; then its notes, K
@@ -34,6 +45,9 @@ when its push arrives and logs a metrics line at every step train.log_every name
     SUBS: the sub-steps with rows in this group step, written before the step's first publish;
     COUNT: (global sub-step number published, counting from clock * K + 1) << 1 | LEFT;
     NOTED: how many notes of this group step are written (0 at its start; set before the push).
+
+With an optimizer's state (n_state arrays), after the notes: the server's line (VERSION, STEPS), the server's state
+(n_state arrays shaped like theta), then each member's.
 
 A wait that outlasts timeout_s (a member died, or stalls) makes the waiting worker leave the group for the rest of
 the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes how far it
@@ -55,39 +69,63 @@ from .store import clip_in_place
 
 LINE = 64                  # bytes of control per member: a cache line of its own
 COUNT, SUBS, NOTED = 0, 1, 2   # u64 words in a member's control line
+VERSION, STEPS = 0, 1      # u64 words in the server's line (an optimizer with state): whose state, how many updates
 NOTE = 3                   # float64 per sub-step in a member's notes: its rows, their loss sum, when it ended
 LEFT = 1
 SPIN_S = 0.002             # a wait polls without pausing this long, then with short sleeps
 SLEEP_S = 50e-6
 
 
-def segment_bytes(members: int, size: int, itemsize: int, k_steps: int = 0) -> int:
-    return members * LINE + 2 * members * size * itemsize + members * k_steps * NOTE * 8
+def segment_bytes(members: int, size: int, itemsize: int, k_steps: int = 0, n_state: int = 0) -> int:
+    state = LINE + (1 + members) * n_state * size * itemsize if n_state else 0
+    return members * LINE + 2 * members * size * itemsize + members * k_steps * NOTE * 8 + state
 
 
 class Group:
     """The shared segment of one run's group steps: `members` control lines, then two buffers of `members`
-    gradients of theta's shape, then (k_steps > 0) each member's notes of the last group step's sub-steps."""
+    gradients of theta's shape, then (k_steps > 0) each member's notes of the last group step's sub-steps; then,
+    for an optimizer with state (n_state arrays shaped like theta: momentum's velocity, Adam's m and v), the
+    server's line (VERSION, STEPS), the server's state and each member's."""
 
-    def __init__(self, seg: SharedArray, members: int, shape: tuple, dtype, k_steps: int = 0):
+    def __init__(self, seg: SharedArray, members: int, shape: tuple, dtype, k_steps: int = 0, n_state: int = 0):
         self.seg, self.members, self.shape, self.k_steps = seg, members, tuple(shape), k_steps
+        self.n_state = n_state
         self.dtype = np.dtype(dtype)
         raw = seg.array
         ctl_bytes = members * LINE
         self._ctl = memoryview(raw[:ctl_bytes]).cast("B").cast("Q")   # one aligned 8-byte load or store per access
         grads_end = ctl_bytes + 2 * members * int(np.prod(self.shape)) * self.dtype.itemsize   # a multiple of 8
         self.grads = raw[ctl_bytes:grads_end].view(self.dtype).reshape((2, members, *self.shape))
-        self.notes = raw[grads_end:].view(np.float64).reshape((members, k_steps, NOTE))
+        notes_end = grads_end + members * k_steps * NOTE * 8
+        self.notes = raw[grads_end:notes_end].view(np.float64).reshape((members, k_steps, NOTE))
+        self._srv = memoryview(raw[notes_end:notes_end + LINE]).cast("B").cast("Q") if n_state else None
+        states = raw[notes_end + LINE:].view(self.dtype).reshape((1 + members, n_state, *self.shape)) if n_state \
+            else None
+        self.server_state = states[0] if n_state else None   # the server's optimizer state, which members start from
+        self.states = states[1:] if n_state else None         # each member's at the end of its last group step
 
     @classmethod
-    def create(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0) -> "Group":
-        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps)
-        return cls(SharedArray.create(name, (n,), np.uint8), members, shape, dtype, k_steps)
+    def create(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0, n_state: int = 0) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps, n_state)
+        return cls(SharedArray.create(name, (n,), np.uint8), members, shape, dtype, k_steps, n_state)
 
     @classmethod
-    def attach(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0) -> "Group":
-        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps)
-        return cls(SharedArray.attach(name, (n,), np.uint8), members, shape, dtype, k_steps)
+    def attach(cls, name: str, members: int, shape: tuple, dtype, k_steps: int = 0, n_state: int = 0) -> "Group":
+        n = segment_bytes(members, int(np.prod(shape)), np.dtype(dtype).itemsize, k_steps, n_state)
+        return cls(SharedArray.attach(name, (n,), np.uint8), members, shape, dtype, k_steps, n_state)
+
+    def publish(self, opt, version: int) -> None:
+        """The server's side: its optimizer's state at theta's `version`, for the members to start the next group
+        step from (written while none reads it: a member reads it after its reply, and the server changes it only
+        once every member of the step has pushed). VERSION last, which a member checks."""
+        for j, k in enumerate(opt.dense_names):
+            self.server_state[j] = opt.state[k]
+        self._srv[STEPS] = opt.steps
+        self._srv[VERSION] = version
+
+    def server_version(self) -> tuple[int, int]:
+        """(VERSION, STEPS) of the server's state."""
+        return self._srv[VERSION], self._srv[STEPS]
 
     def read_notes(self, member: int) -> np.ndarray | None:
         """A copy of `member`'s notes of its last group step, (sub-steps, NOTE), or None when it left none that
@@ -106,7 +144,9 @@ class Group:
 
     def close(self) -> None:
         self._ctl.release()
-        del self.grads, self.notes, self._ctl
+        if self._srv is not None:
+            self._srv.release()
+        del self.grads, self.notes, self._ctl, self._srv, self.server_state, self.states
         self.seg.close()
 
 
@@ -114,16 +154,23 @@ class Member:
     """One worker's side of a group step (see the module's docstring)."""
 
     def __init__(self, group: Group, me: int, timeout_s: float, l2: float = 0.0, l2_rows: int = 0,
-                 clip_norm: float = 0.0):
+                 clip_norm: float = 0.0, opt=None):
         """l2: model.l2, on theta's first l2_rows rows (the weights, not the intercept); clip_norm:
         train.clip_norm. The server applies neither to a group step's pushes: the members apply them at each
-        sub-step, as the server does at each BSP step (see the module's docstring)."""
+        sub-step, as the server does at each BSP step (see the module's docstring). opt: train.optimizer when it
+        is not plain SGD (a psrv.optim optimizer for theta's shape), whose rule each sub-step applies to the mean
+        gradient from the server's state (the group's n_state arrays)."""
         if not 0 <= me < group.members:
             raise ValueError(f"worker {me} has no place in a group of {group.members}")
         if not (0 <= l2 < math.inf and 0 <= clip_norm < math.inf and 0 <= l2_rows <= (group.shape or (1,))[0]):
             raise ValueError(f"l2 {l2}, l2_rows {l2_rows} or clip_norm {clip_norm} do not fit theta {group.shape}")
+        n_state = len(opt.dense_names) if opt is not None else 0
+        if n_state != group.n_state or (opt is not None and (opt.shape, opt.dtype) != (group.shape, group.dtype)):
+            raise ValueError(f"the group segment holds {group.n_state} optimizer state arrays, "
+                             f"{'none' if opt is None else opt.name} needs {n_state} shaped like theta")
         self.group, self.me, self.timeout_s = group, me, timeout_s
         self.l2, self.l2_rows, self.clip_norm = l2, l2_rows, clip_norm
+        self.opt = opt
         self.left = False
         self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
         self.clipped = 0             # own gradients scaled down to clip_norm, over the run
@@ -133,12 +180,18 @@ class Member:
         # its notes as flat doubles: three item stores per sub-step cost a tenth of a numpy row assignment
         self._notes = memoryview(group.notes[me]).cast("B").cast("d") if group.k_steps else None
 
-    def begin(self, clock: int, k_steps: int, subs: int, members: list[int]) -> None:
+    def begin(self, clock: int, k_steps: int, subs: int, members: list[int], version: int = 0) -> None:
         """A group step at `clock` of train.group_steps = k_steps sub-steps, `subs` of them with rows here, among
-        `members`."""
+        `members`, from theta's `version` (an optimizer with state starts from the server's at that version)."""
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")
+        if self.opt is not None:
+            published, steps = self.group.server_version()
+            if published != version:
+                raise ValueError(f"the server's optimizer state is of theta's version {published}, the step's "
+                                 f"theta of version {version}")
+            self.opt.set_dense(self.group.server_state, steps)
         self.base, self.k_steps = clock * k_steps, k_steps
         self.members = sorted(members)
         self.scale = 1.0 / len(self.members)
@@ -157,8 +210,12 @@ class Member:
             notes[i], notes[i + 1], notes[i + 2] = rows, loss * rows, time.monotonic()
 
     def seal(self, n: int) -> None:
-        """The group step's notes are complete: sub-steps 0 .. n - 1 (written before the push, which the server
-        reads them at)."""
+        """The group step's notes are complete: sub-steps 0 .. n - 1, and its optimizer state is where the server
+        reads it (written before the push, which the server reads them at)."""
+        if self.opt is not None:
+            mine = self.group.states[self.me]
+            for j, k in enumerate(self.opt.dense_names):
+                mine[j] = self.opt.state[k]
         self.group.set_word(self.me, NOTED, min(n, self.group.k_steps))
 
     def clip(self, g: np.ndarray) -> None:
@@ -193,27 +250,36 @@ class Member:
             return False
         g = self.group.grads[k & 1]
         s = self._sum
+        # plain SGD folds the rate into the mean; an optimizer's rule takes the mean gradient and the rate
+        rate = lr if self.opt is None else 1.0
         # in the members' order, the same in every member, which all get the same `included` and so take the same
         # branch: their copies of theta stay equal bit for bit
         first, n = included[0], len(included)
         if n == 1:
-            np.multiply(g[first], lr * self.scale, out=s)
+            np.multiply(g[first], rate * self.scale, out=s)
         elif n > 2 and included[-1] - first == n - 1 and s.size > 1:
             # consecutive ids (every member in, the usual case): one call, at a fifth of the loop's cost for 15
             # members at d = 100 (benchmarks/overhead.py). Along the first axis of a C-ordered array numpy adds
             # row after row, as the loop below does; with a single element per row that axis would be the
             # contiguous one, which numpy sums pairwise, in another order
             np.add.reduce(g[first:first + n], axis=0, out=s)
-            s *= lr * self.scale
+            s *= rate * self.scale
         else:
             np.add(g[first], g[included[1]], out=s)
             for j in included[2:]:
                 s += g[j]
-            s *= lr * self.scale
-        if self._term is not None:
-            self._add_l2(s, theta, lr)
-        theta -= s
+            s *= rate * self.scale
+        self._apply(theta, s, lr, rate)
         return True
+
+    def _apply(self, theta: np.ndarray, s: np.ndarray, lr: float, rate: float) -> None:
+        """theta moves by s (already times `rate`) and the L2 term, or by the optimizer's rule at lr."""
+        if self._term is not None:
+            self._add_l2(s, theta, rate)
+        if self.opt is None:
+            theta -= s
+        else:
+            self.opt.step(theta, s, lr)
 
     def _add_l2(self, s: np.ndarray, theta: np.ndarray, lr: float) -> None:
         """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step)."""
@@ -222,11 +288,9 @@ class Member:
         s[:r] += t[:r]
 
     def _apply_alone(self, theta: np.ndarray, g: np.ndarray, lr: float) -> None:
-        s = self._sum
-        np.multiply(g, lr, out=s)
-        if self._term is not None:
-            self._add_l2(s, theta, lr)
-        theta -= s
+        rate = lr if self.opt is None else 1.0
+        np.multiply(g, rate, out=self._sum)
+        self._apply(theta, self._sum, lr, rate)
 
     def leave(self) -> None:
         self.left = True

@@ -133,6 +133,22 @@ class _Optimizer:
     def _loaded(self) -> None:
         pass
 
+    @property
+    def dense_names(self) -> tuple[str, ...]:
+        """The state arrays shaped like theta (every one but the per-row counts)."""
+        return tuple(k for k in self.state_names if k not in self.counts)
+
+    def set_dense(self, arrays, steps: int) -> None:
+        """The state after `steps` dense updates: dense_names' arrays (copied), every row's count `steps`. Group
+        steps (psrv/group.py): the members start each group step from the server's state, and the server takes
+        the members' at its end."""
+        for k, a in zip(self.dense_names, arrays, strict=True):
+            np.copyto(self.state[k], a)
+        for k in self.counts:
+            self.state[k].fill(steps)
+        self.steps = steps
+        self._loaded()
+
     def _upgrade(self, d: dict) -> dict:
         """A state_dict() of an earlier version, in this version's form."""
         return d

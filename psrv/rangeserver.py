@@ -59,7 +59,7 @@ def make_store(cfg, theta: np.ndarray, weight_rows: int, writer=None, rows: np.n
                  (lambda step: 1.0) if t.group_steps > 1 else rate_at(cfg),
                  clip_norm=0.0 if workers else t.clip_norm,
                  l2=0.0 if ftrl or workers else cfg.model.l2,
-                 l2_mask=held < weight_rows, writer=writer)
+                 l2_mask=held < weight_rows, writer=writer, grouped=t.group_steps > 1)
 
 
 def _schedule(cfg) -> tuple:

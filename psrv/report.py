@@ -128,7 +128,7 @@ def group_steps_hint(cfg, split: dict) -> int:
     """The train.group_steps K to suggest after a run (0: none): when its pushes waited on the server's round trip
     (`split`, the run's own time_per_push_ms) for HINT_SHARE of their gradient's time or more, the least power of 2
     from 8 whose K gradients take HINT_TARGET round trips, at most HINT_MAX_K; and only if the config's own rules
-    accept the run with group steps (BSP, sgd, a dense model, worker.shm, one server, ...: check_combinations),
+    accept the run with group steps (BSP, not ftrl, a dense model, worker.shm, one server, ...: check_combinations),
     which then takes BSP's steps asking the server once per K (docs/protocol.md, Group steps)."""
     t = cfg.train
     compute, trip = split.get("compute") or 0.0, split.get("communication") or 0.0

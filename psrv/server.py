@@ -87,8 +87,10 @@ class Server:
         self.rates_of = rates(cfg)        # (first step, count) -> the schedule's rates of those steps
         self._rates_cache: tuple = (None, [])
         # train.group_steps > 1: where the launcher's workers average each sub-step's gradients (psrv/group.py)
+        # (and, for an optimizer with state, where the members take it from and leave theirs)
         self.group = group.Group.create(f"{self.shm_prefix}group_{self.server_id}", t.workers, theta0.shape,
-                                        theta0.dtype, t.group_steps) if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
+                                        theta0.dtype, t.group_steps, len(self.store.opt.dense_names)) \
+            if t.group_steps > 1 and self.shm_prefix and t.workers > 0 else None
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
@@ -114,6 +116,7 @@ class Server:
                 os.remove(path)
             if old:
                 log.warning("removed the checkpoints of an earlier run in %s", self.ckpt_dir)
+        self._publish_state()
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         with _writing("the metrics", self.metrics_path):
             self.metrics = Metrics(self.metrics_path, t.tol, t.tol_window, append=self.resumed_from is not None)
@@ -125,8 +128,8 @@ class Server:
         self.events = {OpStr.PUSH: self._push_event, OpStr.PULL: _pull_event, OpStr.HEARTBEAT: _heartbeat_event,
                        OpStr.HELLO: _hello_event, OpStr.BYE: _bye_event, OpStr.GET: self._get}
         self.do = {ev.Send: self._send, ev.Theta: self._theta, ev.Welcome: self._welcome,
-                   ev.Accumulate: lambda i: self.store.push(i.grad, i.keys),
-                   ev.ApplyStep: lambda i: self.store.apply_step(i.step, i.version),
+                   ev.Accumulate: lambda i: self.store.push(i.grad, i.keys, i.state),
+                   ev.ApplyStep: self._apply_here,
                    ev.Update: lambda i: self.store.update(i.grad, i.step, i.version, i.scale, i.keys),
                    ev.Log: self._log, ev.Evaluate: lambda i: self.evaluate(i.step),
                    ev.Checkpoint: lambda i: self.save_checkpoint(), ev.Fail: self._fail, ev.Finish: lambda i: None}
@@ -298,6 +301,8 @@ class Server:
                        h["pull"], h["compute_s"], h["request_s"], grad, framed, keys, h.get("rid"))
         if self.group is not None and not framed and 0 <= h["wid"] < self.group.members:
             push.notes = self.group.read_notes(h["wid"])   # the coordinator checks them before it logs them
+            if self.group.n_state:
+                push.state = self.group.states[h["wid"]]
         return push
 
     def _get(self, ident: bytes, h: dict, arrays: list) -> None:
@@ -355,6 +360,15 @@ class Server:
         if self._rates_cache[0] != (first, budget):
             self._rates_cache = ((first, budget), self.rates_of(first, budget))
         return self._rates_cache[1]
+
+    def _apply_here(self, i: ev.ApplyStep) -> None:
+        self.store.apply_step(i.step, i.version, i.steps)
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """Group steps with an optimizer that has state: where the members start the next group step from."""
+        if self.group is not None and self.group.n_state:
+            self.group.publish(self.store.opt, self.store.version)
 
     # server.shards > 1: each update of range 0 is ordered to the other ranges too (psrv/rangeserver.py)
     def _accumulate(self, i: ev.Accumulate) -> None:
@@ -423,6 +437,10 @@ class Server:
                 # the members clip and penalize at each sub-step; the server's store does neither to their pushes
                 spec["shm"]["group"] = {"name": self.group.name, "members": self.group.members,
                                         "timeout_s": self._group_timeout_s(), **self._penalties()}
+                if self.group.n_state:   # the rule the members apply, and its hyper-parameters
+                    opt = self.store.opt
+                    spec["shm"]["group"]["optimizer"] = {"name": opt.name,
+                                                         **{k: getattr(t, k) for k in type(opt).hyper}}
             if self.spin_s > 0 or self.bell is not None:
                 # one per incarnation: a reply to the previous one's last request (an error, by now) must never
                 # reach the new one, whose request ids may start again from 1 (a restarted process)

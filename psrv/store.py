@@ -40,10 +40,13 @@ def workers_penalize(train) -> bool:
 
 class Store:
     def __init__(self, theta: np.ndarray, opt, lr_at: Callable[[int], float], clip_norm: float = 0.0,
-                 l2: float = 0.0, l2_mask: np.ndarray | None = None, writer=None):
+                 l2: float = 0.0, l2_mask: np.ndarray | None = None, writer=None, grouped: bool = False):
         """theta is updated in place (it may live in shared memory, published by `writer`, an object with
         begin_write() / end_write(version), e.g. a seqlock). l2_mask: the rows the L2 term applies to (the model's
-        weights, never an intercept); None means every row."""
+        weights, never an intercept); None means every row. grouped (group steps, psrv/group.py) with an
+        optimizer that has state: each push is how far its member moved theta under the optimizer's rule, with
+        the member's optimizer state at the end, and a step applies the pushes' mean and takes their states' mean
+        (plain SGD: a push is applied as a gradient at rate 1, which is the same)."""
         self.theta, self.opt, self.lr_at, self.writer = theta, opt, lr_at, writer
         self.clip_norm, self.l2 = clip_norm, l2
         rows = theta.shape[0]
@@ -62,6 +65,10 @@ class Store:
         self._finite = np.empty(theta.shape, bool)
         self._lr = (-1, 0.0)
         self._snapshot: np.ndarray | None = None
+        # grouped: the sum of the step's members' optimizer states (opt.dense_names), and how many
+        self._states = np.zeros((len(opt.dense_names), *theta.shape), theta.dtype) \
+            if grouped and getattr(opt, "dense_names", ()) else None
+        self._states_n = 0
 
     # ------------------------------------------------------------------ checks
     def check(self, grad: np.ndarray, keys: np.ndarray | None = None) -> None:
@@ -99,8 +106,12 @@ class Store:
         return (True, sq) if math.isfinite(sq) else (self.finite(grad), sq)
 
     # ------------------------------------------------------------------ updates
-    def push(self, grad: np.ndarray, keys: np.ndarray | None = None) -> None:
-        """BSP: add a (clipped) gradient to the step being collected."""
+    def push(self, grad: np.ndarray, keys: np.ndarray | None = None, state: np.ndarray | None = None) -> None:
+        """BSP: add a (clipped) gradient to the step being collected (grouped: and the member's optimizer
+        state)."""
+        if state is not None and self._states is not None:
+            self._states += state
+            self._states_n += 1
         grad = self._clip(grad)
         if keys is None:
             self.acc += grad
@@ -110,12 +121,22 @@ class Store:
             self._acc_keys.append(keys)
         self.acc_n += 1
 
-    def apply_step(self, step: int, version: int) -> bool:
+    def apply_step(self, step: int, version: int, steps: int = 1) -> bool:
         """BSP: theta <- optimizer(mean of the step's gradients) with the learning rate of `step` (0-based), which
-        makes `version`. False (theta unchanged) when the step has no gradient."""
+        makes `version`. False (theta unchanged) when the step has no gradient. Grouped with an optimizer's state:
+        theta <- theta - the pushes' mean, the state their states' mean after `steps` more updates (the BSP steps
+        the group step held)."""
         if self.acc_n == 0:
             return False
-        if self._acc_dense:
+        if self._states is not None and self._states_n:
+            self.acc /= self.acc_n
+            self._states /= self._states_n
+            self._write(lambda theta, mean: np.subtract(theta, mean, out=theta), self.acc, version)
+            self.opt.set_dense(self._states, self.opt.steps + steps)
+            self.acc[...] = 0.0
+            self._states[...] = 0.0
+            self._states_n = 0
+        elif self._acc_dense:
             self.acc /= self.acc_n
             self._update(self.acc, step, version, None)
             self.acc[...] = 0.0
@@ -152,14 +173,18 @@ class Store:
             grad = work
         if self._lr[0] != step:
             self._lr = (step, self.lr_at(step))
+        self._write(lambda theta, g: self.opt.step(theta, g, self._lr[1], rows), grad, version)
+
+    def _write(self, change, grad, version: int) -> None:
+        """change(theta, grad) in place, published as `version`."""
         if self.writer is not None:
             self.writer.begin_write()
             try:
-                self.opt.step(self.theta, grad, self._lr[1], rows)
+                change(self.theta, grad)
             finally:  # never leave the sequence number odd: readers would wait for a write that never ends
                 self.writer.end_write(version)
         else:
-            self.opt.step(self.theta, grad, self._lr[1], rows)
+            change(self.theta, grad)
         self.version = version
         self._snapshot = None
 

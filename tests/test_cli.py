@@ -198,7 +198,7 @@ def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
     assert hint_k(cfg, {"compute": 1.0, "communication": 0.25}) == 8
 
 
-@pytest.mark.parametrize("change", [{"train": {"consistency": "asp"}}, {"train": {"optimizer": "adam"}},
+@pytest.mark.parametrize("change", [{"train": {"consistency": "asp"}}, {"train": {"optimizer": "ftrl"}},
                                     {"train": {"group_steps": 8}}, {"train": {"local_steps": 4,
                                                                               "lr_schedule": "constant"}},
                                     {"train": {"workers": 3, "backup_workers": 1}}, {"worker": {"shm": False}},
@@ -206,11 +206,12 @@ def test_a_bsp_run_that_waits_on_round_trips_is_told_about_group_steps():
                                     {"model": {"kind": "sparse_logistic"}, "train": {"optimizer": "sgd"},
                                      "data": {"source": "criteo"}}])
 def test_no_group_steps_hint_where_the_config_refuses_them(change):
-    """Not for a run that group steps cannot take, by the config's own rules (ASP, another optimizer, a mode that
-    talks less already, backup workers, no shared memory, several servers, a sparse model)."""
+    """Not for a run that group steps cannot take, by the config's own rules (ASP, FTRL, a mode that talks less
+    already, backup workers, no shared memory, several servers, a sparse model)."""
     from psrv import config
     from psrv.report import group_steps_hint as hint_k
     assert hint_k(config.load(None), DEFAULT_SPLIT) == 32   # the same split would be hinted at in the default job
+    assert hint_k(config.load({"train": {"optimizer": "adam"}}), DEFAULT_SPLIT) == 32   # as with plain SGD
     assert hint_k(config.load(change), DEFAULT_SPLIT) == 0
 
 

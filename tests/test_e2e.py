@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import psrv
-from psrv import config, data
+from psrv import config, data, optim
 
 from .conftest import ROOT
 
@@ -200,14 +200,40 @@ def test_l2_and_clipping_equal_the_serial_algorithm_with_a_push_per_step_and_wit
     assert (r.summary["clipped"] is None) == (local_steps > 1 and clip_norm > 0)
 
 
-def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False, l2=0.0, clip_norm=0.0):
+def rule(name, h):
+    """One step of an optimizer's rule, theta <- rule(theta, g, lr), written here from the rules (as
+    tests/test_optim.py's reference), its state kept in the closure; h: its hyper-parameters."""
+    st = {"a": 0.0, "b": 0.0, "t": 0}
+
+    def step(theta, g, lr):
+        st["t"] += 1
+        if name == "sgd":
+            return theta - lr * g
+        if name == "momentum":
+            st["a"] = h["momentum"] * st["a"] + g
+            return theta - lr * (g + h["momentum"] * st["a"] if h["nesterov"] else st["a"])
+        if name == "adagrad":
+            st["a"] = st["a"] + g * g
+            return theta - lr * g / (np.sqrt(st["a"]) + h["eps"])
+        assert name == "adam"
+        st["a"] = h["beta1"] * st["a"] + (1 - h["beta1"]) * g
+        st["b"] = h["beta2"] * st["b"] + (1 - h["beta2"]) * g * g
+        mhat, vhat = st["a"] / (1 - h["beta1"] ** st["t"]), st["b"] / (1 - h["beta2"] ** st["t"])
+        return theta - lr * mhat / (np.sqrt(vhat) + h["eps"])
+    return step
+
+
+def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False, l2=0.0, clip_norm=0.0,
+                 optimizer=None):
     """train.group_steps = K in one process: BSP's steps, taken K at a time. A group step takes each shard's next
     min(K, steps left) * batch rows (never across an epoch's end) and holds as many steps as the longest of those
     has batches; its step k (the run's step t) applies theta <- theta - lr_at(t) * (1/N * (sum over the shards
     that still have rows at k of the gradient on their k-th `batch` rows, each scaled down to norm clip_norm if
-    longer) + l2 * the weights (theta without the intercept)), N the number of shards (workers)."""
+    longer) + l2 * the weights (theta without the intercept)), N the number of shards (workers); with
+    `optimizer` (rule(...)), theta <- optimizer(theta, that mean + the L2 term, lr_at(t)) instead."""
     A, unscale = standardized(X)
     theta = np.zeros(A.shape[1])
+    optimizer = optimizer or rule("sgd", {})
     batches = Batches(shards, batch, seed, blocks)
     t = 0
     while t < steps:
@@ -224,7 +250,7 @@ def serial_group(X, y, shards, batch, steps, lr_at, seed, k_steps, blocks=False,
                     norm = np.linalg.norm(gi)
                     grads.append(gi * (clip_norm / norm) if 0 < clip_norm < norm else gi)
             weights = np.r_[theta[:-1], 0.0]
-            theta = theta - lr_at(t) * (sum(grads) / len(shards) + l2 * weights)
+            theta = optimizer(theta, sum(grads) / len(shards) + l2 * weights, lr_at(t))
             t += 1
     return unscale(theta)
 
@@ -254,6 +280,44 @@ def test_group_steps_equal_serial_bsp_of_the_sub_steps(tmp_path, order):
                         blocks=order == "blocks")
     longer = serial_group(X, y, shards, batch, steps + 2, rate, seed=11, k_steps=k, blocks=order == "blocks")
     for other in (held, longer):
+        assert np.abs(other - expected).max() > 1e-6 * np.abs(expected).max()
+
+
+OPT_HYPER = {"momentum": 0.8, "nesterov": False, "beta1": 0.85, "beta2": 0.95, "eps": 1e-6}
+
+
+@pytest.mark.parametrize("name,changes,l2", [("momentum", {}, 0.05), ("momentum", {"nesterov": True}, 0.0),
+                                             ("adagrad", {}, 0.0), ("adam", {}, 0.05)],
+                         ids=["momentum-l2", "nesterov", "adagrad", "adam-l2"])
+def test_group_steps_with_the_servers_optimizer_equal_serial_bsp_of_the_sub_steps(tmp_path, name, changes, l2):
+    """train.group_steps = 4 with momentum, Adagrad or Adam: the members apply train.optimizer's rule to each
+    sub-step's mean gradient (plus the L2 term), starting each group step from the server's optimizer state and
+    leaving theirs for it; the run is the serial algorithm's BSP steps under that rule (the epoch ends and the last
+    group step cut to the 2 steps left as in the SGD test above)."""
+    n, d, batch, steps, lr, workers, k = 2000, 5, 32, 44, 0.05, 3, 4
+    h = {**OPT_HYPER, **changes}
+    r = psrv.train({"data": {"n": n, "d": d, "partition": "hash", "seed": 4}, "model": {"l2": l2},
+                    "train": {"workers": workers, "batch_size": batch, "steps": steps, "lr": lr, "seed": 11,
+                              "lr_schedule": "cosine", "lr_min": 0.01, "group_steps": k, "optimizer": name,
+                              **{key: h[key] for key in optim.OPTIMIZERS[name].hyper}},
+                    "output": {"dir": str(tmp_path), "plot": False}})
+    X, y, _, _ = data.load_arrays(config.load({"data": {"n": n, "d": d, "seed": 4}}).data)
+    shards = shard_rows(n, workers, "hash")
+    rate = cosine(lr, steps, 0.01)
+    expected = serial_group(X, y, shards, batch, steps, rate, seed=11, k_steps=k, l2=l2, optimizer=rule(name, h))
+    assert np.abs(r.theta - expected).max() <= 1e-10 * np.abs(expected).max()
+    assert r.summary["steps"] == steps
+    # the test tells apart plain SGD, and an optimizer whose state restarts every k steps
+    sgd = serial_group(X, y, shards, batch, steps, rate, seed=11, k_steps=k, l2=l2)
+    count, fresh = [0], [None]
+
+    def restarting(theta, g, lr_t):
+        if count[0] % k == 0:
+            fresh[0] = rule(name, h)
+        count[0] += 1
+        return fresh[0](theta, g, lr_t)
+    restarted = serial_group(X, y, shards, batch, steps, rate, seed=11, k_steps=k, l2=l2, optimizer=restarting)
+    for other in (sgd, restarted):
         assert np.abs(other - expected).max() > 1e-6 * np.abs(expected).max()
 
 

@@ -187,13 +187,15 @@ def test_killed_server_is_restarted_and_matches_a_resumed_run(launch, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("group_steps", [1, 4])
-def test_resume_of_an_ended_bsp_run_with_more_steps_is_the_run_that_never_stopped(launch, tmp_path, group_steps):
+@pytest.mark.parametrize("group_steps,optimizer", [(1, "sgd"), (4, "sgd"), (4, "adam")])
+def test_resume_of_an_ended_bsp_run_with_more_steps_is_the_run_that_never_stopped(launch, tmp_path, group_steps,
+                                                                                  optimizer):
     # BSP, the static schedule and a constant rate: the batches and updates are fixed, so a run of 8 steps resumed
     # from its end to 16 must give a 16-step run's theta to the bit (it once started with 1 of the 2 workers)
-    # (group_steps = 4: the same steps, taken 4 at a time by the workers among themselves in shared memory)
+    # (group_steps = 4: the same steps, taken 4 at a time by the workers among themselves in shared memory; with
+    # Adam, the members start from the server's state, which the checkpoint holds)
     run = DATA + args(train__workers=2, train__batch_size=50, train__lr_schedule="constant", output__plot="false",
-                      train__group_steps=group_steps)
+                      train__group_steps=group_steps, train__optimizer=optimizer)
     la = launch(*run, *args(train__steps=16, output__dir=tmp_path / "a"))
     assert la.wait()[0] == 0
     lb = launch(*run, *args(train__steps=8, output__dir=tmp_path / "b"))

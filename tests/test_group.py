@@ -241,3 +241,66 @@ def test_a_member_clips_its_own_gradient_before_it_is_published(segment):
     for bad in ({"l2": -1.0}, {"clip_norm": float("nan")}, {"l2": 0.1, "l2_rows": 5}):
         with pytest.raises(ValueError, match="do not fit theta"):
             Member(segment, 0, 1.0, **bad)
+
+
+def test_with_an_optimizer_members_start_from_the_servers_state_and_leave_theirs():
+    """Momentum: each member takes the server's published velocity and update count at the group step's start,
+    applies the rule to each sub-step's mean, and leaves its velocity in its state area, where the server reads
+    it; every member's is the same bit for bit, and equal to the rule applied serially from that state."""
+    from psrv import optim
+    shape, mu, lr = (4,), 0.5, 0.1
+    seg = Group.create(blocks.run_prefix() + "groupopt", 2, shape, np.float64, 3, n_state=1)
+    try:
+        server = optim.Momentum(np.zeros(shape), momentum=mu, nesterov=False)
+        server.set_dense([np.full(shape, 2.0)], 7)   # as if 7 updates had made this velocity
+        seg.publish(server, version=5)
+        assert seg.server_version() == (5, 7)
+        out = {}
+
+        def work(wid):
+            g = Group.attach(seg.name, 2, shape, np.float64, 3, n_state=1)
+            m = Member(g, wid, 30.0, opt=optim.Momentum(np.empty(shape), momentum=mu, nesterov=False))
+            with pytest.raises(ValueError, match="version 5, the step's theta of version 4"):
+                m.begin(1, 3, 3, [0, 1], version=4)
+            m.begin(1, 3, 3, [0, 1], version=5)
+            theta = np.ones(shape)
+            for k in range(3):
+                np.add(grad_of(wid, k), theta, out=m.grad(k))
+                m.step(k, theta, lr)
+            m.seal(3)
+            out[wid] = (theta, m.opt.steps)
+            g.close()
+        threads = [threading.Thread(target=work, args=(w,)) for w in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        theta, v = np.ones(shape), np.full(shape, 2.0)
+        for k in range(3):
+            v = mu * v + sum(grad_of(w, k) + theta for w in (0, 1)) / 2
+            theta = theta - lr * v
+        assert np.array_equal(out[0][0], out[1][0]) and out[0][1] == out[1][1] == 10
+        np.testing.assert_allclose(out[0][0], theta, rtol=1e-13)
+        assert np.array_equal(seg.states[0], seg.states[1])
+        np.testing.assert_allclose(seg.states[0][0], v, rtol=1e-13)
+    finally:
+        seg.close()   # its creator: the name goes too
+
+
+def test_a_member_and_its_segment_must_agree_on_the_optimizers_state(segment):
+    from psrv import optim
+    with pytest.raises(ValueError, match="holds 0 optimizer state arrays, adam needs 2"):
+        Member(Attached(segment), 0, 1.0, opt=optim.Adam(np.empty(4), beta1=0.9, beta2=0.99, eps=1e-8))
+
+
+@pytest.mark.parametrize("spec,error", [({"name": "sgd"}, "not one with state"), ({"name": "ftrl"}, "not one with state"),
+                                        ("momentum", "not one with state"),
+                                        ({"name": "momentum", "momentum": "0.9", "nesterov": False}, "must be numbers"),
+                                        ({"name": "adam", "beta1": 0.9, "eps": 1e-8}, "must be numbers")])
+def test_a_worker_refuses_a_welcome_naming_an_optimizer_it_cannot_apply(spec, error):
+    from workers.worker import _group_optimizer
+    with pytest.raises(ValueError, match=error):
+        _group_optimizer(spec, (4,), np.float64)
+    assert _group_optimizer(None, (4,), np.float64) is None   # plain SGD
+    opt = _group_optimizer({"name": "momentum", "momentum": 0.5, "nesterov": True}, (4,), np.float64)
+    assert (opt.name, opt.momentum, opt.nesterov, opt.shape) == ("momentum", 0.5, True, (4,))

@@ -181,3 +181,27 @@ def test_adam_state_from_before_per_row_counts_loads_with_every_row_at_the_step_
     opt = optim.Adam(theta, beta1=0.9, beta2=0.99, eps=1e-8)
     opt.load_state_dict(old)
     np.testing.assert_array_equal(opt.state_dict()["arrays"]["t"], [7, 7, 7])
+
+
+def test_a_grouped_step_applies_the_pushes_mean_and_takes_the_members_mean_state():
+    """Group steps with Adam: each push is how far a member moved theta, with its (m, v) at the end; the step moves
+    theta by the pushes' mean (no rule of its own, whatever train.optimizer is), takes the states' mean and counts
+    the BSP steps the group step held (Adam's bias correction counts them)."""
+    theta = np.arange(3.0)
+    opt = build("adam", theta)
+    s = Store(theta, opt, lambda step: 1.0, grouped=True)
+    moves = [np.array([1.0, 2.0, 3.0]), np.array([3.0, 2.0, 1.0])]
+    states = [np.array([[1.0, 1.0, 1.0], [4.0, 4.0, 4.0]]), np.array([[3.0, 3.0, 3.0], [2.0, 2.0, 2.0]])]
+    for d, st in zip(moves, states):
+        s.push(d, state=st)
+    assert s.apply_step(0, 1, steps=5)
+    np.testing.assert_array_equal(theta, np.arange(3.0) - 2.0)
+    np.testing.assert_array_equal(opt.state["m"], np.full(3, 2.0))
+    np.testing.assert_array_equal(opt.state["v"], np.full(3, 3.0))
+    assert opt.steps == 5 and (opt.state["t"] == 5).all() and s.version == 1
+    # the next step's sums start from zero
+    s.push(moves[0], state=states[0])
+    assert s.apply_step(1, 2, steps=2)
+    np.testing.assert_array_equal(theta, np.arange(3.0) - 2.0 - moves[0])
+    np.testing.assert_array_equal(opt.state["m"], states[0][0])
+    assert opt.steps == 7

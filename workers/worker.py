@@ -19,6 +19,7 @@ import numpy as np
 from psrv import config as config_mod
 from psrv import data, models, proc, blocks, sources, sparse_model
 from psrv import group as group_mod
+from psrv import optim
 from psrv.sparse_data import SparseData
 from psrv.errors import RunError, ServerLost
 from psrv.protocol import OpStr
@@ -507,14 +508,16 @@ class Worker:
         if self._group is not None:   # a session before this one (the worker registered again)
             self._group.close()
             self._group = None
-        g = group_mod.Group.attach(spec["name"], spec["members"], tuple(welcome["theta_shape"]),
-                                   welcome["theta_dtype"], welcome["train"]["group_steps"])
-        self._group = g
+        shape, dtype = tuple(welcome["theta_shape"]), np.dtype(welcome["theta_dtype"])
         try:
+            opt = _group_optimizer(spec.get("optimizer"), shape, dtype)
+            g = group_mod.Group.attach(spec["name"], spec["members"], shape, dtype, welcome["train"]["group_steps"],
+                                       len(opt.dense_names) if opt is not None else 0)
+            self._group = g
             return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]), float(spec.get("l2", 0.0)),
-                                    int(spec.get("l2_rows", 0)), float(spec.get("clip_norm", 0.0)))
-        except (TypeError, ValueError) as e:
-            raise RunError(f"worker {self.wid}", str(e)) from None
+                                    int(spec.get("l2_rows", 0)), float(spec.get("clip_norm", 0.0)), opt)
+        except (TypeError, ValueError, KeyError) as e:
+            raise RunError(f"worker {self.wid}", f"group steps: {e}") from None
 
     def _group_step(self, model, theta, X, y, batch, seed: int, b: int, h: dict, member, k_steps: int, Xb, yb,
                     work, out) -> tuple[float, int]:
@@ -536,7 +539,7 @@ class Worker:
         if subs > budget:
             raise RunError(f"worker {self.wid}", f"{count} rows are more than {budget} sub-steps of {b}")
         try:
-            member.begin(h["clock"], k_steps, subs, members)
+            member.begin(h["clock"], k_steps, subs, members, h["version"])
         except ValueError as e:
             raise RunError(f"worker {self.wid}", str(e)) from None
         clock = h["clock"]
@@ -581,6 +584,20 @@ class Worker:
             self.sparse_rows.close()
         if self._group is not None:
             self._group.close()
+
+
+def _group_optimizer(spec, shape: tuple, dtype) -> optim._Optimizer | None:
+    """The optimizer a group member applies (the welcome's data.shm.group.optimizer: its name and
+    hyper-parameters), None for plain SGD (no spec). ValueError for anything else."""
+    if spec is None:
+        return None
+    cls = optim.OPTIMIZERS.get(spec.get("name")) if isinstance(spec, dict) else None
+    if cls is None or not cls.state_names:
+        raise ValueError(f"optimizer {spec!r} is not one with state among {sorted(optim.OPTIMIZERS)}")
+    hyper = {k: spec.get(k) for k in cls.hyper}
+    if any(type(v) not in (int, float, bool) for v in hyper.values()):
+        raise ValueError(f"{cls.name}: hyper-parameters {hyper!r} must be numbers")
+    return cls(np.empty(shape, dtype), **hyper)
 
 
 def _take(X, y, idx, Xb, yb) -> None:
