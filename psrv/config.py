@@ -181,8 +181,8 @@ class Train:
                            "state; not ftrl), each gradient clipped to train.clip_norm and model.l2's term added as "
                            "the server would (psrv/group.py); the result is BSP's, with one server round trip per "
                            "group_steps steps; train.steps, the schedule and the logs still count BSP's steps; 1: "
-                           "every step goes through the server",
-                           lo=1, hi=1_000_000)
+                           "every step goes through the server; at most 1024 (each reply lists its steps' rates)",
+                           lo=1, hi=1024)
     momentum: float = opt(0.9, "momentum: the velocity's decay", lo=0, hi=1)
     nesterov: bool = opt(False, "momentum: use Nesterov's look-ahead form")
     beta1: float = opt(0.9, "adam: decay of the first-moment average, in [0, 1)", check=_below_one)

@@ -22,13 +22,18 @@ class Member:
 
 
 class Gate:
-    def __init__(self, mode: str, staleness: int = 0, backup: int = 0):
+    def __init__(self, mode: str, staleness: int = 0, backup: int = 0, whole_steps: bool = False):
+        """whole_steps (BSP; group steps): a worker that joins while a step is under way starts at the next one,
+        whose members are then fixed: a group step's members work it out among themselves, and one that came in
+        half way through would read the others' sub-steps out of turn."""
         if mode not in ("bsp", "ssp", "asp"):
             raise ValueError(f"unknown consistency {mode!r}")
         self.mode, self.staleness, self.backup = mode, staleness, backup
+        self.whole_steps = whole_steps and mode == "bsp"
         self.members: dict[int, Member] = {}
         self.step = 0            # BSP: steps applied so far; the step being collected
         self.pending: set[int] = set()  # BSP: who has pushed for `step`
+        self.later: set[int] = set()    # whole_steps: members that joined during `step`, for the next one
         self.open = False        # nothing is served until the launcher's workers have joined
 
     # ------------------------------------------------------------------ membership
@@ -39,14 +44,26 @@ class Gate:
             clock = self.step if self.mode == "bsp" else (self.min_clock() if self.members else self.step)
         elif self.mode == "bsp":
             clock = max(clock, self.step)
+        if self.whole_steps and clock == self.step and self._under_way():
+            clock = self.step + 1
+            self.later.add(wid)
         self.members[wid] = Member(pushed=clock, serving=None)
         return clock
+
+    def _under_way(self) -> bool:
+        """Some member was served the step being collected, or pushed for it."""
+        return bool(self.pending) or any(m.serving == self.step for m in self.members.values())
+
+    def step_members(self) -> list[int]:
+        """The members of the step being collected, in id order (whole_steps: not those that wait for the next)."""
+        return sorted(w for w in self.members if w not in self.later)
 
     def leave(self, wid: int) -> bool:
         """Remove a worker (done, gone or dead). Returns True when that completes the BSP step being collected."""
         if self.members.pop(wid, None) is None:
             return False
         self.pending.discard(wid)
+        self.later.discard(wid)
         return self._bsp_complete()
 
     def min_clock(self) -> int:
@@ -113,11 +130,12 @@ class Gate:
         return clock - self.members[wid].min_at_serve
 
     def quorum(self) -> int:
-        return max(1, len(self.members) - self.backup)
+        return max(1, len(self.members) - len(self.later) - self.backup)
 
     def _bsp_complete(self) -> bool:
         if self.mode != "bsp" or not self.pending or len(self.pending) < self.quorum():
             return False
         self.step += 1
         self.pending.clear()
+        self.later.clear()
         return True

@@ -49,7 +49,8 @@ class Coordinator(Roster, Sanctions):
         self.n_expected = t.workers
         self.n_start = t.workers                  # joins that open the gate (after a restart: who was training)
         self.members = Membership(t.workers, cfg.server.max_bad_pushes, shm)
-        self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers)
+        self.gate = Gate(t.consistency, staleness=t.staleness, backup=t.backup_workers,
+                         whole_steps=t.group_steps > 1)
         self.schedule = Schedule(shard_sizes, dynamic=t.schedule == "dynamic")
         self.max_steps = run_steps(cfg)
         # local SGD: one pull serves every local step's rows (group steps: _group_budget)

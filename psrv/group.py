@@ -164,6 +164,8 @@ class Member:
             raise ValueError(f"worker {me} has no place in a group of {group.members}")
         if not (0 <= l2 < math.inf and 0 <= clip_norm < math.inf and 0 <= l2_rows <= (group.shape or (1,))[0]):
             raise ValueError(f"l2 {l2}, l2_rows {l2_rows} or clip_norm {clip_norm} do not fit theta {group.shape}")
+        if not 0 < timeout_s < math.inf:   # NaN too: a wait must end, and must wait at all
+            raise ValueError(f"the group's timeout_s must be a positive number of seconds; got {timeout_s!r}")
         n_state = len(opt.dense_names) if opt is not None else 0
         if n_state != group.n_state or (opt is not None and (opt.shape, opt.dtype) != (group.shape, group.dtype)):
             raise ValueError(f"the group segment holds {group.n_state} optimizer state arrays, "
@@ -172,6 +174,7 @@ class Member:
         self.l2, self.l2_rows, self.clip_norm = l2, l2_rows, clip_norm
         self.opt = opt
         self.left = False
+        self.left_why = ""           # why it left this group step, for the worker's log
         self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
         self.clipped = 0             # own gradients scaled down to clip_norm, over the run
         self._sum = np.empty(group.shape, group.dtype)
@@ -238,13 +241,21 @@ class Member:
             if rows:
                 self._apply_alone(theta, self._own, lr)
             return rows
+        own = self.group.grads[k & 1, self.me]
+        if rows and not math.isfinite(np.vdot(own, own)):
+            # through the mean, a gradient that is not finite would reach every member's theta and push, and the
+            # server would refuse them all: it leaves instead, so only its own push carries it (and is refused, as
+            # the server refuses such a gradient without group steps)
+            self.leave("its gradient was not finite")
+            self._apply_alone(theta, own, lr)
+            return rows
         target = self.base + k + 1
         self._publish(target)
         included = self._wait(k, target)
         if included is None:
-            self.leave()
+            self.leave(f"waited {self.timeout_s:.1f} s for the others at its barrier")
             if rows:
-                self._apply_alone(theta, self.group.grads[k & 1, self.me], lr)
+                self._apply_alone(theta, own, lr)
             return rows
         if not included:
             return False
@@ -292,8 +303,8 @@ class Member:
         np.multiply(g, rate, out=self._sum)
         self._apply(theta, self._sum, lr, rate)
 
-    def leave(self) -> None:
-        self.left = True
+    def leave(self, why: str = "") -> None:
+        self.left, self.left_why = True, why
         self.group.set_word(self.me, COUNT, (self.base + self.k_steps) << 1 | LEFT)
 
     def _publish(self, count: int) -> None:

@@ -190,6 +190,11 @@ def run(cfg: config_mod.Config, progress: Progress | None = None, log_level: int
     called once the server listens."""
     ckpt = _find_checkpoints(resume) if resume else None
     cfg = resolve(cfg, resume)
+    if cfg.train.group_steps > 1 and (role == "server" or (local is not None and local < cfg.train.workers)):
+        # the server would refuse every worker that attaches (group_only) and wait for them for ever
+        raise ConfigError("train.group_steps: group steps take only the launcher's own workers, on the server's "
+                          "machine; with workers that attach (--role server, or several hosts) set "
+                          "train.group_steps = 1")
     if cfg.model.kind not in config_mod.BUILTIN_MODELS:
         # a model of the user's own sees the data as given: we cannot map its theta back from scaled features
         if cfg.data.standardize and "data.standardize" in cfg.explicit:

@@ -145,6 +145,14 @@ def group_steps_hint(cfg, split: dict) -> int:
     return k
 
 
+def run_hint(c, split: dict) -> int:
+    """group_steps_hint for the run of coordinator c: none when its server was started alone or a worker attached
+    (not one of the launcher's, on its machine), whom group steps would refuse."""
+    if c.alone or not all(p.shm for p in c.members.peers.values()):
+        return 0
+    return group_steps_hint(c.cfg, split)
+
+
 def summary(c, now: float) -> dict:
     """The coordinator's part of summary.json."""
     s, m, t = c.stats, c.members, c.cfg.train
@@ -168,7 +176,7 @@ def summary(c, now: float) -> dict:
         "version_lag_max": s.version_lag_max,
         "dropped_grads": _per_worker(s.dropped), "pushes_applied": _per_worker(s.pushes),
         "time_per_push_ms": split,
-        "group_steps_hint": group_steps_hint(c.cfg, split),
+        "group_steps_hint": run_hint(c, split),
         "rows_visited": {str(k): v for k, v in c.schedule.rows_visited().items()},
         "rows_visited_before": c.schedule.rows_visited_before(),
     }

@@ -248,7 +248,9 @@ class Server:
         if box is None:
             transport.send(self.sock, frames, ident, block=False)
         elif not box.answer(frames):
-            log.error("a reply of %d bytes does not fit a mailbox; it is dropped", sum(len(f) for f in frames))
+            # dropped, the worker would time out and register again, forever: the run fails, saying why
+            raise RunError("server", f"a reply of {sum(len(f) for f in frames)} bytes does not fit a worker's "
+                                     f"mailbox ({mailbox.AREA_BYTES} bytes)")
         elif self.bell is not None and box.worker_waiting():   # asleep on its bell, not polling
             self.bell.ring(mailbox.bell_name(box.name))
 
@@ -347,7 +349,7 @@ class Server:
         # a local worker copies theta from shared memory itself; the reply only says which clock and batch
         header = {"op": OpStr.THETA, "clock": i.clock, "version": i.version, "batch": i.batch}
         if self.group is not None:   # the step's members and rates: the workers apply its sub-steps themselves
-            header["group"] = sorted(self.coord.gate.members)
+            header["group"] = self.coord.gate.step_members()
             header["lr"] = self._group_rates(i.first_step, i.step_budget)
         if i.rid is not None:
             header["rid"] = i.rid
@@ -393,10 +395,12 @@ class Server:
         return self.cfg.train.clip_norm > 0 and workers_penalize(self.cfg.train)
 
     def _group_timeout_s(self) -> float:
-        """How long a group member waits for the others before it leaves the group step: as long as the server
-        waits for a straggler (server.progress_deadline_s), else for a silent worker."""
+        """How long a group member waits for the others before it leaves the group step: half as long as the server
+        waits for a straggler (server.progress_deadline_s), else as long as for a silent worker."""
         s = self.cfg.server
-        return s.progress_deadline_s or s.heartbeat_timeout_s
+        # half the deadline: a member that left at the deadline itself could push after the server had called it
+        # a straggler for holding its batch while the first ones pushed (a healthy member, left behind)
+        return 0.5 * s.progress_deadline_s if s.progress_deadline_s > 0 else s.heartbeat_timeout_s
 
     def theta_now(self) -> np.ndarray:
         """theta as it is now: with several servers, every range's rows at this version."""

@@ -221,3 +221,31 @@ def test_no_group_steps_hint_without_a_split_or_with_a_short_round_trip(split):
     from psrv import config
     from psrv.report import group_steps_hint as hint_k
     assert hint_k(config.load(None), split) == 0
+
+
+@pytest.mark.parametrize("how", [{"role": "server"}, {"local": 1}], ids=["--role server", "workers of other hosts"])
+def test_group_steps_with_workers_that_attach_are_refused_at_start(tmp_path, how):
+    """The server would refuse every attaching worker (group_only) and wait for them for ever: the launcher says
+    so before it loads anything."""
+    from psrv import config
+    from psrv.errors import ConfigError
+    from psrv.launch import run
+    cfg = config.load({"train": {"workers": 2, "group_steps": 4}, "output": {"dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match="with workers that attach .* set train.group_steps = 1"):
+        run(cfg, **how)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_group_steps_hint_for_a_run_whose_workers_attached():
+    """Group steps would refuse them: a server started alone, or one that a worker of another machine joined."""
+    from psrv.report import group_steps_hint as hint_k
+    from psrv.report import run_hint
+    from .coord_harness import H
+    h = H(2, shm=True)
+    h.hellos([0, 1])
+    assert run_hint(h.c, DEFAULT_SPLIT) == hint_k(h.c.cfg, DEFAULT_SPLIT) > 0   # the launcher's own workers
+    h.hello(2, local=False)
+    assert run_hint(h.c, DEFAULT_SPLIT) == 0
+    alone = H(2, shm=True, alone=True)
+    alone.hellos([0, 1])
+    assert run_hint(alone.c, DEFAULT_SPLIT) == 0

@@ -70,6 +70,7 @@ def test_override_values_are_read_as_toml(override, expected):
     ({"train": {"local_steps": 4}}, "train.local_steps: local SGD needs train.lr_schedule = 'constant'"),
     ({"train": {"group_steps": 4, "consistency": "asp"}}, "train.group_steps: group steps need train.consistency = 'bsp'"),
     ({"train": {"group_steps": 4, "optimizer": "ftrl"}}, "train.group_steps: group steps need a dense optimizer"),
+    ({"train": {"group_steps": 1025}}, "train.group_steps: must be <= 1024"),
     ({"train": {"group_steps": 4, "local_steps": 2, "lr_schedule": "constant"}},
      "train.group_steps: group steps need train.local_steps = 1"),
     ({"train": {"group_steps": 4}, "worker": {"shm": False}}, "train.group_steps: group steps need worker.shm = True"),

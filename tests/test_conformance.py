@@ -57,7 +57,9 @@ def test_the_document_has_the_examples_the_suite_runs():
     codes = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
     assert len(codes) >= 20
     shown = set(re.findall(r'"code": "(\w+)"', text))
-    assert codes - shown == set(), f"error codes with no example: {sorted(codes - shown)}"
+    # group_only: a server running group steps starts only with its launcher's workers, so an exchange (a server
+    # started alone) cannot show it; tests/test_coordinator.py does
+    assert codes - shown == {"group_only"}, f"error codes with no example: {sorted(codes - shown)}"
     assert {"welcome", "theta", "ack", "stop", "heartbeat", "bye", "status", "error", "values"} <= \
         set(re.findall(r'< \{"op": "(\w+)"', text))
 

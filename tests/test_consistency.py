@@ -136,3 +136,31 @@ def test_ssp_dead_worker_stops_holding_others_back():
 def test_unknown_mode():
     with pytest.raises(ValueError):
         Gate("eventual")
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_with_whole_steps_a_worker_that_joins_during_a_step_starts_at_the_next(whole):
+    """Group steps (whole_steps): worker 3 (a restarted worker's new incarnation, say) joins once step 0 is under
+    way; it is not one of step 0's members, which completes without it, and it is served from step 1 on. Without
+    whole_steps (BSP pushing every step) it takes part in step 0."""
+    g = gate("bsp", whole_steps=whole)
+    for w in range(3):
+        g.serve(w, 0)
+    assert g.push(0, 0) == ACCUMULATE
+    assert g.join(3) == (1 if whole else 0)
+    assert g.step_members() == ([0, 1, 2] if whole else [0, 1, 2, 3])
+    assert g.may_serve(3, 0) is not whole and g.may_serve(3, 1) is False
+    assert g.push(1, 0) == ACCUMULATE
+    assert g.push(2, 0) == (COMPLETE if whole else ACCUMULATE)
+    if not whole:
+        g.serve(3, 0)
+        assert g.push(3, 0) == COMPLETE
+    assert g.step == 1 and g.step_members() == [0, 1, 2, 3] and g.may_serve(3, 1)
+
+
+def test_with_whole_steps_a_worker_that_joins_between_steps_takes_the_next_and_leaving_forgets_it():
+    g = gate("bsp", whole_steps=True)
+    assert g.join(3) == 0 and g.step_members() == [0, 1, 2, 3]   # nothing under way yet: step 0 is its own
+    g.serve(0, 0)
+    assert g.join(4) == 1 and g.quorum() == 4
+    assert not g.leave(4) and g.quorum() == 4 and g.step_members() == [0, 1, 2, 3]

@@ -952,3 +952,14 @@ def test_a_members_notes_are_logged_only_when_they_fit_its_push():
         assert _checked_notes(bad, count) is None
     merged = _merge_notes(good[:2], np.array([[32.0, 8.0, 5.5], [32.0, 4.0, 5.9], [32.0, 1.0, 7.5]]))
     assert merged.tolist() == [[64.0, 24.0, 5.5], [40.0, 6.0, 6.0], [32.0, 1.0, 7.5]]
+
+
+@pytest.mark.parametrize("wid,local", [(0, False), (2, True), (-1, True)],
+                         ids=["from another machine", "an id past the launcher's", "asking for an id"])
+def test_group_steps_take_only_the_launchers_own_workers(wid, local):
+    """Their gradients meet in this machine's shared memory, one place per launcher worker: any other hello is
+    refused with group_only, and changes nothing; the launcher's own are welcome."""
+    h = H(2, shm=True, train__group_steps=4)
+    assert h.P(h.hello(wid, local=local, rid=700)) == [("Error", wid, "group_only", 700)]
+    assert h.c.members.peers == {}
+    assert [x[0] for x in h.P(h.hellos([0, 1]))] == ["Welcome", "Welcome"]

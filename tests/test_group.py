@@ -304,3 +304,15 @@ def test_a_worker_refuses_a_welcome_naming_an_optimizer_it_cannot_apply(spec, er
     assert _group_optimizer(None, (4,), np.float64) is None   # plain SGD
     opt = _group_optimizer({"name": "momentum", "momentum": 0.5, "nesterov": True}, (4,), np.float64)
     assert (opt.name, opt.momentum, opt.nesterov, opt.shape) == ("momentum", 0.5, True, (4,))
+
+
+def test_the_longest_theta_reply_of_a_group_step_fits_a_mailbox():
+    """A reply lists the rates of the steps its group step may hold: at train.group_steps' largest (1024, with 256
+    members and the largest numbers a run reaches) it still fits the mailbox's reply area; the server fails a run
+    rather than drop a reply that would not (a worker would wait for it, register again, and wait again)."""
+    from psrv import config, mailbox, protocol
+    k = config.load({"train": {"group_steps": 1024}}).train.group_steps
+    big = 2 ** 62
+    header = {"op": "theta", "clock": big, "version": big, "batch": [big, big, big, big], "group": list(range(256)),
+              "lr": [0.1 + 1e-17 * j for j in range(k)], "rid": big}
+    assert sum(len(f) for f in protocol.encode(header)) < mailbox.AREA_BYTES

@@ -218,6 +218,21 @@ def test_a_worker_that_keeps_pushing_nan_is_quarantined(tmp_path):
     assert s["steps"] == 200 and np.isfinite(r.theta).all()
 
 
+@pytest.mark.slow
+def test_under_group_steps_a_worker_whose_gradients_are_nan_is_quarantined_alone(tmp_path):
+    """train.group_steps = 4: from group step 5 on, worker 1's gradient of each group step's second sub-step is
+    NaN. It leaves the group step rather than publish it (else the mean would carry it into every member's theta
+    and push, and the server would refuse them all), so only its pushes are refused; it is quarantined after
+    server.max_bad_pushes of them, and the other two finish the run."""
+    with faults.injected(nan_worker=1, nan_steps=list(range(5, 200))):
+        r = psrv.train({"data": {"n": 4000, "d": 5}, "train": {"workers": 3, "steps": 200, "group_steps": 4},
+                        "server": {"max_bad_pushes": 3},
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path), "plot": False}})
+    s = r.summary
+    assert s["quarantined"] == [1] and s["rejected"] == {"nonfinite": 3}
+    assert s["steps"] == 200 and np.isfinite(r.theta).all() and s["final_loss"] < 1.0
+
+
 # ---------------------------------------------------------------------------------------------- shared memory
 def test_stale_segments_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -8,9 +8,11 @@ which every child inherits at spawn and reads once at start:
 
 Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
 slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
-gradient at those steps, which the server must refuse), kill_worker + kill_at_step (that worker kills itself with
-SIGKILL at that step, before its push (under group steps, during the second sub-step of that group step); only as
-incarnation 1, so that its restart, which may be handed the same step again, lives on), hold_worker +
+gradient at those steps, which the server must refuse; under group steps its gradient of the second sub-step of
+those group steps is NaN already, which must not reach the other members), kill_worker + kill_at_step (that worker
+kills itself with SIGKILL at that step, before its push (under group steps, before sub-step kill_sub_step of that
+group step, the second unless set); only as incarnation 1, so that its restart, which may be handed the same step
+again, lives on), hold_worker +
 hold_at_step + hold_file (that worker waits before its push at that step for as long as the file exists: a test
 holds the run where it wants to look at it, and lets it go on by removing the file). A worker id of -1 means none.
 A step here is the server's clock, the step a theta reply names: under group steps, one group step.
@@ -56,6 +58,7 @@ class Faults:
     nan_steps: tuple = ()
     kill_worker: int = -1
     kill_at_step: int = 0
+    kill_sub_step: int = 1
     hold_worker: int = -1
     hold_at_step: int = 0
     hold_file: str = ""
@@ -99,6 +102,7 @@ CHECKS = {  # key -> (test, what it must be)
                   "a list of steps >= 0"),
     "kill_worker": (_wid, "a worker id (-1: none)"),
     "kill_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
+    "kill_sub_step": (lambda v: type(v) is int and v >= 0, "a sub-step >= 0"),
     "hold_worker": (_wid, "a worker id (-1: none)"),
     "hold_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
     "hold_file": (lambda v: isinstance(v, str), "a path"),
@@ -154,9 +158,11 @@ class FaultyWorker(worker.Worker):
                     break
                 time.sleep(HOLD_POLL_S)
 
-    def before_sub_step(self, clock: int, k: int) -> None:
-        if k == 1 and self._kills_at(clock):
+    def before_sub_step(self, clock: int, k: int, theta: np.ndarray) -> None:
+        if k == self.faults.kill_sub_step and self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
+        if k == 1 and self.faults.nan_worker == self.wid and clock in self._nan_steps:
+            theta[...] = np.nan   # its gradient of this sub-step is NaN, and everything it computes after it
 
     def _kills_at(self, clock: int) -> bool:
         f = self.faults

@@ -423,8 +423,9 @@ class Worker:
         """Called once per step between computing the gradient and pushing it: nothing here; a subclass may
         change the step (workers/faults.py injects failures, delays and broken gradients this way)."""
 
-    def before_sub_step(self, clock: int, k: int) -> None:
-        """Called before each sub-step of a group step: nothing here; workers/faults.py kills a worker there."""
+    def before_sub_step(self, clock: int, k: int, theta: np.ndarray) -> None:
+        """Called before each sub-step of a group step, with the copy of theta its gradient is taken at: nothing
+        here; workers/faults.py kills a worker there, or breaks its gradient."""
 
     def _gather(self, X, y, batch, seed: int, Xb, yb) -> None:
         """Copy a batch's rows into the preallocated buffers."""
@@ -545,7 +546,7 @@ class Worker:
         clock = h["clock"]
 
         def grad_of(k):
-            self.before_sub_step(clock, k)
+            self.before_sub_step(clock, k, work)
             return member.grad(k)
         loss = self._sub_steps(model, theta, X, y, batch, seed, b, Xb, yb, work, None, grad_of,
                                lambda k, g: member.step(k, work, lrs[k]),
@@ -560,8 +561,8 @@ class Worker:
         member.seal(k)   # its sub-steps' losses and times, which the server logs per step
         np.subtract(theta, work, out=out)
         if member.left:
-            log.warning("worker %d: left group step %d (waited %.1f s for the others at its barrier); it finished "
-                        "the step alone", self.wid, clock, member.timeout_s)
+            log.warning("worker %d: left group step %d (%s); it finished the step alone", self.wid, clock,
+                        member.left_why)
         return loss, k
 
     def _positions(self, shard: int, epoch: int, seed: int, size: int) -> np.ndarray:
