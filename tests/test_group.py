@@ -316,3 +316,37 @@ def test_the_longest_theta_reply_of_a_group_step_fits_a_mailbox():
     header = {"op": "theta", "clock": big, "version": big, "batch": [big, big, big, big], "group": list(range(256)),
               "lr": [0.1 + 1e-17 * j for j in range(k)], "rid": big}
     assert sum(len(f) for f in protocol.encode(header)) < mailbox.AREA_BYTES
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_members_wait_must_be_a_positive_finite_time(segment, timeout_s):
+    """A NaN or infinite timeout would let a barrier wait for ever; zero or less, never wait at all."""
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds"):
+        Member(Attached(segment), 0, timeout_s)
+
+
+def test_a_member_whose_gradient_is_not_finite_leaves_instead_of_publishing_it(segment):
+    """Member 1's gradient of sub-step 0 is NaN: it leaves at once (its copy alone carries the NaN), and members 0
+    and 2 apply the others' gradients, finite, as if it had left."""
+    members, out = [0, 1, 2], {}
+
+    def work(wid):
+        m = Member(Attached(segment), wid, 30.0)
+        m.begin(0, 2, 2, members)
+        theta = np.ones(4)
+        for k in range(2):
+            np.add(grad_of(wid, k), theta, out=m.grad(k))
+            if wid == 1 and k == 0:
+                m.grad(k)[2] = np.nan
+            m.step(k, theta, 0.1)
+        out[wid] = (theta, m.left, m.left_why)
+        m.group.close()
+    threads = [threading.Thread(target=work, args=(w,)) for w in members]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out[1][1:] == (True, "its gradient was not finite") and np.isnan(out[1][0]).any()
+    assert np.array_equal(out[0][0], out[2][0]) and np.isfinite(out[0][0]).all() and not out[0][1]
+    # 1/3 of the others' sum: the step's mean is over its members, as when one's rows end (psrv/group.py)
+    np.testing.assert_allclose(out[0][0], serial({0: 2, 2: 2}, 2, 0.1, 3), rtol=1e-13)
