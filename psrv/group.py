@@ -50,8 +50,12 @@ With an optimizer's state (n_state arrays), after the notes: the server's line (
 (n_state arrays shaped like theta), then each member's.
 
 A wait that outlasts timeout_s (a member died, or stalls) makes the waiting worker leave the group for the rest of
-the step: it sets LEFT, takes its remaining sub-steps alone (plain SGD on its own gradients), and pushes how far it
-moved; the others stop waiting for it. The server's step is then the mean of the pushes it gets, the average of
+the step: it sets LEFT, takes its remaining sub-steps alone (its own gradients, under the same rule), and pushes
+how far it moved; the others stop waiting for it. Each theta reply sets timeout_s anew (wait_s): half the server's
+straggler deadline as it stands, which grows with the time a group step takes, so that a member that is merely
+slow is waited for, as BSP waits for it, and members leave before the server would call them stragglers. A member
+whose own gradient is not finite leaves at once, without publishing it (the mean would carry it into every
+member's theta). The server's step is then the mean of the pushes it gets, the average of
 the members' models (as local SGD's), not BSP's: the result is exact only while no member leaves. Stores become
 visible in program order on x86-64 (TSO), which this relies on as the theta seqlock does
 (shmarray.ORDERED_STORES).
@@ -150,6 +154,13 @@ class Group:
         self.seg.close()
 
 
+def _check_timeout(timeout_s) -> float:
+    # NaN too: a wait must end, and must wait at all
+    if type(timeout_s) not in (int, float) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"the group's timeout_s must be a positive number of seconds; got {timeout_s!r}")
+    return float(timeout_s)
+
+
 class Member:
     """One worker's side of a group step (see the module's docstring)."""
 
@@ -164,8 +175,7 @@ class Member:
             raise ValueError(f"worker {me} has no place in a group of {group.members}")
         if not (0 <= l2 < math.inf and 0 <= clip_norm < math.inf and 0 <= l2_rows <= (group.shape or (1,))[0]):
             raise ValueError(f"l2 {l2}, l2_rows {l2_rows} or clip_norm {clip_norm} do not fit theta {group.shape}")
-        if not 0 < timeout_s < math.inf:   # NaN too: a wait must end, and must wait at all
-            raise ValueError(f"the group's timeout_s must be a positive number of seconds; got {timeout_s!r}")
+        _check_timeout(timeout_s)
         n_state = len(opt.dense_names) if opt is not None else 0
         if n_state != group.n_state or (opt is not None and (opt.shape, opt.dtype) != (group.shape, group.dtype)):
             raise ValueError(f"the group segment holds {group.n_state} optimizer state arrays, "
@@ -183,9 +193,13 @@ class Member:
         # its notes as flat doubles: three item stores per sub-step cost a tenth of a numpy row assignment
         self._notes = memoryview(group.notes[me]).cast("B").cast("d") if group.k_steps else None
 
-    def begin(self, clock: int, k_steps: int, subs: int, members: list[int], version: int = 0) -> None:
+    def begin(self, clock: int, k_steps: int, subs: int, members: list[int], version: int = 0,
+              timeout_s: float | None = None) -> None:
         """A group step at `clock` of train.group_steps = k_steps sub-steps, `subs` of them with rows here, among
-        `members`, from theta's `version` (an optimizer with state starts from the server's at that version)."""
+        `members`, from theta's `version` (an optimizer with state starts from the server's at that version),
+        waiting at most timeout_s (given: from now on) for the others at each sub-step."""
+        if timeout_s is not None:
+            self.timeout_s = _check_timeout(timeout_s)
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")

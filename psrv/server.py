@@ -351,6 +351,7 @@ class Server:
         if self.group is not None:   # the step's members and rates: the workers apply its sub-steps themselves
             header["group"] = self.coord.gate.step_members()
             header["lr"] = self._group_rates(i.first_step, i.step_budget)
+            header["wait_s"] = self._group_timeout_s()
         if i.rid is not None:
             header["rid"] = i.rid
         # a sparse model's worker reads only its batch's rows (shared memory, or a get)
@@ -396,11 +397,13 @@ class Server:
 
     def _group_timeout_s(self) -> float:
         """How long a group member waits for the others before it leaves the group step: half as long as the server
-        waits for a straggler (server.progress_deadline_s), else as long as for a silent worker."""
+        waits for a straggler now (server.progress_deadline_s, or 10 x the time a group step's batch is held, if
+        longer: a member that is merely slow is waited for, as BSP waits for it), else as long as for a silent
+        worker. Each theta reply says it anew."""
         s = self.cfg.server
         # half the deadline: a member that left at the deadline itself could push after the server had called it
         # a straggler for holding its batch while the first ones pushed (a healthy member, left behind)
-        return 0.5 * s.progress_deadline_s if s.progress_deadline_s > 0 else s.heartbeat_timeout_s
+        return 0.5 * self.coord.progress.deadline_s() if s.progress_deadline_s > 0 else s.heartbeat_timeout_s
 
     def theta_now(self) -> np.ndarray:
         """theta as it is now: with several servers, every range's rows at this version."""

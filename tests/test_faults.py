@@ -122,6 +122,23 @@ def test_a_member_restarted_during_a_group_step_comes_back_at_the_next(launch, t
     la.assert_no_leftovers()
 
 
+def test_under_group_steps_a_slow_member_is_waited_for_as_bsp_waits_for_it(launch, tmp_path):
+    """train.group_steps = 4: worker 1 takes 150 ms per sub-step, the others about a millisecond, and
+    server.progress_deadline_s is 0.2. Before any push the members wait half of that, 0.1 s, and leave the first
+    group step; each later reply's wait_s is half the server's deadline as it adapts to how long a group step's
+    batch is held (10 x), so the others wait for the slow member as the server (and BSP) waits for it: no later
+    group step is left, and nobody is called a straggler."""
+    run = DATA + args(train__workers=3, train__steps=40, train__group_steps=4, server__progress_deadline_s=0.2)
+    la = launch(*run, *FAST, "--set", faults.OVERRIDE, "--set", f"output.dir={tmp_path / 'out'}", "-v",
+                env=faults.env(slow_worker=1, slow_ms=150))
+    code, out, err = la.wait()
+    assert code == 0, err
+    s = summary(tmp_path / "out")
+    assert set(re.findall(r"worker \d+: left group step (\d+) ", err)) <= {"0"}, err
+    assert s["straggles"] == 0 and s["steps"] == 40
+    la.assert_no_leftovers()
+
+
 def test_killed_worker_is_restarted_and_rows_are_not_skipped(launch, tmp_path):
     # epochs: every row must be visited once per epoch, even though a worker dies mid-epoch with a batch in flight
     # worker 1 sends itself the SIGKILL at step 50, its batch computed and not pushed (workers/faults.py): the whole

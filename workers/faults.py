@@ -6,15 +6,16 @@ which every child inherits at spawn and reads once at start:
 
     PSRV_FAULTS='{"fail_worker": 1, "fail_at_step": 5}' python launch.py --set worker.entry=workers.faults:main
 
-Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one),
-slow_worker + slow_ms (that worker sleeps slow_ms per step), nan_worker + nan_steps (that worker pushes a NaN
-gradient at those steps, which the server must refuse; under group steps its gradient of the second sub-step of
-those group steps is NaN already, which must not reach the other members), kill_worker + kill_at_step (that worker
-kills itself with SIGKILL at that step, before its push (under group steps, before sub-step kill_sub_step of that
-group step, the second unless set); only as incarnation 1, so that its restart, which may be handed the same step
-again, lives on), hold_worker +
-hold_at_step + hold_file (that worker waits before its push at that step for as long as the file exists: a test
-holds the run where it wants to look at it, and lets it go on by removing the file). A worker id of -1 means none.
+Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one), slow_worker +
+slow_ms (that worker sleeps slow_ms per step; under group steps, per sub-step), nan_worker + nan_steps (that worker
+pushes a NaN gradient at those steps, which the server must refuse; under group steps its gradient of the second
+sub-step of those group steps is NaN already, which must not reach the other members), kill_worker + kill_at_step
+(that worker kills itself with SIGKILL at that step, before its push (under group steps, before sub-step
+kill_sub_step of that group step, the second unless set); only as incarnation 1, so that its restart, which may be
+handed the same step again, lives on), hold_worker + hold_at_step + hold_file (that worker waits before its push at
+that step for as long as the file exists: a test holds the run where it wants to look at it, and lets it go on by
+removing the file).
+A worker id of -1 means none.
 A step here is the server's clock, the step a theta reply names: under group steps, one group step.
 """
 from __future__ import annotations
@@ -138,6 +139,7 @@ class FaultyWorker(worker.Worker):
         super().__init__(*args, **kwargs)
         self.faults = faults
         self._nan_steps = frozenset(faults.nan_steps)
+        self._slept_subs = False   # this step was a group step: slow_ms was slept at each of its sub-steps
 
     def after_gradient(self, clock: int, grad: np.ndarray) -> None:
         f = self.faults  # self.wid, not the spec's: an attached worker learns its id from the server
@@ -145,8 +147,9 @@ class FaultyWorker(worker.Worker):
             raise Injected(f"injected failure at step {clock} ({ENV} fail_worker = {self.wid})")
         if f.nan_worker == self.wid and clock in self._nan_steps:
             grad[...] = np.nan
-        if f.slow_worker == self.wid and f.slow_ms:
+        if f.slow_worker == self.wid and f.slow_ms and not self._slept_subs:
             time.sleep(f.slow_ms / 1000.0)
+        self._slept_subs = False
         if self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
         if f.hold_worker == self.wid and clock == f.hold_at_step and f.hold_file:
@@ -159,6 +162,10 @@ class FaultyWorker(worker.Worker):
                 time.sleep(HOLD_POLL_S)
 
     def before_sub_step(self, clock: int, k: int, theta: np.ndarray) -> None:
+        f = self.faults
+        if f.slow_worker == self.wid and f.slow_ms:
+            self._slept_subs = True
+            time.sleep(f.slow_ms / 1000.0)
         if k == self.faults.kill_sub_step and self._kills_at(clock):
             os.kill(os.getpid(), signal.SIGKILL)
         if k == 1 and self.faults.nan_worker == self.wid and clock in self._nan_steps:

@@ -540,7 +540,7 @@ class Worker:
         if subs > budget:
             raise RunError(f"worker {self.wid}", f"{count} rows are more than {budget} sub-steps of {b}")
         try:
-            member.begin(h["clock"], k_steps, subs, members, h["version"])
+            member.begin(h["clock"], k_steps, subs, members, h["version"], h.get("wait_s"))
         except ValueError as e:
             raise RunError(f"worker {self.wid}", str(e)) from None
         clock = h["clock"]
