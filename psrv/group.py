@@ -192,6 +192,8 @@ class Member:
         self._term = np.empty(group.shape, group.dtype) if l2 else None   # a sub-step's L2 term
         # its notes as flat doubles: three item stores per sub-step cost a tenth of a numpy row assignment
         self._notes = memoryview(group.notes[me]).cast("B").cast("d") if group.k_steps else None
+        self._mine = (group.grads[0, me], group.grads[1, me])   # its place in each buffer: no view made per sub-step
+        self._flat = tuple(g.reshape(-1) for g in self._mine)     # ... flat, for a dot product with itself
 
     def begin(self, clock: int, k_steps: int, subs: int, members: list[int], version: int = 0,
               timeout_s: float | None = None) -> None:
@@ -244,7 +246,7 @@ class Member:
     def grad(self, k: int) -> np.ndarray:
         """Where sub-step k's gradient goes: straight into the shared buffer (after leaving, a buffer of its own:
         a member that counted it in may still be reading the shared one)."""
-        return self._own if self.left else self.group.grads[k & 1, self.me]
+        return self._own if self.left else self._mine[k & 1]
 
     def step(self, k: int, theta: np.ndarray, lr: float, rows: bool = True) -> bool:
         """Publish sub-step k's gradient (already in grad(k); rows = False: it has none, it only follows), wait
@@ -255,8 +257,8 @@ class Member:
             if rows:
                 self._apply_alone(theta, self._own, lr)
             return rows
-        own = self.group.grads[k & 1, self.me]
-        if rows and not math.isfinite(np.vdot(own, own)):
+        own, flat = self._mine[k & 1], self._flat[k & 1]
+        if rows and not math.isfinite(flat.dot(flat)):   # a NaN or Inf makes the sum of squares one
             # through the mean, a gradient that is not finite would reach every member's theta and push, and the
             # server would refuse them all: it leaves instead, so only its own push carries it (and is refused, as
             # the server refuses such a gradient without group steps)
