@@ -30,8 +30,8 @@ a quiet one). Each figure, in µs, is the least over a few passes of a median ov
   stated). Each in a fresh process of its own, as a worker computes it: what a fresh array costs depends on what
   the process allocated and freed before; the page faults per call are in the notes.
 - **group sub-step**: psrv/group.py's Member.step for M = 1, 2, 8 and 15 members (d = 100), every other member's
-  gradient already in, so no wait: publish, one look at the members' counts, the mean of the M gradients, theta
-  updated. Next to it the same mean summed one by one in id order, as Member.step summed it before (a 16-core
+  gradient already in, so no wait: a check that its own gradient is finite, publish, one look at the members'
+  counts, the mean of the M gradients, theta updated. Next to it the same mean summed one by one in id order, as Member.step summed it before (a 16-core
   machine runs 15 workers).
 - **worker's first step**: one launched worker (the launcher's processes, as a user runs it) on data of the
   compute-bound scaling job's size (100,000 x 1000, batch 2000): the time from the opening of the run to its first
@@ -488,7 +488,7 @@ def figures(res: dict) -> list[tuple[str, str, str, float]]:
         out += [(part, "an argsort of the hashes (the rule as stated; the same order)", where, o["argsort"])]
     for m, v in res.get("group", {}).items():   # (not in the reference measurement)
         part, where = f"group sub-step (d = {D}, the others' gradients in)", f"M = {m} members"
-        out += [(part, "Member.step: publish, look, mean of the M gradients, theta updated", where, v["step"]),
+        out += [(part, "Member.step: check, publish, look, mean of the M gradients, theta updated", where, v["step"]),
                 (part, "the mean summed one by one, theta updated (the rule before)", where, v["one by one"])]
     for key, v in res["coordinator"].items():
         n, mode = key.split()
