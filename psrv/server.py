@@ -106,7 +106,13 @@ class Server:
         os.makedirs(out_dir, exist_ok=True)
         checkpoint.clean_temporaries(self.ckpt_dir)
         if resume:
-            self._restore(resume)
+            try:
+                self._restore(resume)
+            except BaseException:
+                # a checkpoint of another job, say: the process exits with that error alone, not with the noise
+                # of segments garbage-collected while numpy views of them still exist
+                self._release_shared()
+                raise
         else:
             # a fresh run in a used folder: an old run's checkpoints (its ranges' too) must never be taken for this
             # run's
@@ -637,8 +643,6 @@ class Server:
         if self.links is not None:
             self.links.close()
         self.sock.close(linger=0)
-        if self.bell is not None:
-            self.bell.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -646,8 +650,12 @@ class Server:
             self.metrics.close()
         except OSError:  # already reported (a full disk): closing must not hide that error
             pass
+        self._release_shared()
+
+    def _release_shared(self) -> None:
+        """Close the data block and every segment this server made (which unlinks them) or attached."""
         self.block.close()
-        for seg in [self.theta_shm, self.group, *self.slots.values(), *self.mailboxes.values()]:
+        for seg in [self.theta_shm, self.group, self.bell, *self.slots.values(), *self.mailboxes.values()]:
             if seg is not None:
                 seg.close()  # the creator unlinks
 

@@ -136,6 +136,20 @@ def _trained(launch, out, *extra):
     return la
 
 
+def test_resume_with_other_shards_is_refused_with_that_error_alone(launch, tmp_path):
+    """3 workers' shards resumed with 2 workers (data.shards follows them): refused, exit 2, with the error and
+    no noise from the refusing server's shared memory as its process exits (it once printed a BufferError
+    traceback, its segments collected while numpy views of them were alive)."""
+    out = tmp_path / "out"
+    la = launch(*sets(train__workers=3, train__steps=50, data__n=3000), "--set", f"output.dir={out}")
+    assert la.wait()[0] == 0
+    la = launch(*sets(train__workers=2, train__steps=100, data__n=3000), "--resume", str(out))
+    code, _, err = la.wait()
+    assert code == 2 and "data.shards was" in err and "cannot be resumed" in err, err
+    assert "Exception ignored" not in err and "BufferError" not in err, err
+    la.assert_no_leftovers()
+
+
 def test_resume_with_another_model_kind_is_refused_naming_model_kind(launch, tmp_path):
     out = tmp_path / "out"
     _trained(launch, out)
