@@ -54,8 +54,8 @@ the step: it sets LEFT, takes its remaining sub-steps alone (its own gradients, 
 how far it moved; the others stop waiting for it. Each theta reply sets timeout_s anew (wait_s): half the server's
 straggler deadline as it stands, which grows with the time a group step takes, so that a member that is merely
 slow is waited for, as BSP waits for it, and members leave before the server would call them stragglers. A member
-whose own gradient is not finite leaves at once, without publishing it (the mean would carry it into every
-member's theta). The server's step is then the mean of the pushes it gets, the average of
+whose own gradient is not finite, or an outlier by the server's rule on its own norms (max_grad_ratio), leaves at
+once, without publishing it (the mean would carry it into every member's theta). The server's step is then the mean of the pushes it gets, the average of
 the members' models (as local SGD's), not BSP's: the result is exact only while no member leaves. Stores become
 visible in program order on x86-64 (TSO), which this relies on as the theta seqlock does
 (shmarray.ORDERED_STORES).
@@ -65,9 +65,12 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
+from statistics import median
 
 import numpy as np
 
+from .guard import PER_WORKER, WARMUP
 from .shmarray import SharedArray
 from .store import clip_in_place
 
@@ -165,12 +168,15 @@ class Member:
     """One worker's side of a group step (see the module's docstring)."""
 
     def __init__(self, group: Group, me: int, timeout_s: float, l2: float = 0.0, l2_rows: int = 0,
-                 clip_norm: float = 0.0, opt=None):
+                 clip_norm: float = 0.0, opt=None, max_grad_ratio: float = 0.0):
         """l2: model.l2, on theta's first l2_rows rows (the weights, not the intercept); clip_norm:
         train.clip_norm. The server applies neither to a group step's pushes: the members apply them at each
         sub-step, as the server does at each BSP step (see the module's docstring). opt: train.optimizer when it
         is not plain SGD (a psrv.optim optimizer for theta's shape), whose rule each sub-step applies to the mean
-        gradient from the server's state (the group's n_state arrays)."""
+        gradient from the server's state (the group's n_state arrays). max_grad_ratio: server.max_grad_ratio, the
+        server's bound on a gradient's norm (psrv/guard.py's rule for one worker: more than max_grad_ratio times
+        the median of its last PER_WORKER norms, once it has WARMUP of them), which each member applies to its own
+        gradients, the bound renewed at each group step's start."""
         if not 0 <= me < group.members:
             raise ValueError(f"worker {me} has no place in a group of {group.members}")
         if not (0 <= l2 < math.inf and 0 <= clip_norm < math.inf and 0 <= l2_rows <= (group.shape or (1,))[0]):
@@ -183,6 +189,12 @@ class Member:
         self.group, self.me, self.timeout_s = group, me, timeout_s
         self.l2, self.l2_rows, self.clip_norm = l2, l2_rows, clip_norm
         self.opt = opt
+        if not 0 <= max_grad_ratio < math.inf:
+            raise ValueError(f"max_grad_ratio must be a number >= 0; got {max_grad_ratio!r}")
+        self.max_grad_ratio = max_grad_ratio
+        self._squares: deque[float] = deque(maxlen=PER_WORKER)   # its last accepted gradients' squared norms
+        self._seen = 0
+        self._bound_sq = math.inf   # the squared norm above which its gradient is an outlier (begin renews it)
         self.left = False
         self.left_why = ""           # why it left this group step, for the worker's log
         self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
@@ -202,6 +214,8 @@ class Member:
         waiting at most timeout_s (given: from now on) for the others at each sub-step."""
         if timeout_s is not None:
             self.timeout_s = _check_timeout(timeout_s)
+        if self.max_grad_ratio and self._seen >= WARMUP:
+            self._bound_sq = self.max_grad_ratio ** 2 * median(self._squares)
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")
@@ -257,12 +271,13 @@ class Member:
             if rows:
                 self._apply_alone(theta, self._own, lr)
             return rows
-        own, flat = self._mine[k & 1], self._flat[k & 1]
-        if rows and not math.isfinite(flat.dot(flat)):   # a NaN or Inf makes the sum of squares one
-            # through the mean, a gradient that is not finite would reach every member's theta and push, and the
-            # server would refuse them all: it leaves instead, so only its own push carries it (and is refused, as
-            # the server refuses such a gradient without group steps)
-            self.leave("its gradient was not finite")
+        own = self._mine[k & 1]
+        why = self._judge(self._flat[k & 1]) if rows else ""
+        if why:
+            # through the mean, a gradient that is not finite (or an outlier) would reach every member's theta and
+            # push, and the server would refuse them all (or apply it): it leaves instead, so that only its own
+            # push carries it, which the server refuses as it refuses such a gradient without group steps
+            self.leave(why)
             self._apply_alone(theta, own, lr)
             return rows
         target = self.base + k + 1
@@ -307,6 +322,18 @@ class Member:
             theta -= s
         else:
             self.opt.step(theta, s, lr)
+
+    def _judge(self, flat: np.ndarray) -> str:
+        """Why its own gradient must not be published ("": it may), by the server's rules (psrv/guard.py)."""
+        sq = flat.dot(flat)
+        if not math.isfinite(sq):   # a NaN or Inf makes the sum of squares one (as does an overflow)
+            return "its gradient was not finite"
+        if sq > self._bound_sq:
+            return (f"its gradient's norm {math.sqrt(sq):.3g} was over {math.sqrt(self._bound_sq):.3g}, "
+                    f"{self.max_grad_ratio:g} x its typical one")
+        self._squares.append(sq)    # the median of squares is the square of the median norm (odd counts)
+        self._seen += 1
+        return ""
 
     def _add_l2(self, s: np.ndarray, theta: np.ndarray, lr: float) -> None:
         """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step)."""

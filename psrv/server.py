@@ -449,7 +449,8 @@ class Server:
             if self.group is not None:
                 # the members clip and penalize at each sub-step; the server's store does neither to their pushes
                 spec["shm"]["group"] = {"name": self.group.name, "members": self.group.members,
-                                        "timeout_s": self._group_timeout_s(), **self._penalties()}
+                                        "timeout_s": self._group_timeout_s(), **self._penalties(),
+                                        "max_grad_ratio": self.cfg.server.max_grad_ratio}
                 if self.group.n_state:   # the rule the members apply, and its hyper-parameters
                     opt = self.store.opt
                     spec["shm"]["group"]["optimizer"] = {"name": opt.name,

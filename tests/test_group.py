@@ -350,3 +350,34 @@ def test_a_member_whose_gradient_is_not_finite_leaves_instead_of_publishing_it(s
     assert np.array_equal(out[0][0], out[2][0]) and np.isfinite(out[0][0]).all() and not out[0][1]
     # 1/3 of the others' sum: the step's mean is over its members, as when one's rows end (psrv/group.py)
     np.testing.assert_allclose(out[0][0], serial({0: 2, 2: 2}, 2, 0.1, 3), rtol=1e-13)
+
+
+def test_a_member_keeps_an_outlier_gradient_to_itself_once_it_knows_its_typical_norm():
+    """server.max_grad_ratio = 10: after WARMUP sub-steps of norm 2 the bound, renewed at a group step's start,
+    is 10 x 2; a gradient of norm 30 makes the member leave without publishing it, one of 19 does not. Before
+    WARMUP norms there is no bound."""
+    from psrv.guard import WARMUP
+    seg = Group.create(blocks.run_prefix() + "groupguard", 1, (4,), np.float64, 4)
+    try:
+        m = Member(Attached(seg), 0, 30.0, max_grad_ratio=10.0)
+        theta, clock = np.ones(4), 0
+        m.begin(clock, 4, 4, [0])
+        m.grad(0)[...] = [0.0, 0.0, 0.0, 1e6]           # no bound yet: published
+        m.step(0, theta, 0.0)
+        assert not m.left
+        for k in range(1, WARMUP + 3):                   # norms of 2, a group step of 4 sub-steps at a time
+            if k % 4 == 0:
+                clock += 1
+                m.begin(clock, 4, 4, [0])
+            m.grad(k % 4)[...] = [1.0, 1.0, 1.0, 1.0]
+            m.step(k % 4, theta, 0.0)
+        m.begin(clock + 1, 4, 4, [0])
+        m.grad(0)[...] = [19.0, 0.0, 0.0, 0.0]
+        m.step(0, theta, 0.0)
+        assert not m.left
+        m.grad(1)[...] = [30.0, 0.0, 0.0, 0.0]
+        m.step(1, theta, 0.0)
+        assert m.left and m.left_why == "its gradient's norm 30 was over 20, 10 x its typical one"
+        m.group.close()
+    finally:
+        seg.close()

@@ -233,6 +233,21 @@ def test_under_group_steps_a_worker_whose_gradients_are_nan_is_quarantined_alone
     assert s["steps"] == 200 and np.isfinite(r.theta).all() and s["final_loss"] < 1.0
 
 
+@pytest.mark.slow
+def test_under_group_steps_a_worker_whose_gradients_are_outliers_is_quarantined_alone(tmp_path):
+    """train.group_steps = 4: from group step 20 on, worker 1's gradient of each group step's second sub-step is
+    about 1000 times too long (server.max_grad_ratio = 100). Its own check, the server's rule on its own norms,
+    keeps it from publishing it (the mean would carry it into every member's theta and push); it leaves, its push
+    alone is refused as an outlier, and it is quarantined after server.max_bad_pushes of them."""
+    with faults.injected(outlier_worker=1, outlier_steps=list(range(20, 200))):
+        r = psrv.train({"data": {"n": 4000, "d": 5}, "train": {"workers": 3, "steps": 200, "group_steps": 4},
+                        "server": {"max_bad_pushes": 3, "max_grad_ratio": 100.0},
+                        "worker": {"entry": faults.ENTRY}, "output": {"dir": str(tmp_path), "plot": False}})
+    s = r.summary
+    assert s["quarantined"] == [1] and s["rejected"] == {"outlier": 3}
+    assert s["steps"] == 200 and np.isfinite(r.theta).all() and s["final_loss"] < 1.0
+
+
 # ---------------------------------------------------------------------------------------------- shared memory
 def test_stale_segments_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,

@@ -9,12 +9,13 @@ which every child inherits at spawn and reads once at start:
 Keys (all optional): fail_worker + fail_at_step (that worker raises at that step and every later one), slow_worker +
 slow_ms (that worker sleeps slow_ms per step; under group steps, per sub-step), nan_worker + nan_steps (that worker
 pushes a NaN gradient at those steps, which the server must refuse; under group steps its gradient of the second
-sub-step of those group steps is NaN already, which must not reach the other members), kill_worker + kill_at_step
-(that worker kills itself with SIGKILL at that step, before its push (under group steps, before sub-step
-kill_sub_step of that group step, the second unless set); only as incarnation 1, so that its restart, which may be
-handed the same step again, lives on), hold_worker + hold_at_step + hold_file (that worker waits before its push at
-that step for as long as the file exists: a test holds the run where it wants to look at it, and lets it go on by
-removing the file).
+sub-step of those group steps is NaN already, which must not reach the other members), outlier_worker +
+outlier_steps (the same with a gradient 1000 times too long: under group steps, its copy of theta is), kill_worker +
+kill_at_step (that worker kills itself with SIGKILL at that step, before its push (under group steps, before
+sub-step kill_sub_step of that group step, the second unless set); only as incarnation 1, so that its restart, which
+may be handed the same step again, lives on), hold_worker + hold_at_step + hold_file (that worker waits before its
+push at that step for as long as the file exists: a test holds the run where it wants to look at it, and lets it go
+on by removing the file).
 A worker id of -1 means none.
 A step here is the server's clock, the step a theta reply names: under group steps, one group step.
 """
@@ -57,6 +58,8 @@ class Faults:
     slow_ms: float = 0.0
     nan_worker: int = -1
     nan_steps: tuple = ()
+    outlier_worker: int = -1
+    outlier_steps: tuple = ()
     kill_worker: int = -1
     kill_at_step: int = 0
     kill_sub_step: int = 1
@@ -84,8 +87,9 @@ class Faults:
             ok, what = CHECKS[k]
             if not ok(v):
                 raise ValueError(f"{ENV}: {k} = {v!r} is not {what}")
-        if "nan_steps" in tree:
-            tree["nan_steps"] = tuple(tree["nan_steps"])
+        for key in ("nan_steps", "outlier_steps"):
+            if key in tree:
+                tree[key] = tuple(tree[key])
         return cls(**tree)
 
 
@@ -101,6 +105,9 @@ CHECKS = {  # key -> (test, what it must be)
     "nan_worker": (_wid, "a worker id (-1: none)"),
     "nan_steps": (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
                   "a list of steps >= 0"),
+    "outlier_worker": (_wid, "a worker id (-1: none)"),
+    "outlier_steps": (lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v),
+                      "a list of steps >= 0"),
     "kill_worker": (_wid, "a worker id (-1: none)"),
     "kill_at_step": (lambda v: type(v) is int and v >= 0, "a step >= 0"),
     "kill_sub_step": (lambda v: type(v) is int and v >= 0, "a sub-step >= 0"),
@@ -109,6 +116,7 @@ CHECKS = {  # key -> (test, what it must be)
     "hold_file": (lambda v: isinstance(v, str), "a path"),
 }
 
+OUTLIER = 1000.0     # how much too long an outlier gradient is
 HOLD_POLL_S = 0.01   # how often a held worker looks whether its hold file is gone
 HOLD_MAX_S = 300.0   # ... and how long at most: a test that died without removing it must not leave a worker held
 
@@ -139,6 +147,7 @@ class FaultyWorker(worker.Worker):
         super().__init__(*args, **kwargs)
         self.faults = faults
         self._nan_steps = frozenset(faults.nan_steps)
+        self._outlier_steps = frozenset(faults.outlier_steps)
         self._slept_subs = False   # this step was a group step: slow_ms was slept at each of its sub-steps
 
     def after_gradient(self, clock: int, grad: np.ndarray) -> None:
@@ -147,6 +156,8 @@ class FaultyWorker(worker.Worker):
             raise Injected(f"injected failure at step {clock} ({ENV} fail_worker = {self.wid})")
         if f.nan_worker == self.wid and clock in self._nan_steps:
             grad[...] = np.nan
+        if f.outlier_worker == self.wid and clock in self._outlier_steps:
+            grad *= OUTLIER
         if f.slow_worker == self.wid and f.slow_ms and not self._slept_subs:
             time.sleep(f.slow_ms / 1000.0)
         self._slept_subs = False
@@ -170,6 +181,8 @@ class FaultyWorker(worker.Worker):
             os.kill(os.getpid(), signal.SIGKILL)
         if k == 1 and self.faults.nan_worker == self.wid and clock in self._nan_steps:
             theta[...] = np.nan   # its gradient of this sub-step is NaN, and everything it computes after it
+        if k == 1 and self.faults.outlier_worker == self.wid and clock in self._outlier_steps:
+            theta *= OUTLIER      # its gradient of this sub-step (a linear model's) is about as much too long
 
     def _kills_at(self, clock: int) -> bool:
         f = self.faults

@@ -516,7 +516,8 @@ class Worker:
                                        len(opt.dense_names) if opt is not None else 0)
             self._group = g
             return group_mod.Member(g, welcome["wid"], float(spec["timeout_s"]), float(spec.get("l2", 0.0)),
-                                    int(spec.get("l2_rows", 0)), float(spec.get("clip_norm", 0.0)), opt)
+                                    int(spec.get("l2_rows", 0)), float(spec.get("clip_norm", 0.0)), opt,
+                                    float(spec.get("max_grad_ratio", 0.0)))
         except (TypeError, ValueError, KeyError) as e:
             raise RunError(f"worker {self.wid}", f"group steps: {e}") from None
 
