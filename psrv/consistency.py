@@ -34,6 +34,7 @@ class Gate:
         self.step = 0            # BSP: steps applied so far; the step being collected
         self.pending: set[int] = set()  # BSP: who has pushed for `step`
         self.later: set[int] = set()    # whole_steps: members that joined during `step`, for the next one
+        self.abandoned = False   # the last step completed had no push: its members all left (whole_steps)
         self.open = False        # nothing is served until the launcher's workers have joined
 
     # ------------------------------------------------------------------ membership
@@ -133,9 +134,15 @@ class Gate:
         return max(1, len(self.members) - len(self.later) - self.backup)
 
     def _bsp_complete(self) -> bool:
-        if self.mode != "bsp" or not self.pending or len(self.pending) < self.quorum():
+        if self.mode != "bsp":
+            return False
+        # whole_steps: when every member of the step left before pushing and the others wait for the next one,
+        # the step is over with nothing in it (else they would wait for ever)
+        abandoned = not self.pending and bool(self.later) and len(self.later) >= len(self.members)
+        if not abandoned and (not self.pending or len(self.pending) < self.quorum()):
             return False
         self.step += 1
         self.pending.clear()
         self.later.clear()
+        self.abandoned = abandoned
         return True

@@ -418,7 +418,8 @@ class Coordinator(Roster, Sanctions):
         self.step_records = []
         # group steps: the members took the step's sub-steps whatever the server makes of their pushes
         self.group_first = self.bsp_steps
-        self.bsp_steps += self.group_len
+        if not self.gate.abandoned:   # nobody took an abandoned step's sub-steps; its rows are served again
+            self.bsp_steps += self.group_len
         self.group_len = 0
         if n == 0:
             return

@@ -77,6 +77,7 @@ from .store import clip_in_place
 LINE = 64                  # bytes of control per member: a cache line of its own
 COUNT, SUBS, NOTED = 0, 1, 2   # u64 words in a member's control line
 VERSION, STEPS = 0, 1      # u64 words in the server's line (an optimizer with state): whose state, how many updates
+WRITING = (1 << 64) - 1    # VERSION while the server writes its state: no theta has it
 NOTE = 3                   # float64 per sub-step in a member's notes: its rows, their loss sum, when it ended
 LEFT = 1
 SPIN_S = 0.002             # a wait polls without pausing this long, then with short sleeps
@@ -123,8 +124,10 @@ class Group:
 
     def publish(self, opt, version: int) -> None:
         """The server's side: its optimizer's state at theta's `version`, for the members to start the next group
-        step from (written while none reads it: a member reads it after its reply, and the server changes it only
-        once every member of the step has pushed). VERSION last, which a member checks."""
+        step from. A member reads it after its reply, and the server changes it only once every member of the step
+        has pushed, or once it went on without one (a straggler, which may be copying it then): VERSION is WRITING
+        meanwhile, and the version last; a member checks it before and after its copy."""
+        self._srv[VERSION] = WRITING
         for j, k in enumerate(opt.dense_names):
             self.server_state[j] = opt.state[k]
         self._srv[STEPS] = opt.steps
@@ -155,6 +158,10 @@ class Group:
             self._srv.release()
         del self.grads, self.notes, self._ctl, self._srv, self.server_state, self.states
         self.seg.close()
+
+
+class Stale(ValueError):
+    """The group step is over for the server (it went on without this member, a straggler)."""
 
 
 def _check_timeout(timeout_s) -> float:
@@ -221,10 +228,13 @@ class Member:
                              f"including worker {self.me}")
         if self.opt is not None:
             published, steps = self.group.server_version()
+            if published == version:
+                self.opt.set_dense(self.group.server_state, steps)
+                published = self.group.server_version()[0]   # the same after the copy: it was not being written
             if published != version:
-                raise ValueError(f"the server's optimizer state is of theta's version {published}, the step's "
-                                 f"theta of version {version}")
-            self.opt.set_dense(self.group.server_state, steps)
+                raise Stale(f"the server's optimizer state is of another theta than the step's (version "
+                            f"{'being written' if published == WRITING else published}, not {version}): the server "
+                            f"went on without this worker")
         self.base, self.k_steps = clock * k_steps, k_steps
         self.members = sorted(members)
         self.scale = 1.0 / len(self.members)
@@ -265,7 +275,7 @@ class Member:
     def step(self, k: int, theta: np.ndarray, lr: float, rows: bool = True) -> bool:
         """Publish sub-step k's gradient (already in grad(k); rows = False: it has none, it only follows), wait
         for the members, and apply their mean (and the L2 term) to theta, this worker's copy. Alone (after
-        leaving): apply its own gradient, as plain SGD. False when no member had rows at k: nothing was applied,
+        leaving): apply its own gradient (and the L2 term), by the same rule. False when no member had rows at k: nothing was applied,
         and no later sub-step of this group step has any either."""
         if self.left:
             if rows:

@@ -65,6 +65,7 @@ class Store:
         self._finite = np.empty(theta.shape, bool)
         self._lr = (-1, 0.0)
         self._snapshot: np.ndarray | None = None
+        self.grouped = grouped
         # grouped: the sum of the step's members' optimizer states (opt.dense_names), and how many
         self._states = np.zeros((len(opt.dense_names), *theta.shape), theta.dtype) \
             if grouped and getattr(opt, "dense_names", ()) else None
@@ -128,7 +129,12 @@ class Store:
         the group step held)."""
         if self.acc_n == 0:
             return False
-        if self._states is not None and self._states_n:
+        if self._states is None and self.grouped and self._acc_dense:   # plain SGD: a push applied at rate 1
+            self.acc /= self.acc_n
+            self._update(self.acc, step, version, None)
+            self.opt.steps += steps - 1   # its update count is BSP's, as without group steps
+            self.acc[...] = 0.0
+        elif self._states is not None and self._states_n:
             self.acc /= self.acc_n
             self._states /= self._states_n
             self._write(lambda theta, mean: np.subtract(theta, mean, out=theta), self.acc, version)

@@ -157,7 +157,7 @@ class H:
     def push(self, wid: int, clock: int | None = None, *, loss: float = 1.0, count: int | None = None,
              version: int | None = None, pull: bool = True, seq: int | None = None, grad=None, value: float = 1.0,
              sid: str = SID, compute_s: float = 0.0, request_s: float = 0.0, inc: int | None = None,
-             framed: bool = True, keys=None, rid: int | None = None, ranges: tuple = ()) -> list:
+             framed: bool = True, keys=None, rid: int | None = None, ranges: tuple = (), state=None) -> list:
         s_clock, s_version, s_batch = self.served.get(wid, (0, 0, [0, 0, 0, 0]))
         clock = s_clock if clock is None else clock
         count = s_batch[3] if count is None else count
@@ -173,7 +173,7 @@ class H:
         rid = self.next_rid() if rid is None else rid
         inc = self.inc.get(wid, 0) if inc is None else inc
         return self.handle(ev.Push(ident(wid), wid, inc, sid, seq, clock, version, loss, count, pull, compute_s,
-                                   request_s, grad, framed, keys, rid, ranges))
+                                   request_s, grad, framed, keys, rid, ranges, state=state))
 
     def heartbeat(self, wid: int, inc: int | None = None) -> list:
         inc = self.inc.get(wid, 0) if inc is None else inc

@@ -164,3 +164,20 @@ def test_with_whole_steps_a_worker_that_joins_between_steps_takes_the_next_and_l
     g.serve(0, 0)
     assert g.join(4) == 1 and g.quorum() == 4
     assert not g.leave(4) and g.quorum() == 4 and g.step_members() == [0, 1, 2, 3]
+
+
+def test_with_whole_steps_a_step_all_of_whose_members_left_is_over():
+    """Worker 1 (restarted) waits for step 1 while step 0's only other member, worker 0, leaves without pushing
+    (a straggler): step 0 is over with nothing in it (abandoned), else worker 1 would wait for ever."""
+    g = Gate("bsp", whole_steps=True)
+    g.join(0)
+    g.join(1)
+    g.open = True
+    g.serve(0, 0)
+    g.serve(1, 0)
+    assert not g.leave(1)
+    assert g.join(1) == 1 and not g.may_serve(1, 1)
+    assert g.leave(0)                                   # completes step 0, empty
+    assert g.step == 1 and g.abandoned and g.may_serve(1, 1)
+    g.serve(1, 1)
+    assert g.push(1, 1) == COMPLETE and not g.abandoned

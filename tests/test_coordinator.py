@@ -963,3 +963,30 @@ def test_group_steps_take_only_the_launchers_own_workers(wid, local):
     assert h.P(h.hello(wid, local=local, rid=700)) == [("Error", wid, "group_only", 700)]
     assert h.c.members.peers == {}
     assert [x[0] for x in h.P(h.hellos([0, 1]))] == ["Welcome", "Welcome"]
+
+
+def test_group_steps_go_on_when_every_member_of_a_step_left_before_pushing():
+    """Worker 1 is restarted during group step 0 (a new incarnation waits for step 1) and worker 0, the step's other
+    member, stalls past the deadline: step 0 is over without a push, none of its steps count, and worker 1 is
+    served step 1 (it once waited there for ever)."""
+    h = H(2, shm=True, train__group_steps=4, server__progress_deadline_s=1.0, server__heartbeat_timeout_s=1000.0)
+    h.hellos([0, 1])
+    h.pull(0, 0)
+    h.pull(1, 0)
+    h.hello(1)                                      # its new incarnation
+    assert [i for i in h.pull(1, 0) if isinstance(i, ev.Theta)] == []    # parked: step 0 is under way
+    served = [i for i in h.tick(5.0) if isinstance(i, ev.Theta)]          # worker 0 is left behind
+    assert [(int(i.ident[1:]), i.clock) for i in served] == [(1, 1)]
+    assert h.c.gate.step == 1 and h.c.step == 0 and h.c.stats.straggles == 1
+
+
+def test_a_group_push_whose_optimizer_state_is_not_finite_is_refused():
+    """Adagrad's or Adam's state can overflow while the push itself stays finite: the step must not take it."""
+    h = H(2, shm=True, train__group_steps=4)
+    h.hellos([0, 1])
+    h.pull(0, 0)
+    h.pull(1, 0)
+    out = h.P(h.push(0, state=np.array([[1.0, np.inf, 0.0]])))
+    assert h.c.stats.rejected == {"nonfinite": 1} and not any(o[0] == "Accumulate" for o in out)
+    h.push(1, state=np.array([[1.0, 2.0, 3.0]]))
+    assert h.c.stats.rejected == {"nonfinite": 1}

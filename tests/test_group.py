@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from psrv import blocks
-from psrv.group import Group, Member
+from psrv.group import WRITING, Group, Member, Stale
 
 
 @pytest.fixture
@@ -260,7 +260,7 @@ def test_with_an_optimizer_members_start_from_the_servers_state_and_leave_theirs
         def work(wid):
             g = Group.attach(seg.name, 2, shape, np.float64, 3, n_state=1)
             m = Member(g, wid, 30.0, opt=optim.Momentum(np.empty(shape), momentum=mu, nesterov=False))
-            with pytest.raises(ValueError, match="version 5, the step's theta of version 4"):
+            with pytest.raises(Stale, match=r"another theta than the step's \(version 5, not 4\)"):
                 m.begin(1, 3, 3, [0, 1], version=4)
             m.begin(1, 3, 3, [0, 1], version=5)
             theta = np.ones(shape)
@@ -378,6 +378,26 @@ def test_a_member_keeps_an_outlier_gradient_to_itself_once_it_knows_its_typical_
         m.grad(1)[...] = [30.0, 0.0, 0.0, 0.0]
         m.step(1, theta, 0.0)
         assert m.left and m.left_why == "its gradient's norm 30 was over 20, 10 x its typical one"
+        m.group.close()
+    finally:
+        seg.close()
+
+
+def test_a_member_never_starts_from_a_state_being_written():
+    """The server writes its state while a straggler may copy it: VERSION is WRITING meanwhile, and a member that
+    sees it (before or after its copy) or another version is told the server went on without it (Stale), which
+    the worker answers with a push the server drops as late."""
+    from psrv import optim
+    seg = Group.create(blocks.run_prefix() + "groupstale", 1, (4,), np.float64, 2, n_state=1)
+    try:
+        server = optim.Momentum(np.zeros(4), momentum=0.5, nesterov=False)
+        seg.publish(server, version=3)
+        g = Group.attach(seg.name, 1, (4,), np.float64, 2, n_state=1)
+        m = Member(g, 0, 30.0, opt=optim.Momentum(np.empty(4), momentum=0.5, nesterov=False))
+        m.begin(1, 2, 2, [0], version=3)
+        seg._srv[0] = WRITING
+        with pytest.raises(Stale, match="being written"):
+            m.begin(2, 2, 2, [0], version=3)
         m.group.close()
     finally:
         seg.close()

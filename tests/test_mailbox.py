@@ -232,3 +232,23 @@ def test_the_protocol_document_states_the_mailbox_layout_the_code_uses():
     assert "abstract name `<mailbox>_bell`" in doc and mailbox.bell_name("m") == "m_bell"
     assert mailbox.CONTROL_BYTES == 8 * 8
     assert f"when its socket poll times out ({server.POLL_MS} ms)" in doc
+
+
+def test_a_reply_that_does_not_fit_a_mailbox_fails_the_run(tmp_path):
+    """Dropped, the worker would wait for it, register again and wait again, for ever: the server fails the run,
+    saying why."""
+    from psrv.errors import RunError
+    from psrv.server import Server
+    cfg = config.load({"data": {"n": 200, "d": 4}, "train": {"workers": 1, "steps": 5}})
+    block, layout = data.build(cfg, 1, blocks.run_prefix() + "srvbig")
+    server = Server(cfg, layout.to_dict(), str(tmp_path))
+    box = Mailbox.create(blocks.run_prefix() + "bigbox", token(0, 1))
+    server.by_token[box.token] = box
+    try:
+        with pytest.raises(RunError, match=f"a reply of {AREA_BYTES + 1} bytes does not fit a worker's mailbox"):
+            server._out([b"x" * (AREA_BYTES + 1)], box.token)
+    finally:
+        box.close()
+        server.close()
+        block.close()
+        block.unlink()

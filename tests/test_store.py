@@ -205,3 +205,14 @@ def test_a_grouped_step_applies_the_pushes_mean_and_takes_the_members_mean_state
     np.testing.assert_array_equal(theta, np.arange(3.0) - 2.0 - moves[0])
     np.testing.assert_array_equal(opt.state["m"], states[0][0])
     assert opt.steps == 7
+
+
+def test_a_grouped_plain_sgd_step_counts_the_bsp_steps_it_held():
+    theta = np.zeros(3)
+    opt = build("sgd", theta)
+    s = Store(theta, opt, lambda step: 1.0, grouped=True)
+    s.push(np.array([1.0, 2.0, 3.0]))
+    s.push(np.array([3.0, 2.0, 1.0]))
+    assert s.apply_step(0, 1, steps=4)
+    np.testing.assert_array_equal(theta, [-2.0, -2.0, -2.0])
+    assert opt.steps == 4

@@ -542,6 +542,13 @@ class Worker:
             raise RunError(f"worker {self.wid}", f"{count} rows are more than {budget} sub-steps of {b}")
         try:
             member.begin(h["clock"], k_steps, subs, members, h["version"], h.get("wait_s"))
+        except group_mod.Stale as e:
+            # left behind as a straggler (paused, say) while it had the reply: the server drops its push for this
+            # step as late and takes it back; a zero push, its rows read by the others
+            log.warning("worker %d: group step %d: %s; its push will be dropped", self.wid, h["clock"], e)
+            out[...] = 0.0
+            member.seal(0)
+            return 0.0, 0
         except ValueError as e:
             raise RunError(f"worker {self.wid}", str(e)) from None
         clock = h["clock"]
