@@ -101,10 +101,24 @@ class Roster:
             self.guard.forget(p.wid)
         self.parked.pop(p.wid, None)
         batch = self.batches.pop(p.wid, None)
-        if batch is not None:  # never pushed: hand it out again
-            self.schedule.give_back(batch)
+        if batch is not None:  # never pushed: hand it out again (group steps: what the others did not read)
+            shard, epoch, start, count = batch
+            read = self._published_rows(p.wid, count)
+            if read:   # read and applied (in the others' pushes): visited, and counted as applied rows
+                self.schedule.commit([shard, epoch, start, read])
+                self.stats.samples += read
+            if read < count:
+                self.schedule.give_back([shard, epoch, start + read, count - read])
         self._gate_leave(p.wid)
         self._membership_changed()
+
+    def _published_rows(self, wid: int, count: int) -> int:
+        """Group steps: the rows of its batch (of `count`) whose gradients a leaving member had published, which
+        the others' means hold (0 otherwise)."""
+        m = self.gate.members.get(wid)
+        if self.published is None or m is None or m.serving is None:
+            return 0
+        return min(count, self.published(wid, m.serving) * self.cfg.train.batch_size)
 
     def _finish(self, p: Peer, rid, reason: str) -> None:
         p.finished = True

@@ -990,3 +990,22 @@ def test_a_group_push_whose_optimizer_state_is_not_finite_is_refused():
     assert h.c.stats.rejected == {"nonfinite": 1} and not any(o[0] == "Accumulate" for o in out)
     h.push(1, state=np.array([[1.0, 2.0, 3.0]]))
     assert h.c.stats.rejected == {"nonfinite": 1}
+
+
+@pytest.mark.parametrize("published,back,read", [(2, [[0, 8, 8]], {0: 8}), (0, [[0, 0, 16]], {}),
+                                                  (4, [], {0: 16}), (6, [], {0: 16})],
+                         ids=["2 of 4 sub-steps", "none", "all", "following past its rows"])
+def test_a_member_that_leaves_during_a_group_step_hands_back_only_the_rows_the_others_did_not_read(published, back,
+                                                                                                    read):
+    """Batch 4, group steps of 4: worker 1 holds 16 rows of shard 1 and had published `published` sub-steps (the
+    shell reads its count in the segment) when it leaves: those rows are in the others' means, so they count as
+    read and only the rest is served again (all of it went back before, and was applied twice in that epoch)."""
+    h = H(2, shm=True, train__group_steps=4)
+    h.hellos([0, 1])
+    h.pull(0, 0)
+    h.pull(1, 0)
+    assert h.c.batches[1] == [1, 0, 0, 16]
+    h.c.published = lambda wid, clock: published if (wid, clock) == (1, 0) else 0
+    h.bye(1)
+    assert h.c.schedule.cursors[1].returned == back and h.c.schedule.visited == read
+    assert h.c.stats.samples == sum(read.values())   # applied, in the others' pushes
