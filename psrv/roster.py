@@ -92,9 +92,10 @@ class Roster:
         held = sorted(s for s, w in lease.items() if w == wid)
         return held or [s for w, s in share(n, live, lease).items() if w == wid]
 
-    def _leave(self, p: Peer, straggler: bool = False) -> None:
+    def _leave(self, p: Peer, straggler: bool = False, stalled: bool = False) -> None:
         """p is gone (finished, left, dead, replaced or quarantined), or a straggler: its pull and its unpushed
-        batch go back."""
+        batch go back. stalled (left behind, alive): under group steps the others left its barrier before, and it
+        may have shared sub-steps since that they never read, so its whole batch goes back."""
         if not straggler:
             self.late.pop(p.wid, None)
             self.rejoin_at.pop(p.wid, None)
@@ -103,7 +104,7 @@ class Roster:
         batch = self.batches.pop(p.wid, None)
         if batch is not None:  # never pushed: hand it out again (group steps: what the others did not read)
             shard, epoch, start, count = batch
-            read = self._published_rows(p.wid, count)
+            read = 0 if stalled else self._published_rows(p.wid, count)
             if read:   # read and applied (in the others' pushes): visited, and counted as applied rows
                 self.schedule.commit([shard, epoch, start, read])
                 self.stats.samples += read
@@ -166,4 +167,4 @@ class Roster:
         p.ready = False
         if self.members.bad_push(p):
             log.error("worker %d quarantined: %d stalls or refused pushes in a row", p.wid, p.bad_streak)
-        self._leave(p, straggler=not p.quarantined)
+        self._leave(p, straggler=not p.quarantined, stalled=True)

@@ -1009,3 +1009,17 @@ def test_a_member_that_leaves_during_a_group_step_hands_back_only_the_rows_the_o
     h.bye(1)
     assert h.c.schedule.cursors[1].returned == back and h.c.schedule.visited == read
     assert h.c.stats.samples == sum(read.values())   # applied, in the others' pushes
+
+
+def test_a_member_left_behind_during_a_group_step_hands_back_its_whole_batch():
+    """Left behind alive (a straggler), it may have shared sub-steps after the others stopped waiting for it, which
+    they never read: its whole batch is served again."""
+    h = H(2, shm=True, train__group_steps=4, server__progress_deadline_s=1.0, server__heartbeat_timeout_s=1000.0)
+    h.hellos([0, 1])
+    h.pull(0, 0)
+    h.pull(1, 0)
+    h.c.published = lambda wid, clock: 3
+    h.push(0)                                    # worker 0 is done with step 0; worker 1 holds its batch
+    served = [i.batch for i in h.tick(5.0) if isinstance(i, ev.Theta)]
+    assert h.c.stats.straggles == 1
+    assert served == [[1, 0, 0, 16]]             # to worker 0, which holds shard 1 now: all of it
