@@ -31,8 +31,8 @@ a quiet one). Each figure, in µs, is the least over a few passes of a median ov
   the process allocated and freed before; the page faults per call are in the notes.
 - **group sub-step**: psrv/group.py's Member.step for M = 1, 2, 8 and 15 members (d = 100), every other member's
   gradient already in, so no wait: a check that its own gradient is finite, publish, one look at the members'
-  counts, the mean of the M gradients, theta updated. Next to it the same mean summed one by one in id order, as Member.step summed it before (a 16-core
-  machine runs 15 workers).
+  counts, the mean of the M gradients, theta updated. Next to it the same mean summed one by one in id order, as
+  Member.step summed it before (a 16-core machine runs 15 workers).
 - **worker's first step**: one launched worker (the launcher's processes, as a user runs it) on data of the
   compute-bound scaling job's size (100,000 x 1000, batch 2000): the time from the opening of the run to its first
   applied step, next to the median time between the steps after it. The first step used to pay for the pages of

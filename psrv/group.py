@@ -55,10 +55,10 @@ how far it moved; the others stop waiting for it. Each theta reply sets timeout_
 straggler deadline as it stands, which grows with the time a group step takes, so that a member that is merely
 slow is waited for, as BSP waits for it, and members leave before the server would call them stragglers. A member
 whose own gradient is not finite, or an outlier by the server's rule on its own norms (max_grad_ratio), leaves at
-once, without publishing it (the mean would carry it into every member's theta). The server's step is then the mean of the pushes it gets, the average of
-the members' models (as local SGD's), not BSP's: the result is exact only while no member leaves. Stores become
-visible in program order on x86-64 (TSO), which this relies on as the theta seqlock does
-(shmarray.ORDERED_STORES).
+once, without publishing it (the mean would carry it into every member's theta). The server's step is then the
+mean of the pushes it gets, the average of the members' models (as local SGD's), not BSP's: the result is exact
+only while no member leaves. Stores become visible in program order on x86-64 (TSO), which this relies on as the
+theta seqlock does (shmarray.ORDERED_STORES).
 """
 from __future__ import annotations
 
@@ -283,8 +283,8 @@ class Member:
     def step(self, k: int, theta: np.ndarray, lr: float, rows: bool = True) -> bool:
         """Publish sub-step k's gradient (already in grad(k); rows = False: it has none, it only follows), wait
         for the members, and apply their mean (and the L2 term) to theta, this worker's copy. Alone (after
-        leaving): apply its own gradient (and the L2 term), by the same rule. False when no member had rows at k: nothing was applied,
-        and no later sub-step of this group step has any either."""
+        leaving): apply its own gradient (and the L2 term), by the same rule. False when no member had rows at k:
+        nothing was applied, and no later sub-step of this group step has any either."""
         if self.left:
             if rows:
                 self._apply_alone(theta, self._own, lr)

@@ -293,7 +293,8 @@ def test_a_member_and_its_segment_must_agree_on_the_optimizers_state(segment):
         Member(Attached(segment), 0, 1.0, opt=optim.Adam(np.empty(4), beta1=0.9, beta2=0.99, eps=1e-8))
 
 
-@pytest.mark.parametrize("spec,error", [({"name": "sgd"}, "not one with state"), ({"name": "ftrl"}, "not one with state"),
+@pytest.mark.parametrize("spec,error", [({"name": "sgd"}, "not one with state"),
+                                        ({"name": "ftrl"}, "not one with state"),
                                         ("momentum", "not one with state"),
                                         ({"name": "momentum", "momentum": "0.9", "nesterov": False}, "must be numbers"),
                                         ({"name": "adam", "beta1": 0.9, "eps": 1e-8}, "must be numbers")])
