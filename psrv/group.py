@@ -64,7 +64,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
+import warnings
 from collections import deque
 from statistics import median
 
@@ -80,6 +82,11 @@ VERSION, STEPS = 0, 1      # u64 words in the server's line (an optimizer with s
 WRITING = (1 << 64) - 1    # VERSION while the server writes its state: no theta has it
 NOTE = 3                   # float64 per sub-step in a member's notes: its rows, their loss sum, when it ended
 LEFT = 1
+FLOAT_MAX = sys.float_info.max
+
+# a gradient whose squared norm overflows is refused like one that is not finite (Member.step), and says so; the
+# sum's overflow warning would only repeat it (ndarray.dot warns, np.vdot does not but takes half as long again)
+warnings.filterwarnings("ignore", message="overflow encountered in dot", category=RuntimeWarning, module=__name__)
 SPIN_S = 0.002             # a wait polls without pausing this long, then with short sleeps
 SLEEP_S = 50e-6
 
@@ -209,7 +216,9 @@ class Member:
         self.max_grad_ratio = max_grad_ratio
         self._squares: deque[float] = deque(maxlen=PER_WORKER)   # its last accepted gradients' squared norms
         self._seen = 0
-        self._bound_sq = math.inf   # the squared norm above which its gradient is an outlier (begin renews it)
+        # the squared norm above which its gradient is an outlier (begin renews it); finite, so that an infinite
+        # one is never under it
+        self._bound_sq = FLOAT_MAX
         self.left = False
         self.left_why = ""           # why it left this group step, for the worker's log
         self.waited_s = 0.0          # time spent waiting for the others (the barrier), over the run
@@ -220,7 +229,7 @@ class Member:
         # its notes as flat doubles: three item stores per sub-step cost a tenth of a numpy row assignment
         self._notes = memoryview(group.notes[me]).cast("B").cast("d") if group.k_steps else None
         self._mine = (group.grads[0, me], group.grads[1, me])   # its place in each buffer: no view made per sub-step
-        self._flat = tuple(g.reshape(-1) for g in self._mine)     # ... flat, for a dot product with itself
+        self._flat = tuple(g.reshape(-1) for g in self._mine)     # ... flat, for its dot product with itself
 
     def begin(self, clock: int, k_steps: int, subs: int, members: list[int], version: int = 0,
               timeout_s: float | None = None) -> None:
@@ -230,7 +239,7 @@ class Member:
         if timeout_s is not None:
             self.timeout_s = _check_timeout(timeout_s)
         if self.max_grad_ratio and self._seen >= WARMUP:
-            self._bound_sq = self.max_grad_ratio ** 2 * median(self._squares)
+            self._bound_sq = min(self.max_grad_ratio ** 2 * median(self._squares), FLOAT_MAX)
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")
@@ -289,8 +298,9 @@ class Member:
             if rows:
                 self._apply_alone(theta, self._own, lr)
             return rows
-        own = self._mine[k & 1]
-        why = self._judge(self._flat[k & 1]) if rows else ""
+        own, flat = self._mine[k & 1], self._flat[k & 1]
+        sq = flat.dot(flat) if rows else 0.0   # its own gradient's squared norm (NaN or Inf: not finite)
+        why = self._judge(sq) if not sq <= self._bound_sq else ""   # NaN and Inf fail the test too
         if why:
             # through the mean, a gradient that is not finite (or an outlier) would reach every member's theta and
             # push, and the server would refuse them all (or apply it): it leaves instead, so that only its own
@@ -298,6 +308,9 @@ class Member:
             self.leave(why)
             self._apply_alone(theta, own, lr)
             return rows
+        if rows:
+            self._squares.append(sq)    # the median of squares is the square of the median norm (odd counts)
+            self._seen += 1
         target = self.base + k + 1
         self._publish(target)
         included = self._wait(k, target)
@@ -329,7 +342,10 @@ class Member:
             for j in included[2:]:
                 s += g[j]
             s *= rate * self.scale
-        self._apply(theta, s, lr, rate)
+        if self.opt is None and self._term is None:   # plain SGD without L2, the common case: no call
+            theta -= s
+        else:
+            self._apply(theta, s, lr, rate)
         return True
 
     def _apply(self, theta: np.ndarray, s: np.ndarray, lr: float, rate: float) -> None:
@@ -341,17 +357,13 @@ class Member:
         else:
             self.opt.step(theta, s, lr)
 
-    def _judge(self, flat: np.ndarray) -> str:
-        """Why its own gradient must not be published ("": it may), by the server's rules (psrv/guard.py)."""
-        sq = flat.dot(flat)
+    def _judge(self, sq: float) -> str:
+        """Why its own gradient, of squared norm sq above the bound (or NaN), must not be published, by the server's
+        rules (psrv/guard.py)."""
         if not math.isfinite(sq):   # a NaN or Inf makes the sum of squares one (as does an overflow)
             return "its gradient was not finite"
-        if sq > self._bound_sq:
-            return (f"its gradient's norm {math.sqrt(sq):.3g} was over {math.sqrt(self._bound_sq):.3g}, "
-                    f"{self.max_grad_ratio:g} x its typical one")
-        self._squares.append(sq)    # the median of squares is the square of the median norm (odd counts)
-        self._seen += 1
-        return ""
+        return (f"its gradient's norm {math.sqrt(sq):.3g} was over {math.sqrt(self._bound_sq):.3g}, "
+                f"{self.max_grad_ratio:g} x its typical one")
 
     def _add_l2(self, s: np.ndarray, theta: np.ndarray, lr: float) -> None:
         """s += lr * l2 * theta on the penalized rows (theta as it is before the sub-step)."""

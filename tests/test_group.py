@@ -420,3 +420,15 @@ def test_the_server_reads_how_many_sub_steps_a_member_published():
         m.group.close()
     finally:
         seg.close()
+
+
+@pytest.mark.parametrize("value", [np.inf, 1e200, np.nan])
+def test_a_gradient_that_is_not_finite_or_overflows_is_never_published(segment, value):
+    """Before any bound on its norm exists (and with none configured): an Inf, a NaN, or entries whose squares
+    overflow make the member leave."""
+    m = Member(Attached(segment), 0, 30.0)
+    m.begin(0, 2, 2, [0])
+    m.grad(0)[...] = [1.0, value, 0.0, 0.0]
+    m.step(0, np.ones(4), 0.1)
+    assert m.left and m.left_why == "its gradient was not finite"
+    m.group.close()
