@@ -137,7 +137,7 @@ class Store:
         elif self._states is not None and self._states_n:
             self.acc /= self.acc_n
             self._states /= self._states_n
-            self._write(lambda theta, mean: np.subtract(theta, mean, out=theta), self.acc, version)
+            self._update(self.acc, step, version, None, rule=_subtract)
             self.opt.set_dense(self._states, self.opt.steps + steps)
             self.acc[...] = 0.0
             self._states[...] = 0.0
@@ -169,7 +169,10 @@ class Store:
                 return grad * (self.clip_norm / norm)
         return grad
 
-    def _update(self, grad, step: int, version: int, rows: np.ndarray | None, scale: float = 1.0) -> None:
+    def _update(self, grad, step: int, version: int, rows: np.ndarray | None, scale: float = 1.0,
+                rule=None) -> None:
+        """theta <- the optimizer's rule (or `rule`, called as the optimizer's step) on grad, published as
+        `version`."""
         # grad may be a read-only frame or a worker's slot: anything derived goes into other buffers
         if scale != 1.0 or self.l2:
             work = self._work if rows is None else np.empty_like(grad)
@@ -179,18 +182,15 @@ class Store:
             grad = work
         if self._lr[0] != step:
             self._lr = (step, self.lr_at(step))
-        self._write(lambda theta, g: self.opt.step(theta, g, self._lr[1], rows), grad, version)
-
-    def _write(self, change, grad, version: int) -> None:
-        """change(theta, grad) in place, published as `version`."""
+        rule = self.opt.step if rule is None else rule
         if self.writer is not None:
             self.writer.begin_write()
             try:
-                change(self.theta, grad)
+                rule(self.theta, grad, self._lr[1], rows)
             finally:  # never leave the sequence number odd: readers would wait for a write that never ends
                 self.writer.end_write(version)
         else:
-            change(self.theta, grad)
+            rule(self.theta, grad, self._lr[1], rows)
         self.version = version
         self._snapshot = None
 
@@ -239,6 +239,11 @@ class Store:
             self.writer.end_write(meta["version"])  # local workers read the restored version, not 0
         self.version, self.clipped = meta["version"], meta.get("clipped", 0)
         self._snapshot = None
+
+
+def _subtract(theta: np.ndarray, mean: np.ndarray, lr: float, rows) -> None:
+    """Group steps with an optimizer's state: the pushes' mean is how far the members moved theta, under the rule."""
+    theta -= mean
 
 
 def _union(keys: list[np.ndarray]) -> np.ndarray:
