@@ -61,10 +61,6 @@ class Coordinator(Roster, Sanctions):
         self.bsp_steps = 0
         self.group_len = 0
         self.group_first = 0   # ... and the first BSP step of the group step applied last
-        # group steps: (wid, clock) -> how many sub-steps of that group step the member published to the others
-        # (the shell reads the segment, psrv/group.py); the rows of those are in their means, so a member that
-        # leaves hands back only the rest of its batch
-        self.published = None
         self.stats = Stats()
         self.version = 0                          # updates ordered so far (the store's version once carried out)
         self.batches: dict[int, list] = {}        # wid -> the batch it was served and has not pushed

@@ -140,14 +140,6 @@ class Group:
         self._srv[STEPS] = opt.steps
         self._srv[VERSION] = version
 
-    def published(self, member: int, clock: int) -> int:
-        """How many sub-steps of group step `clock` `member` published (0 once it left: how many it had published
-        before is not kept)."""
-        c = self._ctl[member * (LINE // 8) + COUNT]
-        if c & LEFT:
-            return 0
-        return max(0, min((c >> 1) - clock * self.k_steps, self.k_steps))
-
     def server_version(self) -> tuple[int, int]:
         """(VERSION, STEPS) of the server's state."""
         return self._srv[VERSION], self._srv[STEPS]

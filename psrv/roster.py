@@ -92,34 +92,19 @@ class Roster:
         held = sorted(s for s, w in lease.items() if w == wid)
         return held or [s for w, s in share(n, live, lease).items() if w == wid]
 
-    def _leave(self, p: Peer, straggler: bool = False, stalled: bool = False) -> None:
+    def _leave(self, p: Peer, straggler: bool = False) -> None:
         """p is gone (finished, left, dead, replaced or quarantined), or a straggler: its pull and its unpushed
-        batch go back. stalled (left behind, alive): under group steps the others left its barrier before, and it
-        may have shared sub-steps since that they never read, so its whole batch goes back."""
+        batch go back."""
         if not straggler:
             self.late.pop(p.wid, None)
             self.rejoin_at.pop(p.wid, None)
             self.guard.forget(p.wid)
         self.parked.pop(p.wid, None)
         batch = self.batches.pop(p.wid, None)
-        if batch is not None:  # never pushed: hand it out again (group steps: what the others did not read)
-            shard, epoch, start, count = batch
-            read = 0 if stalled else self._published_rows(p.wid, count)
-            if read:   # read and applied (in the others' pushes): visited, and counted as applied rows
-                self.schedule.commit([shard, epoch, start, read])
-                self.stats.samples += read
-            if read < count:
-                self.schedule.give_back([shard, epoch, start + read, count - read])
+        if batch is not None:  # never pushed: hand it out again
+            self.schedule.give_back(batch)
         self._gate_leave(p.wid)
         self._membership_changed()
-
-    def _published_rows(self, wid: int, count: int) -> int:
-        """Group steps: the rows of its batch (of `count`) whose gradients a leaving member had published, which
-        the others' means hold (0 otherwise)."""
-        m = self.gate.members.get(wid)
-        if self.published is None or m is None or m.serving is None:
-            return 0
-        return min(count, self.published(wid, m.serving) * self.cfg.train.batch_size)
 
     def _finish(self, p: Peer, rid, reason: str) -> None:
         p.finished = True
@@ -167,4 +152,4 @@ class Roster:
         p.ready = False
         if self.members.bad_push(p):
             log.error("worker %d quarantined: %d stalls or refused pushes in a row", p.wid, p.bad_streak)
-        self._leave(p, straggler=not p.quarantined, stalled=True)
+        self._leave(p, straggler=not p.quarantined)

@@ -94,8 +94,6 @@ class Server:
         self.coord = Coordinator(cfg, [s for _, s in self.layout.shards], self.store, self.server_id,
                                  time.monotonic(), alone=alone, shm=bool(self.shm_prefix),
                                  has_test=self.block.spec.n_test > 0)
-        if self.group is not None:   # a member that leaves hands back only the rows the others did not read
-            self.coord.published = self.group.published
         self.checksums: dict[int, int] = {}      # shard -> CRC-32 of its rows, for workers that load their own
         # the job a checkpoint belongs to (psrv/identity.py): every shard's checksum now, while nothing waits on us
         spec = self.block.spec

@@ -990,36 +990,3 @@ def test_a_group_push_whose_optimizer_state_is_not_finite_is_refused():
     assert h.c.stats.rejected == {"nonfinite": 1} and not any(o[0] == "Accumulate" for o in out)
     h.push(1, state=np.array([[1.0, 2.0, 3.0]]))
     assert h.c.stats.rejected == {"nonfinite": 1}
-
-
-@pytest.mark.parametrize("published,back,read", [(2, [[0, 8, 8]], {0: 8}), (0, [[0, 0, 16]], {}),
-                                                  (4, [], {0: 16}), (6, [], {0: 16})],
-                         ids=["2 of 4 sub-steps", "none", "all", "following past its rows"])
-def test_a_member_that_leaves_during_a_group_step_hands_back_only_the_rows_the_others_did_not_read(published, back,
-                                                                                                    read):
-    """Batch 4, group steps of 4: worker 1 holds 16 rows of shard 1 and had published `published` sub-steps (the
-    shell reads its count in the segment) when it leaves: those rows are in the others' means, so they count as
-    read and only the rest is served again (all of it went back before, and was applied twice in that epoch)."""
-    h = H(2, shm=True, train__group_steps=4)
-    h.hellos([0, 1])
-    h.pull(0, 0)
-    h.pull(1, 0)
-    assert h.c.batches[1] == [1, 0, 0, 16]
-    h.c.published = lambda wid, clock: published if (wid, clock) == (1, 0) else 0
-    h.bye(1)
-    assert h.c.schedule.cursors[1].returned == back and h.c.schedule.visited == read
-    assert h.c.stats.samples == sum(read.values())   # applied, in the others' pushes
-
-
-def test_a_member_left_behind_during_a_group_step_hands_back_its_whole_batch():
-    """Left behind alive (a straggler), it may have shared sub-steps after the others stopped waiting for it, which
-    they never read: its whole batch is served again."""
-    h = H(2, shm=True, train__group_steps=4, server__progress_deadline_s=1.0, server__heartbeat_timeout_s=1000.0)
-    h.hellos([0, 1])
-    h.pull(0, 0)
-    h.pull(1, 0)
-    h.c.published = lambda wid, clock: 3
-    h.push(0)                                    # worker 0 is done with step 0; worker 1 holds its batch
-    served = [i.batch for i in h.tick(5.0) if isinstance(i, ev.Theta)]
-    assert h.c.stats.straggles == 1
-    assert served == [[1, 0, 0, 16]]             # to worker 0, which holds shard 1 now: all of it

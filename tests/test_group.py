@@ -404,24 +404,6 @@ def test_a_member_never_starts_from_a_state_being_written():
         seg.close()
 
 
-def test_the_server_reads_how_many_sub_steps_a_member_published():
-    seg = Group.create(blocks.run_prefix() + "grouppub", 1, (4,), np.float64, 4)
-    try:
-        m = Member(Attached(seg), 0, 30.0)
-        m.begin(2, 4, 4, [0])
-        assert seg.published(0, 2) == 0
-        theta = np.ones(4)
-        for k in range(2):
-            m.grad(k)[...] = 1.0
-            m.step(k, theta, 0.1)
-        assert (seg.published(0, 2), seg.published(0, 3)) == (2, 0)
-        m.leave("test")
-        assert seg.published(0, 2) == 0      # how many before it left is not kept
-        m.group.close()
-    finally:
-        seg.close()
-
-
 @pytest.mark.parametrize("value", [np.inf, 1e200, np.nan])
 def test_a_gradient_that_is_not_finite_or_overflows_is_never_published(segment, value):
     """Before any bound on its norm exists (and with none configured): an Inf, a NaN, or entries whose squares
