@@ -231,7 +231,9 @@ class Member:
         if timeout_s is not None:
             self.timeout_s = _check_timeout(timeout_s)
         if self.max_grad_ratio and self._seen >= WARMUP:
-            self._bound_sq = min(self.max_grad_ratio ** 2 * median(self._squares), FLOAT_MAX)
+            # a product, not ** 2, which raises OverflowError on floats where a product becomes inf
+            r = self.max_grad_ratio
+            self._bound_sq = min(r * r * median(self._squares), FLOAT_MAX)
         if self.me not in members or any(not 0 <= m < self.group.members for m in members):
             raise ValueError(f"group {members} is not a set of this segment's {self.group.members} members "
                              f"including worker {self.me}")

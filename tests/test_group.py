@@ -414,3 +414,49 @@ def test_a_gradient_that_is_not_finite_or_overflows_is_never_published(segment, 
     m.step(0, np.ones(4), 0.1)
     assert m.left and m.left_why == "its gradient was not finite"
     m.group.close()
+
+
+def test_a_member_does_not_keep_a_state_the_server_wrote_while_it_copied():
+    """The server may publish while a straggler copies its state (VERSION is WRITING meanwhile): the member reads
+    VERSION again after the copy and is told the step is over (Stale), never left with a torn state."""
+    from psrv import optim
+    seg = Group.create(blocks.run_prefix() + "grouptorn", 1, (4,), np.float64, 2, n_state=1)
+    try:
+        seg.publish(optim.Momentum(np.zeros(4), momentum=0.5, nesterov=False), version=3)
+        g = Group.attach(seg.name, 1, (4,), np.float64, 2, n_state=1)
+        m = Member(g, 0, 30.0, opt=optim.Momentum(np.empty(4), momentum=0.5, nesterov=False))
+        copy = m.opt.set_dense
+
+        def copied_while_written(arrays, steps):
+            copy(arrays, steps)
+            seg._srv[0] = WRITING            # the server began its next write during the copy
+        m.opt.set_dense = copied_while_written
+        with pytest.raises(Stale, match="being written"):
+            m.begin(1, 2, 2, [0], version=3)
+        g.close()
+    finally:
+        seg.close()
+
+
+def test_an_infinite_gradient_stays_out_when_the_outlier_bound_itself_overflows():
+    """max_grad_ratio^2 x the typical squared norm can overflow: the bound stays finite, so an infinite squared
+    norm is still refused."""
+    from psrv.guard import WARMUP
+    seg = Group.create(blocks.run_prefix() + "groupbig", 1, (4,), np.float64, 4)
+    try:
+        m = Member(Attached(seg), 0, 30.0, max_grad_ratio=1e200)
+        theta, clock = np.ones(4), 0
+        for k in range(WARMUP + 4):
+            if k % 4 == 0:
+                m.begin(clock, 4, 4, [0])
+                clock += 1
+            m.grad(k % 4)[...] = 1.0
+            m.step(k % 4, theta, 0.0)
+        m.begin(clock, 4, 4, [0])
+        assert m._bound_sq == sys.float_info.max
+        m.grad(0)[...] = [1.0, np.inf, 0.0, 0.0]
+        m.step(0, theta, 0.0)
+        assert m.left and m.left_why == "its gradient was not finite"
+        m.group.close()
+    finally:
+        seg.close()
