@@ -543,8 +543,9 @@ class Worker:
         try:
             member.begin(h["clock"], k_steps, subs, members, h["version"], h.get("wait_s"))
         except group_mod.Stale as e:
-            # left behind as a straggler (paused, say) while it had the reply: the server drops its push for this
-            # step as late and takes it back; a zero push, its rows read by the others
+            # left behind as a straggler (paused, say) while it had the reply: the server has served its rows again
+            # and drops its push for this step as late, which takes it back; a zero push, so nothing it computed
+            # from a state of another theta reaches anyone
             log.warning("worker %d: group step %d: %s; its push will be dropped", self.wid, h["clock"], e)
             out[...] = 0.0
             member.seal(0)
